@@ -1,0 +1,346 @@
+"""Frozen configuration models, and reading them from ``DISTKIT_*`` environment variables."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ._errors import ConfigError, redact
+
+__all__ = [
+    "Address",
+    "RedisConfig",
+    "RedlockConfig",
+    "RetryConfig",
+    "config_error",
+    "seconds",
+    "validate_config",
+]
+
+_SECRET_FIELDS = frozenset({"password", "sentinel_password"})
+
+
+def seconds(value: float | timedelta, *, field: str, allow_zero: bool = False) -> float:
+    """Return ``value`` (seconds or ``timedelta``) as finite float seconds; else ``ConfigError``.
+
+    Args:
+        value: a number of seconds or a ``timedelta``.
+        field: the argument's name, for the error message.
+        allow_zero: accept ``0`` as well as positive values.
+    """
+    if isinstance(value, timedelta):
+        out = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    else:
+        raise ConfigError(f"{field} must be seconds (int/float) or a timedelta, got {value!r}")
+    if not math.isfinite(out) or out < 0 or (out == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{field} must be finite and {bound}, got {value!r}")
+    return out
+
+
+def config_error(exc: ValidationError, *, source: str) -> ConfigError:
+    """Turn a pydantic ``ValidationError`` into a ``ConfigError`` naming fields and bad values.
+
+    Inputs of secret fields are never echoed; URLs have their passwords masked.
+    """
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        is_secret = any(str(p) in _SECRET_FIELDS for p in err["loc"])
+        shown = "<hidden>" if is_secret else redact(repr(err.get("input")))
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        lines.append(f"  {loc}: {redact(err['msg'])} (got {shown})")
+    return ConfigError(f"invalid {source}:\n" + "\n".join(lines))
+
+
+def _parse_address(value: Any) -> Any:
+    if isinstance(value, str):
+        host, sep, port = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"address must be 'host:port', got {value!r}")
+        return {"host": host.strip("[]"), "port": port}
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return {"host": value[0], "port": value[1]}
+    return value
+
+
+class _Model(BaseModel):
+    """Base of the config models: frozen, and invalid input raises ``ConfigError``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise config_error(exc, source=_source_name(type(self))) from None
+
+    # Tell pydantic this __init__ only wraps its own, so nested models are validated directly and
+    # their errors reach the outermost model as field errors.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            raise config_error(exc, source=_source_name(cls)) from None
+
+
+def _source_name(cls: type) -> str:
+    name = cls.__name__.strip("_")
+    return name[: -len("Env")] + "Config" if name.endswith("Env") else name
+
+
+class Address(_Model):
+    """A ``host:port`` pair (also accepted as a ``"host:port"`` string or a 2-tuple)."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+AddressLike = Annotated[Address, BeforeValidator(_parse_address)]
+
+
+class RetryConfig(_Model):
+    """How distkit retries an idempotent Redis operation after a transient failure."""
+
+    attempts: int = Field(default=3, ge=1, le=100, description="Total tries, the first included.")
+    backoff_initial: float = Field(default=0.02, ge=0, le=60, allow_inf_nan=False)
+    backoff_max: float = Field(default=0.5, ge=0, le=600, allow_inf_nan=False)
+    jitter: float = Field(default=0.02, ge=0, le=60, allow_inf_nan=False)
+    max_delay: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="Stop retrying after this long."
+    )
+    retry_on_timeout: bool = True
+
+
+class RedisConfig(_Model):
+    """How to reach one Redis: a standalone server, a Sentinel-managed master, or a Cluster.
+
+    ``url`` (``redis://``, ``rediss://`` or ``unix://``) is parsed into the other fields, so a
+    password never stays in a plain string field.
+    """
+
+    mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    url: str | None = Field(
+        default=None, exclude=True, repr=False, description="Parsed into the fields below."
+    )
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=6379, ge=1, le=65535)
+    db: int = Field(default=0, ge=0, le=10_000)
+    unix_socket: Path | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_check_hostname: bool = True
+    connect_timeout: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)
+    socket_timeout: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    max_connections: int = Field(default=64, ge=1, le=100_000)
+    client_name: str | None = None
+    sentinels: tuple[AddressLike, ...] = ()
+    sentinel_service: str | None = None
+    sentinel_password: SecretStr | None = None
+    cluster_nodes: tuple[AddressLike, ...] = ()
+    retry: RetryConfig = RetryConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_url(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"url": data}
+        if not isinstance(data, Mapping) or not data.get("url"):
+            return data
+        out = dict(data)
+        out.update(_parse_url(str(out.pop("url"))))
+        for key, value in data.items():  # explicit fields win over the URL's
+            if key != "url":
+                out[key] = value
+        return out
+
+    @field_validator("sentinels", "cluster_nodes", mode="before")
+    @classmethod
+    def _split_addresses(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> RedisConfig:
+        if self.mode == "sentinel" and (not self.sentinels or not self.sentinel_service):
+            raise ValueError("mode='sentinel' needs sentinels and sentinel_service")
+        if self.mode == "cluster" and not self.cluster_nodes:
+            object.__setattr__(self, "cluster_nodes", (Address(host=self.host, port=self.port),))
+        if self.mode == "cluster" and self.db != 0:
+            raise ValueError("Redis Cluster supports only db 0")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+    @classmethod
+    def from_env(
+        cls, *, prefix: str = "DISTKIT_", env_file: str | Path | None = None
+    ) -> RedisConfig:
+        """Read ``{prefix}URL``, ``{prefix}HOST``, ``{prefix}RETRY__ATTEMPTS``... into a config.
+
+        Raises:
+            ConfigError: a variable holds an invalid value (named, secrets hidden).
+        """
+        return _from_env(cls, _RedisEnv, prefix, env_file)
+
+    def describe(self) -> str:
+        """A one-line, secret-free description of the target, for logs and error messages."""
+        if self.mode == "cluster":
+            return "cluster " + ",".join(str(a) for a in self.cluster_nodes)
+        if self.mode == "sentinel":
+            nodes = ",".join(str(a) for a in self.sentinels)
+            return f"sentinel {self.sentinel_service}@{nodes}"
+        if self.unix_socket:
+            return f"unix:{self.unix_socket} db={self.db}"
+        return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
+
+
+def _parse_url(url: str) -> dict[str, Any]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"URL scheme must be redis://, rediss:// or unix://, got {redact(url)!r}")
+    out: dict[str, Any] = {}
+    if parts.username:
+        out["username"] = unquote(parts.username)
+    if parts.password:
+        out["password"] = unquote(parts.password)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if scheme == "unix":
+        out["unix_socket"] = parts.path
+        if "db" in query:
+            out["db"] = query["db"]
+        return out
+    out["tls"] = scheme == "rediss"
+    if parts.hostname:
+        out["host"] = parts.hostname
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid port in URL {redact(url)!r}") from exc
+    if port is not None:
+        out["port"] = port
+    path = parts.path.strip("/")
+    if path:
+        out["db"] = path
+    elif "db" in query:
+        out["db"] = query["db"]
+    return out
+
+
+def _parse_master(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value
+
+
+class RedlockConfig(_Model):
+    """The independent Redis masters of a Redlock (each a full ``RedisConfig``; URLs accepted)."""
+
+    masters: tuple[Annotated[RedisConfig, BeforeValidator(_parse_master)], ...] = Field(
+        min_length=1
+    )
+
+    @field_validator("masters", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"masters is not a valid JSON list: {exc}") from None
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_masters(self) -> RedlockConfig:
+        seen = set()
+        for master in self.masters:
+            if master.mode == "cluster":
+                raise ValueError("a Redlock master must be a standalone or Sentinel-managed server")
+            where = master.describe()
+            if where in seen:
+                raise ValueError(
+                    f"master {where} is listed twice; Redlock needs independent masters"
+                )
+            seen.add(where)
+        return self
+
+    @classmethod
+    def from_env(
+        cls, *, prefix: str = "DISTKIT_REDLOCK_", env_file: str | Path | None = None
+    ) -> RedlockConfig:
+        """Read ``{prefix}MASTERS`` (comma-separated URLs, or a JSON list of URLs/objects).
+
+        Raises:
+            ConfigError: the variable is missing or invalid (named, secrets hidden).
+        """
+        return _from_env(cls, _RedlockEnv, prefix, env_file)
+
+
+class _RedisEnv(BaseSettings, RedisConfig):
+    model_config = SettingsConfigDict(
+        env_nested_delimiter="__", extra="ignore", frozen=True, case_sensitive=False
+    )
+
+
+class _RedlockEnv(BaseSettings, RedlockConfig):
+    model_config = SettingsConfigDict(
+        env_nested_delimiter="__", extra="ignore", frozen=True, case_sensitive=False
+    )
+
+    masters: Annotated[tuple[Annotated[RedisConfig, BeforeValidator(_parse_master)], ...], NoDecode]
+
+
+_M = TypeVar("_M", bound=_Model)
+
+
+def _from_env(
+    model: type[_M], settings: type[BaseSettings], prefix: str, env_file: str | Path | None
+) -> _M:
+    try:
+        loaded = settings(_env_prefix=prefix, _env_file=env_file)
+    except ConfigError as exc:
+        raise ConfigError(f"from environment ({prefix}*): {exc}") from None
+    except (ValidationError, ValueError) as exc:  # SettingsError: a variable is not valid JSON
+        raise ConfigError(f"invalid environment ({prefix}*): {redact(str(exc))}") from None
+    out: _M = model.model_validate(loaded.model_dump())
+    return out
+
+
+def validate_config(model: type[_M], value: Any) -> _M:
+    """Validate ``value`` (a model, mapping or URL) as ``model``, raising ``ConfigError``."""
+    if isinstance(value, model):
+        return value
+    out: _M = model.model_validate(value)
+    return out

@@ -1,0 +1,232 @@
+"""Protocols written once, without I/O, and the two thin drivers that run them.
+
+A protocol is a generator that yields *steps* ("run this script", "block on this list", "sleep")
+and receives each step's result; the sync driver executes steps on a ``redis.Redis`` and the async
+driver on a ``redis.asyncio.Redis``. A step that fails is thrown back into the generator as a
+distkit error, so cleanup logic lives in the protocol, next to the logic it cleans up after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis.exceptions as rex
+
+from ._errors import DistkitError, translate
+from ._retry import NO_RETRY, RetryPolicy
+from ._scripts import Script, ScriptArg
+
+__all__ = [
+    "AsyncDriver",
+    "Cleanup",
+    "Command",
+    "Eval",
+    "Pop",
+    "Protocol",
+    "Sleep",
+    "Step",
+    "SyncDriver",
+]
+
+_T = TypeVar("_T")
+
+# BLPOP takes seconds with millisecond resolution; a timeout that rounds to 0 would block forever.
+_MIN_BLOCK = 0.001
+_DEFAULT_MAX_BLOCK = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Eval:
+    """Run ``script`` with ``keys`` / ``args``; retried per policy (scripts must be idempotent)."""
+
+    script: Script
+    keys: Sequence[str]
+    args: Sequence[ScriptArg]
+    shield: bool = False  # async: finish even if the awaiting task is cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Run one plain, read-only or idempotent Redis command; retried per policy."""
+
+    args: tuple[ScriptArg, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Pop:
+    """Block on list ``key`` for up to ``timeout`` seconds; result: the popped value or ``None``."""
+
+    key: str
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Sleep ``seconds`` (``asyncio.sleep`` in the async driver)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Cleanup:
+    """Best-effort ``step``: one try, no retry, errors swallowed; async: shielded from cancel."""
+
+    step: Eval | Command
+    errors: list[BaseException] = field(default_factory=list, compare=False)
+
+
+Step = Eval | Command | Pop | Sleep | Cleanup
+Protocol = Generator[Step, Any, _T]
+
+
+def _max_block(client: Any) -> float:
+    """The longest BLPOP that fits inside the client's socket timeout."""
+    timeout: Any = None
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        timeout = pool.connection_kwargs.get("socket_timeout")
+    else:  # RedisCluster keeps the connection kwargs on its nodes manager
+        manager = getattr(client, "nodes_manager", None)
+        kwargs = getattr(manager, "connection_kwargs", None) or {}
+        timeout = kwargs.get("socket_timeout")
+    if isinstance(timeout, (int, float)) and timeout > 0:
+        return max(_MIN_BLOCK, min(_DEFAULT_MAX_BLOCK, float(timeout) * 0.5))
+    return _DEFAULT_MAX_BLOCK
+
+
+def _block_seconds(timeout: float, cap: float) -> float:
+    return math.ceil(max(_MIN_BLOCK, min(timeout, cap)) * 1000) / 1000
+
+
+class SyncDriver:
+    """Runs protocols on a sync redis-py client (``Redis``, ``RedisCluster``, Sentinel master)."""
+
+    __slots__ = ("_execute", "client", "max_block", "retry", "what")
+
+    def __init__(self, client: Any, retry: RetryPolicy, what: str) -> None:
+        self.client = client
+        self.retry = retry
+        self.what = what
+        self.max_block = _max_block(client)
+        self._execute = client.execute_command
+
+    def run(self, protocol: Protocol[_T]) -> _T:
+        """Drive ``protocol`` to completion and return its value."""
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = protocol.throw(error) if error is not None else protocol.send(send)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            error = None
+            try:
+                send = self._step(step)
+            except DistkitError as exc:
+                send, error = None, exc
+            except (rex.RedisError, OSError) as exc:
+                send, error = None, (translate(exc, what=self.what) or exc)
+                error.__cause__ = exc
+
+    def _once(self, step: Eval | Command) -> Any:
+        try:
+            if isinstance(step, Eval):
+                return step.script(self.client, step.keys, step.args)
+            return self._execute(*step.args)
+        except (rex.RedisError, OSError) as exc:
+            mapped = translate(exc, what=self.what)
+            if mapped is None:  # pragma: no cover - every RedisError/OSError maps
+                raise
+            raise mapped from exc
+
+    def _step(self, step: Step) -> Any:
+        if isinstance(step, (Eval, Command)):
+            return self.retry.call(lambda: self._once(step))
+        if isinstance(step, Pop):
+            reply = self._execute("BLPOP", step.key, _block_seconds(step.timeout, self.max_block))
+            return None if reply is None else reply[1]
+        if isinstance(step, Sleep):
+            if step.seconds > 0:
+                time.sleep(step.seconds)
+            return None
+        try:
+            return NO_RETRY.call(lambda: self._once(step.step))
+        except Exception as exc:  # best effort by contract
+            step.errors.append(exc)
+            return None
+
+
+class AsyncDriver:
+    """Runs protocols on an asyncio redis-py client; shielded steps survive cancellation."""
+
+    __slots__ = ("_execute", "client", "max_block", "retry", "what")
+
+    def __init__(self, client: Any, retry: RetryPolicy, what: str) -> None:
+        self.client = client
+        self.retry = retry
+        self.what = what
+        self.max_block = _max_block(client)
+        self._execute = client.execute_command
+
+    async def run(self, protocol: Protocol[_T]) -> _T:
+        """Drive ``protocol`` to completion and return its value."""
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = protocol.throw(error) if error is not None else protocol.send(send)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            error = None
+            try:
+                send = await self._step(step)
+            except (DistkitError, asyncio.CancelledError) as exc:
+                send, error = None, exc
+            except (rex.RedisError, OSError) as exc:
+                send, error = None, (translate(exc, what=self.what) or exc)
+                error.__cause__ = exc
+
+    async def _once(self, step: Eval | Command) -> Any:
+        try:
+            if isinstance(step, Eval):
+                return await step.script.acall(self.client, step.keys, step.args)
+            return await self._execute(*step.args)
+        except (rex.RedisError, OSError, asyncio.TimeoutError) as exc:
+            mapped = translate(exc, what=self.what)
+            if mapped is None:  # pragma: no cover
+                raise
+            raise mapped from exc
+
+    async def _step(self, step: Step) -> Any:
+        if isinstance(step, Eval):
+            if step.shield:
+                return await asyncio.shield(self.retry.acall(lambda: self._once(step)))
+            return await self.retry.acall(lambda: self._once(step))
+        if isinstance(step, Command):
+            return await self.retry.acall(lambda: self._once(step))
+        if isinstance(step, Pop):
+            seconds = _block_seconds(step.timeout, self.max_block)
+            reply = await self._execute("BLPOP", step.key, seconds)
+            return None if reply is None else reply[1]
+        if isinstance(step, Sleep):
+            await asyncio.sleep(max(0.0, step.seconds))
+            return None
+        inner = step.step
+        task = asyncio.ensure_future(NO_RETRY.acall(lambda: self._once(inner)))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # best effort by contract
+            step.errors.append(exc)
+            return None
+
+
+def monotonic() -> float:
+    """The default clock of distkit's timing decisions (``time.monotonic``)."""
+    return time.monotonic()

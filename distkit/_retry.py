@@ -1,0 +1,104 @@
+"""Retry policies built from ``RetryConfig`` with tenacity, shared by every distkit package.
+
+Only ``ConnectionUnavailable`` is retried, and only around operations whose protocol makes a
+repeat harmless (every distkit Lua script is written so that running it twice after a lost reply
+gives the same outcome as running it once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import tenacity
+from tenacity import (
+    AsyncRetrying,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from ._config import RetryConfig
+from ._errors import ConnectionUnavailable
+
+__all__ = ["NO_RETRY", "RetryPolicy"]
+
+_T = TypeVar("_T")
+
+
+def _is_retryable(on_timeout: bool) -> Any:
+    def check(exc: BaseException) -> bool:
+        if not isinstance(exc, ConnectionUnavailable):
+            return False
+        return on_timeout or not isinstance(exc.__cause__, TimeoutError)
+
+    return check
+
+
+class RetryPolicy:
+    """Tenacity ``stop`` / ``wait`` / ``retry`` objects for one ``RetryConfig``, sync and async."""
+
+    __slots__ = ("config", "retry", "stop", "wait")
+
+    def __init__(self, config: RetryConfig | None = None) -> None:
+        self.config = config or RetryConfig()
+        cfg = self.config
+        stop: tenacity.stop.stop_base = stop_after_attempt(cfg.attempts)
+        if cfg.max_delay is not None:
+            stop = stop | stop_after_delay(cfg.max_delay)
+        self.stop = stop
+        self.wait = wait_exponential_jitter(
+            initial=cfg.backoff_initial, max=cfg.backoff_max, jitter=cfg.jitter
+        )
+        self.retry = retry_if_exception(_is_retryable(cfg.retry_on_timeout))
+
+    @property
+    def attempts(self) -> int:
+        """Total tries allowed, the first included."""
+        return self.config.attempts
+
+    def retrying(self, *, attempts: int | None = None) -> Retrying:
+        """A tenacity ``Retrying`` for this policy (``attempts`` overrides the count)."""
+        stop = self.stop if attempts is None else stop_after_attempt(attempts)
+        return Retrying(stop=stop, wait=self.wait, retry=self.retry, reraise=True)
+
+    def async_retrying(self, *, attempts: int | None = None) -> AsyncRetrying:
+        """A tenacity ``AsyncRetrying`` for this policy (``attempts`` overrides the count)."""
+        stop = self.stop if attempts is None else stop_after_attempt(attempts)
+        return AsyncRetrying(stop=stop, wait=self.wait, retry=self.retry, reraise=True)
+
+    def _first_delay(self) -> float:
+        cfg = self.config
+        return min(cfg.backoff_initial, cfg.backoff_max) + random.uniform(0, cfg.jitter)
+
+    def call(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn``, retrying per this policy; the first try costs no tenacity overhead."""
+        try:
+            return fn()
+        except ConnectionUnavailable as exc:
+            if self.config.attempts == 1 or not self.retry.predicate(exc):
+                raise
+        time.sleep(self._first_delay())
+        return self.retrying(attempts=self.config.attempts - 1)(fn)
+
+    async def acall(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """Await ``fn()``, retrying per this policy; the first try costs no tenacity overhead."""
+        try:
+            return await fn()
+        except ConnectionUnavailable as exc:
+            if self.config.attempts == 1 or not self.retry.predicate(exc):
+                raise
+        await asyncio.sleep(self._first_delay())
+        result: _T = await self.async_retrying(attempts=self.config.attempts - 1)(fn)
+        return result
+
+    def __repr__(self) -> str:
+        return f"RetryPolicy({self.config!r})"
+
+
+NO_RETRY = RetryPolicy(RetryConfig(attempts=1))
