@@ -99,6 +99,15 @@ def _max_block(client: Any) -> float:
     return _DEFAULT_MAX_BLOCK
 
 
+def _translated(exc: BaseException, what: str) -> BaseException:
+    if isinstance(exc, (rex.RedisError, OSError)) and not isinstance(exc, DistkitError):
+        mapped = translate(exc, what=what)
+        if mapped is not None:
+            mapped.__cause__ = exc
+            return mapped
+    return exc
+
+
 def _block_seconds(timeout: float, cap: float) -> float:
     return math.ceil(max(_MIN_BLOCK, min(timeout, cap)) * 1000) / 1000
 
@@ -127,11 +136,8 @@ class SyncDriver:
             error = None
             try:
                 send = self._step(step)
-            except DistkitError as exc:
-                send, error = None, exc
-            except (rex.RedisError, OSError) as exc:
-                send, error = None, (translate(exc, what=self.what) or exc)
-                error.__cause__ = exc
+            except BaseException as exc:  # thrown into the protocol, which cleans up and re-raises
+                send, error = None, _translated(exc, self.what)
 
     def _once(self, step: Eval | Command) -> Any:
         try:
@@ -185,11 +191,8 @@ class AsyncDriver:
             error = None
             try:
                 send = await self._step(step)
-            except (DistkitError, asyncio.CancelledError) as exc:
-                send, error = None, exc
-            except (rex.RedisError, OSError) as exc:
-                send, error = None, (translate(exc, what=self.what) or exc)
-                error.__cause__ = exc
+            except BaseException as exc:  # thrown into the protocol, which cleans up and re-raises
+                send, error = None, _translated(exc, self.what)
 
     async def _once(self, step: Eval | Command) -> Any:
         try:

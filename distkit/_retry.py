@@ -20,7 +20,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from ._config import RetryConfig
@@ -52,9 +53,9 @@ class RetryPolicy:
         if cfg.max_delay is not None:
             stop = stop | stop_after_delay(cfg.max_delay)
         self.stop = stop
-        self.wait = wait_exponential_jitter(
-            initial=cfg.backoff_initial, max=cfg.backoff_max, jitter=cfg.jitter
-        )
+        self.wait = wait_exponential(
+            multiplier=cfg.backoff_initial, max=cfg.backoff_max
+        ) + wait_random(0, cfg.jitter)
         self.retry = retry_if_exception(_is_retryable(cfg.retry_on_timeout))
 
     @property

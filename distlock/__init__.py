@@ -1,0 +1,33 @@
+"""distlock: Redis locks that issue fencing tokens, with sync and asyncio twins.
+
+``Lock`` / ``AsyncLock`` hold a lease on one Redis (standalone, Sentinel master or a Cluster
+shard). Every acquisition returns a fencing token that strictly increases for successive holders,
+also across a server restart that lost its data; ``FencedStore`` applies it where the data lives.
+"""
+
+from distkit import (
+    ConnectionUnavailable,
+    LockError,
+    LockLost,
+    LockNotAcquired,
+    LockNotOwned,
+    StaleFencingToken,
+)
+
+from ._decorator import locked
+from ._fencing import AsyncFencedStore, FencedStore
+from ._lock import AsyncLock, Lock
+
+__all__ = [
+    "AsyncFencedStore",
+    "AsyncLock",
+    "ConnectionUnavailable",
+    "FencedStore",
+    "Lock",
+    "LockError",
+    "LockLost",
+    "LockNotAcquired",
+    "LockNotOwned",
+    "StaleFencingToken",
+    "locked",
+]

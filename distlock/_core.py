@@ -1,0 +1,265 @@
+"""The single-instance lock protocol, written once and free of I/O (see ``distkit._protocol``).
+
+``Lock`` and ``AsyncLock`` own a ``LockCore`` and only drive its generators. The core holds the
+handle's state: the owner id of the current acquisition, its fencing token and a conservative
+local estimate of when the lease ends (measured from *before* the request was sent, so the
+estimate can only be early, never late).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import secrets
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from distkit import (
+    ConfigError,
+    ConnectionUnavailable,
+    ForeignDataError,
+    KeySpace,
+    LockError,
+    LockNotOwned,
+    RetryPolicy,
+)
+from distkit._config import RetryConfig, seconds
+from distkit._keys import validate_name
+from distkit._protocol import Cleanup, Command, Eval, Pop, Protocol
+
+from ._scripts import ACQUIRE, EXTEND, RELEASE
+
+__all__ = ["Clock", "LockCore", "Seconds"]
+
+Seconds = float | timedelta
+Clock = Callable[[], float]
+
+# How long past its planned wait a queued waiter stays eligible for a handoff.
+_QUEUE_GRACE = 0.5
+_DEFAULT_RETENTION = 3600.0
+
+
+def _ms(value: float) -> int:
+    return max(1, math.ceil(value * 1000))
+
+
+def check_client(client: Any, *, want_async: bool, cls: str) -> None:
+    """Refuse objects that are not redis-py clients of the right kind, with a ``ConfigError``."""
+    execute = getattr(client, "execute_command", None)
+    if execute is None or not callable(execute):
+        raise ConfigError(
+            f"{cls} needs a redis-py client (redis.Redis / RedisCluster), "
+            f"got {type(client).__name__}"
+        )
+    is_async = inspect.iscoroutinefunction(execute)
+    if is_async != want_async:
+        other = "AsyncLock" if is_async else "Lock"
+        kind = "an asyncio" if is_async else "a sync"
+        raise ConfigError(f"{cls} was given {kind} client; use {other} with it")
+
+
+def retry_policy(retry: RetryConfig | RetryPolicy | None) -> RetryPolicy:
+    """Normalise the ``retry=`` argument of a lock or cache."""
+    if retry is None:
+        return RetryPolicy()
+    if isinstance(retry, RetryPolicy):
+        return retry
+    if isinstance(retry, RetryConfig):
+        return RetryPolicy(retry)
+    raise ConfigError(f"retry must be a RetryConfig or RetryPolicy, got {type(retry).__name__}")
+
+
+class LockCore:
+    """State and protocol steps of one lock handle (no I/O; driven by a sync or async driver)."""
+
+    __slots__ = (
+        "clock",
+        "expires_at",
+        "fence_key",
+        "lease_key",
+        "name",
+        "owner",
+        "qexp_key",
+        "queue_key",
+        "retention_ms",
+        "token",
+        "ttl",
+        "ttl_ms",
+        "wake_prefix",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        ttl: Seconds,
+        prefix: str,
+        clock: Clock,
+        fence_retention: Seconds,
+    ) -> None:
+        self.name = validate_name(name, what="lock name")
+        self.ttl = seconds(ttl, field="ttl")
+        self.ttl_ms = _ms(self.ttl)
+        self.retention_ms = max(_ms(seconds(fence_retention, field="fence_retention")), self.ttl_ms)
+        if not callable(clock):
+            raise ConfigError(f"clock must be a callable returning seconds, got {clock!r}")
+        self.clock = clock
+        keys = KeySpace(prefix)
+        self.lease_key = keys.key("lock", self.name)
+        self.fence_key = keys.key("lock", self.name, "fence")
+        self.queue_key = keys.key("lock", self.name, "queue")
+        self.qexp_key = keys.key("lock", self.name, "qexp")
+        self.wake_prefix = keys.key("lock", self.name, "wake") + ":"
+        self.owner: str | None = None
+        self.token: int | None = None
+        self.expires_at = 0.0
+
+    # -- state ---------------------------------------------------------------------------------
+    def _granted(self, owner: str, token: Any, sent_at: float) -> None:
+        self.owner = owner
+        self.token = int(token)
+        self.expires_at = sent_at + self.ttl
+
+    def clear(self) -> None:
+        """Forget the current acquisition (after release, or once it is known to be lost)."""
+        self.owner = None
+        self.token = None
+        self.expires_at = 0.0
+
+    def remaining(self) -> float:
+        """Seconds left on the lease by the conservative local estimate (0 when not held)."""
+        if self.owner is None:
+            return 0.0
+        return max(0.0, self.expires_at - self.clock())
+
+    # -- protocols -----------------------------------------------------------------------------
+    def check_timeout(self, blocking: bool, timeout: Seconds | None) -> float | None:
+        """Validate ``acquire``'s arguments; return the timeout in seconds (``None``: forever)."""
+        if not isinstance(blocking, bool):
+            raise ConfigError(f"blocking must be a bool, got {blocking!r}")
+        if timeout is None or (isinstance(timeout, (int, float)) and timeout == -1):
+            return None
+        if not blocking:
+            raise ConfigError("a timeout cannot be given with blocking=False")
+        return seconds(timeout, field="timeout", allow_zero=True)
+
+    def acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
+        """Try to take the lease; when blocking, queue for a handoff until ``timeout``."""
+        if self.owner is not None:
+            raise LockError(
+                f"lock {self.name!r} is already held by this handle (handles are not reentrant)",
+                name=self.name,
+            )
+        owner = secrets.token_hex(12)
+        wake_key = self.wake_prefix + owner
+        keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
+        deadline = None if timeout is None else self.clock() + timeout
+        try:
+            while True:
+                block = max_block
+                if deadline is not None:
+                    block = min(block, max(0.0, deadline - self.clock()))
+                wait_ms = _ms(block + _QUEUE_GRACE) if blocking else 0
+                sent_at = self.clock()
+                granted, value = yield Eval(
+                    ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, wait_ms)
+                )
+                if granted == 1:
+                    self._granted(owner, value, sent_at)
+                    return True
+                pttl = int(value)
+                if pttl == -1:
+                    raise ForeignDataError(
+                        f"lock key {self.lease_key!r} exists without an expiry: "
+                        "it was not written by distlock"
+                    )
+                if not blocking:
+                    return False
+                if deadline is not None and deadline - self.clock() <= 0:
+                    return (yield from self._leave(owner, wake_key, sent_at))
+                if pttl > 0:  # the holder's lease may lapse (crash) before anyone hands off
+                    block = min(block, pttl / 1000 + 0.001)
+                sent_at = self.clock()
+                token = yield Pop(wake_key, block)
+                if token is not None:
+                    self._granted(owner, token, sent_at)
+                    return True
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            # Cancelled or interrupted after a request may have reached the server: make sure no
+            # lease or queue entry of this owner outlives the call. A dead server is left to the
+            # TTLs (one more timeout would only delay the error).
+            if self.owner is None and not isinstance(exc, ConnectionUnavailable):
+                yield Cleanup(
+                    Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
+                )
+            raise
+
+    def _leave(self, owner: str, wake_key: str, sent_at: float) -> Protocol[bool]:
+        """Timed out while queued: leave the queue, unless the lease was handed over meanwhile."""
+        keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
+        granted, value = yield Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, 0))
+        if granted == 1:
+            self._granted(owner, value, sent_at)
+            return True
+        yield Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
+        return False
+
+    def _release_keys(self, wake_key: str) -> tuple[str, ...]:
+        return (
+            self.lease_key,
+            self.fence_key,
+            self.queue_key,
+            self.qexp_key,
+            self.wake_prefix,
+            wake_key,
+        )
+
+    def release(self) -> Protocol[None]:
+        """Release the lease if this handle holds it (handing it to the next waiter, if any)."""
+        owner = self.owner
+        if owner is None:
+            raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
+        keys = self._release_keys(self.wake_prefix + owner)
+        try:
+            result = yield Eval(RELEASE, keys, (owner, self.retention_ms, 0), shield=True)
+        finally:
+            self.clear()
+        if result == 0:
+            raise LockNotOwned(
+                f"lock {self.name!r} was no longer held by this handle (lease expired or taken)",
+                name=self.name,
+            )
+
+    def extend(self, ttl: Seconds | None) -> Protocol[None]:
+        """Reset the lease to ``ttl`` (default: the lock's ttl) from now; owner only."""
+        owner = self.owner
+        if owner is None:
+            raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
+        new_ttl = self.ttl if ttl is None else seconds(ttl, field="ttl")
+        sent_at = self.clock()
+        result = yield Eval(EXTEND, (self.lease_key,), (owner, _ms(new_ttl)))
+        if result != 1:
+            self.clear()
+            raise LockNotOwned(
+                f"lock {self.name!r} was no longer held by this handle (lease expired or taken)",
+                name=self.name,
+            )
+        if self.owner == owner:
+            self.expires_at = sent_at + new_ttl
+
+    def locked(self) -> Protocol[bool]:
+        """Whether anyone holds the lease now."""
+        return bool((yield Command(("EXISTS", self.lease_key))))
+
+    def owned(self) -> Protocol[bool]:
+        """Whether this handle holds the lease now, by the server's word."""
+        owner = self.owner
+        if owner is None:
+            return False
+        value = yield Command(("GET", self.lease_key))
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return bool(value == owner)

@@ -1,0 +1,101 @@
+"""Fencing guards for the protected resource: a Redis-side compare-and-write, sync and async.
+
+A guard accepts a write only if its token is >= the highest token it has seen, and stores the
+token with the value in one script, so a paused ex-holder's late write can never overwrite the
+work of a newer holder. The SQL version of the same rule is in docs/fencing.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distkit import KeySpace, StaleFencingToken
+from distkit._keys import validate_name
+from distkit._protocol import AsyncDriver, Command, Eval, Protocol, SyncDriver
+from distkit._retry import RetryPolicy
+
+from ._core import check_client
+from ._scripts import FENCED_WRITE
+
+__all__ = ["AsyncFencedStore", "FencedStore"]
+
+Value = str | bytes
+
+
+class _FencedCore:
+    """Protocols of a fenced value (no I/O)."""
+
+    __slots__ = ("key", "resource")
+
+    def __init__(self, resource: str, prefix: str) -> None:
+        self.resource = validate_name(resource, what="resource name")
+        self.key = KeySpace(prefix).key("fenced", self.resource)
+
+    def write(self, token: int, value: Value) -> Protocol[None]:
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise TypeError(f"token must be a non-negative int, got {token!r}")
+        if not isinstance(value, (str, bytes)):
+            raise TypeError(f"value must be str or bytes, got {type(value).__name__}")
+        applied, highest = yield Eval(FENCED_WRITE, (self.key,), (token, value))
+        if applied != 1:
+            raise StaleFencingToken(
+                f"write to {self.resource!r} with token {token} rejected: "
+                f"token {int(highest)} was already accepted",
+                name=self.resource,
+                token=token,
+                highest=int(highest),
+            )
+
+    def read(self) -> Protocol[tuple[bytes, int] | None]:
+        value, token = yield Command(("HMGET", self.key, "value", "token"))
+        if value is None or token is None:
+            return None
+        return value, int(token)
+
+
+class FencedStore:
+    """A value in Redis that only accepts writes carrying the highest fencing token seen so far.
+
+    Args:
+        client: a sync redis-py client.
+        resource: the resource's name (stored at ``{prefix}:fenced:{resource}``).
+        prefix: key prefix.
+    """
+
+    def __init__(self, client: Any, resource: str, *, prefix: str = "distkit") -> None:
+        check_client(client, want_async=False, cls="FencedStore")
+        self._core = _FencedCore(resource, prefix)
+        self._driver = SyncDriver(client, RetryPolicy(), f"fenced {resource!r}")
+
+    def write(self, token: int, value: Value) -> None:
+        """Store ``value`` if ``token`` >= every token accepted before.
+
+        Raises:
+            StaleFencingToken: a higher token was already accepted; nothing was written.
+        """
+        self._driver.run(self._core.write(token, value))
+
+    def read(self) -> tuple[bytes, int] | None:
+        """The stored value and the token it was written with, or ``None``."""
+        return self._driver.run(self._core.read())
+
+
+class AsyncFencedStore:
+    """The asyncio twin of ``FencedStore``."""
+
+    def __init__(self, client: Any, resource: str, *, prefix: str = "distkit") -> None:
+        check_client(client, want_async=True, cls="AsyncFencedStore")
+        self._core = _FencedCore(resource, prefix)
+        self._driver = AsyncDriver(client, RetryPolicy(), f"fenced {resource!r}")
+
+    async def write(self, token: int, value: Value) -> None:
+        """Store ``value`` if ``token`` >= every token accepted before.
+
+        Raises:
+            StaleFencingToken: a higher token was already accepted; nothing was written.
+        """
+        await self._driver.run(self._core.write(token, value))
+
+    async def read(self) -> tuple[bytes, int] | None:
+        """The stored value and the token it was written with, or ``None``."""
+        return await self._driver.run(self._core.read())

@@ -1,0 +1,389 @@
+"""``Lock`` and ``AsyncLock``: one Redis, fencing tokens, FIFO handoff, renewal, a loud lost signal.
+
+Both twins drive the same ``LockCore`` protocols; they add only I/O, a renewal thread or task,
+and the context-manager glue. Why the holder must still check its fencing token (a timeline)::
+
+    A: acquire (token 17) ... GC pause / SIGSTOP ..................... write(17) -> rejected
+    B:                        lease of A expires -> acquire (token 18) -> write(18) ok
+
+The lease alone cannot stop A's late write; the resource must compare tokens (``FencedStore``,
+or the SQL pattern in docs/fencing.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from distkit import (
+    ConfigError,
+    DistkitError,
+    LockLost,
+    LockNotAcquired,
+    LockNotOwned,
+    RetryConfig,
+    RetryPolicy,
+)
+from distkit._config import seconds
+from distkit._protocol import AsyncDriver, SyncDriver, monotonic
+
+from ._core import Clock, LockCore, Seconds, check_client, retry_policy
+
+__all__ = ["AsyncLock", "Lock"]
+
+log = logging.getLogger(__name__)
+
+_L = TypeVar("_L", bound="_LockBase[Any]")
+_E = TypeVar("_E", threading.Event, asyncio.Event)
+
+
+class _LockBase(Generic[_E]):
+    """What both twins share: validation, state accessors and the lost signal's bookkeeping."""
+
+    _core: LockCore
+    _lost: _E
+    _is_async = False
+
+    def __init__(
+        self,
+        client: Any,
+        name: str,
+        *,
+        ttl: Seconds = 30.0,
+        blocking_timeout: Seconds | None = None,
+        auto_renew: bool = False,
+        renew_interval: Seconds | None = None,
+        on_lost: Callable[[Any], None] | None = None,
+        prefix: str = "distkit",
+        fence_retention: Seconds = 3600.0,
+        retry: RetryConfig | RetryPolicy | None = None,
+        clock: Clock = monotonic,
+    ) -> None:
+        cls = type(self).__name__
+        check_client(client, want_async=self._is_async, cls=cls)
+        self._core = LockCore(
+            name, ttl=ttl, prefix=prefix, clock=clock, fence_retention=fence_retention
+        )
+        self._blocking_timeout = (
+            None
+            if blocking_timeout is None
+            else seconds(blocking_timeout, field="blocking_timeout", allow_zero=True)
+        )
+        if not isinstance(auto_renew, bool):
+            raise ConfigError(f"auto_renew must be a bool, got {auto_renew!r}")
+        self._auto_renew = auto_renew
+        interval = self._core.ttl / 3 if renew_interval is None else renew_interval
+        self._renew_interval = seconds(interval, field="renew_interval")
+        if self._renew_interval >= self._core.ttl:
+            raise ConfigError(
+                f"renew_interval ({self._renew_interval}s) must be shorter than ttl "
+                f"({self._core.ttl}s)"
+            )
+        if on_lost is not None and not callable(on_lost):
+            raise ConfigError(f"on_lost must be callable, got {on_lost!r}")
+        self._on_lost = on_lost
+        self._client = client
+        self._retry = retry_policy(retry)
+        self._setup_io()
+
+    def _setup_io(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        """The lock's name."""
+        return self._core.name
+
+    @property
+    def ttl(self) -> float:
+        """The lease length in seconds."""
+        return self._core.ttl
+
+    @property
+    def fencing_token(self) -> int | None:
+        """The fencing token of the current acquisition; ``None`` when this handle holds nothing."""
+        return self._core.token
+
+    @property
+    def validity(self) -> float:
+        """Seconds left on the lease by a conservative local estimate (0.0 when not held)."""
+        return self._core.remaining()
+
+    @property
+    def lost(self) -> _E:
+        """Set when a held lease was lost (renewal failed); an Event (sync) / asyncio.Event."""
+        return self._lost
+
+    def ensure_held(self) -> None:
+        """Raise ``LockLost`` unless this handle holds an unexpired lease (local check, no I/O).
+
+        Raises:
+            LockLost: the lost signal is set, or the lease's local estimate ran out.
+        """
+        if self._lost.is_set():
+            raise LockLost(f"lock {self.name!r} was lost", name=self.name)
+        if self._core.owner is None:
+            raise LockLost(f"lock {self.name!r} is not held by this handle", name=self.name)
+        if self._core.remaining() <= 0:
+            raise LockLost(f"the lease of lock {self.name!r} has run out", name=self.name)
+
+    def _fire_lost(self) -> None:
+        log.warning("lock %r lost its lease", self.name)
+        self._lost.set()
+        if self._on_lost is not None:
+            try:
+                self._on_lost(self)
+            except Exception:
+                log.exception("on_lost callback of lock %r raised", self.name)
+
+    def _not_acquired(self, timeout: float | None) -> LockNotAcquired:
+        return LockNotAcquired(f"lock {self.name!r} not acquired within {timeout}s", name=self.name)
+
+    def __repr__(self) -> str:
+        state = f"held token={self._core.token}" if self._core.owner else "not held"
+        return f"<{type(self).__name__} {self.name!r} ttl={self.ttl}s {state}>"
+
+
+class Lock(_LockBase[threading.Event]):
+    """A lock on one Redis (standalone, Sentinel master or Cluster) with fencing tokens.
+
+    Args:
+        client: a sync redis-py client (``redis.Redis``, ``RedisCluster``, a Sentinel master).
+        name: the lock's name (non-empty str, no control characters or braces).
+        ttl: lease length, seconds or ``timedelta``; a crashed holder's lock frees after it.
+        blocking_timeout: default wait of ``with lock:`` (``None``: wait forever).
+        auto_renew: extend the lease in a background thread every ``renew_interval``.
+        renew_interval: default ``ttl / 3``.
+        on_lost: called with the lock when renewal fails and the lease is lost.
+        prefix: key prefix (``{prefix}:lock:{name}``).
+        fence_retention: how long fencing state outlives the last holder (tokens stay monotonic
+            after it expires, by the server clock; see docs/fencing.md).
+        retry: retry policy for transient connection errors.
+        clock: monotonic clock in seconds (injectable for tests).
+
+    Raises:
+        ConfigError: an argument is invalid.
+    """
+
+    _driver: SyncDriver
+
+    def _setup_io(self) -> None:
+        self._driver = SyncDriver(self._client, self._retry, f"lock {self.name!r}")
+        self._lost = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._stop_renew = threading.Event()
+
+    def acquire(self, blocking: bool = True, timeout: Seconds | None = None) -> bool:
+        """Take the lock; wait up to ``timeout`` seconds (``None``: forever) when ``blocking``.
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (the lock is never reported held).
+            LockError: this handle already holds the lock.
+        """
+        seconds_ = self._core.check_timeout(blocking, timeout)
+        got = self._driver.run(self._core.acquire(blocking, seconds_, self._driver.max_block))
+        if got:
+            self._lost.clear()
+            if self._auto_renew:
+                self._start_renewer()
+        return got
+
+    def release(self) -> None:
+        """Release the lock (owner only); the next waiter, if any, gets it at once.
+
+        Raises:
+            LockNotOwned: this handle does not hold it, or its lease expired.
+        """
+        self._stop_renewer()
+        self._driver.run(self._core.release())
+
+    def extend(self, ttl: Seconds | None = None) -> None:
+        """Reset the lease to ``ttl`` (default: the lock's ttl) from now.
+
+        Raises:
+            LockNotOwned: this handle does not hold it, or its lease expired.
+        """
+        self._driver.run(self._core.extend(ttl))
+
+    def locked(self) -> bool:
+        """Whether anyone holds the lock now (one round trip)."""
+        return self._driver.run(self._core.locked())
+
+    def owned(self) -> bool:
+        """Whether this handle holds the lock now, as the server sees it (one round trip)."""
+        return self._driver.run(self._core.owned())
+
+    def _start_renewer(self) -> None:
+        self._stop_renew = threading.Event()
+        thread = threading.Thread(
+            target=self._renew_loop,
+            args=(self._core.owner, self._stop_renew),
+            name=f"distlock-renew-{self.name}",
+            daemon=True,
+        )
+        self._renewer = thread
+        thread.start()
+
+    def _stop_renewer(self) -> None:
+        thread, self._renewer = self._renewer, None
+        if thread is not None:
+            self._stop_renew.set()
+            if thread is not threading.current_thread():
+                thread.join()
+
+    def _renew_loop(self, owner: str | None, stop: threading.Event) -> None:
+        interval = self._renew_interval
+        while not stop.wait(interval):
+            if self._core.owner != owner or owner is None:
+                return
+            try:
+                self._driver.run(self._core.extend(None))
+                interval = self._renew_interval
+            except LockNotOwned:
+                self._fire_lost()
+                return
+            except DistkitError as exc:
+                left = self._core.remaining()
+                if left <= 0:
+                    self._core.clear()
+                    self._fire_lost()
+                    return
+                log.warning("renewing lock %r failed (%s); %.3fs left", self.name, exc, left)
+                interval = min(self._renew_interval, max(0.01, left / 4))
+
+    def __enter__(self) -> Lock:
+        if not self.acquire(timeout=self._blocking_timeout):
+            raise self._not_acquired(self._blocking_timeout)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        was_lost = self._lost.is_set()
+        try:
+            self.release()
+        except LockNotOwned as err:
+            if exc_type is None:
+                raise LockLost(
+                    f"the lease of lock {self.name!r} lapsed inside the with block", name=self.name
+                ) from err
+            return
+        if was_lost and exc_type is None:
+            raise LockLost(f"lock {self.name!r} was lost inside the with block", name=self.name)
+
+
+class AsyncLock(_LockBase[asyncio.Event]):
+    """The asyncio twin of ``Lock`` (same arguments; takes a ``redis.asyncio`` client).
+
+    Ownership belongs to the handle, never to a task or thread. ``acquire`` and ``release`` are
+    cancellation-safe: a cancelled acquire leaves no lease or queue entry behind, and a cancelled
+    release still completes on the server.
+    """
+
+    _is_async = True
+
+    _driver: AsyncDriver
+
+    def _setup_io(self) -> None:
+        self._driver = AsyncDriver(self._client, self._retry, f"lock {self.name!r}")
+        self._lost = asyncio.Event()
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def acquire(self, blocking: bool = True, timeout: Seconds | None = None) -> bool:
+        """Take the lock; wait up to ``timeout`` seconds (``None``: forever) when ``blocking``.
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (the lock is never reported held).
+            LockError: this handle already holds the lock.
+        """
+        seconds_ = self._core.check_timeout(blocking, timeout)
+        got = await self._driver.run(self._core.acquire(blocking, seconds_, self._driver.max_block))
+        if got:
+            self._lost.clear()
+            if self._auto_renew:
+                self._renewer = asyncio.get_running_loop().create_task(
+                    self._renew_loop(self._core.owner), name=f"distlock-renew-{self.name}"
+                )
+        return got
+
+    async def release(self) -> None:
+        """Release the lock (owner only); the next waiter, if any, gets it at once.
+
+        Raises:
+            LockNotOwned: this handle does not hold it, or its lease expired.
+        """
+        await self._stop_renewer()
+        await self._driver.run(self._core.release())
+
+    async def extend(self, ttl: Seconds | None = None) -> None:
+        """Reset the lease to ``ttl`` (default: the lock's ttl) from now.
+
+        Raises:
+            LockNotOwned: this handle does not hold it, or its lease expired.
+        """
+        await self._driver.run(self._core.extend(ttl))
+
+    async def locked(self) -> bool:
+        """Whether anyone holds the lock now (one round trip)."""
+        return await self._driver.run(self._core.locked())
+
+    async def owned(self) -> bool:
+        """Whether this handle holds the lock now, as the server sees it (one round trip)."""
+        return await self._driver.run(self._core.owned())
+
+    async def _stop_renewer(self) -> None:
+        task, self._renewer = self._renewer, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def _renew_loop(self, owner: str | None) -> None:
+        interval = self._renew_interval
+        while True:
+            await asyncio.sleep(interval)
+            if self._core.owner != owner or owner is None:
+                return
+            try:
+                await self._driver.run(self._core.extend(None))
+                interval = self._renew_interval
+            except LockNotOwned:
+                self._fire_lost()
+                return
+            except DistkitError as exc:
+                left = self._core.remaining()
+                if left <= 0:
+                    self._core.clear()
+                    self._fire_lost()
+                    return
+                log.warning("renewing lock %r failed (%s); %.3fs left", self.name, exc, left)
+                interval = min(self._renew_interval, max(0.01, left / 4))
+
+    async def __aenter__(self) -> AsyncLock:
+        if not await self.acquire(timeout=self._blocking_timeout):
+            raise self._not_acquired(self._blocking_timeout)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        was_lost = self._lost.is_set()
+        try:
+            await self.release()
+        except LockNotOwned as err:
+            if exc_type is None:
+                raise LockLost(
+                    f"the lease of lock {self.name!r} lapsed inside the with block", name=self.name
+                ) from err
+            return
+        if was_lost and exc_type is None:
+            raise LockLost(f"lock {self.name!r} was lost inside the with block", name=self.name)
