@@ -65,10 +65,10 @@ def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def ar(redis_server: RedisServer) -> Iterator[Callable[[], redis.asyncio.Redis]]:
+def ar(redis_server: RedisServer) -> Callable[[], redis.asyncio.Redis]:
     """A factory of asyncio clients on the shared server (flushed first); call it inside a loop."""
     redis_server.client().flushall()
-    yield redis_server.async_client
+    return redis_server.async_client
 
 
 @pytest.fixture

