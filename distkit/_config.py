@@ -66,11 +66,25 @@ def config_error(exc: ValidationError, *, source: str) -> ConfigError:
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         is_secret = any(str(p) in _SECRET_FIELDS for p in err["loc"])
-        shown = "<hidden>" if is_secret else redact(repr(err.get("input")))
+        shown = "<hidden>" if is_secret else redact(repr(_hide_secrets(err.get("input"))))
         if len(shown) > 200:
             shown = shown[:200] + "..."
         lines.append(f"  {loc}: {redact(err['msg'])} (got {shown})")
     return ConfigError(f"invalid {source}:\n" + "\n".join(lines))
+
+
+def _hide_secrets(value: Any) -> Any:
+    """``value`` with every secret field masked (a model-level error's input is the whole dict)."""
+    if isinstance(value, Mapping):
+        return {
+            k: "<hidden>" if str(k) in _SECRET_FIELDS else _hide_secrets(v)
+            for k, v in value.items()
+        }
+    if type(value) in (list, tuple):
+        return type(value)(_hide_secrets(v) for v in value)
+    if isinstance(value, str) and any(f in value.lower() for f in _SECRET_FIELDS):
+        return "<hidden>"  # e.g. a JSON list of masters read from the environment
+    return value
 
 
 def _parse_address(value: Any) -> Any:
@@ -187,6 +201,11 @@ class RedisConfig(_Model):
     @field_validator("sentinels", "cluster_nodes", mode="before")
     @classmethod
     def _split_addresses(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a valid JSON list: {exc}") from None
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
@@ -312,6 +331,10 @@ class _RedisEnv(BaseSettings, RedisConfig):
     model_config = SettingsConfigDict(
         env_nested_delimiter="__", extra="ignore", frozen=True, case_sensitive=False
     )
+
+    # Comma lists ("h1:p1,h2:p2") or JSON lists, both parsed by RedisConfig._split_addresses.
+    sentinels: Annotated[tuple[AddressLike, ...], NoDecode] = ()
+    cluster_nodes: Annotated[tuple[AddressLike, ...], NoDecode] = ()
 
 
 class _RedlockEnv(BaseSettings, RedlockConfig):

@@ -19,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ._config import RedisConfig, validate_config
-from ._errors import ConfigError
+from ._errors import ConfigError, translating
 
 __all__ = ["AsyncClient", "ConfigLike", "SyncClient", "aconnect", "connect"]
 
@@ -82,15 +82,19 @@ def connect(config: ConfigLike) -> SyncClient:
 
     Raises:
         ConfigError: ``config`` is not valid.
+        ConnectionUnavailable: Cluster mode only, no startup node could be reached.
     """
     cfg = _config(config)
-    if cfg.mode == "cluster":
-        return redis.RedisCluster(
-            startup_nodes=[redis.cluster.ClusterNode(a.host, a.port) for a in cfg.cluster_nodes],  # type: ignore[no-untyped-call]
-            max_connections=cfg.max_connections,
-            **_common_kwargs(cfg),
-        )
     no_retry = Retry(NoBackoff(), 0)
+    if cfg.mode == "cluster":
+        nodes = [redis.cluster.ClusterNode(a.host, a.port) for a in cfg.cluster_nodes]  # type: ignore[no-untyped-call]
+        with translating(f"connect to {cfg.describe()}"):  # RedisCluster reads the slots now
+            return redis.RedisCluster(
+                startup_nodes=nodes,
+                max_connections=cfg.max_connections,
+                retry=no_retry,
+                **_common_kwargs(cfg),
+            )
     if cfg.mode == "sentinel":
         assert cfg.sentinel_service is not None  # checked by RedisConfig
         sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
@@ -112,15 +116,16 @@ def aconnect(config: ConfigLike) -> AsyncClient:
         ConfigError: ``config`` is not valid.
     """
     cfg = _config(config)
+    no_retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
     if cfg.mode == "cluster":
         return redis.asyncio.RedisCluster(
             startup_nodes=[
                 redis.asyncio.cluster.ClusterNode(a.host, a.port) for a in cfg.cluster_nodes
             ],
             max_connections=cfg.max_connections,
+            retry=no_retry,
             **_common_kwargs(cfg),
         )
-    no_retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
     if cfg.mode == "sentinel":
         assert cfg.sentinel_service is not None
         sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]

@@ -47,8 +47,8 @@ __all__ = [
 ]
 
 _URL_CREDENTIALS = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@", re.I
-)
+    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:@/]*):(?P<pw>[^/\s'\"]*)@", re.I
+)  # greedy password: an unescaped "@" inside it (as urllib accepts) is hidden too
 
 
 def redact(text: str) -> str:
@@ -145,6 +145,14 @@ def translate(exc: BaseException, *, what: str = "") -> DistkitError | None:
         ),
     ):
         return ConnectionUnavailable(f"{prefix}Redis unavailable ({type(exc).__name__}: {detail})")
+    if isinstance(exc, rex.RedisClusterException):  # not a RedisError: no node reachable, slots
+        if isinstance(exc, rex.SlotNotCoveredError) or any(  # uncovered, or a client-side misuse
+            marker in detail for marker in ("cannot be connected", "slots are not covered")
+        ):
+            return ConnectionUnavailable(
+                f"{prefix}Redis unavailable ({type(exc).__name__}: {detail})"
+            )
+        return ServerError(f"{prefix}{type(exc).__name__}: {detail}")
     if isinstance(exc, rex.ResponseError) and detail.startswith("WRONGTYPE"):
         return ForeignDataError(f"{prefix}a key holds data distkit did not write ({detail})")
     if isinstance(exc, rex.RedisError):
@@ -157,7 +165,7 @@ def translating(what: str = "") -> Iterator[None]:
     """Re-raise redis-py exceptions from the block as distkit errors (``raise ... from``)."""
     try:
         yield
-    except (rex.RedisError, OSError, asyncio.TimeoutError) as exc:
+    except (rex.RedisError, rex.RedisClusterException, OSError, asyncio.TimeoutError) as exc:
         mapped = translate(exc, what=what)
         if mapped is None:  # pragma: no cover - every RedisError/OSError maps
             raise

@@ -38,6 +38,8 @@ _T = TypeVar("_T")
 # BLPOP takes seconds with millisecond resolution; a timeout that rounds to 0 would block forever.
 _MIN_BLOCK = 0.001
 _DEFAULT_MAX_BLOCK = 1.0
+# RedisClusterException is not a RedisError ("Redis Cluster cannot be connected..." is one).
+_REDIS_ERRORS = (rex.RedisError, rex.RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +102,7 @@ def _max_block(client: Any) -> float:
 
 
 def _translated(exc: BaseException, what: str) -> BaseException:
-    if isinstance(exc, (rex.RedisError, OSError)) and not isinstance(exc, DistkitError):
+    if isinstance(exc, _REDIS_ERRORS) and not isinstance(exc, DistkitError):
         mapped = translate(exc, what=what)
         if mapped is not None:
             mapped.__cause__ = exc
@@ -144,7 +146,7 @@ class SyncDriver:
             if isinstance(step, Eval):
                 return step.script(self.client, step.keys, step.args)
             return self._execute(*step.args)
-        except (rex.RedisError, OSError) as exc:
+        except _REDIS_ERRORS as exc:
             mapped = translate(exc, what=self.what)
             if mapped is None:  # pragma: no cover - every RedisError/OSError maps
                 raise
@@ -199,7 +201,7 @@ class AsyncDriver:
             if isinstance(step, Eval):
                 return await step.script.acall(self.client, step.keys, step.args)
             return await self._execute(*step.args)
-        except (rex.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except _REDIS_ERRORS as exc:
             mapped = translate(exc, what=self.what)
             if mapped is None:  # pragma: no cover
                 raise

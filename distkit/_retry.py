@@ -95,7 +95,11 @@ class RetryPolicy:
             if self.config.attempts == 1 or not self.retry.predicate(exc):
                 raise
         await asyncio.sleep(self._first_delay())
-        result: _T = await self.async_retrying(attempts=self.config.attempts - 1)(fn)
+
+        async def attempt() -> _T:  # a real coroutine function, so tenacity awaits each try
+            return await fn()
+
+        result: _T = await self.async_retrying(attempts=self.config.attempts - 1)(attempt)
         return result
 
     def __repr__(self) -> str:

@@ -44,7 +44,8 @@ class Script:
         _REGISTRY[name] = self
 
     def __call__(self, client: Any, keys: Sequence[KeyArg], args: Sequence[ScriptArg]) -> Any:
-        """Run on a sync client (``redis.Redis``, ``RedisCluster`` or a pipeline)."""
+        """Run on a sync client (``redis.Redis`` or ``RedisCluster``; not a pipeline: its NOSCRIPT
+        would surface only at ``execute()``, past the fallback)."""
         try:
             return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
         except rex.NoScriptError:

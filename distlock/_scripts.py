@@ -29,11 +29,14 @@ end
 
 _GRANT = """
 local function grant(lease, fence, owner, ttl_ms, retention_ms)
-  redis.call('SET', lease, owner, 'PX', ttl_ms)
   local t = redis.call('TIME')
   local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
   local last = tonumber(redis.call('HGET', fence, 'last')) or 0
   local token = math.max(now_us, last + 1)
+  if token >= 9007199254740992 then  -- 2^53: Lua's doubles would stop counting exactly
+    error('DISTLOCK fencing token space exhausted at ' .. fence)  -- before any write
+  end
+  redis.call('SET', lease, owner, 'PX', ttl_ms)
   redis.call('HSET', fence, 'last', string.format('%.0f', token))
   redis.call('PEXPIRE', fence, math.max(retention_ms, ttl_ms))
   return token

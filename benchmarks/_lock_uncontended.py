@@ -1,0 +1,188 @@
+"""lock_uncontended: back-to-back acquire + release cycles on one free key, in one process."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from ._locks import lock_contender
+from ._model import Column, LockContender, LockOps, Plan, RunContext, Scenario, Target
+from ._results import ContenderResult, ScenarioResult, complete
+from ._stats import Distribution, median
+
+__all__ = ["SCENARIO"]
+
+TTL = 30.0
+QUICK = Plan(trials=3, duration=0.25, warmup=0.1)
+FULL = Plan(trials=7, duration=1.5, warmup=0.5)
+CONTENDERS = tuple(
+    lock_contender(key) for key in ("floor", "distlock", "redis-py", "python-redis-lock", "pottery")
+)
+
+
+def cycles(ops: LockOps, seconds: float) -> tuple[list[int], int, int]:
+    """Run cycles for ``seconds``; return per-cycle ns, failed acquires and elapsed ns."""
+    acquire, release = ops
+    samples: list[int] = []
+    append = samples.append
+    failures = 0
+    clock = time.perf_counter_ns
+    start = now = clock()
+    end = start + int(seconds * 1e9)
+    while now < end:
+        if not acquire():
+            failures += 1
+        release()
+        stamp = clock()
+        append(stamp - now)
+        now = stamp
+    return samples, failures, now - start
+
+
+def server_cpu(admin: redis.Redis) -> float | None:
+    """The server's CPU seconds so far (user + sys), or ``None`` where INFO is unsupported."""
+    try:
+        info = admin.info("cpu")
+        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    except (redis.RedisError, KeyError, ValueError):
+        return None
+
+
+@dataclass
+class _Entry:
+    contender: LockContender
+    client: redis.Redis
+    ops: LockOps
+    result: ContenderResult
+    samples: list[int] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+    cycles: int = 0
+    failures: int = 0
+
+
+def _error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def run(ctx: RunContext) -> ScenarioResult:
+    """Measure every available contender, interleaved per trial."""
+    plan = ctx.settings.plan(quick=QUICK, full=FULL)
+    result = ScenarioResult(
+        name=SCENARIO.name,
+        summary=SCENARIO.summary,
+        unit=SCENARIO.unit,
+        latency_label=SCENARIO.latency_label,
+        method=SCENARIO.method,
+        plan=plan,
+        label=ctx.label,
+    )
+    entries: list[_Entry] = []
+    for contender in CONTENDERS:
+        reason = contender.unavailable()
+        if reason is not None:
+            result.skipped.append(reason)
+            ctx.reporter.note(reason)
+            continue
+        row = ContenderResult(key=contender.key, label=contender.label, role=contender.role)
+        client = ctx.client()
+        name = ctx.name("uncontended", contender.key)
+        try:
+            if contender.prepare is not None:
+                contender.prepare(client, name)
+            ops = contender.factory([client], name, TTL)
+        except Exception as exc:
+            row.error = _error(exc)
+            ctx.reporter.note(f"{contender.label}: could not be built: {row.error}")
+            ops = LockOps(lambda: False, lambda: None)
+        result.contenders.append(row)
+        entries.append(_Entry(contender, client, ops, row))
+
+    admin = ctx.client()
+    ctx.reporter.scenario(SCENARIO.name, len(entries) * (plan.trials + 1))
+    try:
+        for entry in entries:
+            ctx.reporter.step(f"warm-up {entry.contender.label}")
+            if entry.result.error is None:
+                try:
+                    cycles(entry.ops, plan.warmup)
+                except Exception as exc:
+                    entry.result.error = _error(exc)
+                    ctx.reporter.note(f"{entry.contender.label}: {entry.result.error}")
+        for trial in range(plan.trials):
+            order = ctx.order(entries)
+            result.order.append([e.contender.key for e in order])
+            for entry in order:
+                ctx.reporter.step(f"trial {trial + 1}/{plan.trials}: {entry.contender.label}")
+                _measure(ctx, entry, plan, admin)
+            for entry in entries:  # keep trial i at index i for every contender
+                while len(entry.result.trial_throughput) <= trial:
+                    entry.result.trial_throughput.append(None)
+    finally:
+        for entry in entries:
+            entry.client.close()
+        ctx.delete_keys()
+        admin.close()
+
+    for entry in entries:
+        row = entry.result
+        row.latency = Distribution.of_ns(entry.samples)
+        row.metrics["cycles"] = entry.cycles
+        row.metrics["server_cpu_us_per_op"] = median(entry.cpu_us) if entry.cpu_us else None
+        if row.error is None:
+            row.checks["every acquire succeeded"] = entry.failures == 0
+            if entry.failures:
+                row.problems.append(f"{entry.failures} of {entry.cycles} acquires failed")
+    return complete(result, SCENARIO)
+
+
+def _measure(ctx: RunContext, entry: _Entry, plan: Plan, admin: redis.Redis) -> None:
+    row = entry.result
+    if row.error is not None:
+        row.trial_throughput.append(None)
+        return
+    gc.collect()
+    before = server_cpu(admin)
+    try:
+        samples, failures, elapsed_ns = cycles(entry.ops, plan.duration)
+    except Exception as exc:
+        row.error = _error(exc)
+        row.trial_throughput.append(None)
+        ctx.reporter.note(f"{entry.contender.label}: {row.error}")
+        return
+    after = server_cpu(admin)
+    row.trial_throughput.append(len(samples) / elapsed_ns * 1e9 if elapsed_ns else None)
+    entry.samples.extend(samples)
+    entry.cycles += len(samples)
+    entry.failures += failures
+    if before is not None and after is not None and samples:
+        entry.cpu_us.append((after - before) / len(samples) * 1e6)
+
+
+SCENARIO = Scenario(
+    name="lock_uncontended",
+    summary="acquire + release cycles on one free key, one process, one client per contender",
+    unit="cycles/s",
+    latency_label="cycle",
+    method=(
+        "Each contender gets its own fresh client and lock handle and runs back-to-back "
+        "acquire+release cycles on its own key for a fixed time per trial, after a warm-up. "
+        "Trials interleave the contenders (a seeded shuffle per trial). Throughput is the "
+        "median over trials; latency percentiles pool every cycle of every trial; server CPU "
+        "is the redis-server's user+sys CPU per cycle (INFO cpu)."
+    ),
+    run=run,
+    contenders=CONTENDERS,
+    columns=(Column("server CPU/cycle", "server_cpu_us_per_op", "us"),),
+    targets=(
+        Target(
+            "distlock",
+            "ratio_to_floor",
+            ">=",
+            0.95,
+            "distlock uncontended cycle throughput >= 0.95x the floor (fencing on)",
+        ),
+    ),
+)

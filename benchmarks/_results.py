@@ -1,0 +1,207 @@
+"""Results: every figure of a run, the ratio math and the target verdicts (no I/O).
+
+The headline ratio pairs trials: in trial *i* every contender ran once, back to back, so
+``ratio_to_floor`` is the median over trials of ``throughput_i(contender) / throughput_i(floor)``
+and machine drift between trials cancels out of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._model import Column, Plan, Role, Scenario, Target
+from ._stats import Distribution, median
+
+__all__ = ["ContenderResult", "RunResult", "ScenarioResult", "TargetResult", "complete"]
+
+Figure = float | int | str | None
+
+
+@dataclass
+class ContenderResult:
+    """Every figure of one contender in one scenario."""
+
+    key: str
+    label: str
+    role: Role
+    trial_throughput: list[float | None] = field(default_factory=list)
+    latency: Distribution | None = None
+    metrics: dict[str, Figure] = field(default_factory=dict)
+    checks: dict[str, bool] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+    throughput: float | None = None
+    ratio_to_floor: float | None = None
+    ratio_to_floor_min: float | None = None
+    ratio_to_floor_max: float | None = None
+    ratio_to_best_peer: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """No error, and every correctness check passed."""
+        return self.error is None and all(self.checks.values())
+
+    def figure(self, name: str) -> Figure:
+        """A figure by name: a headline field, a latency percentile (``p99_us``) or a metric."""
+        if name in ("throughput", "ratio_to_floor", "ratio_to_best_peer"):
+            value: Figure = getattr(self, name)
+            return value
+        if name in self.metrics:
+            return self.metrics[name]
+        if self.latency is not None and hasattr(self.latency, name):
+            latency: Figure = getattr(self.latency, name)
+            return latency
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure, for JSON."""
+        data = asdict(self)
+        data["latency"] = None if self.latency is None else self.latency.as_dict()
+        data["ok"] = self.ok
+        return data
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    """A target from the issue, checked against what was measured."""
+
+    text: str
+    contender: str
+    figure: str
+    op: str
+    target: float
+    value: float | None
+    met: bool | None
+    verdict: str
+
+    @classmethod
+    def evaluate(cls, target: Target, result: ContenderResult | None) -> TargetResult:
+        """Compare one measured figure with its target and say by how much it is missed."""
+        raw = None if result is None else result.figure(target.figure)
+        value = float(raw) if isinstance(raw, (int, float)) else None
+        if value is None:
+            met, verdict = None, "not measured"
+        elif target.op == ">=":
+            met = value >= target.value
+            short = (1 - value / target.value) * 100 if target.value else 0.0
+            verdict = "met" if met else f"missed: {value:.3g} vs >= {target.value:g} ({short:.1f}% short)"
+        else:
+            met = value <= target.value
+            over = value / target.value if target.value else float("inf")
+            verdict = "met" if met else f"missed: {value:.3g} vs <= {target.value:g} ({over:.2f}x the limit)"
+        return cls(
+            text=target.text,
+            contender=target.contender,
+            figure=target.figure,
+            op=target.op,
+            target=target.value,
+            value=value,
+            met=met,
+            verdict=verdict,
+        )
+
+
+@dataclass
+class ScenarioResult:
+    """One scenario's contenders, skipped peers, notes, trial order and target verdicts."""
+
+    name: str
+    summary: str
+    unit: str
+    latency_label: str
+    method: str = ""
+    contenders: list[ContenderResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    plan: Plan | None = None
+    order: list[list[str]] = field(default_factory=list)
+    targets: list[TargetResult] = field(default_factory=list)
+    columns: tuple[Column, ...] = ()
+    best_peer: str | None = None
+    label: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """The scenario ran, and every contender in it ran and passed its checks."""
+        return self.error is None and all(c.ok for c in self.contenders)
+
+    def contender(self, key: str) -> ContenderResult | None:
+        """The result of contender ``key``, if it ran."""
+        return next((c for c in self.contenders if c.key == key), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure, for JSON."""
+        return {
+            "name": self.name,
+            "summary": self.summary,
+            "method": self.method,
+            "label": self.label,
+            "ok": self.ok,
+            "error": self.error,
+            "unit": self.unit,
+            "latency": self.latency_label,
+            "plan": None if self.plan is None else asdict(self.plan),
+            "trial_order": self.order,
+            "best_peer": self.best_peer,
+            "contenders": [c.as_dict() for c in self.contenders],
+            "skipped": self.skipped,
+            "notes": self.notes,
+            "targets": [asdict(t) for t in self.targets],
+        }
+
+
+@dataclass
+class RunResult:
+    """A whole run: machine facts, settings and every scenario."""
+
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    scenarios: list[ScenarioResult]
+    label: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Every scenario ran and passed its checks."""
+        return all(s.ok for s in self.scenarios)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure, for JSON."""
+        return {
+            "schema": 1,
+            "label": self.label,
+            "ok": self.ok,
+            "machine": self.machine,
+            "settings": self.settings,
+            "scenarios": [s.as_dict() for s in self.scenarios],
+        }
+
+
+def _paired(a: ContenderResult, b: ContenderResult) -> list[float]:
+    return [
+        x / y
+        for x, y in zip(a.trial_throughput, b.trial_throughput, strict=False)
+        if x is not None and y is not None and y > 0
+    ]
+
+
+def complete(result: ScenarioResult, scenario: Scenario) -> ScenarioResult:
+    """Fill in medians, paired ratios (to the floor, to the best peer) and target verdicts."""
+    for c in result.contenders:
+        measured = [t for t in c.trial_throughput if t is not None]
+        c.throughput = median(measured) if measured else None
+    measured_rows = [c for c in result.contenders if c.throughput is not None]
+    floor = next((c for c in measured_rows if c.role == "floor"), None)
+    peers = [c for c in measured_rows if c.role == "peer"]
+    best = max(peers, key=lambda c: c.throughput or 0.0, default=None)
+    result.best_peer = None if best is None else best.key
+    for c in measured_rows:
+        if floor is not None and (ratios := _paired(c, floor)):
+            c.ratio_to_floor = median(ratios)
+            c.ratio_to_floor_min, c.ratio_to_floor_max = min(ratios), max(ratios)
+        if best is not None and (ratios := _paired(c, best)):
+            c.ratio_to_best_peer = median(ratios)
+    result.targets = [TargetResult.evaluate(t, result.contender(t.contender)) for t in scenario.targets]
+    result.columns = scenario.columns
+    return result
