@@ -232,7 +232,9 @@ def run(ctx: RunContext) -> ScenarioResult:
             result.skipped.append(reason)
             ctx.reporter.note(reason)
             continue
-        row = ContenderResult(key=contender.key, label=contender.label, role=contender.role)
+        row = ContenderResult(
+            key=contender.key, label=contender.label, role=contender.role, note=contender.note
+        )
         result.contenders.append(row)
         totals.append(_Totals(contender, row))
     result.notes.append(
@@ -243,7 +245,6 @@ def run(ctx: RunContext) -> ScenarioResult:
     ctx.reporter.scenario(SCENARIO.name, 1 + len(totals) * (plan.trials + 1))
     ctx.reporter.step(f"spawning {workers} workers")
     pool = _Pool(ctx.urls, workers, ctx.settings.seed)
-    admin = ctx.client()
     segment_no = 0
     try:
         pool.start()
@@ -251,7 +252,7 @@ def run(ctx: RunContext) -> ScenarioResult:
             ctx.reporter.step(f"warm-up {entry.contender.label}")
             segment_no += 1
             try:
-                _segment(ctx, pool, entry, plan.warmup, segment_no, admin)
+                _segment(ctx, pool, entry, plan.warmup, segment_no)
             except Exception as exc:
                 _fail(ctx, entry, exc)
                 pool = _restart(pool, ctx)
@@ -265,7 +266,7 @@ def run(ctx: RunContext) -> ScenarioResult:
                     continue
                 segment_no += 1
                 try:
-                    stats, counter = _segment(ctx, pool, entry, plan.duration, segment_no, admin)
+                    stats, counter = _segment(ctx, pool, entry, plan.duration, segment_no)
                 except Exception as exc:
                     _fail(ctx, entry, exc)
                     entry.result.trial_throughput.append(None)
@@ -278,7 +279,6 @@ def run(ctx: RunContext) -> ScenarioResult:
     finally:
         pool.close()
         ctx.delete_keys()
-        admin.close()
     for entry in totals:
         _summarise(entry)
     return complete(result, SCENARIO)
@@ -302,7 +302,6 @@ def _segment(
     entry: _Totals,
     duration: float,
     number: int,
-    admin: object,
 ) -> tuple[SegmentStats, int]:
     contender = entry.contender
     client = ctx.client()

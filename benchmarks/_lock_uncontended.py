@@ -86,7 +86,9 @@ def run(ctx: RunContext) -> ScenarioResult:
             result.skipped.append(reason)
             ctx.reporter.note(reason)
             continue
-        row = ContenderResult(key=contender.key, label=contender.label, role=contender.role)
+        row = ContenderResult(
+            key=contender.key, label=contender.label, role=contender.role, note=contender.note
+        )
         client = ctx.client()
         name = ctx.name("uncontended", contender.key)
         try:

@@ -25,6 +25,7 @@ class ContenderResult:
     key: str
     label: str
     role: Role
+    note: str = ""
     trial_throughput: list[float | None] = field(default_factory=list)
     latency: Distribution | None = None
     metrics: dict[str, Figure] = field(default_factory=dict)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import redis.exceptions as rex
 import tenacity
 from tenacity import (
     AsyncRetrying,
@@ -36,7 +37,9 @@ def _is_retryable(on_timeout: bool) -> Any:
     def check(exc: BaseException) -> bool:
         if not isinstance(exc, ConnectionUnavailable):
             return False
-        return on_timeout or not isinstance(exc.__cause__, TimeoutError)
+        # redis-py's TimeoutError is not the builtin one (nor, before 3.11, is asyncio's).
+        timeouts = (TimeoutError, asyncio.TimeoutError, rex.TimeoutError)
+        return on_timeout or not isinstance(exc.__cause__, timeouts)
 
     return check
 
@@ -63,14 +66,21 @@ class RetryPolicy:
         """Total tries allowed, the first included."""
         return self.config.attempts
 
+    def _stop(self, attempts: int | None) -> tenacity.stop.stop_base:
+        if attempts is None:
+            return self.stop
+        stop: tenacity.stop.stop_base = stop_after_attempt(attempts)
+        if self.config.max_delay is not None:  # overriding the count keeps the time limit
+            stop = stop | stop_after_delay(self.config.max_delay)
+        return stop
+
     def retrying(self, *, attempts: int | None = None) -> Retrying:
         """A tenacity ``Retrying`` for this policy (``attempts`` overrides the count)."""
-        stop = self.stop if attempts is None else stop_after_attempt(attempts)
-        return Retrying(stop=stop, wait=self.wait, retry=self.retry, reraise=True)
+        return Retrying(stop=self._stop(attempts), wait=self.wait, retry=self.retry, reraise=True)
 
     def async_retrying(self, *, attempts: int | None = None) -> AsyncRetrying:
         """A tenacity ``AsyncRetrying`` for this policy (``attempts`` overrides the count)."""
-        stop = self.stop if attempts is None else stop_after_attempt(attempts)
+        stop = self._stop(attempts)
         return AsyncRetrying(stop=stop, wait=self.wait, retry=self.retry, reraise=True)
 
     def _first_delay(self) -> float:

@@ -1,0 +1,8 @@
+"""distkit's benchmark harness: distkit beside its peers, as ratios to a raw redis-py floor.
+
+Run ``python -m benchmarks`` (or ``distkit-bench``); see ``benchmarks/README.md``.
+"""
+
+from ._cli import main
+
+__all__ = ["main"]

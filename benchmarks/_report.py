@@ -1,0 +1,248 @@
+"""Showing a run: a terminal table per scenario (rich or plain), a JSON file, a PNG chart."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from ._results import ContenderResult, Figure, RunResult, ScenarioResult
+
+__all__ = ["PlotUnavailable", "print_report", "table_rows", "write_json", "write_plot"]
+
+
+class PlotUnavailable(RuntimeError):
+    """matplotlib is not installed."""
+
+
+def _duration_us(us: float) -> str:
+    if us < 0:
+        return f"-{_duration_us(-us)}"
+    if us < 1:
+        return f"{us * 1000:.0f} ns"
+    if us < 1000:
+        return f"{us:.1f} µs" if us < 100 else f"{us:.0f} µs"
+    if us < 1_000_000:
+        return f"{us / 1000:.2f} ms"
+    return f"{us / 1e6:.2f} s"
+
+
+def _show(value: Figure, unit: str) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, str):
+        return value
+    if unit == "us":
+        return _duration_us(float(value))
+    if unit == "ms":
+        return _duration_us(float(value) * 1000)
+    if unit == "ratio":
+        return f"{value:.2f}x"
+    if unit == "share":
+        return f"{value * 100:.0f}%"
+    if unit == "count":
+        return f"{value:,.0f}"
+    return str(value)
+
+
+def _check(row: ContenderResult) -> str:
+    if row.error is not None:
+        return "ERROR: " + row.error.strip().splitlines()[-1][:70]
+    if not row.checks:
+        return "—"
+    if row.ok:
+        return "ok"
+    failed = [name for name, passed in row.checks.items() if not passed]
+    return "FAIL: " + "; ".join(row.problems or failed)
+
+
+def table_rows(scenario: ScenarioResult) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of one scenario's table."""
+    lat = scenario.latency_label
+    headers = [
+        "contender",
+        scenario.unit,
+        "x floor",
+        "x best peer",
+        f"{lat} p50",
+        f"{lat} p99",
+        *(c.header for c in scenario.columns),
+        "check",
+    ]
+    rows = []
+    for row in scenario.contenders:
+        p50 = row.latency.p50_us if row.latency else None
+        p99 = row.latency.p99_us if row.latency else None
+        rows.append(
+            [
+                row.label,
+                _show(row.throughput, "count"),
+                _show(row.ratio_to_floor, "ratio"),
+                _show(row.ratio_to_best_peer, "ratio"),
+                _show(p50, "us"),
+                _show(p99, "us"),
+                *(_show(row.figure(c.figure), c.unit) for c in scenario.columns),
+                _check(row),
+            ]
+        )
+    return headers, rows
+
+
+def _footer(scenario: ScenarioResult) -> list[str]:
+    lines = []
+    floor = next((c for c in scenario.contenders if c.role == "floor"), None)
+    if floor is not None and floor.note:
+        lines.append(f"floor = {floor.note}")
+    best = scenario.contender(scenario.best_peer) if scenario.best_peer else None
+    if best is not None:
+        lines.append(f"best peer = {best.label}")
+    lines.extend(scenario.notes)
+    lines.extend(scenario.skipped)
+    if scenario.error:
+        lines.append(f"SCENARIO ERROR: {scenario.error}")
+    for target in scenario.targets:
+        mark = {True: "MET", False: "MISSED", None: "n/a"}[target.met]
+        detail = "" if target.met else f" — {target.verdict}"
+        lines.append(f"target [{mark}] {target.text}{detail}")
+    return lines
+
+
+def _title(scenario: ScenarioResult) -> str:
+    status = "" if scenario.ok else "  [FAILED]"
+    return f"{scenario.name}: {scenario.summary}{status}"
+
+
+def print_report(run: RunResult, out: IO[str] | None = None) -> None:
+    """Print every scenario's table (rich when installed and writing to stdout)."""
+    stream = sys.stdout if out is None else out
+    try:
+        from rich.console import Console
+    except ImportError:
+        _print_plain(run, stream)
+        return
+    _print_rich(run, Console(file=stream))
+
+
+def _print_rich(run: RunResult, console: Any) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    if run.label:
+        console.print(Text(f"!!! {run.label} !!!", style="bold red"))
+    for scenario in run.scenarios:
+        headers, rows = table_rows(scenario)
+        table = Table(title=_title(scenario), caption=scenario.label, title_justify="left")
+        for i, header in enumerate(headers):
+            table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i < 6)
+        for result, cells in zip(scenario.contenders, rows, strict=True):
+            style = {"floor": "dim", "distkit": "bold"}.get(result.role, "")
+            if not result.ok:
+                style = "red"
+            table.add_row(*cells, style=style)
+        console.print(table)
+        for line in _footer(scenario):
+            console.print(Text(f"  {line}"))
+        console.print()
+
+
+def _print_plain(run: RunResult, stream: IO[str]) -> None:
+    if run.label:
+        print(f"!!! {run.label} !!!", file=stream)
+    for scenario in run.scenarios:
+        headers, rows = table_rows(scenario)
+        widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+        print(_title(scenario), file=stream)
+        if scenario.label:
+            print(f"[{scenario.label}]", file=stream)
+        for cells in [headers, ["-" * w for w in widths], *rows]:
+            line = "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            print(line.rstrip(), file=stream)
+        for line in _footer(scenario):
+            print(f"  {line}", file=stream)
+        print(file=stream)
+
+
+def write_json(run: RunResult, path: str | Path) -> None:
+    """Write every figure of the run to ``path``."""
+    Path(path).write_text(json.dumps(run.as_dict(), indent=2, ensure_ascii=False) + "\n")
+
+
+_COLOURS = {"floor": "#9e9e9e", "distkit": "#1f77b4", "peer": "#ff7f0e"}
+
+
+def write_plot(run: RunResult, path: str | Path) -> None:
+    """One row of charts per scenario: throughput ratio to the floor, and p50-p99 latency.
+
+    Raises:
+        PlotUnavailable: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise PlotUnavailable(
+            f"--plot needs matplotlib ({exc}); install it with: pip install 'distkit[bench]'"
+        ) from exc
+
+    shown = [s for s in run.scenarios if any(c.throughput for c in s.contenders)]
+    if not shown:
+        shown = run.scenarios[:1]
+    fig, axes = plt.subplots(
+        len(shown), 2, figsize=(13, 0.5 + 0.55 * max(4, _most_rows(shown)) * len(shown)),
+        squeeze=False, gridspec_kw={"width_ratios": [3, 2]},
+    )  # fmt: skip
+    for (left, right), scenario in zip(axes, shown, strict=True):
+        _plot_scenario(left, right, scenario)
+    title = "distkit benchmarks"
+    date = run.machine.get("date", "")
+    if date:
+        title += f" — {date}, {run.machine.get('cpu_count')} CPUs, {run.machine.get('python')}"
+    if run.label:
+        title += f"\n{run.label.upper()}"
+    fig.suptitle(title, color="red" if run.label else "black")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+
+
+def _most_rows(scenarios: list[ScenarioResult]) -> int:
+    return max((len(s.contenders) for s in scenarios), default=1)
+
+
+def _plot_scenario(left: Any, right: Any, scenario: ScenarioResult) -> None:
+    rows = [c for c in scenario.contenders if c.throughput is not None][::-1]
+    labels = [c.label + ("" if c.ok else " (FAILED)") for c in rows]
+    ys = list(range(len(rows)))
+    ratios = [c.ratio_to_floor or 0.0 for c in rows]
+    low = [max(0.0, r - (c.ratio_to_floor_min or r)) for r, c in zip(ratios, rows, strict=True)]
+    high = [max(0.0, (c.ratio_to_floor_max or r) - r) for r, c in zip(ratios, rows, strict=True)]
+    colours = [_COLOURS.get(c.role, "#333333") for c in rows]
+    left.barh(ys, ratios, xerr=[low, high], color=colours, capsize=3)
+    left.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+    left.set_yticks(ys, labels)
+    left.set_xlabel(f"throughput / floor ({scenario.unit}; bars: median, whiskers: trial range)")
+    for y, ratio, c in zip(ys, ratios, rows, strict=True):
+        left.annotate(
+            f" {ratio:.2f}x  ({c.throughput:,.0f})", (ratio, y), va="center", fontsize=8
+        )
+    heading = scenario.name + ("" if scenario.ok else " — CHECK FAILED")
+    if scenario.label:
+        heading += f"  [{scenario.label}]"
+    left.set_title(heading, loc="left", fontsize=10, color="red" if scenario.label else "black")
+
+    p50 = [c.latency.p50_us if c.latency else float("nan") for c in rows]
+    p99 = [c.latency.p99_us if c.latency else float("nan") for c in rows]
+    right.hlines(ys, p50, p99, colors=colours, linewidth=4)
+    right.plot(p50, ys, "o", color="black", markersize=4, label="p50")
+    right.plot(p99, ys, "|", color="black", markersize=12, label="p99")
+    right.set_xscale("log")
+    right.set_yticks(ys, [""] * len(ys))
+    right.set_xlabel(f"{scenario.latency_label} latency, µs (p50 dot to p99 tick, log scale)")
+    right.grid(axis="x", which="both", alpha=0.3)
+    right.legend(loc="lower right", fontsize=7)
