@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing as mp
 import os
 import signal
@@ -82,7 +83,7 @@ def test_eight_processes_never_overlap_and_count_exactly(redis_server: RedisServ
     total = WORKERS * SECTIONS_PER_WORKER
     assert len(intervals) == total
     assert int(client.get("counter") or 0) == total
-    for (s1, e1, t1), (s2, _e2, t2) in zip(intervals, intervals[1:]):
+    for (_s1, e1, t1), (s2, _e2, t2) in itertools.pairwise(intervals):
         assert e1 <= s2, "two holders' critical sections overlapped"
         assert t1 is not None
         assert t2 is not None
