@@ -23,9 +23,10 @@ from ._errors import ConfigError, translating
 
 __all__ = ["AsyncClient", "ConfigLike", "SyncClient", "aconnect", "connect"]
 
-SyncClient: TypeAlias = "redis.Redis | redis.RedisCluster"
-AsyncClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.RedisCluster"
-ConfigLike: TypeAlias = "RedisConfig | str | Mapping[str, Any]"
+# Real unions, not strings: usable at run time too (isinstance, get_type_hints, pydantic).
+SyncClient: TypeAlias = redis.Redis | redis.RedisCluster
+AsyncClient: TypeAlias = redis.asyncio.Redis | redis.asyncio.RedisCluster
+ConfigLike: TypeAlias = RedisConfig | str | Mapping[str, Any]
 
 
 def _common_kwargs(cfg: RedisConfig) -> dict[str, Any]:
@@ -59,10 +60,11 @@ def _standalone_kwargs(cfg: RedisConfig) -> dict[str, Any]:
     return kw
 
 
-def _sentinel_kwargs(cfg: RedisConfig) -> dict[str, Any]:
+def _sentinel_kwargs(cfg: RedisConfig, no_retry: Any) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "socket_connect_timeout": cfg.connect_timeout,
         "socket_timeout": cfg.socket_timeout,
+        "retry": no_retry,  # else each sentinel query retries (10 times in redis-py 8)
     }
     if cfg.sentinel_password is not None:
         kw["password"] = cfg.sentinel_password.get_secret_value()
@@ -99,7 +101,7 @@ def connect(config: ConfigLike) -> SyncClient:
         assert cfg.sentinel_service is not None  # checked by RedisConfig
         sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
             [(a.host, a.port) for a in cfg.sentinels],
-            sentinel_kwargs=_sentinel_kwargs(cfg),
+            sentinel_kwargs=_sentinel_kwargs(cfg, no_retry),
             **_common_kwargs(cfg),
         )
         client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
@@ -130,7 +132,7 @@ def aconnect(config: ConfigLike) -> AsyncClient:
         assert cfg.sentinel_service is not None
         sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
             [(a.host, a.port) for a in cfg.sentinels],
-            sentinel_kwargs=_sentinel_kwargs(cfg),
+            sentinel_kwargs=_sentinel_kwargs(cfg, no_retry),
             **_common_kwargs(cfg),
         )
         aclient: redis.asyncio.Redis = sentinel.master_for(

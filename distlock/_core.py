@@ -193,7 +193,7 @@ class LockCore:
             # TTLs (one more timeout would only delay the error).
             if self.owner is None and not isinstance(exc, ConnectionUnavailable):
                 yield Cleanup(
-                    Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
+                    Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1, 0))
                 )
             raise
 
@@ -204,7 +204,7 @@ class LockCore:
         if granted == 1:
             self._granted(owner, value, sent_at)
             return True
-        yield Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
+        yield Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1, 0))
         return False
 
     def _release_keys(self, wake_key: str) -> tuple[str, ...]:
@@ -223,8 +223,9 @@ class LockCore:
         if owner is None:
             raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
         keys = self._release_keys(self.wake_prefix + owner)
+        args = (owner, self.retention_ms, 0, self.token or 0)
         try:
-            result = yield Eval(RELEASE, keys, (owner, self.retention_ms, 0), shield=True)
+            result = yield Eval(RELEASE, keys, args, shield=True)
         finally:
             self.clear()
         if result == 0:
@@ -262,4 +263,4 @@ class LockCore:
         value = yield Command(("GET", self.lease_key))
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
-        return bool(value == owner)
+        return value in (owner, owner + "*")  # "*": waiters are queued behind the holder
