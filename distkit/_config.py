@@ -65,7 +65,10 @@ def config_error(exc: ValidationError, *, source: str) -> ConfigError:
     lines = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        is_secret = any(str(p) in _SECRET_FIELDS for p in err["loc"])
+        # an unknown field may be a misspelt secret ("pasword"): never echo its value
+        is_secret = err["type"] == "extra_forbidden" or any(
+            str(p) in _SECRET_FIELDS for p in err["loc"]
+        )
         shown = "<hidden>" if is_secret else redact(repr(_hide_secrets(err.get("input"))))
         if len(shown) > 200:
             shown = shown[:200] + "..."

@@ -49,8 +49,9 @@ local function grant(lease, fence, value, ttl_ms, retention_ms, lease_set, relea
   end
   if not lease_set then redis.call('SET', lease, value, 'PX', ttl_ms) end
   released_by = released_by or prev_rel
-  if released_by then
-    redis.call('SET', fence, token .. ':' .. released_by, 'PX', math.max(retention_ms, ttl_ms))
+  if released_by then  -- (Lua's own number-to-string would print 1.79e+15: format it exactly)
+    redis.call('SET', fence, string.format('%.0f', token) .. ':' .. released_by,
+               'PX', math.max(retention_ms, ttl_ms))
   else
     redis.call('SET', fence, token, 'PX', math.max(retention_ms, ttl_ms))
   end
@@ -142,7 +143,7 @@ local owner, retention_ms, abandon = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
 local holder = redis.call('GET', lease)
 if holder == owner then  -- the common case: nobody waits
   local token = ARGV[4]
-  if token == '0' then token = read_fence(fence) end
+  if token == '0' then token = string.format('%.0f', read_fence(fence)) end
   redis.call('SET', fence, token .. ':' .. owner, 'PX', retention_ms)
   redis.call('DEL', lease)
   if abandon then redis.call('DEL', wake) end
@@ -180,7 +181,7 @@ if first then
   return 1
 end
 local token = ARGV[4]
-if token == '0' then token = read_fence(fence) end
+if token == '0' then token = string.format('%.0f', read_fence(fence)) end
 redis.call('SET', fence, token .. ':' .. owner, 'PX', retention_ms)
 redis.call('DEL', lease)
 return 1

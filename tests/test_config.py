@@ -201,12 +201,12 @@ def test_equal_configs_are_equal_and_hashable() -> None:
         ({"connect_timeout": 0}, "connect_timeout", "0"),
         ({"socket_timeout": math.nan}, "socket_timeout", "nan"),
         ({"connect_timeout": math.inf}, "connect_timeout", "inf"),
-        ({"bogus": 1}, "bogus", "1"),
+        ({"bogus": 1}, "bogus", "<hidden>"),  # unknown fields may be misspelt secrets
         ({"retry": {"attempts": 0}}, "retry.attempts", "0"),
         ({"retry": {"attempts": "many"}}, "retry.attempts", "'many'"),
         ({"retry": {"backoff_initial": -0.1}}, "retry.backoff_initial", "-0.1"),
         ({"retry": {"max_delay": math.inf}}, "retry.max_delay", "inf"),
-        ({"retry": {"unknown": 1}}, "retry.unknown", "1"),
+        ({"retry": {"unknown": 1}}, "retry.unknown", "<hidden>"),
         ({"url": "redis://h/abc"}, "db", "'abc'"),
         (
             {"mode": "cluster", "cluster_nodes": "a:1,b:x"},
@@ -570,3 +570,10 @@ def test_seconds_rejects(value: Any) -> None:
         seconds(value, field="my_ttl", allow_zero=True)
     assert "my_ttl" in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+def test_a_misspelt_secret_field_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        RedisConfig(pasword="hunter2")  # type: ignore[call-arg]
+    assert "pasword" in str(info.value)
+    assert "hunter2" not in str(info.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -123,32 +124,78 @@ def test_extend_resets_the_lease(twin: Twin, r: redis.Redis) -> None:
     a.release()
 
 
-def test_retried_release_after_a_lost_reply_succeeds(twin: Twin, r: redis.Redis) -> None:
-    """The first release runs on the server but its reply is lost: the retry must not fail."""
+def _lossy_client(twin: Twin, state: dict[str, Any], nkeys: int) -> Any:
+    """A client whose next EVALSHA with ``nkeys`` keys runs on the server but loses its reply."""
     client = twin.new_client()
     original = client.execute_command
-    state = {"lose_next_release": False}
+
+    def hit(args: tuple[Any, ...]) -> bool:
+        if state.get("armed") and args[0] in ("EVALSHA", "EVAL") and args[2] == nkeys:
+            state["armed"] = False
+            return True
+        return False
 
     def lossy(*args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
-        if state["lose_next_release"] and args and args[0] == "EVALSHA" and len(args) > 9:
-            state["lose_next_release"] = False
+        if hit(args):
             raise redis.exceptions.ConnectionError("reply lost")
         return result
 
     async def alossy(*args: Any, **kwargs: Any) -> Any:
         result = await original(*args, **kwargs)
-        if state["lose_next_release"] and args and args[0] == "EVALSHA" and len(args) > 9:
-            state["lose_next_release"] = False
+        if hit(args):
             raise redis.exceptions.ConnectionError("reply lost")
         return result
 
     client.execute_command = lossy if twin.kind == "sync" else alossy
-    a = twin.make("lost-reply", ttl=10, client=client)
+    return client
+
+
+def test_retried_acquire_after_a_lost_reply_gets_its_own_grant(twin: Twin, r: redis.Redis) -> None:
+    state: dict[str, Any] = {"armed": True}
+    a = twin.make("lost-acq", ttl=10, client=_lossy_client(twin, state, 5))
+    assert a.acquire(blocking=False)  # the retry finds the lease it was granted
+    assert state["armed"] is False
+    fence = r.get("distkit:lock:{lost-acq}:fence")
+    assert fence is not None
+    assert a.fencing_token == int(fence.split(b":")[0])
+    a.release()
+    assert r.exists(lease("lost-acq")) == 0
+
+
+def test_retried_release_after_a_handoff_with_a_lost_reply(twin: Twin, r: redis.Redis) -> None:
+    state: dict[str, Any] = {}
+    a = twin.make("lost-handoff", ttl=10, client=_lossy_client(twin, state, 6))
     assert a.acquire()
-    state["lose_next_release"] = True
+    waiter = Lock(r, "lost-handoff", ttl=10)
+    got: list[bool] = []
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire(timeout=10)))
+    thread.start()
+    while r.zcard("distkit:lock:{lost-handoff}:queue") < 1:
+        time.sleep(0.002)
+    state["armed"] = True
+    a.release()  # handed to the waiter; the reply is lost; the retry must not raise
+    thread.join(10)
+    assert got == [True]
+    assert waiter.owned()
+    fence = r.get("distkit:lock:{lost-handoff}:fence")
+    assert fence is not None
+    assert re.fullmatch(rb"\d+:[0-9a-f]+", fence), fence  # exact digits, never 1.79e+15
+    assert int(fence.split(b":")[0]) == waiter.fencing_token
+    waiter.release()
+    fence = r.get("distkit:lock:{lost-handoff}:fence")
+    assert fence is not None
+    assert int(fence.split(b":")[0]) == waiter.fencing_token or waiter.fencing_token is None
+
+
+def test_retried_release_after_a_lost_reply_succeeds(twin: Twin, r: redis.Redis) -> None:
+    """The first release runs on the server but its reply is lost: the retry must not fail."""
+    state: dict[str, Any] = {}
+    a = twin.make("lost-reply", ttl=10, client=_lossy_client(twin, state, 6))
+    assert a.acquire()
+    state["armed"] = True
     a.release()  # no LockNotOwned
-    assert state["lose_next_release"] is False
+    assert state["armed"] is False
     assert r.exists(lease("lost-reply")) == 0
 
 
@@ -178,6 +225,9 @@ def test_token_issue_costs_no_extra_round_trip(twin: Twin) -> None:
         calls.append(args)
         return await original(*args, **kwargs)
 
+    a = twin.make("rt", ttl=10, client=client)
+    assert a.acquire()  # loads the scripts if a test flushed them
+    a.release()
     client.execute_command = counting if twin.kind == "sync" else acounting
     a = twin.make("rt", ttl=10, client=client)
     assert a.acquire()
@@ -211,6 +261,8 @@ def test_waiter_is_woken_by_a_push_not_a_poll(redis_server: RedisServer) -> None
         commands.append(str(args[0]))
         return original(*args, **kwargs)
 
+    assert holder.acquire()  # loads the scripts if a test flushed them
+    holder.release()
     waiter_client.execute_command = recording  # type: ignore[method-assign]
     waiter = Lock(waiter_client, "push", ttl=30)
     assert holder.acquire()
