@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -33,7 +33,7 @@ class _FloorLock:
     __slots__ = ("_count", "_execute", "_key", "_prefix", "_px", "_sha", "_token")
 
     def __init__(self, client: redis.Redis, name: str, ttl: float) -> None:
-        self._execute = client.execute_command
+        self._execute: Callable[..., Any] = client.execute_command
         self._key = name
         self._px = max(1, round(ttl * 1000))
         self._sha = str(client.script_load(_COMPARE_AND_DELETE))
@@ -61,7 +61,7 @@ class _TokenHandoff:
     __slots__ = ("_execute", "_key")
 
     def __init__(self, client: redis.Redis, name: str) -> None:
-        self._execute = client.execute_command
+        self._execute: Callable[..., Any] = client.execute_command
         self._key = name
 
     def acquire(self) -> bool:

@@ -12,6 +12,8 @@ from typing import Any
 
 import redis
 
+import distkit
+
 __all__ = ["machine_facts"]
 
 _PEERS = ("python-redis-lock", "pottery", "dogpile.cache", "cashews", "aiocache")
@@ -71,7 +73,7 @@ def machine_facts(redis_server: str) -> dict[str, Any]:
         "hiredis": _version("hiredis"),
         "hiredis_parser_in_use": bool(HIREDIS_AVAILABLE),
         "redis_server": redis_server,
-        "distkit": _version("distkit"),
+        "distkit": _version("distkit") or distkit.__version__,
         "peers": {name: _version(name) for name in _PEERS},
         "git": _git(),
     }

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, TypeVar
 
 import redis
 
+from ._format import Unit
+
 if TYPE_CHECKING:
     from ._results import ScenarioResult
 
@@ -92,7 +94,7 @@ class Column:
 
     header: str
     figure: str
-    unit: Literal["us", "ms", "ratio", "share", "count", "text"]
+    unit: Unit
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,7 @@ class Target:
     op: Literal["<=", ">="]
     value: float
     text: str
+    unit: Unit = "ratio"
 
 
 @dataclass(frozen=True)

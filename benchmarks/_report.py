@@ -7,43 +7,14 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from ._results import ContenderResult, Figure, RunResult, ScenarioResult
+from ._format import show
+from ._results import ContenderResult, RunResult, ScenarioResult
 
 __all__ = ["PlotUnavailable", "print_report", "table_rows", "write_json", "write_plot"]
 
 
 class PlotUnavailable(RuntimeError):
     """matplotlib is not installed."""
-
-
-def _duration_us(us: float) -> str:
-    if us < 0:
-        return f"-{_duration_us(-us)}"
-    if us < 1:
-        return f"{us * 1000:.0f} ns"
-    if us < 1000:
-        return f"{us:.1f} µs" if us < 100 else f"{us:.0f} µs"
-    if us < 1_000_000:
-        return f"{us / 1000:.2f} ms"
-    return f"{us / 1e6:.2f} s"
-
-
-def _show(value: Figure, unit: str) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, str):
-        return value
-    if unit == "us":
-        return _duration_us(float(value))
-    if unit == "ms":
-        return _duration_us(float(value) * 1000)
-    if unit == "ratio":
-        return f"{value:.2f}x"
-    if unit == "share":
-        return f"{value * 100:.0f}%"
-    if unit == "count":
-        return f"{value:,.0f}"
-    return str(value)
 
 
 def _check(row: ContenderResult) -> str:
@@ -77,12 +48,12 @@ def table_rows(scenario: ScenarioResult) -> tuple[list[str], list[list[str]]]:
         rows.append(
             [
                 row.label,
-                _show(row.throughput, "count"),
-                _show(row.ratio_to_floor, "ratio"),
-                _show(row.ratio_to_best_peer, "ratio"),
-                _show(p50, "us"),
-                _show(p99, "us"),
-                *(_show(row.figure(c.figure), c.unit) for c in scenario.columns),
+                show(row.throughput, "count"),
+                show(row.ratio_to_floor, "ratio"),
+                show(row.ratio_to_best_peer, "ratio"),
+                show(p50, "us"),
+                show(p99, "us"),
+                *(show(row.figure(c.figure), c.unit) for c in scenario.columns),
                 _check(row),
             ]
         )
@@ -121,7 +92,9 @@ def print_report(run: RunResult, out: IO[str] | None = None) -> None:
     except ImportError:
         _print_plain(run, stream)
         return
-    _print_rich(run, Console(file=stream))
+    # A pipe or file gets a width that fits the table rather than rich's 80-column default.
+    width = None if stream.isatty() else 200
+    _print_rich(run, Console(file=stream, width=width))
 
 
 def _print_rich(run: RunResult, console: Any) -> None:
@@ -228,9 +201,7 @@ def _plot_scenario(left: Any, right: Any, scenario: ScenarioResult) -> None:
     left.set_yticks(ys, labels)
     left.set_xlabel(f"throughput / floor ({scenario.unit}; bars: median, whiskers: trial range)")
     for y, ratio, c in zip(ys, ratios, rows, strict=True):
-        left.annotate(
-            f" {ratio:.2f}x  ({c.throughput:,.0f})", (ratio, y), va="center", fontsize=8
-        )
+        left.annotate(f" {ratio:.2f}x  ({c.throughput:,.0f})", (ratio, y), va="center", fontsize=8)
     heading = scenario.name + ("" if scenario.ok else " — CHECK FAILED")
     if scenario.label:
         heading += f"  [{scenario.label}]"

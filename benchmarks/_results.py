@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._format import Figure, show
 from ._model import Column, Plan, Role, Scenario, Target
 from ._stats import Distribution, median
 
 __all__ = ["ContenderResult", "RunResult", "ScenarioResult", "TargetResult", "complete"]
-
-Figure = float | int | str | None
 
 
 @dataclass
@@ -81,16 +80,19 @@ class TargetResult:
         """Compare one measured figure with its target and say by how much it is missed."""
         raw = None if result is None else result.figure(target.figure)
         value = float(raw) if isinstance(raw, (int, float)) else None
+        limit = show(target.value, target.unit)
         if value is None:
             met, verdict = None, "not measured"
         elif target.op == ">=":
             met = value >= target.value
             short = (1 - value / target.value) * 100 if target.value else 0.0
-            verdict = "met" if met else f"missed: {value:.3g} vs >= {target.value:g} ({short:.1f}% short)"
+            verdict = f"missed: {show(value, target.unit)} vs >= {limit} ({short:.1f}% short)"
         else:
             met = value <= target.value
             over = value / target.value if target.value else float("inf")
-            verdict = "met" if met else f"missed: {value:.3g} vs <= {target.value:g} ({over:.2f}x the limit)"
+            verdict = f"missed: {show(value, target.unit)} vs <= {limit} ({over:.2f}x the limit)"
+        if met:
+            verdict = "met"
         return cls(
             text=target.text,
             contender=target.contender,
@@ -203,6 +205,8 @@ def complete(result: ScenarioResult, scenario: Scenario) -> ScenarioResult:
             c.ratio_to_floor_min, c.ratio_to_floor_max = min(ratios), max(ratios)
         if best is not None and (ratios := _paired(c, best)):
             c.ratio_to_best_peer = median(ratios)
-    result.targets = [TargetResult.evaluate(t, result.contender(t.contender)) for t in scenario.targets]
+    result.targets = [
+        TargetResult.evaluate(t, result.contender(t.contender)) for t in scenario.targets
+    ]
     result.columns = scenario.columns
     return result

@@ -1,4 +1,4 @@
-"""Where the scenarios find Redis: given URLs, throwaway redis-servers, or fakeredis as a last resort.
+"""Where scenarios find Redis: given URLs, throwaway redis-servers, or fakeredis as a last resort.
 
 Throwaway servers listen on free loopback ports and are stopped (by their own pid) at the end.
 Without a ``redis-server`` binary the run falls back to fakeredis served over loopback TCP, so

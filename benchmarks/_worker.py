@@ -15,6 +15,8 @@ Parent and worker talk over a ``Pipe``::
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import random
 import time
@@ -58,6 +60,10 @@ class WorkerReport:
 def worker_main(conn: Connection, index: int, urls: tuple[str, ...], seed: int) -> None:
     """Serve segments until told to stop (the target of each spawned worker process)."""
     random.seed(seed * 1000 + index)  # pottery's retry jitter draws from the global RNG
+    # Move the import-time heap out of the collector's reach: otherwise each process runs one
+    # ~20 ms full collection of it at some point, stalling whichever contender happens to run.
+    gc.collect()
+    gc.freeze()
     conn.send(("hello", os.getpid()))
     while True:
         try:
@@ -65,6 +71,7 @@ def worker_main(conn: Connection, index: int, urls: tuple[str, ...], seed: int) 
         except (EOFError, KeyboardInterrupt):
             return
         if message[0] == "segment":
+            gc.collect()
             _segment(conn, index, urls, message[1])
         elif message[0] == "stop":
             return
@@ -140,7 +147,5 @@ def _loop(
 
 def _close(clients: list[redis.Redis]) -> None:
     for client in clients:
-        try:
+        with contextlib.suppress(Exception):
             client.close()
-        except Exception:
-            pass

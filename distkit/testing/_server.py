@@ -73,9 +73,7 @@ def find_redis_server() -> str:
         if "shims" not in entry.split(os.sep)
         and not any(os.path.realpath(entry).startswith(env + os.sep) for env in envs)
     ]
-    found = shutil.which("redis-server", path=os.pathsep.join(real)) or shutil.which(
-        "redis-server"
-    )
+    found = shutil.which("redis-server", path=os.pathsep.join(real)) or shutil.which("redis-server")
     if found:
         return found
     try:
