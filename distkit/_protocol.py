@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -26,11 +26,13 @@ __all__ = [
     "Cleanup",
     "Command",
     "Eval",
+    "FanOut",
     "Pop",
     "Protocol",
     "Sleep",
     "Step",
     "SyncDriver",
+    "TIMED_OUT",
 ]
 
 _T = TypeVar("_T")
@@ -74,15 +76,41 @@ class Sleep:
     seconds: float
 
 
+class _TimedOut:
+    """Marker for a node that did not answer within the per-node timeout."""
+
+    def __repr__(self) -> str:
+        return "TIMED_OUT"
+
+
+TIMED_OUT = _TimedOut()
+
+
+@dataclass(frozen=True, slots=True)
+class FanOut:
+    """Run ``calls[i]`` on node ``i`` of the driver, all at once; result: one outcome per node.
+
+    An outcome is the node's reply, a ``DistkitError`` (the node failed), or ``TIMED_OUT``.
+    With ``quorum`` and ``granted``, waiting stops as soon as a quorum of ``granted`` replies has
+    become impossible; the nodes still pending are then abandoned too.
+    """
+
+    calls: Sequence[Eval]
+    timeout: float
+    abandon: Sequence[Eval] | None = None
+    quorum: int = 0
+    granted: Callable[[Any], bool] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Cleanup:
     """Best-effort ``step``: one try, no retry, errors swallowed; async: shielded from cancel."""
 
-    step: Eval | Command
+    step: Eval | Command | FanOut
     errors: list[BaseException] = field(default_factory=list, compare=False)
 
 
-Step = Eval | Command | Pop | Sleep | Cleanup
+Step = Eval | Command | Pop | Sleep | Cleanup | FanOut
 Protocol = Generator[Step, Any, _T]
 
 
@@ -162,8 +190,11 @@ class SyncDriver:
             if step.seconds > 0:
                 time.sleep(step.seconds)
             return None
+        if isinstance(step, FanOut) or isinstance(step.step, FanOut):
+            raise TypeError("FanOut steps need a fan-out driver (distkit._fanout)")
+        inner = step.step
         try:
-            return NO_RETRY.call(lambda: self._once(step.step))
+            return NO_RETRY.call(lambda: self._once(inner))
         except Exception as exc:  # best effort by contract
             step.errors.append(exc)
             return None
@@ -221,6 +252,8 @@ class AsyncDriver:
         if isinstance(step, Sleep):
             await asyncio.sleep(max(0.0, step.seconds))
             return None
+        if isinstance(step, FanOut) or isinstance(step.step, FanOut):
+            raise TypeError("FanOut steps need a fan-out driver (distkit._fanout)")
         inner = step.step
         task = asyncio.ensure_future(NO_RETRY.acall(lambda: self._once(inner)))
         try:

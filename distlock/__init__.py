@@ -1,8 +1,9 @@
 """distlock: Redis locks that issue fencing tokens, with sync and asyncio twins.
 
 ``Lock`` / ``AsyncLock`` hold a lease on one Redis (standalone, Sentinel master or a Cluster
-shard). Every acquisition returns a fencing token that strictly increases for successive holders,
-also across a server restart that lost its data; ``FencedStore`` applies it where the data lives.
+shard); ``Redlock`` / ``AsyncRedlock`` on a quorum of N independent masters. Every acquisition
+returns a fencing token that strictly increases for successive holders, also across a server
+restart that lost its data; ``FencedStore`` applies it where the data lives.
 """
 
 from distkit import (
@@ -17,10 +18,12 @@ from distkit import (
 from ._decorator import locked
 from ._fencing import AsyncFencedStore, FencedStore
 from ._lock import AsyncLock, Lock
+from ._redlock import AsyncRedlock, Redlock
 
 __all__ = [
     "AsyncFencedStore",
     "AsyncLock",
+    "AsyncRedlock",
     "ConnectionUnavailable",
     "FencedStore",
     "Lock",
@@ -28,6 +31,7 @@ __all__ = [
     "LockLost",
     "LockNotAcquired",
     "LockNotOwned",
+    "Redlock",
     "StaleFencingToken",
     "locked",
 ]

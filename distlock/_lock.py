@@ -19,6 +19,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from typing_extensions import Self
+
 from distkit import (
     ConfigError,
     DistkitError,
@@ -48,26 +50,17 @@ class _LockBase(Generic[_E]):
     _lost: _E
     _is_async = False
 
-    def __init__(
+    def _setup(
         self,
-        client: Any,
-        name: str,
+        core: LockCore,
         *,
-        ttl: Seconds = 30.0,
-        blocking_timeout: Seconds | None = None,
-        auto_renew: bool = False,
-        renew_interval: Seconds | None = None,
-        on_lost: Callable[[Any], None] | None = None,
-        prefix: str = "distkit",
-        fence_retention: Seconds = 3600.0,
-        retry: RetryConfig | RetryPolicy | None = None,
-        clock: Clock = monotonic,
+        blocking_timeout: Seconds | None,
+        auto_renew: bool,
+        renew_interval: Seconds | None,
+        on_lost: Callable[[Any], None] | None,
+        retry: RetryConfig | RetryPolicy | None,
     ) -> None:
-        cls = type(self).__name__
-        check_client(client, want_async=self._is_async, cls=cls)
-        self._core = LockCore(
-            name, ttl=ttl, prefix=prefix, clock=clock, fence_retention=fence_retention
-        )
+        self._core = core
         self._blocking_timeout = (
             None
             if blocking_timeout is None
@@ -86,12 +79,7 @@ class _LockBase(Generic[_E]):
         if on_lost is not None and not callable(on_lost):
             raise ConfigError(f"on_lost must be callable, got {on_lost!r}")
         self._on_lost = on_lost
-        self._client = client
         self._retry = retry_policy(retry)
-        self._setup_io()
-
-    def _setup_io(self) -> None:
-        raise NotImplementedError
 
     @property
     def name(self) -> str:
@@ -148,31 +136,13 @@ class _LockBase(Generic[_E]):
         return f"<{type(self).__name__} {self.name!r} ttl={self.ttl}s {state}>"
 
 
-class Lock(_LockBase[threading.Event]):
-    """A lock on one Redis (standalone, Sentinel master or Cluster) with fencing tokens.
-
-    Args:
-        client: a sync redis-py client (``redis.Redis``, ``RedisCluster``, a Sentinel master).
-        name: the lock's name (non-empty str, no control characters or braces).
-        ttl: lease length, seconds or ``timedelta``; a crashed holder's lock frees after it.
-        blocking_timeout: default wait of ``with lock:`` (``None``: wait forever).
-        auto_renew: extend the lease in a background thread every ``renew_interval``.
-        renew_interval: default ``ttl / 3``.
-        on_lost: called with the lock when renewal fails and the lease is lost.
-        prefix: key prefix (``{prefix}:lock:{name}``).
-        fence_retention: how long fencing state outlives the last holder (tokens stay monotonic
-            after it expires, by the server clock; see docs/fencing.md).
-        retry: retry policy for transient connection errors.
-        clock: monotonic clock in seconds (injectable for tests).
-
-    Raises:
-        ConfigError: an argument is invalid.
-    """
+class _SyncLock(_LockBase[threading.Event]):
+    """The I/O half of the sync handles (``Lock``, ``Redlock``): one driver, one renewal thread."""
 
     _driver: SyncDriver
 
-    def _setup_io(self) -> None:
-        self._driver = SyncDriver(self._client, self._retry, f"lock {self.name!r}")
+    def _setup_io(self, driver: SyncDriver) -> None:
+        self._driver = driver
         self._lost = threading.Event()
         self._renewer: threading.Thread | None = None
         self._stop_renew = threading.Event()
@@ -255,7 +225,7 @@ class Lock(_LockBase[threading.Event]):
                 log.warning("renewing lock %r failed (%s); %.3fs left", self.name, exc, left)
                 interval = min(self._renew_interval, max(0.01, left / 4))
 
-    def __enter__(self) -> Lock:
+    def __enter__(self) -> Self:
         if not self.acquire(timeout=self._blocking_timeout):
             raise self._not_acquired(self._blocking_timeout)
         return self
@@ -279,20 +249,15 @@ class Lock(_LockBase[threading.Event]):
             raise LockLost(f"lock {self.name!r} was lost inside the with block", name=self.name)
 
 
-class AsyncLock(_LockBase[asyncio.Event]):
-    """The asyncio twin of ``Lock`` (same arguments; takes a ``redis.asyncio`` client).
-
-    Ownership belongs to the handle, never to a task or thread. ``acquire`` and ``release`` are
-    cancellation-safe: a cancelled acquire leaves no lease or queue entry behind, and a cancelled
-    release still completes on the server.
-    """
+class _AsyncLock(_LockBase[asyncio.Event]):
+    """The I/O half of the asyncio handles (``AsyncLock``, ``AsyncRedlock``)."""
 
     _is_async = True
 
     _driver: AsyncDriver
 
-    def _setup_io(self) -> None:
-        self._driver = AsyncDriver(self._client, self._retry, f"lock {self.name!r}")
+    def _setup_io(self, driver: AsyncDriver) -> None:
+        self._driver = driver
         self._lost = asyncio.Event()
         self._renewer: asyncio.Task[None] | None = None
 
@@ -365,7 +330,7 @@ class AsyncLock(_LockBase[asyncio.Event]):
                 log.warning("renewing lock %r failed (%s); %.3fs left", self.name, exc, left)
                 interval = min(self._renew_interval, max(0.01, left / 4))
 
-    async def __aenter__(self) -> AsyncLock:
+    async def __aenter__(self) -> Self:
         if not await self.acquire(timeout=self._blocking_timeout):
             raise self._not_acquired(self._blocking_timeout)
         return self
@@ -387,3 +352,96 @@ class AsyncLock(_LockBase[asyncio.Event]):
             return
         if was_lost and exc_type is None:
             raise LockLost(f"lock {self.name!r} was lost inside the with block", name=self.name)
+
+
+class Lock(_SyncLock):
+    """A lock on one Redis (standalone, Sentinel master or Cluster) with fencing tokens.
+
+    Args:
+        client: a sync redis-py client (``redis.Redis``, ``RedisCluster``, a Sentinel master).
+        name: the lock's name (non-empty str, no control characters or braces).
+        ttl: lease length, seconds or ``timedelta``; a crashed holder's lock frees after it.
+        blocking_timeout: default wait of ``with lock:`` (``None``: wait forever).
+        auto_renew: extend the lease in a background thread every ``renew_interval``.
+        renew_interval: default ``ttl / 3``.
+        on_lost: called with the lock when renewal fails and the lease is lost.
+        prefix: key prefix (``{prefix}:lock:{name}``).
+        fence_retention: how long fencing state outlives the last holder (tokens stay monotonic
+            after it expires, by the server clock; see docs/fencing.md).
+        retry: retry policy for transient connection errors.
+        clock: monotonic clock in seconds (injectable for tests).
+
+    Raises:
+        ConfigError: an argument is invalid.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        name: str,
+        *,
+        ttl: Seconds = 30.0,
+        blocking_timeout: Seconds | None = None,
+        auto_renew: bool = False,
+        renew_interval: Seconds | None = None,
+        on_lost: Callable[[Any], None] | None = None,
+        prefix: str = "distkit",
+        fence_retention: Seconds = 3600.0,
+        retry: RetryConfig | RetryPolicy | None = None,
+        clock: Clock = monotonic,
+    ) -> None:
+        check_client(client, want_async=self._is_async, cls=type(self).__name__)
+        core = LockCore(name, ttl=ttl, prefix=prefix, clock=clock, fence_retention=fence_retention)
+        self._setup(
+            core,
+            blocking_timeout=blocking_timeout,
+            auto_renew=auto_renew,
+            renew_interval=renew_interval,
+            on_lost=on_lost,
+            retry=retry,
+        )
+        self._setup_io(self._make_driver(client))
+
+    def _make_driver(self, client: Any) -> Any:
+        return SyncDriver(client, self._retry, f"lock {self.name!r}")
+
+
+class AsyncLock(_AsyncLock):
+    """The asyncio twin of ``Lock`` (same arguments; takes a ``redis.asyncio`` client).
+
+    Ownership belongs to the handle, never to a task or thread. ``acquire`` and ``release`` are
+    cancellation-safe: a cancelled acquire leaves no lease or queue entry behind, and a cancelled
+    release still completes on the server.
+    """
+
+    _is_async = True
+
+    def __init__(
+        self,
+        client: Any,
+        name: str,
+        *,
+        ttl: Seconds = 30.0,
+        blocking_timeout: Seconds | None = None,
+        auto_renew: bool = False,
+        renew_interval: Seconds | None = None,
+        on_lost: Callable[[Any], None] | None = None,
+        prefix: str = "distkit",
+        fence_retention: Seconds = 3600.0,
+        retry: RetryConfig | RetryPolicy | None = None,
+        clock: Clock = monotonic,
+    ) -> None:
+        check_client(client, want_async=self._is_async, cls=type(self).__name__)
+        core = LockCore(name, ttl=ttl, prefix=prefix, clock=clock, fence_retention=fence_retention)
+        self._setup(
+            core,
+            blocking_timeout=blocking_timeout,
+            auto_renew=auto_renew,
+            renew_interval=renew_interval,
+            on_lost=on_lost,
+            retry=retry,
+        )
+        self._setup_io(self._make_driver(client))
+
+    def _make_driver(self, client: Any) -> Any:
+        return AsyncDriver(client, self._retry, f"lock {self.name!r}")

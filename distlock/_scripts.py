@@ -217,3 +217,36 @@ redis.call('HSET', KEYS[1], 'token', ARGV[1], 'value', ARGV[2])
 return {1, ARGV[1]}
 """,
 )
+
+# KEYS: lease;  ARGV: owner
+# Returns {exists (0/1), held_by_owner (0/1)}.
+PEEK = Script(
+    "distlock.peek",
+    """
+local holder = redis.call('GET', KEYS[1])
+if not holder then return {0, 0} end
+if holder == ARGV[1] or holder == ARGV[1] .. '*' then return {1, 1} end
+return {1, 0}
+""",
+)
+
+# KEYS: fence;  ARGV: token, retention_ms
+# Raises the fence's last token to at least `token` (a max-register; keeps the last releaser).
+# Returns 1.
+FENCE_MAX = Script(
+    "distlock.fence_max",
+    """
+local v = redis.call('GET', KEYS[1])
+local last, rel = 0, nil
+if v then
+  last = tonumber(string.match(v, '^%d+')) or 0
+  rel = string.match(v, '^%d+:(.+)$')
+end
+if tonumber(ARGV[1]) > last then
+  local value = ARGV[1]
+  if rel then value = value .. ':' .. rel end
+  redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
+end
+return 1
+""",
+)

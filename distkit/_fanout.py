@@ -1,0 +1,215 @@
+"""Fan-out of one script to N independent Redis servers, in parallel, with a per-node timeout.
+
+The sync driver sends every request first and then reads the replies on the same thread (one
+multiplexed round trip, no thread pool); the async driver does the same with ``asyncio.gather``.
+
+A request that has not answered within the per-node timeout is *abandoned*: its ``abandon``
+script (for a lock: release-by-owner) is written on the **same connection**, right behind it,
+and the connection is closed. Redis executes one connection's commands in order, so if the late
+request ever lands, the abandon lands after it: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.exceptions as rex
+
+from ._errors import ConnectionUnavailable, DistkitError, translate
+from ._protocol import _REDIS_ERRORS, TIMED_OUT, AsyncDriver, Cleanup, Eval, FanOut, SyncDriver
+from ._retry import RetryPolicy
+
+__all__ = ["TIMED_OUT", "AsyncFanOutDriver", "FanOut", "SyncFanOutDriver"]
+
+
+def _packed_eval(conn: Any, call: Eval, *, by_sha: bool = True) -> Any:
+    head = ("EVALSHA", call.script.sha) if by_sha else ("EVAL", call.script.source)
+    return conn.pack_command(*head, len(call.keys), *call.keys, *call.args)
+
+
+def _hopeless(step: FanOut, outcomes: Sequence[Any], pending: int) -> bool:
+    if not step.quorum or step.granted is None:
+        return False
+    granted = sum(
+        1
+        for o in outcomes
+        if o is not TIMED_OUT and not isinstance(o, Exception) and step.granted(o)
+    )
+    return granted + pending < step.quorum
+
+
+def _error(exc: BaseException, what: str) -> DistkitError:
+    mapped = translate(exc, what=what)
+    if mapped is None:
+        mapped = ConnectionUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+    mapped.__cause__ = exc
+    return mapped
+
+
+class SyncFanOutDriver(SyncDriver):
+    """Runs protocols whose steps fan out to several sync clients (independent masters)."""
+
+    __slots__ = ("clients",)
+
+    def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
+        super().__init__(clients[0], retry, what)
+        self.clients = list(clients)
+
+    def _step(self, step: Any) -> Any:
+        if isinstance(step, FanOut):
+            return self._fan_out(step)
+        if isinstance(step, Cleanup) and isinstance(step.step, FanOut):
+            try:
+                return self._fan_out(step.step)
+            except Exception as exc:
+                step.errors.append(exc)
+                return None
+        return super()._step(step)
+
+    def _fan_out(self, step: FanOut) -> list[Any]:
+        n = len(self.clients)
+        outcomes: list[Any] = [TIMED_OUT] * n
+        conns: list[Any] = [None] * n
+        deadline = time.monotonic() + step.timeout
+        for i, (client, call) in enumerate(zip(self.clients, step.calls, strict=True)):
+            pool = client.connection_pool
+            conn = None
+            try:
+                conn = pool.get_connection()
+                conn.send_packed_command(_packed_eval(conn, call))
+                conns[i] = conn
+            except _REDIS_ERRORS as exc:
+                outcomes[i] = _error(exc, self.what)
+                if conn is not None:
+                    conn.disconnect()
+                    pool.release(conn)
+        for i in range(n):
+            conn = conns[i]
+            if conn is None:
+                continue
+            waiting = sum(1 for c in conns if c is not None)
+            if _hopeless(step, outcomes, waiting):
+                break
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0 or not conn.can_read(timeout=remaining):
+                    continue  # stays pending: abandoned below
+                try:
+                    outcomes[i] = conn.read_response()
+                except rex.NoScriptError:
+                    conn.send_packed_command(_packed_eval(conn, step.calls[i], by_sha=False))
+                    outcomes[i] = conn.read_response()
+            except rex.ResponseError as exc:
+                outcomes[i] = _error(exc, self.what)
+            except _REDIS_ERRORS as exc:
+                outcomes[i] = _error(exc, self.what)
+                conn.disconnect()
+            self.clients[i].connection_pool.release(conn)
+            conns[i] = None
+        for i, conn in enumerate(conns):
+            if conn is None:
+                continue
+            outcomes[i] = TIMED_OUT
+            try:
+                if step.abandon is not None:
+                    conn.send_packed_command(
+                        _packed_eval(conn, step.abandon[i], by_sha=False), check_health=False
+                    )
+            except _REDIS_ERRORS:
+                pass
+            finally:
+                conn.disconnect()
+                self.clients[i].connection_pool.release(conn)
+        return outcomes
+
+
+class AsyncFanOutDriver(AsyncDriver):
+    """The asyncio twin of ``SyncFanOutDriver`` (one task per node, ``asyncio.gather``)."""
+
+    __slots__ = ("clients",)
+
+    def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
+        super().__init__(clients[0], retry, what)
+        self.clients = list(clients)
+
+    async def _step(self, step: Any) -> Any:
+        if isinstance(step, FanOut):
+            return await self._fan_out(step)
+        if isinstance(step, Cleanup) and isinstance(step.step, FanOut):
+            task = asyncio.ensure_future(self._fan_out(step.step))
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                step.errors.append(exc)
+                return None
+        return await super()._step(step)
+
+    async def _fan_out(self, step: FanOut) -> list[Any]:
+        n = len(self.clients)
+        outcomes: list[Any] = [TIMED_OUT] * n
+        done = asyncio.Event()
+        deadline = time.monotonic() + step.timeout
+        pending = {"count": n}
+
+        def settle(i: int, outcome: Any) -> None:
+            outcomes[i] = outcome
+            pending["count"] -= 1
+            if _hopeless(step, outcomes, pending["count"]):
+                done.set()
+
+        async def one(i: int) -> None:
+            pool = self.clients[i].connection_pool
+            call = step.calls[i]
+            conn = None
+            try:
+                conn = await pool.get_connection()
+                await conn.send_packed_command(_packed_eval(conn, call))
+            except _REDIS_ERRORS as exc:
+                settle(i, _error(exc, self.what))
+                if conn is not None:
+                    await conn.disconnect()
+                    await pool.release(conn)
+                return
+            reader = asyncio.ensure_future(conn.read_response(disconnect_on_error=False))
+            stopper = asyncio.ensure_future(done.wait())
+            try:
+                finished, _ = await asyncio.wait(
+                    {reader, stopper},
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if reader in finished:
+                    try:
+                        reply = reader.result()
+                    except rex.NoScriptError:
+                        await conn.send_packed_command(_packed_eval(conn, call, by_sha=False))
+                        reply = await conn.read_response()
+                    settle(i, reply)
+                    await pool.release(conn)
+                    conn = None
+                    return
+                reader.cancel()
+                if step.abandon is not None:
+                    await conn.send_packed_command(
+                        _packed_eval(conn, step.abandon[i], by_sha=False), check_health=False
+                    )
+                settle(i, TIMED_OUT)
+            except rex.ResponseError as exc:
+                settle(i, _error(exc, self.what))
+                await pool.release(conn)
+                conn = None
+            except _REDIS_ERRORS as exc:
+                settle(i, _error(exc, self.what))
+            finally:
+                stopper.cancel()
+                if conn is not None:
+                    await conn.disconnect()
+                    await pool.release(conn)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return outcomes

@@ -1,0 +1,139 @@
+"""``Redlock`` / ``AsyncRedlock``: the Redlock algorithm over N independent masters.
+
+Same methods, context manager, renewal and lost signal as ``Lock``; see docs/redlock.md for the
+algorithm, the fencing argument across masters, and the timing assumptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from distkit import ConfigError, RedlockConfig, RetryConfig, RetryPolicy, aconnect, connect
+from distkit._fanout import AsyncFanOutDriver, SyncFanOutDriver
+from distkit._protocol import monotonic
+
+from ._core import Clock, Seconds, check_client
+from ._lock import _AsyncLock, _SyncLock
+from ._redlock_core import Fencing, RedlockCore
+
+__all__ = ["AsyncRedlock", "Redlock"]
+
+Clients = Sequence[Any] | RedlockConfig
+
+
+def _target(client: Any) -> tuple[Any, ...]:
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", {}) or {}
+    where = (kwargs.get("host"), kwargs.get("port"), kwargs.get("path"), kwargs.get("db"))
+    return where if any(v is not None for v in where[:3]) else (id(client),)
+
+
+def _masters(clients: Clients, *, want_async: bool, cls: str) -> list[Any]:
+    if isinstance(clients, RedlockConfig):
+        make = aconnect if want_async else connect
+        return [make(master) for master in clients.masters]
+    if isinstance(clients, (str, bytes)) or not isinstance(clients, Sequence):
+        raise ConfigError(
+            f"{cls} needs a sequence of clients (one per independent master) or a "
+            f"RedlockConfig, got {type(clients).__name__}"
+        )
+    if not clients:
+        raise ConfigError(f"{cls} needs at least one master")
+    seen = set()
+    for client in clients:
+        check_client(client, want_async=want_async, cls=cls)
+        if hasattr(client, "nodes_manager"):
+            raise ConfigError(
+                f"{cls} takes independent masters; a RedisCluster is one deployment (use Lock)"
+            )
+        target = _target(client)
+        if target in seen:
+            raise ConfigError(f"{cls} was given the same master twice ({target})")
+        seen.add(target)
+    return list(clients)
+
+
+class Redlock(_SyncLock):
+    """A lock held by a quorum (``N // 2 + 1``) of N independent Redis masters.
+
+    Args:
+        clients: sync clients, one per independent master (3 or 5 recommended), or a
+            ``RedlockConfig``.
+        name: the lock's name.
+        ttl: lease length on each master.
+        retry_count: retries of a blocking acquire (``None``: until ``timeout``).
+        retry_delay: upper bound of the random delay between attempts (lower bound: half).
+        drift_factor: clock drift allowance; validity = ttl - elapsed - (ttl * factor + 2 ms).
+        node_timeout: per-master reply timeout (default ``min(0.5 s, ttl / 50)``).
+        fencing: ``"clock"`` (max of the granting masters' hybrid-clock tokens) or ``"quorum"``
+            (also written back to a quorum before ``acquire`` returns; no clock assumption).
+        Other arguments are those of ``Lock``.
+
+    Raises:
+        ConfigError: an argument is invalid.
+    """
+
+    def __init__(
+        self,
+        clients: Clients,
+        name: str,
+        *,
+        ttl: Seconds = 30.0,
+        blocking_timeout: Seconds | None = None,
+        auto_renew: bool = False,
+        renew_interval: Seconds | None = None,
+        on_lost: Callable[[Any], None] | None = None,
+        prefix: str = "distkit",
+        fence_retention: Seconds = 3600.0,
+        retry: RetryConfig | RetryPolicy | None = None,
+        clock: Clock = monotonic,
+        retry_count: int | None = None,
+        retry_delay: Seconds = 0.2,
+        drift_factor: float = 0.01,
+        node_timeout: Seconds | None = None,
+        fencing: Fencing = "clock",
+    ) -> None:
+        masters = _masters(clients, want_async=self._is_async, cls=type(self).__name__)
+        core = RedlockCore(
+            name,
+            masters=len(masters),
+            ttl=ttl,
+            prefix=prefix,
+            clock=clock,
+            fence_retention=fence_retention,
+            retry_count=retry_count,
+            retry_delay=retry_delay,
+            drift_factor=drift_factor,
+            node_timeout=node_timeout,
+            fencing=fencing,
+        )
+        self._setup(
+            core,
+            blocking_timeout=blocking_timeout,
+            auto_renew=auto_renew,
+            renew_interval=renew_interval,
+            on_lost=on_lost,
+            retry=retry,
+        )
+        self._setup_io(self._make_driver(masters))
+
+    @property
+    def quorum(self) -> int:
+        """How many masters must agree: ``N // 2 + 1``."""
+        return self._core.quorum  # type: ignore[attr-defined, no-any-return]
+
+    def _make_driver(self, masters: list[Any]) -> Any:
+        return SyncFanOutDriver(masters, self._retry, f"redlock {self.name!r}")
+
+
+class AsyncRedlock(_AsyncLock):
+    """The asyncio twin of ``Redlock`` (same arguments; takes ``redis.asyncio`` clients)."""
+
+    _is_async = True
+
+    __init__ = Redlock.__init__
+    quorum = Redlock.quorum
+
+    def _make_driver(self, masters: list[Any]) -> Any:
+        return AsyncFanOutDriver(masters, self._retry, f"redlock {self.name!r}")

@@ -1,0 +1,230 @@
+"""The Redlock protocol over N independent masters, written once and free of I/O.
+
+It reuses the single-instance scripts on every master (``ACQUIRE`` with no queue, ``RELEASE``,
+``EXTEND``) and adds the quorum and validity arithmetic of the Redis distributed-locks page::
+
+    quorum   = N // 2 + 1
+    drift    = ttl * drift_factor + 2 ms
+    validity = ttl - elapsed - drift          (elapsed on a monotonic clock; <= 0: not held)
+
+Fencing across masters: each master issues max(TIME_us, last + 1) in the grant script and the
+client takes the maximum over the masters that granted. With ``fencing="quorum"`` that maximum is
+also written back to a quorum (a max-register) before ``acquire`` returns, so the next holder's
+majority, which must intersect this one, already carries a value >= the token: no clock
+assumption remains (docs/redlock.md has the argument and a timeline).
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from distkit import ConfigError, LockError, LockNotOwned
+from distkit._config import seconds
+from distkit._protocol import TIMED_OUT, Cleanup, Eval, FanOut, Protocol, Sleep
+
+from ._core import Clock, LockCore, Seconds
+from ._scripts import ACQUIRE, EXTEND, FENCE_MAX, PEEK, RELEASE
+
+__all__ = ["Fencing", "RedlockCore"]
+
+Fencing = Literal["clock", "quorum"]
+
+
+def _granted(outcome: Any) -> bool:
+    return isinstance(outcome, list) and len(outcome) == 2 and outcome[0] == 1
+
+
+def _ok(outcome: Any) -> bool:
+    return outcome is not TIMED_OUT and not isinstance(outcome, BaseException)
+
+
+class RedlockCore(LockCore):
+    """State and protocol steps of one Redlock handle over ``masters`` independent servers."""
+
+    __slots__ = (
+        "drift",
+        "drift_factor",
+        "fencing",
+        "masters",
+        "node_timeout",
+        "quorum",
+        "retry_count",
+        "retry_delay",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        masters: int,
+        ttl: Seconds,
+        prefix: str,
+        clock: Clock,
+        fence_retention: Seconds,
+        retry_count: int | None,
+        retry_delay: Seconds,
+        drift_factor: float,
+        node_timeout: Seconds | None,
+        fencing: Fencing,
+    ) -> None:
+        super().__init__(name, ttl=ttl, prefix=prefix, clock=clock, fence_retention=fence_retention)
+        if masters < 1:
+            raise ConfigError("Redlock needs at least one master (three or more for safety)")
+        self.masters = masters
+        self.quorum = masters // 2 + 1
+        if retry_count is not None and (
+            isinstance(retry_count, bool) or not isinstance(retry_count, int) or retry_count < 0
+        ):
+            raise ConfigError(f"retry_count must be None or an int >= 0, got {retry_count!r}")
+        self.retry_count = retry_count
+        self.retry_delay = seconds(retry_delay, field="retry_delay")
+        if (
+            isinstance(drift_factor, bool)
+            or not isinstance(drift_factor, (int, float))
+            or not 0 <= drift_factor < 0.5
+        ):
+            raise ConfigError(f"drift_factor must be a number in [0, 0.5), got {drift_factor!r}")
+        self.drift_factor = float(drift_factor)
+        self.drift = self.ttl * self.drift_factor + 0.002
+        default_timeout = min(0.5, max(0.005, self.ttl * 0.02))
+        self.node_timeout = (
+            default_timeout if node_timeout is None else seconds(node_timeout, field="node_timeout")
+        )
+        if self.node_timeout * 2 >= self.ttl:
+            raise ConfigError(
+                f"node_timeout ({self.node_timeout}s) must be much smaller than ttl ({self.ttl}s)"
+            )
+        if fencing not in ("clock", "quorum"):
+            raise ConfigError(f"fencing must be 'clock' or 'quorum', got {fencing!r}")
+        self.fencing: Fencing = fencing
+
+    def _each(self, call: Eval) -> list[Eval]:
+        return [call] * self.masters
+
+    def acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
+        """Take a quorum of leases within validity; retry after a random delay when blocking."""
+        if self.owner is not None:
+            raise LockError(
+                f"lock {self.name!r} is already held by this handle (handles are not reentrant)",
+                name=self.name,
+            )
+        deadline = None if timeout is None else self.clock() + timeout
+        attempt = 0
+        while True:
+            owner = secrets.token_hex(12)
+            wake_key = self.wake_prefix + owner
+            keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
+            grant = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, 0))
+            undo = self._each(
+                Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1, 0))
+            )
+            started = self.clock()
+            try:
+                outcomes = yield FanOut(
+                    self._each(grant), self.node_timeout, undo, self.quorum, _granted
+                )
+                tokens = [int(o[1]) for o in outcomes if _granted(o)]
+                validity = self.ttl - (self.clock() - started) - self.drift
+                if len(tokens) >= self.quorum and validity > 0:
+                    token = max(tokens)
+                    if self.fencing == "quorum":
+                        register = Eval(FENCE_MAX, (self.fence_key,), (token, self.retention_ms))
+                        acks = yield FanOut(
+                            self._each(register),
+                            self.node_timeout,
+                            quorum=self.quorum,
+                            granted=lambda o: o == 1,
+                        )
+                        written = sum(1 for o in acks if o == 1)
+                        validity = self.ttl - (self.clock() - started) - self.drift
+                        if written < self.quorum:
+                            validity = 0.0
+                    if validity > 0:
+                        self.owner = owner
+                        self.token = token
+                        self.expires_at = started + self.ttl - self.drift
+                        return True
+                # Not held: release everywhere, on the masters that refused or timed out too.
+                yield FanOut(undo, self.node_timeout)
+            except GeneratorExit:
+                raise
+            except BaseException:
+                if self.owner is None:
+                    yield Cleanup(FanOut(undo, self.node_timeout))
+                raise
+            attempt += 1
+            if not blocking or (self.retry_count is not None and attempt > self.retry_count):
+                return False
+            delay = random.uniform(self.retry_delay / 2, self.retry_delay)
+            if deadline is not None:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    return False
+                delay = min(delay, remaining)
+            yield Sleep(delay)
+
+    def release(self) -> Protocol[None]:
+        """Release on every master (owner only); fine if a quorum confirms."""
+        owner = self.owner
+        if owner is None:
+            raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
+        call = Eval(
+            RELEASE,
+            self._release_keys(self.wake_prefix + owner),
+            (owner, self.retention_ms, 1, self.token or 0),
+        )
+        try:
+            outcomes = yield FanOut(self._each(call), self.node_timeout)
+        finally:
+            self.clear()
+        released = sum(1 for o in outcomes if o in (1, 2))
+        if released < self.quorum:
+            raise LockNotOwned(
+                f"lock {self.name!r} was held by {released} of {self.masters} masters at release "
+                f"(quorum {self.quorum}): the lease had lapsed",
+                name=self.name,
+            )
+
+    def extend(self, ttl: Seconds | None) -> Protocol[None]:
+        """Reset the lease on every master; succeeds only with a quorum within validity."""
+        owner = self.owner
+        if owner is None:
+            raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
+        new_ttl = self.ttl if ttl is None else seconds(ttl, field="ttl")
+        started = self.clock()
+        call = Eval(EXTEND, (self.lease_key,), (owner, max(1, round(new_ttl * 1000))))
+        outcomes = yield FanOut(
+            self._each(call), self.node_timeout, quorum=self.quorum, granted=lambda o: o == 1
+        )
+        extended = sum(1 for o in outcomes if o == 1)
+        drift = new_ttl * self.drift_factor + 0.002
+        validity = new_ttl - (self.clock() - started) - drift
+        if extended < self.quorum or validity <= 0:
+            self.clear()
+            raise LockNotOwned(
+                f"lock {self.name!r}: only {extended} of {self.masters} masters extended "
+                f"(quorum {self.quorum})",
+                name=self.name,
+            )
+        if self.owner == owner:
+            self.expires_at = started + new_ttl - drift
+
+    def _peek(self, owner: str) -> Protocol[Sequence[Any]]:
+        call = Eval(PEEK, (self.lease_key,), (owner,))
+        outcomes = yield FanOut(self._each(call), self.node_timeout)
+        return [o for o in outcomes if _ok(o)]
+
+    def locked(self) -> Protocol[bool]:
+        """Whether a quorum of masters holds a lease for this name now."""
+        replies = yield from self._peek(self.owner or "-")
+        return sum(1 for r in replies if r[0] == 1) >= self.quorum
+
+    def owned(self) -> Protocol[bool]:
+        """Whether a quorum of masters holds this handle's lease now."""
+        if self.owner is None:
+            return False
+        replies = yield from self._peek(self.owner)
+        return sum(1 for r in replies if r[1] == 1) >= self.quorum
