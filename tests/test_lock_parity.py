@@ -6,13 +6,14 @@ import asyncio
 import inspect
 import threading
 import time
+from typing import Any
 
 import pytest
 import redis
 
 from distkit import ConfigError
 from distkit.testing import RedisServer
-from distlock import AsyncFencedStore, AsyncLock, FencedStore, Lock, locked
+from distlock import AsyncFencedStore, AsyncLock, AsyncRedlock, FencedStore, Lock, Redlock, locked
 
 
 def _public(cls: type) -> dict[str, inspect.Signature | str]:
@@ -110,3 +111,34 @@ def test_locked_refuses_a_client_of_the_wrong_kind(redis_server: RedisServer) ->
 
     with pytest.raises(ConfigError):
         locked(redis_server.client(), "k", ttl=-1)(lambda: None)
+
+
+def test_locked_decorator_with_a_redlock(masters: Any) -> None:
+    clients = masters.clients()
+
+    @locked(clients, "rdeco", ttl=5)
+    def work() -> int:
+        return sum(1 for c in clients if c.exists("distkit:lock:{rdeco}"))
+
+    assert work() >= len(clients) // 2 + 1  # held by a quorum while the body runs
+    assert all(c.exists("distkit:lock:{rdeco}") == 0 for c in clients)
+
+    async def run() -> None:
+        aclients = masters.async_clients()
+
+        @locked(aclients, "ardeco", ttl=5)
+        async def awork() -> int:
+            return sum([await c.exists("distkit:lock:{ardeco}") for c in aclients])
+
+        assert await awork() >= 3
+        for c in aclients:
+            await c.aclose()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("sync", "async_"), [(Redlock, AsyncRedlock)])
+def test_redlock_twins_match(sync: type, async_: type) -> None:
+    test_twins_have_identical_public_surfaces(sync, async_)
+    lock_names = set(_public(Lock)) - {"__init__"}
+    assert lock_names <= set(_public(Redlock))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distkit.testing import RedisServer
+from distkit.testing import IndependentMasters, RedisServer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -23,7 +23,7 @@ def test_readme_has_the_two_setup_commands_near_the_top() -> None:
 
 
 def test_readme_python_examples_run(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+    redis_server: RedisServer, masters: IndependentMasters, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     redis_server.client().flushall()
     for block in _blocks("bash"):
@@ -34,5 +34,7 @@ def test_readme_python_examples_run(
     assert len(examples) >= 5
     for i, block in enumerate(examples):
         code = block.replace("redis://localhost:6379/0", redis_server.url)
+        for port, server in zip((7001, 7002, 7003), masters.servers, strict=False):
+            code = code.replace(f"redis://localhost:{port}/0", server.url)
         exec(compile(code, f"README.md[python block {i}]", "exec"), namespace)
     assert redis_server.client().keys("distkit:lock:*")  # the examples really used Redis
