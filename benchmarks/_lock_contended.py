@@ -25,7 +25,7 @@ from ._results import ContenderResult, ScenarioResult, complete
 from ._stats import Distribution
 from ._worker import SegmentSpec, WorkerReport, worker_main
 
-__all__ = ["SCENARIO", "SegmentStats", "analyze"]
+__all__ = ["SCENARIO", "SegmentStats", "WorkerFailed", "analyze"]
 
 TTL = 10.0
 SECTION_NS = 1_000_000
@@ -139,19 +139,24 @@ class _Pool:
                     ) from None
                 if message[0] != kind:
                     raise RuntimeError(f"worker {index} sent {message[0]!r}, expected {kind!r}")
-                replies[index] = message[1]
+                reply = message[1]
+                # One failed worker can leave the lock held (a release that raised): the others
+                # would wait out its ttl, again and again. Stop the segment at the first failure.
+                detail = reply if isinstance(reply, str) else getattr(reply, "error", None)
+                if detail:
+                    raise WorkerFailed(index, detail)
+                replies[index] = reply
         return [replies[i] for i in range(len(self._conns))]
 
     def segment(self, spec: SegmentSpec, duration: float) -> tuple[list[WorkerReport], int, int]:
-        """Run one segment on every worker; return their reports and the start and deadline."""
+        """Run one segment on every worker; return their reports and the start and deadline.
+
+        Raises:
+            WorkerFailed: a worker raised; the pool must then be replaced (``close(force=True)``).
+        """
         for conn in self._conns:
             conn.send(("segment", spec))
-        errors = [e for e in self._gather("ready", _READY_TIMEOUT) if e is not None]
-        if errors:
-            for conn in self._conns:
-                conn.send(("abort",))
-            self._gather("done", _READY_TIMEOUT)
-            raise RuntimeError(f"a worker could not set up {spec.contender}:\n{errors[0]}")
+        self._gather("ready", _READY_TIMEOUT)
         start = time.monotonic_ns() + _START_DELAY_NS
         deadline = start + int(duration * 1e9)
         for conn in self._conns:
@@ -160,13 +165,14 @@ class _Pool:
         typed = [r for r in reports if isinstance(r, WorkerReport)]
         return typed, start, deadline
 
-    def close(self) -> None:
-        """Ask every worker to stop; terminate (by its own pid) any that does not."""
+    def close(self, *, force: bool = False) -> None:
+        """Stop every worker: politely, or (``force``) terminate each by its own pid at once."""
         for conn in self._conns:
             with contextlib.suppress(OSError):
                 conn.send(("stop",))
         for proc in self._procs:
-            proc.join(timeout=5)
+            if not force:
+                proc.join(timeout=5)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
@@ -174,6 +180,15 @@ class _Pool:
             conn.close()
         self._procs.clear()
         self._conns.clear()
+
+
+class WorkerFailed(RuntimeError):
+    """A worker raised during a segment (``detail`` holds its traceback)."""
+
+    def __init__(self, index: int, detail: str) -> None:
+        last = detail.strip().splitlines()[-1] if detail.strip() else "?"
+        super().__init__(f"worker {index} failed: {last}")
+        self.detail = detail
 
 
 @dataclass
@@ -189,7 +204,6 @@ class _Totals:
     longest_wait_ns: int = 0
     per_worker: list[int] = field(default_factory=list)
     failed_acquires: int = 0
-    worker_errors: list[str] = field(default_factory=list)
 
     def add(self, stats: SegmentStats, counter: int) -> None:
         self.result.trial_throughput.append(stats.throughput)
@@ -285,7 +299,7 @@ def run(ctx: RunContext) -> ScenarioResult:
 
 
 def _restart(pool: _Pool, ctx: RunContext) -> _Pool:
-    pool.close()
+    pool.close(force=True)
     fresh = _Pool(ctx.urls, ctx.settings.workers, ctx.settings.seed)
     fresh.start()
     return fresh
@@ -293,6 +307,8 @@ def _restart(pool: _Pool, ctx: RunContext) -> _Pool:
 
 def _fail(ctx: RunContext, entry: _Totals, exc: BaseException) -> None:
     entry.result.error = _error(exc)
+    if isinstance(exc, WorkerFailed):
+        entry.result.problems.append(exc.detail)
     ctx.reporter.note(f"{entry.contender.label}: {entry.result.error}")
 
 
@@ -313,10 +329,6 @@ def _segment(
             contender.prepare(client, lock_name)
         spec = SegmentSpec(contender.key, lock_name, counter_key, TTL, SECTION_NS)
         reports, start, deadline = pool.segment(spec, duration)
-        errors = [r.error for r in reports if r.error]
-        if errors:
-            entry.worker_errors.extend(errors)
-            raise RuntimeError(f"{len(errors)} worker(s) failed:\n{errors[0]}")
         counter = int(client.get(counter_key) or 0)
     finally:
         client.close()

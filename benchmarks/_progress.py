@@ -10,6 +10,12 @@ from ._model import Reporter
 __all__ = ["PlainReporter", "make_reporter"]
 
 
+def _short(text: str, limit: int = 300) -> str:
+    """Notes stay readable: long errors are cut here (the JSON keeps them whole)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class PlainReporter:
     """One line per step on stderr."""
 
@@ -29,7 +35,7 @@ class PlainReporter:
 
     def note(self, text: str) -> None:
         """Print a note."""
-        print(f"note: {text}", file=sys.stderr, flush=True)
+        print(f"note: {_short(text)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Nothing to stop."""
@@ -89,7 +95,7 @@ class _RichReporter:
         """Print a note above the bars."""
         from rich.text import Text
 
-        self._console.print(Text.assemble(("note: ", "yellow"), text))
+        self._console.print(Text.assemble(("note: ", "yellow"), _short(text)))
 
     def close(self) -> None:
         """Complete the last bar and stop the display."""

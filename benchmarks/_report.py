@@ -189,6 +189,8 @@ def _most_rows(scenarios: list[ScenarioResult]) -> int:
 
 
 def _plot_scenario(left: Any, right: Any, scenario: ScenarioResult) -> None:
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     rows = [c for c in scenario.contenders if c.throughput is not None][::-1]
     labels = [c.label + ("" if c.ok else " (FAILED)") for c in rows]
     ys = list(range(len(rows)))
@@ -201,7 +203,9 @@ def _plot_scenario(left: Any, right: Any, scenario: ScenarioResult) -> None:
     left.set_yticks(ys, labels)
     left.set_xlabel(f"throughput / floor ({scenario.unit}; bars: median, whiskers: trial range)")
     for y, ratio, c in zip(ys, ratios, rows, strict=True):
-        left.annotate(f" {ratio:.2f}x  ({c.throughput:,.0f})", (ratio, y), va="center", fontsize=8)
+        x = max(ratio, c.ratio_to_floor_max or ratio)
+        left.annotate(f"  {ratio:.2f}x  ({c.throughput:,.0f})", (x, y), va="center", fontsize=8)
+    left.set_xlim(0, max([1.0, *(c.ratio_to_floor_max or 0.0 for c in rows), *ratios]) * 1.35)
     heading = scenario.name + ("" if scenario.ok else " — CHECK FAILED")
     if scenario.label:
         heading += f"  [{scenario.label}]"
@@ -210,10 +214,19 @@ def _plot_scenario(left: Any, right: Any, scenario: ScenarioResult) -> None:
     p50 = [c.latency.p50_us if c.latency else float("nan") for c in rows]
     p99 = [c.latency.p99_us if c.latency else float("nan") for c in rows]
     right.hlines(ys, p50, p99, colors=colours, linewidth=4)
-    right.plot(p50, ys, "o", color="black", markersize=4, label="p50")
-    right.plot(p99, ys, "|", color="black", markersize=12, label="p99")
+    right.plot(p50, ys, "o", color="black", markersize=4)
+    right.plot(p99, ys, "|", color="black", markersize=12)
+    for y, hi in zip(ys, p99, strict=True):
+        if hi == hi:  # not NaN
+            right.annotate(f"  {show(hi, 'us')}", (hi, y), va="center", fontsize=7)
     right.set_xscale("log")
+    right.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: show(v, "us")))
+    right.xaxis.set_minor_formatter(NullFormatter())
     right.set_yticks(ys, [""] * len(ys))
-    right.set_xlabel(f"{scenario.latency_label} latency, µs (p50 dot to p99 tick, log scale)")
+    right.set_ylim(-0.6, len(ys) - 0.4)
+    right.set_xlabel(f"{scenario.latency_label} latency (dot: p50, tick: p99; log scale)")
     right.grid(axis="x", which="both", alpha=0.3)
-    right.legend(loc="lower right", fontsize=7)
+    if ys:
+        lo = min(v for v in p50 if v == v) if any(v == v for v in p50) else 1.0
+        hi_all = max(v for v in p99 if v == v) if any(v == v for v in p99) else 10.0
+        right.set_xlim(lo / 1.5, hi_all * 3)

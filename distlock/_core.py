@@ -155,12 +155,13 @@ class LockCore:
         wake_key = self.wake_prefix + owner
         keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
         deadline = None if timeout is None else self.clock() + timeout
+        queued = False
         try:
             while True:
                 block = max_block
                 if deadline is not None:
                     block = min(block, max(0.0, deadline - self.clock()))
-                wait_ms = _ms(block + _QUEUE_GRACE) if blocking else 0
+                wait_ms = _ms(block + _QUEUE_GRACE) if blocking and block > 0 else 0
                 sent_at = self.clock()
                 granted, value = yield Eval(
                     ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, wait_ms)
@@ -168,6 +169,7 @@ class LockCore:
                 if granted == 1:
                     self._granted(owner, value, sent_at)
                     return True
+                queued = queued or wait_ms > 0
                 pttl = int(value)
                 if pttl == -1:
                     raise ForeignDataError(
@@ -177,6 +179,8 @@ class LockCore:
                 if not blocking:
                     return False
                 if deadline is not None and deadline - self.clock() <= 0:
+                    if not queued:
+                        return False
                     return (yield from self._leave(owner, wake_key, sent_at))
                 if pttl > 0:  # the holder's lease may lapse (crash) before anyone hands off
                     block = min(block, pttl / 1000 + 0.001)

@@ -452,3 +452,14 @@ def test_foreign_data_under_lock_keys_is_a_typed_error(
     with pytest.raises(ForeignDataError):
         a.acquire(blocking=False)
     assert a.fencing_token is None
+
+
+def test_zero_timeout_is_a_single_try_that_never_queues(twin: Twin, r: redis.Redis) -> None:
+    a = twin.make("zero", ttl=10)
+    b = twin.make("zero", ttl=10)
+    assert a.acquire()
+    assert b.acquire(timeout=0) is False
+    assert r.exists("distkit:lock:{zero}:queue") == 0
+    a.release()
+    assert b.acquire(timeout=0) is True
+    b.release()
