@@ -22,7 +22,8 @@ from multiprocessing.process import BaseProcess
 from ._locks import lock_contender
 from ._model import Column, LockContender, Plan, RunContext, Scenario, Target
 from ._results import ContenderResult, ScenarioResult, complete
-from ._stats import Distribution
+from ._serverstats import ServerUsage
+from ._stats import Distribution, median
 from ._worker import SegmentSpec, WorkerReport, worker_main
 
 __all__ = ["SCENARIO", "SegmentStats", "WorkerFailed", "analyze"]
@@ -204,9 +205,14 @@ class _Totals:
     longest_wait_ns: int = 0
     per_worker: list[int] = field(default_factory=list)
     failed_acquires: int = 0
+    lua_us: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
 
-    def add(self, stats: SegmentStats, counter: int) -> None:
+    def add(self, stats: SegmentStats, counter: int, usage: tuple[float, float] | None) -> None:
         self.result.trial_throughput.append(stats.throughput)
+        if usage is not None:
+            self.cpu_us.append(usage[0])
+            self.lua_us.append(usage[1])
         self.handoffs.extend(stats.handoffs_ns)
         self.sections += stats.sections
         self.wall_ns += stats.wall_ns
@@ -240,12 +246,7 @@ def run(ctx: RunContext) -> ScenarioResult:
         label=ctx.label,
     )
     totals: list[_Totals] = []
-    for contender in CONTENDERS:
-        reason = contender.unavailable()
-        if reason is not None:
-            result.skipped.append(reason)
-            ctx.reporter.note(reason)
-            continue
+    for contender in ctx.select(CONTENDERS, result.skipped):
         row = ContenderResult(
             key=contender.key, label=contender.label, role=contender.role, note=contender.note
         )
@@ -280,13 +281,13 @@ def run(ctx: RunContext) -> ScenarioResult:
                     continue
                 segment_no += 1
                 try:
-                    stats, counter = _segment(ctx, pool, entry, plan.duration, segment_no)
+                    stats, counter, usage = _segment(ctx, pool, entry, plan.duration, segment_no)
                 except Exception as exc:
                     _fail(ctx, entry, exc)
                     entry.result.trial_throughput.append(None)
                     pool = _restart(pool, ctx)
                     continue
-                entry.add(stats, counter)
+                entry.add(stats, counter, usage)
     except Exception as exc:
         result.error = _error(exc)
         ctx.reporter.note(f"{SCENARIO.name}: {result.error}")
@@ -318,9 +319,10 @@ def _segment(
     entry: _Totals,
     duration: float,
     number: int,
-) -> tuple[SegmentStats, int]:
+) -> tuple[SegmentStats, int, tuple[float, float] | None]:
     contender = entry.contender
     client = ctx.client()
+    admin = ctx.client()  # its own connection: a server without INFO may drop it
     try:
         lock_name = ctx.name("contended", contender.key, str(number))
         counter_key = ctx.name("contended", "counter", str(number))
@@ -328,11 +330,16 @@ def _segment(
         if contender.prepare is not None:
             contender.prepare(client, lock_name)
         spec = SegmentSpec(contender.key, lock_name, counter_key, TTL, SECTION_NS)
+        before = ServerUsage.read(admin)
         reports, start, deadline = pool.segment(spec, duration)
+        after = ServerUsage.read(admin)
         counter = int(client.get(counter_key) or 0)
     finally:
         client.close()
-    return analyze(reports, start, deadline), counter
+        admin.close()
+    stats = analyze(reports, start, deadline)
+    usage = None if before is None else before.per_op_us(after, stats.sections)
+    return stats, counter, usage
 
 
 def _summarise(entry: _Totals, *, scenario_failed: bool) -> None:
@@ -348,6 +355,8 @@ def _summarise(entry: _Totals, *, scenario_failed: bool) -> None:
         fairness=(f"{min(entry.per_worker)}-{max(entry.per_worker)}" if entry.per_worker else None),
         overlaps=entry.overlaps,
         failed_acquires=entry.failed_acquires,
+        server_lua_us_per_op=median(entry.lua_us) if entry.lua_us else None,
+        server_cpu_us_per_op=median(entry.cpu_us) if entry.cpu_us else None,
     )
     if row.error is not None or not entry.sections:
         if row.error is None:
@@ -378,7 +387,9 @@ SCENARIO = Scenario(
         "one contender's segment. Handoff = next holder's "
         "acquire returned - previous holder called release() (system-wide CLOCK_MONOTONIC). "
         "Longest wait = the longest any worker spent inside acquire(). In-CS share = time "
-        "inside sections / segment wall time. Checks: counter == sections, no overlaps."
+        "inside sections / segment wall time. Server CPU = redis-server user+sys CPU per section "
+        "(polling shows here); server Lua = its time in scripts per section (JSON). Checks: "
+        "counter == sections, no overlaps."
     ),
     run=run,
     contenders=CONTENDERS,
@@ -386,6 +397,7 @@ SCENARIO = Scenario(
         Column("longest wait", "longest_wait_ms", "ms"),
         Column("in CS", "cs_share", "share"),
         Column("per worker", "fairness", "text"),
+        Column("server CPU/section", "server_cpu_us_per_op", "us"),
     ),
     targets=(
         Target("distlock", "p99_us", "<=", 1000.0, "distlock contended handoff p99 <= 1 ms", "us"),

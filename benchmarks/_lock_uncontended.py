@@ -11,6 +11,7 @@ import redis
 from ._locks import lock_contender
 from ._model import Column, LockContender, LockOps, Plan, RunContext, Scenario, Target
 from ._results import ContenderResult, ScenarioResult, complete
+from ._serverstats import ServerUsage
 from ._stats import Distribution, median
 
 __all__ = ["SCENARIO"]
@@ -42,15 +43,6 @@ def cycles(ops: LockOps, seconds: float) -> tuple[list[int], int, int]:
     return samples, failures, now - start
 
 
-def server_cpu(admin: redis.Redis) -> float | None:
-    """The server's CPU seconds so far (user + sys), or ``None`` where INFO is unsupported."""
-    try:
-        info = admin.info("cpu")
-        return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-    except (redis.RedisError, KeyError, ValueError):
-        return None
-
-
 @dataclass
 class _Entry:
     contender: LockContender
@@ -59,6 +51,7 @@ class _Entry:
     result: ContenderResult
     samples: list[int] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
+    script_us: list[float] = field(default_factory=list)
     cycles: int = 0
     failures: int = 0
 
@@ -80,12 +73,7 @@ def run(ctx: RunContext) -> ScenarioResult:
         label=ctx.label,
     )
     entries: list[_Entry] = []
-    for contender in CONTENDERS:
-        reason = contender.unavailable()
-        if reason is not None:
-            result.skipped.append(reason)
-            ctx.reporter.note(reason)
-            continue
+    for contender in ctx.select(CONTENDERS, result.skipped):
         row = ContenderResult(
             key=contender.key, label=contender.label, role=contender.role, note=contender.note
         )
@@ -105,23 +93,10 @@ def run(ctx: RunContext) -> ScenarioResult:
     admin = ctx.client()
     ctx.reporter.scenario(SCENARIO.name, len(entries) * (plan.trials + 1))
     try:
-        for entry in entries:
-            ctx.reporter.step(f"warm-up {entry.contender.label}")
-            if entry.result.error is None:
-                try:
-                    cycles(entry.ops, plan.warmup)
-                except Exception as exc:
-                    entry.result.error = _error(exc)
-                    ctx.reporter.note(f"{entry.contender.label}: {entry.result.error}")
-        for trial in range(plan.trials):
-            order = ctx.order(entries)
-            result.order.append([e.contender.key for e in order])
-            for entry in order:
-                ctx.reporter.step(f"trial {trial + 1}/{plan.trials}: {entry.contender.label}")
-                _measure(ctx, entry, plan, admin)
-            for entry in entries:  # keep trial i at index i for every contender
-                while len(entry.result.trial_throughput) <= trial:
-                    entry.result.trial_throughput.append(None)
+        with ctx.placement() as where:
+            if where:
+                result.notes.append(where)
+            _trials(ctx, entries, plan, admin, result)
     finally:
         for entry in entries:
             entry.client.close()
@@ -133,11 +108,34 @@ def run(ctx: RunContext) -> ScenarioResult:
         row.latency = Distribution.of_ns(entry.samples)
         row.metrics["cycles"] = entry.cycles
         row.metrics["server_cpu_us_per_op"] = median(entry.cpu_us) if entry.cpu_us else None
+        row.metrics["server_lua_us_per_op"] = median(entry.script_us) if entry.script_us else None
         if row.error is None:
             row.checks["every acquire succeeded"] = entry.failures == 0
             if entry.failures:
                 row.problems.append(f"{entry.failures} of {entry.cycles} acquires failed")
     return complete(result, SCENARIO)
+
+
+def _trials(
+    ctx: RunContext, entries: list[_Entry], plan: Plan, admin: redis.Redis, result: ScenarioResult
+) -> None:
+    for entry in entries:
+        ctx.reporter.step(f"warm-up {entry.contender.label}")
+        if entry.result.error is None:
+            try:
+                cycles(entry.ops, plan.warmup)
+            except Exception as exc:
+                entry.result.error = _error(exc)
+                ctx.reporter.note(f"{entry.contender.label}: {entry.result.error}")
+    for trial in range(plan.trials):
+        order = ctx.order(entries)
+        result.order.append([e.contender.key for e in order])
+        for entry in order:
+            ctx.reporter.step(f"trial {trial + 1}/{plan.trials}: {entry.contender.label}")
+            _measure(ctx, entry, plan, admin)
+        for entry in entries:  # keep trial i at index i for every contender
+            while len(entry.result.trial_throughput) <= trial:
+                entry.result.trial_throughput.append(None)
 
 
 def _measure(ctx: RunContext, entry: _Entry, plan: Plan, admin: redis.Redis) -> None:
@@ -146,7 +144,7 @@ def _measure(ctx: RunContext, entry: _Entry, plan: Plan, admin: redis.Redis) -> 
         row.trial_throughput.append(None)
         return
     gc.collect()
-    before = server_cpu(admin)
+    before = ServerUsage.read(admin)
     try:
         samples, failures, elapsed_ns = cycles(entry.ops, plan.duration)
     except Exception as exc:
@@ -154,13 +152,15 @@ def _measure(ctx: RunContext, entry: _Entry, plan: Plan, admin: redis.Redis) -> 
         row.trial_throughput.append(None)
         ctx.reporter.note(f"{entry.contender.label}: {row.error}")
         return
-    after = server_cpu(admin)
+    after = ServerUsage.read(admin)
     row.trial_throughput.append(len(samples) / elapsed_ns * 1e9 if elapsed_ns else None)
     entry.samples.extend(samples)
     entry.cycles += len(samples)
     entry.failures += failures
-    if before is not None and after is not None and samples:
-        entry.cpu_us.append((after - before) / len(samples) * 1e6)
+    usage = None if before is None else before.per_op_us(after, len(samples))
+    if usage is not None:
+        entry.cpu_us.append(usage[0])
+        entry.script_us.append(usage[1])
 
 
 SCENARIO = Scenario(
@@ -171,13 +171,21 @@ SCENARIO = Scenario(
     method=(
         "Each contender gets its own fresh client and lock handle and runs back-to-back "
         "acquire+release cycles on its own key for a fixed time per trial, after a warm-up. "
-        "Trials interleave the contenders (a seeded shuffle per trial). Throughput is the "
-        "median over trials; latency percentiles pool every cycle of every trial; server CPU "
-        "is the redis-server's user+sys CPU per cycle (INFO cpu)."
+        "Trials interleave the contenders (a seeded shuffle per trial). With servers it started, "
+        "the run pins itself and redis-server to one CPU (--pin auto), so cross-CPU wake-ups do "
+        "not flip the speed between trials and each contender's client+server cost adds up. "
+        "Throughput is the "
+        "median over trials; latency percentiles pool every cycle of every trial. Server Lua = "
+        "time the redis-server spent in Lua scripts per cycle (INFO commandstats; a script's "
+        "time includes the commands it calls); server CPU = its user+sys CPU per cycle (INFO "
+        "cpu), mostly syscalls."
     ),
     run=run,
     contenders=CONTENDERS,
-    columns=(Column("server CPU/cycle", "server_cpu_us_per_op", "us"),),
+    columns=(
+        Column("server Lua/cycle", "server_lua_us_per_op", "us"),
+        Column("server CPU/cycle", "server_cpu_us_per_op", "us"),
+    ),
     targets=(
         Target(
             "distlock",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import random
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, TypeVar
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLIENT_OPTIONS",
+    "Pin",
     "Column",
     "Contender",
     "LockContender",
@@ -37,8 +39,13 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+_C = TypeVar("_C", bound="Contender")
 
 Role = Literal["floor", "distkit", "peer"]
+
+# Where a single-process measurement runs: "same" pins the measuring process and the
+# redis-server(s) it started to one CPU; "auto" does so when the run started its servers.
+Pin = Literal["auto", "same", "off"]
 
 # Every client of every contender is built with these, so connection settings never differ.
 # The socket timeout is long enough for any peer's longest blocking call (python-redis-lock
@@ -128,6 +135,8 @@ class Settings:
     warmup: float | None = None
     seed: int = 0
     workers: int = 8
+    pin: Pin = "auto"
+    contenders: tuple[str, ...] = ()  # only these (plus the floors); empty: all
 
     def plan(self, *, quick: Plan, full: Plan) -> Plan:
         """The scenario's default plan for this mode, with command-line overrides applied."""
@@ -167,6 +176,7 @@ class RunContext:
     run_id: str
     label: str | None = None
     rng: random.Random = field(default_factory=random.Random)
+    placement: Callable[[], AbstractContextManager[str | None]] = lambda: nullcontext(None)
 
     def client(self, index: int = 0) -> redis.Redis:
         """A fresh sync client for server ``index`` (the same options for every contender)."""
@@ -179,6 +189,24 @@ class RunContext:
     def name(self, *parts: str) -> str:
         """A Redis name that belongs to this run only (cleanup finds it by ``run_id``)."""
         return "-".join(("distkit-bench", self.run_id, *parts))
+
+    def select(self, contenders: Sequence[_C], skipped: list[str]) -> list[_C]:
+        """The contenders to run: installed, and chosen by ``--contender`` (floors always run).
+
+        Uninstalled ones are appended to ``skipped`` with the reason, and shown as a note.
+        """
+        chosen = set(self.settings.contenders)
+        selected = []
+        for contender in contenders:
+            if chosen and contender.role != "floor" and contender.key not in chosen:
+                continue
+            reason = contender.unavailable()
+            if reason is not None:
+                skipped.append(reason)
+                self.reporter.note(reason)
+                continue
+            selected.append(contender)
+        return selected
 
     def delete_keys(self) -> int:
         """Delete every key of this run on every server (best effort); return how many."""

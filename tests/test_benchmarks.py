@@ -1,0 +1,176 @@
+"""The benchmark harness cannot rot: a smoke run of every scenario, plus its pure arithmetic.
+
+Nothing here asserts a speed; only that every scenario ran, every contender produced figures
+and every correctness check passed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import main
+from benchmarks._catalog import PLANNED, SCENARIOS
+from benchmarks._lock_contended import analyze
+from benchmarks._model import Scenario, Target
+from benchmarks._results import ContenderResult, ScenarioResult, TargetResult, complete
+from benchmarks._servers import FAKE_LABEL, redact
+from benchmarks._worker import WorkerReport
+from distkit.testing import RedisServer
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    out = tmp_path / "results.json"
+    code = main(["--quick", "--json", str(out), *args])
+    return code, json.loads(out.read_text())
+
+
+def _assert_all_measured(data: dict[str, Any], name: str) -> None:
+    [scenario] = data["scenarios"]
+    assert scenario["name"] == name
+    assert scenario["error"] is None
+    expected = len(SCENARIOS[name].contenders)
+    assert len(scenario["contenders"]) + len(scenario["skipped"]) == expected
+    assert scenario["contenders"], "no contender ran"
+    for row in scenario["contenders"]:
+        assert row["error"] is None, (row["key"], row["error"])
+        assert row["throughput"] > 0, row["key"]
+        assert all(t is not None and t > 0 for t in row["trial_throughput"]), row["key"]
+        assert row["latency"]["count"] > 0, row["key"]
+        assert row["checks"], f"{row['key']} reported no correctness check"
+        assert all(row["checks"].values()), (row["key"], row["problems"])
+        assert row["ok"]
+    floor = next(r for r in scenario["contenders"] if r["role"] == "floor")
+    assert floor["ratio_to_floor"] == pytest.approx(1.0)
+    assert scenario["ok"]
+    for key in ("cpu_count", "python", "redis_py", "hiredis", "redis_server", "date"):
+        assert key in data["machine"]
+
+
+def test_lock_uncontended_smoke(tmp_path: Path, redis_server: RedisServer) -> None:
+    code, data = _run(tmp_path, "--scenario", "lock_uncontended", "--redis-url", redis_server.url)
+    assert code == 0
+    _assert_all_measured(data, "lock_uncontended")
+    assert data["label"] is None
+
+
+def test_lock_contended_smoke(tmp_path: Path, redis_server: RedisServer) -> None:
+    code, data = _run(
+        tmp_path,
+        "--scenario", "lock_contended",
+        "--redis-url", redis_server.url,
+        "--duration", "0.5",
+        "--warmup", "0.1",
+    )  # fmt: skip
+    assert code == 0
+    _assert_all_measured(data, "lock_contended")
+    for row in data["scenarios"][0]["contenders"]:
+        assert row["metrics"]["sections"] > 0
+        assert row["metrics"]["overlaps"] == 0
+        assert row["metrics"]["cs_share"] > 0
+
+
+def test_run_leaves_no_keys_on_a_given_server(tmp_path: Path, redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    try:
+        code, data = _run(
+            tmp_path,
+            "--scenario", "lock_uncontended",
+            "--redis-url", redis_server.url,
+            "--trials", "1",
+            "--duration", "0.05",
+        )  # fmt: skip
+        run_id = data["settings"]["run_id"]
+        assert code == 0
+        assert list(client.scan_iter(match=f"*{run_id}*")) == []
+    finally:
+        client.close()
+
+
+def test_fakeredis_fallback_is_labelled(tmp_path: Path) -> None:
+    code, data = _run(
+        tmp_path,
+        "--fakeredis",
+        "--scenario", "lock_uncontended",
+        "--trials", "1",
+        "--duration", "0.05",
+    )  # fmt: skip
+    assert code in (0, 1)  # without lupa, fakeredis has no Lua and the Lua-based rows error
+    assert data["label"] == FAKE_LABEL
+    assert all(s["label"] == FAKE_LABEL for s in data["scenarios"])
+    assert data["settings"]["servers"]["kind"] == "fakeredis"
+
+
+def test_list_names_scenarios_and_planned_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in (*SCENARIOS, *PLANNED):
+        assert name in out
+
+
+def test_planned_scenario_is_refused_not_faked(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--scenario", "redlock"])
+    assert exc.value.code == 2
+    assert "not there yet" in capsys.readouterr().err
+
+
+def test_analyze_finds_handoffs_waits_and_overlaps() -> None:
+    ms = 1_000_000
+    clean = [
+        WorkerReport(0, sections=[(0, 1 * ms, 2 * ms), (2 * ms, 5 * ms, 6 * ms)]),
+        WorkerReport(1, sections=[(0, 3 * ms, 4 * ms)], final_wait_ns=9 * ms),
+    ]
+    stats = analyze(clean, start_ns=0, deadline_ns=10 * ms)
+    assert stats.sections == 3
+    assert stats.handoffs_ns == [1 * ms, 1 * ms]
+    assert stats.overlaps == 0
+    assert stats.longest_wait_ns == 9 * ms  # the drain wait counts too
+    assert stats.cs_ns == 3 * ms
+    assert stats.throughput == pytest.approx(300.0)
+    assert stats.per_worker == [2, 1]
+
+    overlapping = [
+        WorkerReport(0, sections=[(0, 1 * ms, 5 * ms)]),
+        WorkerReport(1, sections=[(0, 2 * ms, 3 * ms), (3 * ms, 4 * ms, 6 * ms)]),
+    ]
+    assert analyze(overlapping, start_ns=0, deadline_ns=10 * ms).overlaps == 2
+
+
+def _scenario(*targets: Target) -> Scenario:
+    return Scenario(
+        name="t",
+        summary="t",
+        unit="ops/s",
+        latency_label="op",
+        run=lambda ctx: ScenarioResult("t", "t", "ops/s", "op"),
+        contenders=(),
+        targets=targets,
+    )
+
+
+def test_ratios_pair_trials_and_targets_say_by_how_much() -> None:
+    floor = ContenderResult("floor", "floor", "floor", trial_throughput=[100.0, 200.0, 50.0])
+    ours = ContenderResult("distlock", "d", "distkit", trial_throughput=[90.0, 180.0, 45.0])
+    peer = ContenderResult("peer", "p", "peer", trial_throughput=[50.0, 100.0, None])
+    result = ScenarioResult("t", "t", "ops/s", "op", contenders=[floor, ours, peer])
+    complete(result, _scenario(Target("distlock", "ratio_to_floor", ">=", 0.95, "x")))
+    assert ours.ratio_to_floor == pytest.approx(0.9)  # drift between trials cancels
+    assert ours.throughput == 90.0
+    assert ours.ratio_to_best_peer == pytest.approx(1.8)
+    assert result.best_peer == "peer"
+    [verdict] = result.targets
+    assert verdict.met is False
+    assert "5.3% short" in verdict.verdict
+
+    limit = Target("distlock", "p99_us", "<=", 1000.0, "p99", "us")
+    assert TargetResult.evaluate(limit, ours).met is None  # nothing measured
+    assert TargetResult.evaluate(limit, None).verdict == "not measured"
+
+
+def test_urls_are_redacted() -> None:
+    assert redact("redis://user:secret@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
