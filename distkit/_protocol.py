@@ -13,11 +13,11 @@ import math
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis.exceptions as rex
 
-from ._errors import DistkitError, translate
+from ._errors import ConnectionUnavailable, DistkitError, translate
 from ._retry import NO_RETRY, RetryPolicy
 from ._scripts import Script, ScriptArg
 
@@ -44,8 +44,7 @@ _DEFAULT_MAX_BLOCK = 1.0
 _REDIS_ERRORS = (rex.RedisError, rex.RedisClusterException, OSError, asyncio.TimeoutError)
 
 
-@dataclass(frozen=True, slots=True)
-class Eval:
+class Eval(NamedTuple):
     """Run ``script`` with ``keys`` / ``args``; retried per policy (scripts must be idempotent)."""
 
     script: Script
@@ -165,9 +164,19 @@ class SyncDriver:
                 return stop.value  # type: ignore[no-any-return]
             error = None
             try:
-                send = self._step(step)
+                send = self._eval(step) if type(step) is Eval else self._step(step)
             except BaseException as exc:  # thrown into the protocol, which cleans up and re-raises
                 send, error = None, _translated(exc, self.what)
+
+    def _eval(self, step: Eval) -> Any:
+        """The hot path: one direct call; the retry machinery only runs after a failure."""
+        try:
+            return step.script(self.client, step.keys, step.args)
+        except _REDIS_ERRORS as exc:
+            first = _translated(exc, self.what)
+            if not isinstance(first, ConnectionUnavailable):
+                raise first from exc
+        return self.retry.call_after(first, lambda: self._once(step))
 
     def _once(self, step: Eval | Command) -> Any:
         try:

@@ -92,8 +92,12 @@ class RetryPolicy:
         try:
             return fn()
         except ConnectionUnavailable as exc:
-            if self.config.attempts == 1 or not self.retry.predicate(exc):
-                raise
+            return self.call_after(exc, fn)
+
+    def call_after(self, first: ConnectionUnavailable, fn: Callable[[], _T]) -> _T:
+        """Continue after ``fn``'s first try failed with ``first``: retry per policy or re-raise."""
+        if self.config.attempts == 1 or not self.retry.predicate(first):
+            raise first
         time.sleep(self._first_delay())
         return self.retrying(attempts=self.config.attempts - 1)(fn)
 

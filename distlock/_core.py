@@ -9,6 +9,7 @@ estimate can only be early, never late).
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import secrets
 from collections.abc import Callable
@@ -74,6 +75,8 @@ class LockCore:
     """State and protocol steps of one lock handle (no I/O; driven by a sync or async driver)."""
 
     __slots__ = (
+        "_owner_prefix",
+        "_owner_seq",
         "clock",
         "expires_at",
         "fence_key",
@@ -114,6 +117,14 @@ class LockCore:
         self.owner: str | None = None
         self.token: int | None = None
         self.expires_at = 0.0
+        # Owner ids: random per handle, a counter per acquisition (unique, and cheaper than
+        # fresh randomness on every call).
+        self._owner_prefix = secrets.token_hex(8)
+        self._owner_seq = itertools.count(1)
+
+    def new_owner(self) -> str:
+        """A fresh owner id for one acquisition attempt."""
+        return f"{self._owner_prefix}{next(self._owner_seq):x}"
 
     # -- state ---------------------------------------------------------------------------------
     def _granted(self, owner: str, token: Any, sent_at: float) -> None:
@@ -151,7 +162,7 @@ class LockCore:
                 f"lock {self.name!r} is already held by this handle (handles are not reentrant)",
                 name=self.name,
             )
-        owner = secrets.token_hex(12)
+        owner = self.new_owner()
         wake_key = self.wake_prefix + owner
         keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
         deadline = None if timeout is None else self.clock() + timeout

@@ -157,7 +157,8 @@ class _SyncLock(_LockBase[threading.Event]):
         seconds_ = self._core.check_timeout(blocking, timeout)
         got = self._driver.run(self._core.acquire(blocking, seconds_, self._driver.max_block))
         if got:
-            self._lost.clear()
+            if self._lost.is_set():
+                self._lost.clear()
             if self._auto_renew:
                 self._start_renewer()
         return got
@@ -271,7 +272,8 @@ class _AsyncLock(_LockBase[asyncio.Event]):
         seconds_ = self._core.check_timeout(blocking, timeout)
         got = await self._driver.run(self._core.acquire(blocking, seconds_, self._driver.max_block))
         if got:
-            self._lost.clear()
+            if self._lost.is_set():
+                self._lost.clear()
             if self._auto_renew:
                 self._renewer = asyncio.get_running_loop().create_task(
                     self._renew_loop(self._core.owner), name=f"distlock-renew-{self.name}"

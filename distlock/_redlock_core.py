@@ -17,7 +17,6 @@ assumption remains (docs/redlock.md has the argument and a timeline).
 from __future__ import annotations
 
 import random
-import secrets
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -114,7 +113,7 @@ class RedlockCore(LockCore):
         deadline = None if timeout is None else self.clock() + timeout
         attempt = 0
         while True:
-            owner = secrets.token_hex(12)
+            owner = self.new_owner()
             wake_key = self.wake_prefix + owner
             keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
             grant = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, 0))
