@@ -85,6 +85,7 @@ class LockCore:
         "owner",
         "qexp_key",
         "queue_key",
+        "rel_key",
         "retention_ms",
         "token",
         "ttl",
@@ -111,6 +112,7 @@ class LockCore:
         keys = KeySpace(prefix)
         self.lease_key = keys.key("lock", self.name)
         self.fence_key = keys.key("lock", self.name, "fence")
+        self.rel_key = keys.key("lock", self.name, "rel")
         self.queue_key = keys.key("lock", self.name, "queue")
         self.qexp_key = keys.key("lock", self.name, "qexp")
         self.wake_prefix = keys.key("lock", self.name, "wake") + ":"
@@ -208,7 +210,7 @@ class LockCore:
             # TTLs (one more timeout would only delay the error).
             if self.owner is None and not isinstance(exc, ConnectionUnavailable):
                 yield Cleanup(
-                    Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1, 0))
+                    Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
                 )
             raise
 
@@ -219,12 +221,13 @@ class LockCore:
         if granted == 1:
             self._granted(owner, value, sent_at)
             return True
-        yield Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1, 0))
+        yield Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
         return False
 
     def _release_keys(self, wake_key: str) -> tuple[str, ...]:
         return (
             self.lease_key,
+            self.rel_key,
             self.fence_key,
             self.queue_key,
             self.qexp_key,
@@ -238,7 +241,7 @@ class LockCore:
         if owner is None:
             raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
         keys = self._release_keys(self.wake_prefix + owner)
-        args = (owner, self.retention_ms, 0, self.token or 0)
+        args = (owner, self.retention_ms, 0)
         try:
             result = yield Eval(RELEASE, keys, args, shield=True)
         finally:

@@ -118,7 +118,7 @@ class RedlockCore(LockCore):
             keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
             grant = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, 0))
             undo = self._each(
-                Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1, 0))
+                Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
             )
             started = self.clock()
             try:
@@ -173,7 +173,7 @@ class RedlockCore(LockCore):
         call = Eval(
             RELEASE,
             self._release_keys(self.wake_prefix + owner),
-            (owner, self.retention_ms, 1, self.token or 0),
+            (owner, self.retention_ms, 1),
         )
         try:
             outcomes = yield FanOut(self._each(call), self.node_timeout)
