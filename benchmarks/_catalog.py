@@ -7,19 +7,17 @@ its name out of ``PLANNED``. To add a contender: add its adapter where its kind 
 
 from __future__ import annotations
 
-from . import _lock_contended, _lock_uncontended
+from . import _lock_contended, _lock_uncontended, _redlock
 from ._model import Scenario
 
 __all__ = ["PLANNED", "SCENARIOS"]
 
 SCENARIOS: dict[str, Scenario] = {
-    s.name: s for s in (_lock_uncontended.SCENARIO, _lock_contended.SCENARIO)
+    s.name: s for s in (_lock_uncontended.SCENARIO, _lock_contended.SCENARIO, _redlock.SCENARIO)
 }
 
 # Named in issue 4; each lands with the feature it measures (nothing is faked before then).
 PLANNED: dict[str, str] = {
-    "redlock": "cycle latency with 3 and 5 masters, distlock vs pottery, next to the "
-    "single-instance floor (lands with distlock.Redlock)",
     "cache_hit": "read-through hits on 1,000 hot keys: floor GET + json.loads, distcache with "
     "and without near cache, dogpile.cache, cashews, aiocache, dict ceiling (lands with distcache)",
     "cache_stampede": "64 concurrent callers on a just-expired key with a 50 ms loader: loader "

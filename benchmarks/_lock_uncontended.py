@@ -14,7 +14,7 @@ from ._results import ContenderResult, ScenarioResult, complete
 from ._serverstats import ServerUsage
 from ._stats import Distribution, median
 
-__all__ = ["SCENARIO"]
+__all__ = ["SCENARIO", "cycles", "run_cycles"]
 
 TTL = 30.0
 QUICK = Plan(trials=3, duration=0.25, warmup=0.1)
@@ -46,7 +46,7 @@ def cycles(ops: LockOps, seconds: float) -> tuple[list[int], int, int]:
 @dataclass
 class _Entry:
     contender: LockContender
-    client: redis.Redis
+    clients: list[redis.Redis]
     ops: LockOps
     result: ContenderResult
     samples: list[int] = field(default_factory=list)
@@ -62,44 +62,66 @@ def _error(exc: BaseException) -> str:
 
 def run(ctx: RunContext) -> ScenarioResult:
     """Measure every available contender, interleaved per trial."""
-    plan = ctx.settings.plan(quick=QUICK, full=FULL)
+    return run_cycles(ctx, SCENARIO, CONTENDERS, plans=(QUICK, FULL))
+
+
+def run_cycles(
+    ctx: RunContext,
+    scenario: Scenario,
+    contenders: tuple[LockContender, ...],
+    *,
+    plans: tuple[Plan, Plan],
+    leftovers: bool = False,
+) -> ScenarioResult:
+    """Acquire+release cycles for each contender, interleaved per trial, on ``ctx``'s servers.
+
+    With ``leftovers``, every server is checked after the trials for keys a contender left
+    behind (a Redlock whose late grants land after its release).
+    """
+    plan = ctx.settings.plan(quick=plans[0], full=plans[1])
     result = ScenarioResult(
-        name=SCENARIO.name,
-        summary=SCENARIO.summary,
-        unit=SCENARIO.unit,
-        latency_label=SCENARIO.latency_label,
-        method=SCENARIO.method,
+        name=scenario.name,
+        summary=scenario.summary,
+        unit=scenario.unit,
+        latency_label=scenario.latency_label,
+        method=scenario.method,
         plan=plan,
         label=ctx.label,
     )
     entries: list[_Entry] = []
-    for contender in ctx.select(CONTENDERS, result.skipped):
+    names: dict[str, str] = {}
+    for contender in ctx.select(contenders, result.skipped):
         row = ContenderResult(
             key=contender.key, label=contender.label, role=contender.role, note=contender.note
         )
-        client = ctx.client()
-        name = ctx.name("uncontended", contender.key)
+        clients = ctx.clients()
+        client = clients[0]
+        name = ctx.name(scenario.name, contender.key)
+        names[contender.key] = name
         try:
             if contender.prepare is not None:
                 contender.prepare(client, name)
-            ops = contender.factory([client], name, TTL)
+            ops = contender.factory(clients, name, TTL)
         except Exception as exc:
             row.error = _error(exc)
             ctx.reporter.note(f"{contender.label}: could not be built: {row.error}")
             ops = LockOps(lambda: False, lambda: None)
         result.contenders.append(row)
-        entries.append(_Entry(contender, client, ops, row))
+        entries.append(_Entry(contender, clients, ops, row))
 
     admin = ctx.client()
-    ctx.reporter.scenario(SCENARIO.name, len(entries) * (plan.trials + 1))
+    ctx.reporter.scenario(scenario.name, len(entries) * (plan.trials + 1))
     try:
         with ctx.placement() as where:
             if where:
                 result.notes.append(where)
             _trials(ctx, entries, plan, admin, result)
+        if leftovers:
+            _check_leftovers(ctx, entries, names)
     finally:
         for entry in entries:
-            entry.client.close()
+            for client in entry.clients:
+                client.close()
         ctx.delete_keys()
         admin.close()
 
@@ -113,7 +135,35 @@ def run(ctx: RunContext) -> ScenarioResult:
             row.checks["every acquire succeeded"] = entry.failures == 0
             if entry.failures:
                 row.problems.append(f"{entry.failures} of {entry.cycles} acquires failed")
-    return complete(result, SCENARIO)
+    return complete(result, scenario)
+
+
+def _state_key(key: object) -> bool:
+    """distlock's fencing state (``:fence`` / ``:rel``, each with a TTL) is not a lock key."""
+    text = key.decode() if isinstance(key, bytes) else str(key)
+    return text.endswith((":fence", ":rel"))
+
+
+def _check_leftovers(ctx: RunContext, entries: list[_Entry], names: dict[str, str]) -> None:
+    """After the last release, no server may still hold a contender's lock key."""
+    time.sleep(0.2)  # let late requests of any contender land first
+    servers = ctx.clients()
+    try:
+        for entry in entries:
+            if entry.result.error is not None:
+                continue
+            name = names[entry.contender.key]
+            held = [
+                i
+                for i, server in enumerate(servers)
+                if any(not _state_key(k) for k in server.keys(f"*{name}*"))
+            ]
+            entry.result.checks["no key left on any master after release"] = not held
+            if held:
+                entry.result.problems.append(f"lock keys left behind on servers {held}")
+    finally:
+        for server in servers:
+            server.close()
 
 
 def _trials(

@@ -95,6 +95,21 @@ def _distlock(clients: Sequence[redis.Redis], name: str, ttl: float) -> LockOps:
     return LockOps(lock.acquire, lock.release)
 
 
+def _distlock_redlock(masters: int, fencing: str = "clock") -> LockFactory:
+    def make(clients: Sequence[redis.Redis], name: str, ttl: float) -> LockOps:
+        lock = distlock.Redlock(list(clients[:masters]), name, ttl=ttl, fencing=fencing)  # type: ignore[arg-type]
+        return LockOps(lock.acquire, lock.release)
+
+    return make
+
+
+def _pottery_masters(masters: int) -> LockFactory:
+    def make(clients: Sequence[redis.Redis], name: str, ttl: float) -> LockOps:
+        return _pottery(clients[:masters], name, ttl)
+
+    return make
+
+
 def _redis_py(sleep: float | None) -> LockFactory:
     def make(clients: Sequence[redis.Redis], name: str, ttl: float) -> LockOps:
         options: dict[str, Any] = {} if sleep is None else {"sleep": sleep}
@@ -174,6 +189,34 @@ LOCK_CONTENDERS: dict[str, LockContender] = {
             factory=_pottery,
             note="pottery.Redlock over every server it is given (one in the single-instance "
             "scenarios); thread-pool fan-out, random retry sleep up to 0.2 s",
+        ),
+        *(
+            LockContender(
+                key=f"distlock-redlock-{n}",
+                label=f"distlock.Redlock x{n}",
+                role="distkit",
+                factory=_distlock_redlock(n),
+                note=f"{n} masters, fencing='clock' (max of the granting masters' tokens)",
+            )
+            for n in (3, 5)
+        ),
+        LockContender(
+            key="distlock-redlock-5-quorum",
+            label="distlock.Redlock x5 quorum-fenced",
+            role="distkit",
+            factory=_distlock_redlock(5, "quorum"),
+            note="5 masters, fencing='quorum' (token written back to a quorum: one more trip)",
+        ),
+        *(
+            LockContender(
+                key=f"pottery-{n}",
+                label=f"pottery Redlock x{n}",
+                role="peer",
+                requires=("pottery",),
+                factory=_pottery_masters(n),
+                note=f"pottery.Redlock over {n} masters (thread-pool fan-out)",
+            )
+            for n in (3, 5)
         ),
     )
 }
