@@ -73,7 +73,6 @@ class SyncFanOutDriver(SyncDriver):
         n = len(self.clients)
         outcomes: list[Any] = [TIMED_OUT] * n
         conns: list[Any] = [None] * n
-        deadline = time.monotonic() + step.timeout
         for i, (client, call) in enumerate(zip(self.clients, step.calls, strict=True)):
             pool = client.connection_pool
             conn = None
@@ -86,6 +85,9 @@ class SyncFanOutDriver(SyncDriver):
                 if conn is not None:
                     conn.disconnect()
                     pool.release(conn)
+        # The per-node timeout starts once every request is out: opening a fresh connection to a
+        # stalled node (its handshake waits up to socket_timeout) must not use up the others' time.
+        deadline = time.monotonic() + step.timeout
         for i in range(n):
             conn = conns[i]
             if conn is None:
@@ -95,7 +97,9 @@ class SyncFanOutDriver(SyncDriver):
                 break
             remaining = deadline - time.monotonic()
             try:
-                if remaining <= 0 or not conn.can_read(timeout=remaining):
+                # Past the deadline still poll (timeout 0): a stalled node read first must not
+                # make the replies that already arrived from the others count as timed out.
+                if not conn.can_read(timeout=max(0.0, remaining)):
                     continue  # stays pending: abandoned below
                 try:
                     outcomes[i] = conn.read_response()

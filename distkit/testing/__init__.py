@@ -5,6 +5,17 @@
 """
 
 from distkit.testing._cluster import IndependentMasters, RedisCluster, start_masters
+from distkit.testing._history import (
+    CheckResult,
+    Event,
+    HistoryRecorder,
+    Violation,
+    check_fencing,
+    check_mutex,
+    drain_queue,
+    read_history,
+    sort_events,
+)
 from distkit.testing._proxy import FaultProxy
 from distkit.testing._server import (
     RedisServer,
@@ -15,13 +26,22 @@ from distkit.testing._server import (
 )
 
 __all__ = [
+    "CheckResult",
+    "Event",
     "FaultProxy",
+    "HistoryRecorder",
     "IndependentMasters",
     "RedisCluster",
     "RedisServer",
     "RedisServerNotFound",
+    "Violation",
+    "check_fencing",
+    "check_mutex",
+    "drain_queue",
     "find_redis_server",
     "free_port",
+    "read_history",
     "redis_server_version",
+    "sort_events",
     "start_masters",
 ]
