@@ -12,6 +12,7 @@ request ever lands, the abandon lands after it: nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -49,14 +50,28 @@ def _error(exc: BaseException, what: str) -> DistkitError:
     return mapped
 
 
-class SyncFanOutDriver(SyncDriver):
-    """Runs protocols whose steps fan out to several sync clients (independent masters)."""
+def _suspension(timeout: float) -> float:
+    """How long a node that just failed or timed out is skipped before it is tried again."""
+    return min(1.0, max(0.05, 4 * timeout))
 
-    __slots__ = ("clients",)
+
+class SyncFanOutDriver(SyncDriver):
+    """Runs protocols whose steps fan out to several sync clients (independent masters).
+
+    Each node gets one dedicated connection whose connect and socket timeouts are the per-node
+    timeout, so a stalled node costs about that much, never the client's ``socket_timeout``. A node
+    that failed or timed out is skipped (counted as unavailable) for a short suspension, so a dead
+    or stalled minority does not slow every operation down.
+    """
+
+    __slots__ = ("_conns", "_lock", "_suspended", "clients")
 
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
         self.clients = list(clients)
+        self._conns: list[Any] = [None] * len(self.clients)
+        self._suspended = [0.0] * len(self.clients)
+        self._lock = threading.Lock()  # the renewal thread shares the connections
 
     def _step(self, step: Any) -> Any:
         if isinstance(step, FanOut):
@@ -69,37 +84,60 @@ class SyncFanOutDriver(SyncDriver):
                 return None
         return super()._step(step)
 
+    def _connection(self, i: int, timeout: float) -> Any:
+        conn = self._conns[i]
+        if conn is None:
+            pool = self.clients[i].connection_pool
+            options = dict(pool.connection_kwargs)
+            options["socket_timeout"] = timeout
+            options["socket_connect_timeout"] = timeout
+            conn = pool.connection_class(**options)
+            self._conns[i] = conn
+        return conn
+
+    def _drop(self, i: int, now: float, timeout: float, *, suspend: bool = True) -> None:
+        conn, self._conns[i] = self._conns[i], None
+        if conn is not None:
+            conn.disconnect()
+        if suspend:
+            self._suspended[i] = now + _suspension(timeout)
+
     def _fan_out(self, step: FanOut) -> list[Any]:
+        with self._lock:
+            return self._fan_out_locked(step)
+
+    def _fan_out_locked(self, step: FanOut) -> list[Any]:
         n = len(self.clients)
         outcomes: list[Any] = [TIMED_OUT] * n
-        conns: list[Any] = [None] * n
-        for i, (client, call) in enumerate(zip(self.clients, step.calls, strict=True)):
-            pool = client.connection_pool
-            conn = None
+        sent = [False] * n
+        now = time.monotonic()
+        for i, call in enumerate(step.calls):
+            if self._suspended[i] > now:
+                outcomes[i] = ConnectionUnavailable(
+                    f"{self.what}: node {i} suspended after a failure"
+                )
+                continue
             try:
-                conn = pool.get_connection()
+                conn = self._connection(i, step.timeout)
                 conn.send_packed_command(_packed_eval(conn, call))
-                conns[i] = conn
+                sent[i] = True
             except _REDIS_ERRORS as exc:
                 outcomes[i] = _error(exc, self.what)
-                if conn is not None:
-                    conn.disconnect()
-                    pool.release(conn)
-        # The per-node timeout starts once every request is out: opening a fresh connection to a
-        # stalled node (its handshake waits up to socket_timeout) must not use up the others' time.
+                self._drop(i, time.monotonic(), step.timeout)
+        # The per-node timeout starts once every request is out.
         deadline = time.monotonic() + step.timeout
+        decided = False
         for i in range(n):
-            conn = conns[i]
-            if conn is None:
+            if not sent[i]:
                 continue
-            waiting = sum(1 for c in conns if c is not None)
-            if _hopeless(step, outcomes, waiting):
+            if _hopeless(step, outcomes, sum(sent)):
+                decided = True  # the rest are abandoned unread: not their fault, no suspension
                 break
-            remaining = deadline - time.monotonic()
+            conn = self._conns[i]
             try:
                 # Past the deadline still poll (timeout 0): a stalled node read first must not
                 # make the replies that already arrived from the others count as timed out.
-                if not conn.can_read(timeout=max(0.0, remaining)):
+                if not conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
                     continue  # stays pending: abandoned below
                 try:
                     outcomes[i] = conn.read_response()
@@ -110,13 +148,13 @@ class SyncFanOutDriver(SyncDriver):
                 outcomes[i] = _error(exc, self.what)
             except _REDIS_ERRORS as exc:
                 outcomes[i] = _error(exc, self.what)
-                conn.disconnect()
-            self.clients[i].connection_pool.release(conn)
-            conns[i] = None
-        for i, conn in enumerate(conns):
-            if conn is None:
+                self._drop(i, time.monotonic(), step.timeout)
+            sent[i] = False
+        for i in range(n):
+            if not sent[i]:
                 continue
             outcomes[i] = TIMED_OUT
+            conn = self._conns[i]
             try:
                 if step.abandon is not None:
                     conn.send_packed_command(
@@ -125,19 +163,19 @@ class SyncFanOutDriver(SyncDriver):
             except _REDIS_ERRORS:
                 pass
             finally:
-                conn.disconnect()
-                self.clients[i].connection_pool.release(conn)
+                self._drop(i, time.monotonic(), step.timeout, suspend=not decided)
         return outcomes
 
 
 class AsyncFanOutDriver(AsyncDriver):
     """The asyncio twin of ``SyncFanOutDriver`` (one task per node, ``asyncio.gather``)."""
 
-    __slots__ = ("clients",)
+    __slots__ = ("_suspended", "clients")
 
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
         self.clients = list(clients)
+        self._suspended = [0.0] * len(self.clients)
 
     async def _step(self, step: Any) -> Any:
         if isinstance(step, FanOut):
@@ -169,12 +207,17 @@ class AsyncFanOutDriver(AsyncDriver):
         async def one(i: int) -> None:
             pool = self.clients[i].connection_pool
             call = step.calls[i]
+            if self._suspended[i] > time.monotonic():
+                settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
+                return
             conn = None
             try:
-                conn = await pool.get_connection()
+                # Opening a connection to a stalled node may wait for socket_timeout: bound it.
+                conn = await asyncio.wait_for(pool.get_connection(), step.timeout)
                 await conn.send_packed_command(_packed_eval(conn, call))
             except _REDIS_ERRORS as exc:
                 settle(i, _error(exc, self.what))
+                self._suspended[i] = time.monotonic() + _suspension(step.timeout)
                 if conn is not None:
                     await conn.disconnect()
                     await pool.release(conn)
@@ -198,6 +241,8 @@ class AsyncFanOutDriver(AsyncDriver):
                     conn = None
                     return
                 reader.cancel()
+                if reader not in finished and not done.is_set():
+                    self._suspended[i] = time.monotonic() + _suspension(step.timeout)
                 if step.abandon is not None:
                     await conn.send_packed_command(
                         _packed_eval(conn, step.abandon[i], by_sha=False), check_health=False
@@ -209,6 +254,7 @@ class AsyncFanOutDriver(AsyncDriver):
                 conn = None
             except _REDIS_ERRORS as exc:
                 settle(i, _error(exc, self.what))
+                self._suspended[i] = time.monotonic() + _suspension(step.timeout)
             finally:
                 stopper.cancel()
                 if conn is not None:
