@@ -1,9 +1,44 @@
-"""distcache: Redis caches with read-through, invalidation and stampede control (in progress).
+"""distcache: Redis caches with read-through, O(1) invalidation and stale-fill protection.
 
-The cache itself lands with its own issue; this package already exposes the error types it
-will raise, so code can be written against them.
+``Cache`` / ``AsyncCache`` store entries in a small versioned envelope (JSON by default, signed
+pickle on opt-in), expire them on the server, invalidate them by key, by tag or by namespace in
+O(1), refuse a read-through's result when it may predate an invalidation, and fail open (with a
+circuit breaker) when Redis is down. ``@cached`` caches functions, coroutine functions and
+methods under canonical keys. Errors: ``CacheError`` ⊃ ``SerializationError`` (``distkit``'s
+tree); bad arguments raise ``ConfigError``.
 """
 
-from distkit import CacheError, SerializationError
+from distkit import CacheError, ConfigError, ConnectionUnavailable, SerializationError
 
-__all__ = ["CacheError", "SerializationError"]
+from ._breaker import CircuitBreaker
+from ._cache import AsyncCache, Cache
+from ._decorator import (
+    AsyncCachedFunction,
+    AsyncCachedMethod,
+    CachedFunction,
+    CachedMethod,
+    cached,
+)
+from ._metrics import CacheEvent, CacheMetrics, CounterMetrics
+from ._serializers import JsonSerializer, PickleSerializer, Serializer
+
+__all__ = [
+    "AsyncCache",
+    "AsyncCachedFunction",
+    "AsyncCachedMethod",
+    "Cache",
+    "CacheError",
+    "CacheEvent",
+    "CacheMetrics",
+    "CachedFunction",
+    "CachedMethod",
+    "CircuitBreaker",
+    "ConfigError",
+    "ConnectionUnavailable",
+    "CounterMetrics",
+    "JsonSerializer",
+    "PickleSerializer",
+    "SerializationError",
+    "Serializer",
+    "cached",
+]

@@ -1,0 +1,558 @@
+"""``Cache`` and ``AsyncCache``: thin sync / asyncio twins over one ``CacheCore``.
+
+Both twins validate and encode through the core, send the hit path's single ``MGET`` themselves
+(no generator, no step objects: the hit path must cost no more than a raw ``GET``), and drive
+every other protocol with distkit's drivers. Reads and fills fail open; invalidations never do,
+because a lost invalidation would let a stale entry be served once Redis is back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from distkit import RetryConfig, RetryPolicy
+from distkit._protocol import AsyncDriver, SyncDriver, monotonic
+
+from ._breaker import CircuitBreaker
+from ._core import (
+    DEFAULT_MAX_VALUE_SIZE,
+    FAILED,
+    FAILURES,
+    CacheCore,
+    Check,
+    Clock,
+    Miss,
+    Seconds,
+    TagArgs,
+    check_client,
+    retry_policy,
+)
+from ._metrics import CacheMetrics
+from ._serializers import Serializer
+
+__all__ = ["AsyncCache", "Cache"]
+
+_T = TypeVar("_T")
+
+
+class _CacheBase:
+    """What both twins share: construction, validation and read-only state."""
+
+    _is_async = False
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        namespace: str = "default",
+        ttl: Seconds = 300.0,
+        negative_ttl: Seconds | None = None,
+        value_type: Any = None,
+        serializer: Serializer | None = None,
+        prefix: str = "distkit",
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        fill_timeout: Seconds = 60.0,
+        strict: bool = False,
+        breaker: CircuitBreaker | bool = True,
+        metrics: CacheMetrics | None = None,
+        retry: RetryConfig | RetryPolicy | None = None,
+        clock: Clock = monotonic,
+    ) -> None:
+        check_client(client, want_async=self._is_async, cls=type(self).__name__)
+        self._core = CacheCore(
+            namespace=namespace,
+            ttl=ttl,
+            negative_ttl=negative_ttl,
+            value_type=value_type,
+            serializer=serializer,
+            prefix=prefix,
+            max_value_size=max_value_size,
+            fill_timeout=fill_timeout,
+            strict=strict,
+            breaker=breaker,
+            metrics=metrics,
+            clock=clock,
+        )
+        self._client = client
+        self._retry = retry_policy(retry)
+        # The hit path sends its MGET itself; with retries configured, the drivers do it all.
+        self._fast = self._retry.attempts == 1
+        self._execute = client.execute_command
+        self._setup_io()
+
+    def _setup_io(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def namespace(self) -> str:
+        """The namespace: the unit of ``clear()`` and of Cluster placement (one hash slot)."""
+        return self._core.namespace
+
+    @property
+    def ttl(self) -> float:
+        """The default time to live of entries, in seconds."""
+        return self._core.ttl
+
+    @property
+    def metrics(self) -> CacheMetrics | None:
+        """The metrics hook events are reported to (``None``: not counted)."""
+        return self._core.metrics
+
+    @property
+    def breaker(self) -> CircuitBreaker | None:
+        """The circuit breaker guarding reads and fills (``None``: disabled)."""
+        return self._core.breaker
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} namespace={self.namespace!r} ttl={self.ttl}s>"
+
+
+class Cache(_CacheBase):
+    """A Redis cache: TTLs, read-through, tag and namespace invalidation, safe serialization.
+
+    Args:
+        client: a sync redis-py client (``redis.Redis``, ``RedisCluster``, a Sentinel master).
+        namespace: the cache's namespace; ``clear()`` empties it; on a Cluster every key of one
+            namespace lives on one hash slot.
+        ttl: default time to live (seconds or ``timedelta``); entries expire on the server.
+        negative_ttl: time to live of a loader's ``None`` result (``0``: never cache ``None``;
+            ``None``: like any value).
+        value_type: the type values decode to (a pydantic model, dataclass, ``list[X]``...).
+        serializer: ``JsonSerializer()`` by default; ``PickleSerializer(keys)`` on opt-in.
+        prefix: key prefix (``{prefix}:cache:{namespace}:...``).
+        max_value_size: largest encoded value in bytes; larger ones raise ``SerializationError``.
+        fill_timeout: a read-through whose loader takes longer does not store its result.
+        strict: raise Redis errors instead of failing open.
+        breaker: ``True`` (a default ``CircuitBreaker``), ``False``, or a breaker to share.
+        metrics: a hook receiving events (``CounterMetrics()`` counts them in memory).
+        retry: retry transient errors of reads and writes (default: no retries).
+        clock: monotonic clock in seconds (injectable for tests).
+
+    Raises:
+        ConfigError: an argument is invalid.
+    """
+
+    _driver: SyncDriver
+
+    def _setup_io(self) -> None:
+        self._driver = SyncDriver(self._client, self._retry, f"cache {self.namespace!r}")
+
+    def _lookup(self, rkey: str, type_: Any) -> Any:
+        """The value of a hit, a ``Miss``, or ``FAILED`` (Redis failed; already accounted for)."""
+        core = self._core
+        breaker = core.breaker
+        if self._fast and (breaker is None or breaker.healthy):
+            try:
+                raw, epoch = self._execute("MGET", rkey, core.epoch_key)
+            except FAILURES as exc:
+                core.failed(exc)
+                return FAILED
+            value = core.decode(raw, epoch, type_)
+            if value.__class__ is not Check:
+                return value
+            protocol = core.recheck(rkey, value, type_)
+        else:
+            protocol = core.read(rkey, type_)
+        if not core.allow():
+            protocol.close()
+            return FAILED
+        try:
+            value = self._driver.run(protocol)
+        except FAILURES as exc:
+            core.failed(exc)
+            return FAILED
+        core.succeeded()
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The cached value of ``key``, or ``default`` on a miss (or when Redis fails).
+
+        Raises:
+            ConfigError: ``key`` is not a valid key.
+        """
+        core = self._core
+        value = self._lookup(core.entry_key(key), core.value_type)
+        return default if value.__class__ is Miss or value is FAILED else value
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The cached values of ``keys`` that are hits (one round trip), by key.
+
+        Raises:
+            ConfigError: a key is not valid.
+        """
+        core = self._core
+        keys = list(keys)
+        rkeys = [core.entry_key(k) for k in keys]
+        if not keys or not core.allow():
+            return {}
+        try:
+            values = self._driver.run(core.read_many(rkeys, core.value_type))
+        except FAILURES as exc:
+            core.failed(exc)
+            return {}
+        core.succeeded()
+        return {k: v for k, v in zip(keys, values, strict=True) if v.__class__ is not Miss}
+
+    def set(
+        self, key: str, value: Any, *, ttl: Seconds | None = None, tags: Iterable[str] = ()
+    ) -> bool:
+        """Store ``value`` under ``key`` for ``ttl`` (default: the cache's), tagged with ``tags``.
+
+        Returns ``False`` if Redis could not be reached (``strict``: raises instead).
+
+        Raises:
+            ConfigError: invalid key, ttl or tag.
+            SerializationError: ``value`` cannot be encoded, or exceeds ``max_value_size``.
+        """
+        prepared = self._core.prepare([(key, value)], ttl, tags, self._core.value_type)
+        return self._write(prepared)
+
+    def set_many(
+        self,
+        mapping: Mapping[str, Any],
+        *,
+        ttl: Seconds | None = None,
+        tags: Iterable[str] = (),
+    ) -> bool:
+        """Store every item of ``mapping`` (one round trip); ``False`` if Redis failed.
+
+        Raises:
+            ConfigError: invalid key, ttl or tag.
+            SerializationError: a value cannot be encoded, or exceeds ``max_value_size``.
+        """
+        prepared = self._core.prepare(mapping.items(), ttl, tags, self._core.value_type)
+        if not prepared.keys:
+            return True
+        return self._write(prepared)
+
+    def _write(self, prepared: Any) -> bool:
+        core = self._core
+        if not core.allow():
+            return False
+        try:
+            self._driver.run(core.write(prepared))
+        except FAILURES as exc:
+            core.failed(exc)
+            return False
+        core.succeeded()
+        return True
+
+    def get_or_set(
+        self,
+        key: str,
+        loader: Callable[[], _T],
+        *,
+        ttl: Seconds | None = None,
+        tags: Iterable[str] = (),
+    ) -> _T:
+        """The cached value of ``key``; on a miss, ``loader()``'s result, stored unless stale.
+
+        The result is not stored if ``key`` was deleted or set, or its tags or the namespace
+        invalidated, while the loader ran. With Redis down, returns ``loader()`` (fail-open).
+
+        Raises:
+            ConfigError: invalid key, ttl or tag.
+            SerializationError: the loader's result cannot be encoded.
+        """
+        core = self._core
+        ttl_s, neg, tag_args = core.check_fill_args(ttl, core.negative_ttl, tags)
+        return self._get_or_set(
+            core.entry_key(key), loader, (), {}, ttl_s, neg, tag_args, core.value_type
+        )
+
+    def _get_or_set(
+        self,
+        rkey: str,
+        loader: Callable[..., _T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        ttl: float,
+        negative_ttl: float | None,
+        tags: TagArgs,
+        type_: Any,
+    ) -> _T:
+        """``get_or_set`` with validated arguments (the decorator validates once, up front)
+        and the Redis key ``rkey``; the loader is called as ``loader(*args, **kwargs)``."""
+        core = self._core
+        started = core.clock()
+        found = self._lookup(rkey, type_)
+        if found.__class__ is not Miss:
+            # FAILED: Redis just failed; no write, so the caller never waits for it twice
+            return loader(*args, **kwargs) if found is FAILED else found
+        loaded_at = core.clock()
+        value = loader(*args, **kwargs)
+        protocol = core.fill(
+            rkey,
+            found,
+            value,
+            ttl=ttl,
+            negative_ttl=negative_ttl,
+            tags=tags,
+            type_=type_,
+            started=started,
+            compute=core.clock() - loaded_at,
+        )
+        if protocol is None or not core.allow():
+            return value
+        try:
+            self._driver.run(protocol)
+        except FAILURES as exc:
+            core.failed(exc)
+        else:
+            core.succeeded()
+        return value
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key`` (and refuse fills that read it before); ``True`` if it was cached.
+
+        Raises:
+            ConfigError: ``key`` is not a valid key.
+            ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
+        """
+        core = self._core
+        return bool(self._invalidate(core.delete(core.entry_key(key))))
+
+    def invalidate_tags(self, *tags: str) -> None:
+        """Make every entry tagged with any of ``tags`` a miss, in O(number of tags).
+
+        Raises:
+            ConfigError: a tag is not valid.
+            ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
+        """
+        _, record_keys = self._core.tags(tags)
+        if record_keys:
+            self._invalidate(self._core.bump(record_keys))
+
+    def clear(self) -> None:
+        """Make every entry of the namespace a miss, in O(1).
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
+        """
+        self._invalidate(self._core.bump([self._core.ns_key]))
+
+    def _invalidate(self, protocol: Any) -> Any:
+        core = self._core
+        try:
+            out = self._driver.run(protocol)
+        except FAILURES as exc:
+            core.failed(exc, fail_open=False)
+            raise  # pragma: no cover - failed() raises when fail_open is false
+        core.succeeded()
+        return out
+
+
+class AsyncCache(_CacheBase):
+    """The asyncio twin of ``Cache`` (same arguments; takes a ``redis.asyncio`` client)."""
+
+    _is_async = True
+
+    _driver: AsyncDriver
+
+    def _setup_io(self) -> None:
+        self._driver = AsyncDriver(self._client, self._retry, f"cache {self.namespace!r}")
+
+    async def _lookup(self, rkey: str, type_: Any) -> Any:
+        """The value of a hit, a ``Miss``, or ``FAILED`` (Redis failed; already accounted for)."""
+        core = self._core
+        breaker = core.breaker
+        if self._fast and (breaker is None or breaker.healthy):
+            try:
+                raw, epoch = await self._execute("MGET", rkey, core.epoch_key)
+            except FAILURES as exc:
+                core.failed(exc)
+                return FAILED
+            value = core.decode(raw, epoch, type_)
+            if value.__class__ is not Check:
+                return value
+            protocol = core.recheck(rkey, value, type_)
+        else:
+            protocol = core.read(rkey, type_)
+        if not core.allow():
+            protocol.close()
+            return FAILED
+        try:
+            value = await self._driver.run(protocol)
+        except FAILURES as exc:
+            core.failed(exc)
+            return FAILED
+        core.succeeded()
+        return value
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        """The cached value of ``key``, or ``default`` on a miss (or when Redis fails).
+
+        Raises:
+            ConfigError: ``key`` is not a valid key.
+        """
+        core = self._core
+        value = await self._lookup(core.entry_key(key), core.value_type)
+        return default if value.__class__ is Miss or value is FAILED else value
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The cached values of ``keys`` that are hits (one round trip), by key.
+
+        Raises:
+            ConfigError: a key is not valid.
+        """
+        core = self._core
+        keys = list(keys)
+        rkeys = [core.entry_key(k) for k in keys]
+        if not keys or not core.allow():
+            return {}
+        try:
+            values = await self._driver.run(core.read_many(rkeys, core.value_type))
+        except FAILURES as exc:
+            core.failed(exc)
+            return {}
+        core.succeeded()
+        return {k: v for k, v in zip(keys, values, strict=True) if v.__class__ is not Miss}
+
+    async def set(
+        self, key: str, value: Any, *, ttl: Seconds | None = None, tags: Iterable[str] = ()
+    ) -> bool:
+        """Store ``value`` under ``key`` for ``ttl`` (default: the cache's), tagged with ``tags``.
+
+        Returns ``False`` if Redis could not be reached (``strict``: raises instead).
+
+        Raises:
+            ConfigError: invalid key, ttl or tag.
+            SerializationError: ``value`` cannot be encoded, or exceeds ``max_value_size``.
+        """
+        prepared = self._core.prepare([(key, value)], ttl, tags, self._core.value_type)
+        return await self._write(prepared)
+
+    async def set_many(
+        self,
+        mapping: Mapping[str, Any],
+        *,
+        ttl: Seconds | None = None,
+        tags: Iterable[str] = (),
+    ) -> bool:
+        """Store every item of ``mapping`` (one round trip); ``False`` if Redis failed.
+
+        Raises:
+            ConfigError: invalid key, ttl or tag.
+            SerializationError: a value cannot be encoded, or exceeds ``max_value_size``.
+        """
+        prepared = self._core.prepare(mapping.items(), ttl, tags, self._core.value_type)
+        if not prepared.keys:
+            return True
+        return await self._write(prepared)
+
+    async def _write(self, prepared: Any) -> bool:
+        core = self._core
+        if not core.allow():
+            return False
+        try:
+            await self._driver.run(core.write(prepared))
+        except FAILURES as exc:
+            core.failed(exc)
+            return False
+        core.succeeded()
+        return True
+
+    async def get_or_set(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[_T]],
+        *,
+        ttl: Seconds | None = None,
+        tags: Iterable[str] = (),
+    ) -> _T:
+        """The cached value of ``key``; on a miss, ``await loader()``, stored unless stale.
+
+        The result is not stored if ``key`` was deleted or set, or its tags or the namespace
+        invalidated, while the loader ran. With Redis down, returns the loader's (fail-open).
+
+        Raises:
+            ConfigError: invalid key, ttl or tag.
+            SerializationError: the loader's result cannot be encoded.
+        """
+        core = self._core
+        ttl_s, neg, tag_args = core.check_fill_args(ttl, core.negative_ttl, tags)
+        return await self._get_or_set(
+            core.entry_key(key), loader, (), {}, ttl_s, neg, tag_args, core.value_type
+        )
+
+    async def _get_or_set(
+        self,
+        rkey: str,
+        loader: Callable[..., Awaitable[_T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        ttl: float,
+        negative_ttl: float | None,
+        tags: TagArgs,
+        type_: Any,
+    ) -> _T:
+        """``get_or_set`` with validated arguments (the decorator validates once, up front)
+        and the Redis key ``rkey``; the loader is called as ``loader(*args, **kwargs)``."""
+        core = self._core
+        started = core.clock()
+        found = await self._lookup(rkey, type_)
+        if found.__class__ is not Miss:
+            # FAILED: Redis just failed; no write, so the caller never waits for it twice
+            return await loader(*args, **kwargs) if found is FAILED else found
+        loaded_at = core.clock()
+        value = await loader(*args, **kwargs)
+        protocol = core.fill(
+            rkey,
+            found,
+            value,
+            ttl=ttl,
+            negative_ttl=negative_ttl,
+            tags=tags,
+            type_=type_,
+            started=started,
+            compute=core.clock() - loaded_at,
+        )
+        if protocol is None or not core.allow():
+            return value
+        try:
+            await self._driver.run(protocol)
+        except FAILURES as exc:
+            core.failed(exc)
+        else:
+            core.succeeded()
+        return value
+
+    async def delete(self, key: str) -> bool:
+        """Remove ``key`` (and refuse fills that read it before); ``True`` if it was cached.
+
+        Raises:
+            ConfigError: ``key`` is not a valid key.
+            ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
+        """
+        core = self._core
+        return bool(await self._invalidate(core.delete(core.entry_key(key))))
+
+    async def invalidate_tags(self, *tags: str) -> None:
+        """Make every entry tagged with any of ``tags`` a miss, in O(number of tags).
+
+        Raises:
+            ConfigError: a tag is not valid.
+            ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
+        """
+        _, record_keys = self._core.tags(tags)
+        if record_keys:
+            await self._invalidate(self._core.bump(record_keys))
+
+    async def clear(self) -> None:
+        """Make every entry of the namespace a miss, in O(1).
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
+        """
+        await self._invalidate(self._core.bump([self._core.ns_key]))
+
+    async def _invalidate(self, protocol: Any) -> Any:
+        core = self._core
+        try:
+            out = await self._driver.run(protocol)
+        except FAILURES as exc:
+            core.failed(exc, fail_open=False)
+            raise  # pragma: no cover - failed() raises when fail_open is false
+        core.succeeded()
+        return out

@@ -1,0 +1,579 @@
+"""The cache protocol, written once and free of I/O (see ``distkit._protocol``).
+
+``Cache`` and ``AsyncCache`` own a ``CacheCore`` and only drive its generators (plus the first
+``MGET`` of a read, which they send themselves to keep the hit path lean). The core builds keys,
+encodes and decodes entries, decides hit / miss / revalidate, and holds the failure policy
+(fail-open, circuit breaker, metrics). Key layout, entry envelope and scripts: ``_scripts.py``.
+
+Why a fill is checked at the Redis tier (a timeline; ``seen`` is the epoch the read returned)::
+
+    A: get_or_set(k): MGET -> miss, seen=100 ... loader reads the DB (old row) ........ WRITE
+    B:                          update the DB row; invalidate_tags("t") -> epoch 101, t=101
+    WRITE(seen=100): epoch is 101 != 100, and t=101 > 100  -> refused, nothing stored
+
+Without the check, A would store the old row after B's invalidation returned, and every reader
+would see it until the TTL ran out. ``delete`` is covered the same way by a tombstone: A's read
+saw the key empty, the tombstone makes it non-empty, A's WRITE compares and refuses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from distkit import (
+    ConfigError,
+    ConnectionUnavailable,
+    DistkitError,
+    KeySpace,
+    RetryConfig,
+    RetryPolicy,
+    SerializationError,
+    ServerError,
+    validate_name,
+)
+from distkit._config import seconds
+from distkit._protocol import _REDIS_ERRORS, Command, Eval, Protocol, _translated, monotonic
+from distkit._retry import NO_RETRY
+
+from ._breaker import CircuitBreaker
+from ._keys import check_key, check_tag
+from ._metrics import CacheEvent, CacheMetrics
+from ._scripts import BUMP, DELETE, REVALIDATE, WRITE
+from ._serializers import JsonSerializer, Serializer
+
+__all__ = [
+    "FAILED",
+    "FAILURES",
+    "PLAIN_KEY_MAX",
+    "CacheCore",
+    "Check",
+    "Clock",
+    "Miss",
+    "Prepared",
+    "Seconds",
+    "TagArgs",
+    "check_client",
+    "retry_policy",
+]
+
+log = logging.getLogger("distcache")
+
+Seconds = float | timedelta
+Clock = Callable[[], float]
+TagArgs = tuple[tuple[str, ...], list[str]]  # validated tag names, and their record keys
+
+MAGIC = b"dc1:"
+TOMBSTONE = b"dc1~"
+_HEAD = 26  # magic 4 + epoch 16 + serializer 1 + kind 1 + metadata length 4
+PLAIN_KEY_MAX = 200
+_META_MAX = 0xFFFF
+_MAX_TAGS = 64
+DEFAULT_MAX_VALUE_SIZE = 1 << 20
+
+# What a failed Redis call can raise: redis-py's errors (the hit path calls the client itself)
+# and distkit's translated ones (from the drivers).
+FAILURES: tuple[type[BaseException], ...] = (DistkitError, *_REDIS_ERRORS)
+
+_HIT, _MISS = CacheEvent.HIT, CacheEvent.MISS
+
+
+class _Failed:
+    """The outcome of a read that could not reach Redis (fail-open: treat as a miss, no fill)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FAILED"
+
+
+FAILED = _Failed()
+
+
+def _ms(value: float) -> int:
+    return max(1, math.ceil(value * 1000))
+
+
+def check_client(client: Any, *, want_async: bool, cls: str) -> None:
+    """Refuse objects that are not redis-py clients of the right kind, with a ``ConfigError``."""
+    execute = getattr(client, "execute_command", None)
+    if execute is None or not callable(execute):
+        raise ConfigError(
+            f"{cls} needs a redis-py client (redis.Redis / RedisCluster), "
+            f"got {type(client).__name__}"
+        )
+    if inspect.iscoroutinefunction(execute) != want_async:
+        other = "Cache" if want_async else "AsyncCache"
+        kind = "a sync" if want_async else "an asyncio"
+        raise ConfigError(f"{cls} was given {kind} client; use {other} with it")
+
+
+def retry_policy(retry: RetryConfig | RetryPolicy | None) -> RetryPolicy:
+    """Normalise ``retry=``: a cache does not retry by default (fail-open must be fast)."""
+    if retry is None:
+        return NO_RETRY
+    if isinstance(retry, RetryPolicy):
+        return retry
+    if isinstance(retry, RetryConfig):
+        return RetryPolicy(retry)
+    raise ConfigError(f"retry must be a RetryConfig or RetryPolicy, got {type(retry).__name__}")
+
+
+class Miss:
+    """A read that found no usable entry; ``baseline`` and ``epoch`` are what a fill compares."""
+
+    __slots__ = ("baseline", "epoch")
+
+    def __init__(self, baseline: str, epoch: bytes | None) -> None:
+        self.baseline = baseline  # '' nothing, '<len>:<sha1>' these bytes, '!' unknown
+        self.epoch = epoch
+
+
+class Check:
+    """An entry stamped with an older epoch: valid only if its generations are still current."""
+
+    __slots__ = ("epoch", "header", "ns_gen", "raw", "start", "tags")
+
+    def __init__(
+        self,
+        raw: bytes,
+        start: int,
+        ns_gen: str,
+        tags: list[tuple[str, str]],
+        epoch: bytes | None,
+    ) -> None:
+        self.raw = raw
+        self.start = start  # where the payload begins
+        self.header = raw[:start]
+        self.ns_gen = ns_gen
+        self.tags = tags
+        self.epoch = epoch
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Validated, encoded entries ready for one WRITE."""
+
+    keys: list[str]
+    entries: list[tuple[bytes, bytes]]  # (flags, payload)
+    ttl_ms: int
+    tag_names: tuple[str, ...]
+    tag_keys: list[str]
+
+
+def _baseline(raw: bytes | None) -> str:
+    if raw is None:
+        return ""
+    return f"{len(raw)}:{hashlib.sha1(raw).hexdigest()}"  # an identity, not a secret
+
+
+class CacheCore:
+    """State and protocol steps of one cache (no I/O; driven by a sync or async driver)."""
+
+    __slots__ = (
+        "_hashed_prefix",
+        "_loads",
+        "_plain",
+        "_ser_byte",
+        "_tag_prefix",
+        "breaker",
+        "clock",
+        "entry_prefix",
+        "epoch_key",
+        "fill_timeout",
+        "fill_timeout_ms",
+        "max_value_size",
+        "metrics",
+        "namespace",
+        "negative_ttl",
+        "ns_key",
+        "serializer",
+        "strict",
+        "ttl",
+        "value_type",
+    )
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        ttl: Seconds,
+        negative_ttl: Seconds | None,
+        value_type: Any,
+        serializer: Serializer | None,
+        prefix: str,
+        max_value_size: int,
+        fill_timeout: Seconds,
+        strict: bool,
+        breaker: CircuitBreaker | bool,
+        metrics: CacheMetrics | None,
+        clock: Clock,
+    ) -> None:
+        self.namespace = validate_name(namespace, what="namespace")
+        self.ttl = seconds(ttl, field="ttl")
+        self.negative_ttl = (
+            None
+            if negative_ttl is None
+            else seconds(negative_ttl, field="negative_ttl", allow_zero=True)
+        )
+        self.value_type = value_type
+        if serializer is None:
+            serializer = JsonSerializer()
+        if not isinstance(serializer, Serializer):
+            raise ConfigError(
+                f"serializer must have id, dumps and loads, got {type(serializer).__name__}"
+            )
+        ser_id = serializer.id
+        if not (isinstance(ser_id, bytes) and len(ser_id) == 1 and ser_id.isalpha()):
+            raise ConfigError(f"a serializer id must be one ASCII letter, got {ser_id!r}")
+        self.serializer = serializer
+        self._ser_byte = ser_id[0]
+        self._loads = serializer.loads
+        # untyped JSON: call json.loads directly (the hit path's decode is one C call)
+        self._plain = json.loads if type(serializer) is JsonSerializer else None
+        if (
+            not isinstance(max_value_size, int)
+            or isinstance(max_value_size, bool)
+            or max_value_size < 1
+        ):
+            raise ConfigError(f"max_value_size must be a positive int, got {max_value_size!r}")
+        self.max_value_size = max_value_size
+        self.fill_timeout = seconds(fill_timeout, field="fill_timeout")
+        self.fill_timeout_ms = _ms(self.fill_timeout)
+        if not isinstance(strict, bool):
+            raise ConfigError(f"strict must be a bool, got {strict!r}")
+        self.strict = strict
+        if not callable(clock):
+            raise ConfigError(f"clock must be a callable returning seconds, got {clock!r}")
+        self.clock = time.monotonic if clock is monotonic else clock  # one call less per read
+        self.breaker: CircuitBreaker | None
+        if breaker is True:
+            self.breaker = CircuitBreaker(clock=clock)
+        elif breaker is False:
+            self.breaker = None
+        elif isinstance(breaker, CircuitBreaker):
+            self.breaker = breaker
+        else:
+            raise ConfigError(f"breaker must be a CircuitBreaker or a bool, got {breaker!r}")
+        if metrics is not None and not callable(getattr(metrics, "record", None)):
+            raise ConfigError(f"metrics must have a record() method, got {metrics!r}")
+        self.metrics = metrics
+        base = KeySpace(prefix).key("cache", self.namespace)
+        self.epoch_key = base + ":epoch"
+        self.ns_key = base + ":ns"
+        self._tag_prefix = base + ":t:"
+        self.entry_prefix = base + ":k:"
+        self._hashed_prefix = base + ":h:"
+
+    # -- keys and arguments --------------------------------------------------------------------
+    def entry_key(self, key: object) -> str:
+        """The Redis key of cache key ``key`` (hashed with SHA-256 beyond 200 characters)."""
+        if type(key) is not str or not key.isprintable() or len(key) > PLAIN_KEY_MAX:
+            key = check_key(key)
+            if len(key) > PLAIN_KEY_MAX:
+                return self._hashed_prefix + hashlib.sha256(key.encode()).hexdigest()
+        elif not key:
+            check_key(key)
+        return self.entry_prefix + key
+
+    def logical_key(self, rkey: str) -> str:
+        """The cache key back from its Redis key (a hashed long key stays a hash), for messages."""
+        return rkey.removeprefix(self.entry_prefix)
+
+    def tags(self, tags: Iterable[str]) -> TagArgs:
+        """Validated tag names (deduplicated, in order) and their record keys."""
+        if isinstance(tags, str):
+            raise ConfigError(f"tags must be a list of str, not a str ({tags!r:.80})")
+        try:
+            names = tuple(dict.fromkeys(check_tag(t) for t in tags))
+        except TypeError:
+            raise ConfigError(f"tags must be an iterable of str, got {tags!r:.80}") from None
+        if len(names) > _MAX_TAGS:
+            raise ConfigError(f"an entry may have at most {_MAX_TAGS} tags, got {len(names)}")
+        return names, [self._tag_prefix + t for t in names]
+
+    def ttl_for(self, ttl: Seconds | None) -> float:
+        """``ttl`` in seconds (the cache default when ``None``); ``ConfigError`` if not > 0."""
+        return self.ttl if ttl is None else seconds(ttl, field="ttl")
+
+    def encode(self, key: str, value: Any, type_: Any) -> bytes:
+        """The serializer's bytes for ``value``; ``SerializationError`` if too large."""
+        try:
+            payload = self.serializer.dumps(value, type_)
+        except SerializationError as exc:
+            raise SerializationError(f"cache key {key!r:.80}: {exc}", key=key) from exc.__cause__
+        if len(payload) > self.max_value_size:
+            raise SerializationError(
+                f"cache key {key!r:.80}: the encoded {type(value).__name__} is "
+                f"{len(payload)} bytes; the limit is {self.max_value_size} (max_value_size)",
+                key=key,
+            )
+        return payload
+
+    def prepare(
+        self,
+        items: Iterable[tuple[object, Any]],
+        ttl: Seconds | None,
+        tags: Iterable[str],
+        type_: Any,
+    ) -> Prepared:
+        """Validate and encode entries for a plain ``set`` / ``set_many`` (raises, never I/O)."""
+        ttl_ms = _ms(self.ttl_for(ttl))
+        names, tag_keys = self.tags(tags)
+        self._check_meta(names)
+        flags = self.serializer.id + b"v"
+        keys, entries = [], []
+        for key, value in items:
+            rkey = self.entry_key(key)
+            keys.append(rkey)
+            entries.append((flags, self.encode(str(key), value, type_)))
+        return Prepared(keys, entries, ttl_ms, names, tag_keys)
+
+    def _check_meta(self, names: tuple[str, ...]) -> None:
+        # metadata: computed_at|compute_us|ttl_ms|ns_gen|tag=gen,... (16-digit generations)
+        size = 80 + sum(len(t.encode()) + 17 for t in names)
+        if size > _META_MAX:
+            raise ConfigError(f"the tags of one entry are too long ({size} bytes of metadata)")
+
+    # -- failure policy ------------------------------------------------------------------------
+    def emit(self, event: CacheEvent, count: int = 1) -> None:
+        """Report ``event`` to the metrics hook, if any (a failing hook is logged, not raised)."""
+        metrics = self.metrics
+        if metrics is not None:
+            try:
+                metrics.record(event, self.namespace, count)
+            except Exception:
+                log.exception("cache %r: the metrics hook raised", self.namespace)
+
+    def allow(self) -> bool:
+        """Whether to call Redis now: ``False`` while the circuit is open (strict: raise)."""
+        breaker = self.breaker
+        if breaker is None or breaker.allow():
+            return True
+        self.emit(CacheEvent.SHORT_CIRCUIT)
+        if self.strict:
+            raise ConnectionUnavailable(
+                f"cache {self.namespace!r}: circuit breaker open after repeated failures"
+            )
+        return False
+
+    def succeeded(self) -> None:
+        """A call reached Redis."""
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.record_success()
+
+    def failed(self, exc: BaseException, *, fail_open: bool = True) -> DistkitError:
+        """Account for a failed Redis call; return the error to swallow, or raise it.
+
+        Non-Redis errors (bad input, serialization) are re-raised as they are; Redis errors are
+        re-raised (translated) when ``strict`` is set or ``fail_open`` is false.
+        """
+        err = _translated(exc, f"cache {self.namespace!r}")
+        if not isinstance(err, (ConnectionUnavailable, ServerError)):
+            raise exc
+        if isinstance(err, ConnectionUnavailable) and self.breaker is not None:
+            self.breaker.record_failure()
+        self.emit(CacheEvent.ERROR)
+        if self.strict or not fail_open:
+            if err is exc:
+                raise err
+            raise err from exc
+        log.warning("cache %r: %s (failing open)", self.namespace, err)
+        return err
+
+    # -- reads ---------------------------------------------------------------------------------
+    def decode(self, raw: bytes | None, epoch: bytes | None, type_: Any) -> Any:
+        """The value of a hit, a ``Miss``, or a ``Check`` when the entry must be revalidated."""
+        if raw is None:
+            self.emit(_MISS)
+            return Miss("", epoch)
+        if raw[4:20] == epoch and raw[:4] == MAGIC:
+            try:
+                if raw[20] == self._ser_byte:
+                    payload = raw[_HEAD + int(raw[22:26], 16) :]
+                    plain = self._plain
+                    if plain is not None and type_ is None:
+                        value = plain(payload)
+                    else:
+                        value = self._loads(payload, type_)
+                    if self.metrics is not None:
+                        self.emit(_HIT)
+                    return value
+            except Exception as exc:
+                return self._corrupt(raw, epoch, exc)
+        return self._classify(raw, epoch)
+
+    def _classify(self, raw: bytes, epoch: bytes | None) -> Any:
+        if raw[:4] == TOMBSTONE:
+            self.emit(_MISS)
+            return Miss(_baseline(raw), epoch)
+        if raw[:4] != MAGIC:
+            return self._corrupt(raw, epoch, "not a distcache entry")
+        if raw[20:21] != self.serializer.id:
+            return self._corrupt(raw, epoch, f"written by serializer {raw[20:21]!r}")
+        try:
+            start = _HEAD + int(raw[22:26], 16)
+            fields = raw[_HEAD:start].decode("ascii").split("|")
+            ns_gen, tag_text = fields[3], fields[4]
+            tags = [tuple(t.split("=")) for t in tag_text.split(",")] if tag_text else []
+            if len(raw) < start or len(fields) != 5 or any(len(t) != 2 for t in tags):
+                raise ValueError("malformed metadata")
+        except (ValueError, IndexError, UnicodeDecodeError) as exc:
+            return self._corrupt(raw, epoch, exc)
+        return Check(raw, start, ns_gen, tags, epoch)  # type: ignore[arg-type]
+
+    def _corrupt(self, raw: bytes, epoch: bytes | None, why: object) -> Miss:
+        log.warning("cache %r: an undecodable entry counts as a miss (%.200s)", self.namespace, why)
+        self.emit(CacheEvent.DECODE_ERROR)
+        self.emit(_MISS)
+        return Miss(_baseline(raw), epoch)
+
+    def _checked(self, check: Check, code: int, type_: Any) -> Any:
+        if code == 1:
+            try:
+                value = self._loads(check.raw[check.start :], type_)
+            except Exception as exc:
+                return self._corrupt(check.raw, check.epoch, exc)
+            self.emit(_HIT)
+            return value
+        self.emit(_MISS)
+        return Miss("" if code == 0 else "!", check.epoch)
+
+    def _revalidate_step(self, keys: list[str], checks: list[Check]) -> Eval:
+        names: dict[str, int] = {}
+        args: list[Any] = []
+        for check in checks:
+            args += (check.header, check.ns_gen, len(check.tags))
+            for name, gen in check.tags:
+                args += (names.setdefault(name, len(names) + 1), gen)
+        record_keys = [self._tag_prefix + name for name in names]
+        return Eval(
+            REVALIDATE,
+            [self.epoch_key, self.ns_key, *record_keys, *keys],
+            [len(names), *args],
+        )
+
+    def recheck(self, rkey: str, check: Check, type_: Any) -> Protocol[Any]:
+        """Ask Redis whether an entry with an old epoch stamp is still valid (one script)."""
+        codes = yield self._revalidate_step([rkey], [check])
+        return self._checked(check, int(codes[0]), type_)
+
+    def read(self, rkey: str, type_: Any) -> Protocol[Any]:
+        """One key: ``MGET entry epoch``, then a revalidation if the stamp is old."""
+        raw, epoch = yield Command(("MGET", rkey, self.epoch_key))
+        value = self.decode(raw, epoch, type_)
+        if value.__class__ is Check:
+            value = yield from self.recheck(rkey, value, type_)
+        return value
+
+    def read_many(self, rkeys: list[str], type_: Any) -> Protocol[list[Any]]:
+        """Many keys: one ``MGET`` (same slot), then one revalidation for all old stamps."""
+        reply = yield Command(("MGET", self.epoch_key, *rkeys))
+        epoch = reply[0]
+        values = [self.decode(raw, epoch, type_) for raw in reply[1:]]
+        stale = [i for i, v in enumerate(values) if v.__class__ is Check]
+        if stale:
+            checks = [values[i] for i in stale]
+            codes = yield self._revalidate_step([rkeys[i] for i in stale], checks)
+            for i, check, code in zip(stale, checks, codes, strict=True):
+                values[i] = self._checked(check, int(code), type_)
+        return values
+
+    # -- writes --------------------------------------------------------------------------------
+    def write(self, prepared: Prepared) -> Protocol[None]:
+        """Store prepared entries unconditionally (one script, the namespace's slot)."""
+        args: list[Any] = ["", prepared.ttl_ms, len(prepared.tag_names), *prepared.tag_names]
+        for flags, payload in prepared.entries:
+            args += ("*", flags, 0, payload)
+        keys = [self.epoch_key, self.ns_key, *prepared.tag_keys, *prepared.keys]
+        yield Eval(WRITE, keys, args)
+
+    def fill(
+        self,
+        rkey: str,
+        miss: Miss,
+        value: Any,
+        *,
+        ttl: float,
+        negative_ttl: float | None,
+        tags: TagArgs,
+        type_: Any,
+        started: float,
+        compute: float,
+    ) -> Protocol[bool] | None:
+        """The write of a loader's result (``None``: nothing to store).
+
+        The write is refused by Redis if the key, one of the tags or the namespace changed
+        since the read. Encoding happens now, so a ``SerializationError`` reaches the caller.
+        """
+        negative = value is None and negative_ttl is not None
+        if negative:
+            assert negative_ttl is not None
+            if negative_ttl == 0:
+                return None
+            ttl = negative_ttl
+        key = self.logical_key(rkey)
+        payload = self.encode(key, value, type_)
+        if self.clock() - started > self.fill_timeout:
+            # a tombstone lives fill_timeout: past it, a delete during the load could be missed
+            log.info("cache %r: fill of %r took too long; not stored", self.namespace, key)
+            self.emit(CacheEvent.STALE_FILL_REJECTED)
+            return None
+        names, tag_keys = tags
+        seen = miss.epoch.decode() if miss.epoch is not None else "0"
+        flags = self.serializer.id + (b"n" if negative else b"v")
+        compute_us = max(0, round(compute * 1_000_000))
+        step = Eval(
+            WRITE,
+            [self.epoch_key, self.ns_key, *tag_keys, rkey],
+            [seen, _ms(ttl), len(names), *names, miss.baseline, flags, compute_us, payload],
+        )
+        return self._fill_write(key, step)
+
+    def _fill_write(self, key: str, step: Eval) -> Protocol[bool]:
+        codes = yield step
+        if int(codes[0]) == 1:
+            self.emit(CacheEvent.FILL)
+            return True
+        why = "key changed" if int(codes[0]) == 0 else "namespace or tag invalidated"
+        log.info("cache %r: stale fill of %r refused (%s)", self.namespace, key, why)
+        self.emit(CacheEvent.STALE_FILL_REJECTED)
+        return False
+
+    def tag_args(self, tags: Iterable[str]) -> TagArgs:
+        """Validated tags of one entry and their record keys (``ConfigError`` if invalid)."""
+        out = self.tags(tags)
+        self._check_meta(out[0])
+        return out
+
+    def check_fill_args(
+        self, ttl: Seconds | None, negative_ttl: Seconds | None, tags: Iterable[str]
+    ) -> tuple[float, float | None, TagArgs]:
+        """Validate a read-through's arguments before any I/O."""
+        ttl_s = self.ttl_for(ttl)
+        neg = (
+            None
+            if negative_ttl is None
+            else seconds(negative_ttl, field="negative_ttl", allow_zero=True)
+        )
+        return ttl_s, neg, self.tag_args(tags)
+
+    # -- invalidation --------------------------------------------------------------------------
+    def delete(self, rkey: str) -> Protocol[bool]:
+        """Replace the entry by a tombstone (refusing in-flight fills); ``True`` if one was live."""
+        tombstone = TOMBSTONE + secrets.token_hex(8).encode()
+        return bool((yield Eval(DELETE, [rkey], [tombstone, self.fill_timeout_ms])))
+
+    def bump(self, record_keys: list[str]) -> Protocol[None]:
+        """Move the epoch and stamp it into ``record_keys``: their entries become misses."""
+        yield Eval(BUMP, [self.epoch_key, *record_keys], [self.fill_timeout_ms])

@@ -1,0 +1,444 @@
+"""``@cached``: read-through caching of plain functions, coroutine functions and methods.
+
+Keys are canonical (``_keys.call_key``): the function's qualified name, an optional version and
+the bound arguments with defaults applied. For a method (first parameter named ``self`` or
+``cls``) that first argument is not part of the key: every instance shares the entries, and
+``invalidate`` / ``key_for`` take the method's arguments with or without the instance
+(``repo.get.invalidate(7)``, ``Repo.get.invalidate(repo, 7)`` and ``Repo.get.invalidate(7)``
+are the same). Results that depend on the instance need ``key=``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
+
+from distkit import ConfigError
+
+from ._cache import AsyncCache, Cache
+from ._core import PLAIN_KEY_MAX, CacheCore, Seconds, TagArgs
+from ._keys import arg_text, call_key, check_version
+
+__all__ = ["AsyncCachedFunction", "AsyncCachedMethod", "CachedFunction", "CachedMethod", "cached"]
+
+_P = ParamSpec("_P")
+_P2 = ParamSpec("_P2")
+_R = TypeVar("_R")
+_R2 = TypeVar("_R2")
+_R_co = TypeVar("_R_co", covariant=True)
+_S = TypeVar("_S")
+_S_contra = TypeVar("_S_contra", contravariant=True)
+
+_FROM_CACHE: Any = type("_FromCache", (), {"__repr__": lambda self: "<from cache>"})()
+_NO_SELF = object()
+_SIMPLE_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_MAX_WRAPPER_DEPTH = 16
+_MEMO_SIZE = 4096
+# Immutable, and hashed by value: the only arguments whose key may be remembered. (A mutable
+# object hashed by identity, e.g. a dataclass(eq=False), could change after its key was stored.)
+_MEMO_TYPES = frozenset({str, int, float, bool, bytes, type(None)})
+
+
+class CachedFunction(Protocol[_P, _R_co]):
+    """A function wrapped by ``@cached`` (sync): call it, or drop / name one call's entry."""
+
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> _R_co:
+        """Return the cached result of this call, computing and storing it on a miss."""
+
+    def invalidate(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
+        """Delete the entry of this call (``True`` if one was cached)."""
+
+    def key_for(self, *args: _P.args, **kwargs: _P.kwargs) -> str:
+        """The cache key of this call (``cache.get(f.key_for(...))`` reads its entry)."""
+
+    @overload
+    def __get__(
+        self: CachedFunction[Concatenate[_S, _P2], _R2], obj: None, owner: type[_S]
+    ) -> CachedMethod[_S, _P2, _R2]: ...
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> CachedFunction[_P, _R_co]: ...
+    @overload
+    def __get__(
+        self: CachedFunction[Concatenate[_S, _P2], _R2], obj: _S, owner: type[Any]
+    ) -> CachedFunction[_P2, _R2]: ...
+    def __get__(self, obj: Any, owner: type[Any]) -> Any:
+        """Bind a method's instance, as functions do."""
+
+
+class CachedMethod(Protocol[_S_contra, _P, _R_co]):
+    """A ``@cached`` method seen through its class (``invalidate`` / ``key_for``: no instance)."""
+
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
+    def __call__(self, obj: _S_contra, /, *args: _P.args, **kwargs: _P.kwargs) -> _R_co:
+        """Call the method on ``obj`` (cached)."""
+
+    def invalidate(self, *args: _P.args, **kwargs: _P.kwargs) -> bool:
+        """Delete the entry of this call, for every instance (``True`` if one was cached)."""
+
+    def key_for(self, *args: _P.args, **kwargs: _P.kwargs) -> str:
+        """The cache key of this call (the instance is not part of it)."""
+
+
+class AsyncCachedFunction(Protocol[_P, _R_co]):
+    """A coroutine function wrapped by ``@cached``: await it; ``invalidate`` is awaitable too."""
+
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
+    def __call__(self, *args: _P.args, **kwargs: _P.kwargs) -> Coroutine[Any, Any, _R_co]:
+        """Return the cached result of this call, computing and storing it on a miss."""
+
+    def invalidate(self, *args: _P.args, **kwargs: _P.kwargs) -> Awaitable[bool]:
+        """Delete the entry of this call (``True`` if one was cached)."""
+
+    def key_for(self, *args: _P.args, **kwargs: _P.kwargs) -> str:
+        """The cache key of this call (``await cache.get(f.key_for(...))`` reads its entry)."""
+
+    @overload
+    def __get__(
+        self: AsyncCachedFunction[Concatenate[_S, _P2], _R2], obj: None, owner: type[_S]
+    ) -> AsyncCachedMethod[_S, _P2, _R2]: ...
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> AsyncCachedFunction[_P, _R_co]: ...
+    @overload
+    def __get__(
+        self: AsyncCachedFunction[Concatenate[_S, _P2], _R2], obj: _S, owner: type[Any]
+    ) -> AsyncCachedFunction[_P2, _R2]: ...
+    def __get__(self, obj: Any, owner: type[Any]) -> Any:
+        """Bind a method's instance, as functions do."""
+
+
+class AsyncCachedMethod(Protocol[_S_contra, _P, _R_co]):
+    """A ``@cached`` coroutine method seen through its class (``invalidate`` needs no instance)."""
+
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[..., Any]
+
+    def __call__(
+        self, obj: _S_contra, /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> Coroutine[Any, Any, _R_co]:
+        """Call the method on ``obj`` (cached)."""
+
+    def invalidate(self, *args: _P.args, **kwargs: _P.kwargs) -> Awaitable[bool]:
+        """Delete the entry of this call, for every instance (``True`` if one was cached)."""
+
+    def key_for(self, *args: _P.args, **kwargs: _P.kwargs) -> str:
+        """The cache key of this call (the instance is not part of it)."""
+
+
+class _Keyer(Generic[_P]):
+    """Builds the canonical key (and the tags) of one call of ``fn``."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        key: Callable[..., str] | None,
+        tags: TagArgs | Callable[..., Iterable[str]],
+        typed: bool,
+        version: str | None,
+        core: CacheCore,
+    ) -> None:
+        self.fn = fn
+        self.core = core
+        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        self.signature = inspect.signature(fn)
+        params = list(self.signature.parameters.values())
+        self.method = (
+            bool(params) and params[0].name in ("self", "cls") and (params[0].kind in _SIMPLE_KINDS)
+        )
+        self.skip = 1 if self.method else 0  # a method's instance is not part of the key
+        self.simple = all(p.kind in _SIMPLE_KINDS for p in params)
+        self.names = [p.name for p in params]
+        self.defaults = [p.default for p in params]
+        self.key = key
+        self.tags = tags
+        self.typed = typed
+        self.version = version
+        self.head = f"{self.name}@{version}:(" if version else f"{self.name}:("
+        self.wrapper: Any = None
+        # positional arguments -> Redis key. Only untyped (Python equality is then exactly
+        # "same key"), only immutable scalars, only short keys: memory stays bounded.
+        self.memo: dict[tuple[Any, ...], str] | None = None if typed or key else {}
+
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The key of a call of the wrapper (a method's first argument is its instance)."""
+        if self.key is not None:
+            return _checked_key(self.key(*args, **kwargs), self.name)
+        names = self.names
+        if not kwargs and len(args) == len(names) and self.simple:  # the hot case: no dict
+            skip = self.skip
+            if len(args) - skip == 1:
+                return self.head + arg_text(self.name, names[skip], args[skip], self.typed) + ")"
+            typed, fname = self.typed, self.name
+            return (
+                self.head
+                + ",".join(
+                    arg_text(fname, p, v, typed)
+                    for p, v in zip(names[skip:], args[skip:], strict=True)
+                )
+                + ")"
+            )
+        arguments: dict[str, Any] | None = None
+        if self.simple and not kwargs:  # the common case, without Signature.bind
+            if len(args) == len(names):
+                arguments = dict(zip(names, args, strict=True))
+            elif len(args) < len(names):
+                arguments = dict(zip(names, args, strict=False))
+                for name, default in zip(
+                    names[len(args) :], self.defaults[len(args) :], strict=True
+                ):
+                    if default is inspect.Parameter.empty:
+                        arguments = None  # missing: let bind() raise the usual TypeError
+                        break
+                    arguments[name] = default
+        if arguments is None:
+            bound = self.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+        if self.method:
+            arguments.pop(names[0])
+        return call_key(self.name, self.version, arguments, self.typed)
+
+    def redis_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The Redis key of a call (memoized for repeated positional arguments)."""
+        memo = self.memo
+        if memo is None or kwargs:
+            return self.core.entry_key(self.call(args, kwargs))
+        part = args[self.skip :]
+        try:
+            return memo[part]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable arguments: no memo
+            return self.core.entry_key(self.call(args, kwargs))
+        key = self.call(args, kwargs)
+        rkey = self.core.entry_key(key)
+        if len(key) <= PLAIN_KEY_MAX and all(type(a) in _MEMO_TYPES for a in part):
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[part] = rkey
+        return rkey
+
+    def outside(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        """``args`` as the wrapper would receive them, from ``invalidate`` / ``key_for``."""
+        if self.method and not (args and self._is_instance(args[0])):
+            return (None if self.key is not None else _NO_SELF, *args)
+        return args
+
+    def _is_instance(self, obj: Any) -> bool:
+        """Whether ``obj`` is an instance (or, for ``cls``, a subclass) of the method's class."""
+        owner = obj if isinstance(obj, type) else type(obj)
+        attr = inspect.getattr_static(owner, self.fn.__name__, None)
+        for _ in range(_MAX_WRAPPER_DEPTH):  # through classmethod / other decorators
+            if attr is None:
+                return False
+            if attr is self.wrapper:
+                return True
+            attr = getattr(attr, "__func__", None) or getattr(attr, "__wrapped__", None)
+        return False
+
+    def tags_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TagArgs:
+        """The validated tags of one call."""
+        tags = self.tags
+        return self.core.tag_args(tags(*args, **kwargs)) if callable(tags) else tags
+
+
+def _checked_key(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"the key= function of @cached {name} returned {type(value).__name__}")
+    return value
+
+
+def _return_type(fn: Callable[..., Any]) -> Any:
+    """The declared return type of ``fn`` (``None`` when there is none)."""
+    hints = typing.get_type_hints(fn)  # raises NameError for an unresolvable forward reference
+    return hints.get("return")
+
+
+class _Cached:
+    def __init__(
+        self,
+        cache: Cache | AsyncCache,
+        *,
+        ttl: Seconds | None,
+        key: Callable[..., str] | None,
+        tags: Iterable[str] | Callable[..., Iterable[str]],
+        typed: bool,
+        version: str | int | None,
+        negative_ttl: Seconds | None,
+        value_type: Any,
+    ) -> None:
+        if not isinstance(cache, (Cache, AsyncCache)):
+            raise ConfigError(f"@cached needs a Cache or AsyncCache, got {type(cache).__name__}")
+        core = cache._core
+        if key is not None and not callable(key):
+            raise ConfigError(f"key must be a function returning a str, got {key!r}")
+        if not isinstance(typed, bool):
+            raise ConfigError(f"typed must be a bool, got {typed!r}")
+        if negative_ttl is _FROM_CACHE:
+            negative_ttl = core.negative_ttl
+        # validated once here; a tags function's results are validated at each call
+        self.ttl, self.negative_ttl, static_tags = core.check_fill_args(
+            ttl, negative_ttl, () if callable(tags) else tags
+        )
+        self.tags: TagArgs | Callable[..., Iterable[str]] = tags if callable(tags) else static_tags
+        self.cache = cache
+        self.key = key
+        self.typed = typed
+        self.version = check_version(version)
+        self.value_type = value_type
+
+    @overload
+    def __call__(  # type: ignore[overload-overlap]  # coroutine functions first, on purpose
+        self, fn: Callable[_P, Coroutine[Any, Any, _R]]
+    ) -> AsyncCachedFunction[_P, _R]: ...
+    @overload
+    def __call__(self, fn: Callable[_P, _R]) -> CachedFunction[_P, _R]: ...
+    def __call__(self, fn: Callable[_P, Any]) -> Any:
+        if not callable(fn) or isinstance(fn, (staticmethod, classmethod)):
+            raise ConfigError(
+                f"@cached decorates a function (put it below @staticmethod/@classmethod), "
+                f"got {fn!r}"
+            )
+        is_async = inspect.iscoroutinefunction(fn)
+        cache = self.cache
+        if is_async and not isinstance(cache, AsyncCache):
+            raise ConfigError("@cached on a coroutine function needs an AsyncCache")
+        if not is_async and not isinstance(cache, Cache):
+            raise ConfigError("@cached on a plain function needs a (sync) Cache")
+        keyer: _Keyer[_P] = _Keyer(
+            fn,
+            key=self.key,
+            tags=self.tags,
+            typed=self.typed,
+            version=self.version,
+            core=cache._core,
+        )
+        ttl, negative_ttl = self.ttl, self.negative_ttl
+        static_tags = self.tags if not callable(self.tags) else ((), [])
+        tags_fn = self.tags if callable(self.tags) else None
+        resolved: list[Any] = [] if self.value_type is _FROM_CACHE else [self.value_type]
+
+        def value_type() -> Any:
+            if not resolved:
+                try:
+                    hint = _return_type(fn)
+                except Exception as exc:
+                    raise ConfigError(
+                        f"@cached {keyer.name}: cannot resolve the return annotation ({exc}); "
+                        "pass value_type="
+                    ) from exc
+                resolved.append(cache._core.value_type if hint is None else hint)
+            return resolved[0]
+
+        with contextlib.suppress(ConfigError):  # a forward reference is retried at first call
+            value_type()
+
+        wrapper: Any
+        if isinstance(cache, AsyncCache):
+            acache = cache
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+                return await acache._get_or_set(
+                    keyer.redis_key(args, kwargs),
+                    fn,
+                    args,
+                    kwargs,
+                    ttl,
+                    negative_ttl,
+                    static_tags if tags_fn is None else keyer.tags_for(args, kwargs),
+                    resolved[0] if resolved else value_type(),
+                )
+
+            async def ainvalidate(*args: Any, **kwargs: Any) -> bool:
+                return await acache.delete(keyer.call(keyer.outside(args), kwargs))
+
+            wrapper = async_wrapper
+            wrapper.invalidate = ainvalidate
+        else:
+            scache = cache
+
+            @functools.wraps(fn)
+            def sync_wrapper(*args: _P.args, **kwargs: _P.kwargs) -> Any:
+                return scache._get_or_set(
+                    keyer.redis_key(args, kwargs),
+                    fn,
+                    args,
+                    kwargs,
+                    ttl,
+                    negative_ttl,
+                    static_tags if tags_fn is None else keyer.tags_for(args, kwargs),
+                    resolved[0] if resolved else value_type(),
+                )
+
+            def invalidate(*args: Any, **kwargs: Any) -> bool:
+                return scache.delete(keyer.call(keyer.outside(args), kwargs))
+
+            wrapper = sync_wrapper
+            wrapper.invalidate = invalidate
+
+        def key_for(*args: Any, **kwargs: Any) -> str:
+            return keyer.call(keyer.outside(args), kwargs)
+
+        wrapper.key_for = key_for
+        keyer.wrapper = wrapper
+        return wrapper
+
+
+def cached(
+    cache: Cache | AsyncCache,
+    *,
+    ttl: Seconds | None = None,
+    key: Callable[..., str] | None = None,
+    tags: Iterable[str] | Callable[..., Iterable[str]] = (),
+    typed: bool = False,
+    version: str | int | None = None,
+    negative_ttl: Seconds | None = _FROM_CACHE,
+    value_type: Any = _FROM_CACHE,
+) -> _Cached:
+    """Cache a function's results in ``cache``, keyed by its canonical bound arguments.
+
+    Coroutine functions need an ``AsyncCache``, plain functions a ``Cache``. The wrapper keeps
+    the function's signature and gains ``invalidate(*args, **kwargs)`` (awaitable for coroutine
+    functions) and ``key_for(*args, **kwargs)``.
+
+    Args:
+        cache: where results are stored.
+        ttl: time to live (default: the cache's).
+        key: a function with the wrapped function's parameters returning the full cache key
+            (default: ``module.qualname[@version]:(arg=value,...)``).
+        tags: tags of every result, or a function of the call's arguments returning them.
+        typed: distinguish arguments of different types that compare equal (``1``, ``1.0``,
+            ``True``), as ``functools.lru_cache(typed=True)``.
+        version: part of every key: change it when the function's results change meaning.
+        negative_ttl: time to live of a ``None`` result (default: the cache's).
+        value_type: the type results decode to (default: the return annotation).
+
+    Raises:
+        ConfigError: an option is invalid, or the cache does not match the function's kind.
+    """
+    return _Cached(
+        cache,
+        ttl=ttl,
+        key=key,
+        tags=tags,
+        typed=typed,
+        version=version,
+        negative_ttl=negative_ttl,
+        value_type=value_type,
+    )

@@ -1,0 +1,220 @@
+"""The cache's Lua scripts. Every key of one namespace carries the same hash tag ``{ns}``.
+
+Keys of namespace ``NS`` under prefix ``P`` (all on one Cluster slot)::
+
+    P:cache:{NS}:epoch       STRING  16-digit stamp, changed by every invalidation   (no TTL)
+    P:cache:{NS}:ns          STRING  generation of the namespace (set by clear)       PX >= entries
+    P:cache:{NS}:t:<tag>     STRING  generation of one tag (set by invalidate_tags)   PX >= entries
+    P:cache:{NS}:k:<key>     STRING  an entry (envelope below), or a tombstone        PX ttl
+    P:cache:{NS}:h:<sha256>  STRING  the same, for keys longer than 200 characters    PX ttl
+
+Generations are epoch values: an invalidation sets the epoch to ``max(now_us, epoch + 1)`` (a
+hybrid logical clock, as the lock's fencing tokens) and stamps that value into the namespace or
+tag record it invalidates. An entry records the epoch and every generation it was written under.
+On a read, ``entry.epoch == epoch`` proves that nothing was invalidated since the write (the hit
+path: one ``MGET`` of entry and epoch, no Lua); otherwise REVALIDATE compares the recorded
+generations with the current ones and re-stamps the entry (valid) or deletes it (invalid).
+
+A lost record (eviction, restart) reads as absent, which never equals a recorded generation: the
+entries that depend on it become misses, never stale hits.
+
+Entry envelope (written by WRITE; bytes 4-19 re-stamped in place by REVALIDATE)::
+
+    0   "dc1:"        magic and format version 1
+    4   epoch         16 ASCII digits
+    20  serializer    one byte: "j" JSON, "p" signed pickle, ...
+    21  kind          "v" value, "n" negative (a loader's None stored with negative_ttl)
+    22  H             4 hex digits: length of the metadata
+    26  metadata      "computed_at_ms|compute_us|ttl_ms|ns_gen|tag=gen,tag=gen"
+    26+H payload      the serializer's bytes
+
+A tombstone (``delete``) is ``"dc1~" + random``, kept for the fill timeout: a fill that read the
+key before the delete finds it changed and is refused.
+"""
+
+from __future__ import annotations
+
+from distkit import Script
+
+__all__ = ["BUMP", "DELETE", "REVALIDATE", "WRITE"]
+
+_HELPERS = """
+local function pad(n) return string.format('%016.0f', n) end
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- The namespace epoch (created from the server clock when absent), as a number and a string.
+local function current_epoch(key)
+  local v = redis.call('GET', key)
+  if v then return tonumber(v), v end
+  local s = pad(now_us())
+  redis.call('SET', key, s)
+  return tonumber(s), s
+end
+
+-- A generation record: created at `epoch_s` when absent, kept alive for at least ttl_ms.
+local function record(key, epoch_s, ttl_ms)
+  local v = redis.call('GET', key)
+  if not v then
+    redis.call('SET', key, epoch_s, 'PX', ttl_ms)
+    return epoch_s
+  end
+  local pttl = redis.call('PTTL', key)
+  if pttl >= 0 and pttl < ttl_ms then redis.call('PEXPIRE', key, ttl_ms) end
+  return v
+end
+"""
+
+# KEYS: epoch, then the records to invalidate (namespace record and/or tag records)
+# ARGV: min_ttl_ms (a new or short-lived record is kept at least this long: the fill timeout)
+# Returns the new epoch (16-digit string); every record in KEYS now holds it.
+BUMP = Script(
+    "distcache.bump",
+    _HELPERS
+    + """
+local e = now_us()
+local cur = redis.call('GET', KEYS[1])
+if cur and tonumber(cur) >= e then e = tonumber(cur) + 1 end
+if e >= 9007199254740992 then error('DISTCACHE epoch space exhausted at ' .. KEYS[1]) end
+local s = pad(e)
+redis.call('SET', KEYS[1], s)
+local min_ttl = tonumber(ARGV[1])
+for i = 2, #KEYS do
+  if redis.call('PTTL', KEYS[i]) > min_ttl then
+    redis.call('SET', KEYS[i], s, 'KEEPTTL')
+  else
+    redis.call('SET', KEYS[i], s, 'PX', min_ttl)
+  end
+end
+return s
+""",
+)
+
+# KEYS: epoch, namespace record, tag records (ntags), entries (n)
+# ARGV: seen ('' for a plain set; else the epoch the fill's read saw, '0' when there was none),
+#       ttl_ms, ntags, tag names (ntags),
+#       then for each entry: baseline, flags (serializer id + kind), compute_us, payload
+#       baseline: '*' no check; '' the read saw nothing; '<len>:<sha1>' the bytes it saw;
+#                 '!' unknown (never matches)
+# Returns one code per entry: 1 written; 0 refused, the key changed since the read (delete, set,
+#         another fill); -1 refused, the namespace or one of the tags was invalidated since.
+# The compare-and-set of a fill (memcache leases, without a lease round trip): the read captured
+# the epoch; any invalidation since moved it, and then the namespace and tag records are checked
+# one by one: a record newer than `seen` (or gone) means this fill's value may predate it.
+WRITE = Script(
+    "distcache.write",
+    _HELPERS
+    + """
+local seen_s, ttl_ms, ntags = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local n = #KEYS - 2 - ntags
+local function refuse_all(code)
+  local out = {}
+  for j = 1, n do out[j] = code end
+  return out
+end
+if seen_s ~= '' then
+  local seen = tonumber(seen_s)
+  local cur = redis.call('GET', KEYS[1])
+  if cur then
+    if tonumber(cur) ~= seen then
+      for i = 2, 2 + ntags do
+        local v = redis.call('GET', KEYS[i])
+        if not v or tonumber(v) > seen then return refuse_all(-1) end
+      end
+    end
+  elseif seen ~= 0 then
+    return refuse_all(-1)  -- the epoch is gone: what happened since the read is unknown
+  end
+end
+local _, epoch_s = current_epoch(KEYS[1])
+local ns_gen = record(KEYS[2], epoch_s, ttl_ms)
+local parts = {}
+for i = 1, ntags do
+  parts[i] = ARGV[3 + i] .. '=' .. record(KEYS[2 + i], epoch_s, ttl_ms)
+end
+local t = redis.call('TIME')
+local now_ms = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+local tail = ARGV[2] .. '|' .. ns_gen .. '|' .. table.concat(parts, ',')
+local out = {}
+local a = 3 + ntags
+for j = 1, n do
+  local key = KEYS[2 + ntags + j]
+  local baseline, flags, compute, payload = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  a = a + 4
+  local ok = true
+  if baseline ~= '*' then
+    local cur = redis.call('GET', key)
+    local now = ''
+    if cur then now = #cur .. ':' .. redis.sha1hex(cur) end
+    ok = now == baseline
+  end
+  if ok then
+    local meta = now_ms .. '|' .. compute .. '|' .. tail
+    redis.call('SET', key,
+      'dc1:' .. epoch_s .. flags .. string.format('%04x', #meta) .. meta .. payload,
+      'PX', ttl_ms)
+    out[j] = 1
+  else
+    out[j] = 0
+  end
+end
+return out
+""",
+)
+
+# KEYS: epoch, namespace record, tag records (m: the union over the entries), entries (n)
+# ARGV: m, then for each entry: header (its bytes up to the payload, as read), recorded namespace
+#       generation, k, then k pairs (index of the tag record in KEYS[3..], recorded generation)
+# Returns one code per entry: 1 still valid (re-stamped with the current epoch); 0 invalid
+#         (deleted); -1 the entry changed since it was read (left alone).
+REVALIDATE = Script(
+    "distcache.revalidate",
+    _HELPERS
+    + """
+local _, epoch_s = current_epoch(KEYS[1])
+local m = tonumber(ARGV[1])
+local n = #KEYS - 2 - m
+local ns_now = redis.call('GET', KEYS[2])
+local out = {}
+local a = 2
+for j = 1, n do
+  local key = KEYS[2 + m + j]
+  local header, ns_gen, k = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  a = a + 3
+  local ok = ns_now == ns_gen
+  for _ = 1, k do
+    local idx, gen = tonumber(ARGV[a]), ARGV[a + 1]
+    a = a + 2
+    if ok and redis.call('GET', KEYS[2 + idx]) ~= gen then ok = false end
+  end
+  local cur = redis.call('GETRANGE', key, 0, #header - 1)
+  -- the same entry, whatever its epoch stamp (another reader may have re-stamped it already)
+  if string.sub(cur, 1, 4) ~= string.sub(header, 1, 4)
+      or string.sub(cur, 21) ~= string.sub(header, 21) then
+    out[j] = -1
+  elseif ok then
+    redis.call('SETRANGE', key, 4, epoch_s)
+    out[j] = 1
+  else
+    redis.call('DEL', key)
+    out[j] = 0
+  end
+end
+return out
+""",
+)
+
+# KEYS: entry;  ARGV: tombstone, ttl_ms (the fill timeout)
+# Returns 1 if the key held an entry (valid or not), 0 if it held nothing or a tombstone.
+DELETE = Script(
+    "distcache.delete",
+    """
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if old and string.sub(old, 1, 4) == 'dc1:' then return 1 end
+return 0
+""",
+)

@@ -1,0 +1,485 @@
+"""``@cached`` on functions, coroutine functions and methods: signatures kept, canonical keys
+(bound arguments, defaults applied), no collisions between different arguments, ``invalidate``
+and ``key_for``."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import enum
+import hashlib
+import inspect
+from collections import OrderedDict, namedtuple
+from decimal import Decimal
+from typing import Any, ClassVar
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from distcache import AsyncCache, Cache, ConfigError, SerializationError, cached
+from distcache._keys import call_key
+from distkit.testing import RedisServer
+
+MISSING = object()
+
+
+@pytest.fixture
+def cache(r: redis.Redis) -> Cache:
+    return Cache(r, namespace="deco")
+
+
+def test_a_plain_function_keeps_its_signature_and_is_called_once_per_key(cache: Cache) -> None:
+    calls: list[tuple[int, int]] = []
+
+    @cached(cache, ttl=60)
+    def add(a: int, b: int = 2, *, scale: int = 1) -> int:
+        """Add, then scale."""
+        calls.append((a, b))
+        return (a + b) * scale
+
+    assert add.__name__ == "add" and add.__doc__ == "Add, then scale."
+    assert str(inspect.signature(add)) == "(a: 'int', b: 'int' = 2, *, scale: 'int' = 1) -> 'int'"
+    assert not inspect.iscoroutinefunction(add)
+    assert add(1) == add(1, 2) == add(a=1, b=2) == add(1, b=2, scale=1) == 3
+    assert calls == [(1, 2)]  # one canonical key for all four spellings
+    assert add(1, scale=2) == 6
+    assert add.key_for(1) == add.key_for(a=1, b=2, scale=1)
+    assert add.key_for(1) == f"{add.__module__}.{add.__qualname__}:(a=n1,b=n2,scale=n1)"
+    assert add.invalidate(1) is True
+    assert add.invalidate(1) is False
+    assert add(a=1) == 3
+    assert calls == [(1, 2), (1, 2), (1, 2)]
+    with pytest.raises(TypeError):
+        add()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        add(1, 2, 3)  # type: ignore[call-arg]
+
+
+def test_a_coroutine_function(redis_server: RedisServer) -> None:
+    async def run() -> None:
+        client = redis_server.async_client()
+        acache = AsyncCache(client, namespace="adeco")
+        calls: list[int] = []
+
+        @cached(acache, tags=["users"])
+        async def user(uid: int) -> dict[str, int]:
+            calls.append(uid)
+            await asyncio.sleep(0)
+            return {"id": uid}
+
+        assert inspect.iscoroutinefunction(user)
+        assert await user(1) == await user(uid=1) == {"id": 1}
+        assert calls == [1]
+        assert await user.invalidate(1) is True
+        await user(1)
+        await acache.invalidate_tags("users")
+        await user(1)
+        assert calls == [1, 1, 1]
+        assert await acache.get(user.key_for(1)) == {"id": 1}
+        await client.aclose()
+
+    redis_server.client().flushall()
+    asyncio.run(run())
+
+
+def test_methods_exclude_self_from_the_key(cache: Cache) -> None:
+    class Users:
+        loads: ClassVar[list[tuple[str, int]]] = []
+
+        def __init__(self, db: str) -> None:
+            self.db = db
+
+        @cached(cache)
+        def get(self, uid: int, full: bool = False) -> str:
+            Users.loads.append((self.db, uid))
+            return f"user {uid}"
+
+        @classmethod
+        @cached(cache)
+        def count(cls, kind: str) -> int:
+            return len(kind)
+
+    a, b = Users("a"), Users("b")
+    assert a.get(1) == b.get(1) == "user 1"
+    assert Users.loads == [("a", 1)]  # instances share the entry: self is not in the key
+    key = a.get.key_for(1)
+    # the class-level forms are typed without the instance; at run time it may be passed too
+    assert key == b.get.key_for(1) == Users.get.key_for(1) == Users.get.key_for(a, 1)  # type: ignore[arg-type]
+    assert key.endswith(".Users.get:(uid=n1,full=n0)")
+    assert a.get.invalidate(1) is True  # through the instance
+    a.get(1)
+    assert Users.get.invalidate(b, uid=1) is True  # type: ignore[arg-type,misc]  # with one
+    a.get(1)
+    assert Users.get.invalidate(1) is True  # through the class, without one
+    # type checkers do not bind cls through a decorator object under @classmethod
+    assert Users.count("abc") == 3 == Users.count("abc")  # type: ignore[call-arg,arg-type]
+    assert Users.count.key_for("abc") == Users.count.key_for(Users, "abc")  # type: ignore[call-arg,arg-type]
+    assert Users.count.invalidate("abc") is True
+    assert str(inspect.signature(a.get)) == "(uid: 'int', full: 'bool' = False) -> 'str'"
+
+
+def test_typed_distinguishes_equal_values_of_different_types(cache: Cache) -> None:
+    loose_calls: list[Any] = []
+    typed_calls: list[Any] = []
+
+    @cached(cache)
+    def loose(x: Any) -> str:
+        loose_calls.append(x)
+        return repr(x)
+
+    @cached(cache, typed=True)
+    def strict(x: Any) -> str:
+        typed_calls.append(x)
+        return repr(x)
+
+    for value in (1, 1.0, True):
+        loose(value)
+        strict(value)
+    assert loose_calls == [1]  # 1 == 1.0 == True, as functools.lru_cache(typed=False)
+    assert typed_calls == [1, 1.0, True]
+    loose("1")
+    loose(b"1")
+    assert loose_calls == [1, "1", b"1"]  # equal-looking but unequal values never share
+
+
+def test_version_key_function_tags_and_ttl(cache: Cache, r: redis.Redis) -> None:
+    @cached(cache, version=2, tags=lambda uid: [f"user:{uid}", "users"], ttl=30)
+    def profile(uid: int) -> str:
+        return f"p{uid}"
+
+    @cached(cache, key=lambda uid: f"profile-v1:{uid}")
+    def legacy(uid: int) -> str:
+        return f"l{uid}"
+
+    assert profile.key_for(3).endswith(".profile@2:(uid=n3)")
+    assert profile(3) == "p3"
+    assert 29_000 < r.pttl(f"distkit:cache:{{deco}}:k:{profile.key_for(3)}") <= 30_000
+    cache.invalidate_tags("user:4")
+    assert cache.get(profile.key_for(3)) == "p3"
+    cache.invalidate_tags("user:3")
+    assert cache.get(profile.key_for(3), MISSING) is MISSING
+    assert legacy(5) == "l5" and legacy.key_for(5) == "profile-v1:5"
+    assert cache.get("profile-v1:5") == "l5"
+
+
+def test_repeated_calls_reuse_their_key(cache: Cache, r: redis.Redis) -> None:
+    calls: list[Any] = []
+
+    @cached(cache)
+    def f(x: Any, y: int = 0) -> str:
+        calls.append(x)
+        return repr(x)
+
+    for x in (1, 1, True, 1.0, "1", [1], [1], (1,)):
+        f(x)
+    assert calls == [1, "1", [1], (1,)]  # equal values share an entry, memoized or not
+    keys = {k for k in r.keys("*:k:*") if isinstance(k, bytes)}
+    assert keys == {
+        f"distkit:cache:{{deco}}:k:{f.key_for(x)}".encode() for x in (1, "1", [1], (1,))
+    }
+
+    @cached(cache, typed=True)
+    def g(x: Any) -> str:
+        calls.append(x)
+        return repr(x)
+
+    calls.clear()
+    for x in (1, True, 1.0, 1):
+        g(x)
+    assert calls == [1, True, 1.0]  # typed keys are never memoized by Python equality
+
+    @dataclasses.dataclass(eq=False)  # hashed by identity, but keyed by its fields
+    class Query:
+        text: str
+
+    calls.clear()
+    query = Query("a")
+    f(query)
+    query.text = "b"
+    f(query)
+    assert calls == [query, query]  # the mutated argument got a new key: no stale hit
+
+
+def test_long_keys_are_hashed(cache: Cache, r: redis.Redis) -> None:
+    @cached(cache)
+    def search(query: str) -> int:
+        return len(query)
+
+    query = "q" * 500
+    assert search(query) == 500
+    key = search.key_for(query)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert r.exists(f"distkit:cache:{{deco}}:h:{digest}") == 1
+    assert search(query) == 500
+
+
+def test_negative_ttl_for_none_results(cache: Cache, r: redis.Redis) -> None:
+    calls: list[int] = []
+
+    @cached(cache, negative_ttl=0.5)
+    def find(uid: int) -> str | None:
+        calls.append(uid)
+        return None
+
+    assert find(1) is None and find(1) is None
+    assert calls == [1]
+    assert 0 < r.pttl(f"distkit:cache:{{deco}}:k:{find.key_for(1)}") <= 500
+
+
+def test_arguments_without_a_canonical_form_are_refused(cache: Cache) -> None:
+    class Conn:
+        pass
+
+    @cached(cache)
+    def query(conn: Any, sql: str) -> int:
+        return 1
+
+    with pytest.raises(SerializationError, match=r"argument 'conn'.*Conn"):
+        query(Conn(), "select 1")
+    loop: list[Any] = []
+    loop.append(loop)
+    with pytest.raises(SerializationError, match="contains itself"):
+        query(loop, "x")
+
+
+def test_decoration_errors(r: redis.Redis, redis_server: RedisServer) -> None:
+    sync_cache = Cache(r)
+    async_cache = AsyncCache(redis_server.async_client())
+    with pytest.raises(ConfigError, match="AsyncCache"):
+
+        @cached(sync_cache)
+        async def a() -> None: ...
+
+    with pytest.raises(ConfigError, match="sync"):
+
+        @cached(async_cache)
+        def b() -> None: ...
+
+    with pytest.raises(ConfigError):
+        cached(sync_cache, ttl=0)
+    with pytest.raises(ConfigError):
+        cached(sync_cache, tags="one-tag")
+    with pytest.raises(ConfigError):
+        cached(sync_cache, version="has space")
+    with pytest.raises(ConfigError):
+        cached(sync_cache, typed=1)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        cached("not a cache")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        cached(sync_cache, key="static")  # type: ignore[arg-type]
+
+    @cached(sync_cache, key=lambda x: 42)  # type: ignore[arg-type,return-value]
+    def c(x: int) -> int:
+        return x
+
+    with pytest.raises(ConfigError, match="returned int"):
+        c(1)
+
+
+class Later(BaseModel):
+    value: int
+
+
+def test_forward_references_resolve_at_the_first_call(cache: Cache) -> None:
+    @cached(cache)
+    def make() -> DefinedAfterDecoration:  # type: ignore[name-defined]  # noqa: F821
+        return Later(value=1)
+
+    call: Any = make  # (an unresolvable annotation is Any to the type checker)
+    globals()["DefinedAfterDecoration"] = Later  # only now can the annotation be resolved
+    try:
+        assert call() == call() == Later(value=1)
+        assert isinstance(call(), Later)
+    finally:
+        del globals()["DefinedAfterDecoration"]
+
+    @cached(cache)
+    def broken() -> NeverDefined:  # type: ignore[name-defined]  # noqa: F821
+        return 1
+
+    call = broken
+    with pytest.raises(ConfigError, match="value_type"):
+        call()
+
+
+# -- canonical keys: no collisions -------------------------------------------------------------
+class Color(enum.Enum):
+    RED = 1
+    BLUE = "1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pt:
+    x: Any
+    y: Any = 0
+
+
+class Model(BaseModel):
+    a: Any
+    b: Any = None
+
+
+Pair = namedtuple("Pair", "left right")
+
+# Strings that look like the encodings of other values: where sloppy key builders collide.
+confusable = st.one_of(
+    st.sampled_from(["1", "n1", "i1", "b1", "N", "None", "f1.5", "(1,)", "[1]", "'a'", "a,b"]),
+    st.text(alphabet="n1if.bN(),[]{}<>:'\"=xE", max_size=8),
+)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=False),
+    st.sampled_from([0.0, -0.0, 1.0, 2.0**53, 1e300, 0, 1, 15, -1, 2**53]),
+    confusable,
+    st.text(max_size=8),
+    st.binary(max_size=6),
+    st.sampled_from([Color.RED, Color.BLUE, Decimal("1"), dt.date(2020, 1, 1)]),
+)
+values = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4).map(tuple),
+        st.dictionaries(confusable | st.integers(), children, max_size=4),
+        st.frozensets(st.integers() | st.text(max_size=3), max_size=4),
+        st.builds(Pt, children, children),
+        st.builds(Model, a=children, b=children),
+        st.builds(Pair, children, children),
+    ),
+    max_leaves=12,
+)
+
+
+def typed_equal(a: Any, b: Any) -> bool:
+    """Equality that also compares types, recursively (what typed=True keys must separate)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(typed_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(
+            any(typed_equal(k, k2) and typed_equal(a[k], b[k2]) for k2 in b if k2 == k) for k in a
+        )
+    if isinstance(a, (Pt, Model)):
+        return typed_equal(list(vars(a).values()), list(vars(b).values()))
+    if isinstance(a, frozenset):
+        return a == b and all(any(typed_equal(x, y) for y in b) for x in a)
+    return bool(a == b)
+
+
+def untyped_equal(a: Any, b: Any) -> bool:
+    try:
+        equal = a == b
+    except Exception:
+        return False
+    if isinstance(a, (Pt, Model)) or isinstance(b, (Pt, Model)):  # equal only as the same class
+        return type(a) is type(b) and bool(equal)
+    return bool(equal) and _same_shape(a, b)
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    # Python calls [1] != (1,), but Pair(1, 2) == (1, 2) and {1: x} == {True: x}
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return isinstance(a, tuple) == isinstance(b, tuple) and all(
+            _same_shape(x, y) for x, y in zip(a, b, strict=True)
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return all(_same_shape(a[k], b[k]) for k in a)
+    return True
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(st.tuples(values, values), min_size=2, max_size=20))
+def test_distinct_argument_tuples_never_share_a_key(calls: list[tuple[Any, Any]]) -> None:
+    for typed, equal in ((True, typed_equal), (False, untyped_equal)):
+        first: dict[str, tuple[Any, Any]] = {}
+        for call in calls:
+            key = call_key("f", None, {"x": call[0], "y": call[1]}, typed)
+            other = first.setdefault(key, call)
+            assert equal(call[0], other[0]) and equal(call[1], other[1]), (typed, key)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.sampled_from([0, 1, 15, -1, 1.0, 0.5, True, False, None]) | confusable, max_size=40)
+)
+def test_distinct_scalars_never_share_a_key(xs: list[Any]) -> None:
+    for typed, equal in ((True, typed_equal), (False, untyped_equal)):
+        first: dict[str, Any] = {}
+        for x in xs:
+            other = first.setdefault(call_key("f", None, {"x": x}, typed), x)
+            assert equal(x, other), (typed, x, other)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_equal_values_share_a_key(value: Any) -> None:
+    for typed in (True, False):
+        copied = _rebuild(value, typed)
+        assert call_key("f", None, {"x": value}, typed) == call_key("f", None, {"x": copied}, typed)
+
+
+def _rebuild(value: Any, typed: bool) -> Any:
+    """An equal copy built differently: dicts in reverse insertion order, sets rebuilt, 0.0 as
+    -0.0, and (untyped) integral floats as ints and ints as floats."""
+    if isinstance(value, dict):
+        return {k: _rebuild(value[k], typed) for k in reversed(list(value))}
+    if isinstance(value, Pair):
+        return Pair(*(_rebuild(v, typed) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rebuild(v, typed) for v in value)
+    if isinstance(value, frozenset):
+        return frozenset(reversed(list(value)))
+    if type(value) is float:
+        if value == 0:
+            return -value
+        if not typed and value.is_integer():
+            return int(value)
+    if type(value) is int and not typed and float(value) == value:
+        return float(value)
+    return value
+
+
+def test_collision_cases_reported_by_other_libraries() -> None:
+    def key(*args: Any, typed: bool = False, **kwargs: Any) -> str:
+        return call_key("f", None, {"args": args, "kwargs": kwargs}, typed)
+
+    distinct = [
+        key("1"),
+        key(1),
+        key("a b"),
+        key("a", "b"),
+        key("a,b"),
+        key(None),
+        key("None"),
+        key([1, 2]),
+        key((1, 2)),
+        key("[1, 2]"),
+        key({"a": 1}),
+        key(a=1),
+        key(b"x"),
+        key("x"),
+        key(1.5),
+        key("1.5"),
+        key(OrderedDict(a=1, b=2)),
+        key(OrderedDict(b=2, a=1)),
+        key(Color.RED),
+        key(Color.BLUE),
+    ]
+    assert len(set(distinct)) == len(distinct)
+    assert key({"a": 1, "b": 2}) == key({"b": 2, "a": 1})
+    assert list(frozenset([1, 9])) != list(frozenset([9, 1]))  # iteration order differs...
+    assert key(frozenset([1, 9])) == key(frozenset([9, 1])) == key({9, 1})  # ...keys do not
+    assert key({1, 9}, typed=True) != key(frozenset([1, 9]), typed=True)
+    assert key(1) == key(1.0) == key(True)
+    for text, number in (("n1", 1), ("nf", 15), ("1", 1), ("i1", 1), ("N", None)):  # top level
+        assert call_key("f", None, {"x": text}, False) != call_key("f", None, {"x": number}, False)
+        assert call_key("f", None, {"x": text}, True) != call_key("f", None, {"x": number}, True)
+    assert len({key(1, typed=True), key(1.0, typed=True), key(True, typed=True)}) == 3
