@@ -7,20 +7,24 @@ its name out of ``PLANNED``. To add a contender: add its adapter where its kind 
 
 from __future__ import annotations
 
-from . import _lock_contended, _lock_uncontended, _redlock
+from . import _cache_scenarios, _lock_contended, _lock_uncontended, _redlock
 from ._model import Scenario
 
 __all__ = ["PLANNED", "SCENARIOS"]
 
 SCENARIOS: dict[str, Scenario] = {
-    s.name: s for s in (_lock_uncontended.SCENARIO, _lock_contended.SCENARIO, _redlock.SCENARIO)
+    s.name: s
+    for s in (
+        _lock_uncontended.SCENARIO,
+        _lock_contended.SCENARIO,
+        _redlock.SCENARIO,
+        _cache_scenarios.HIT_SCENARIO,
+        _cache_scenarios.BATCH_SCENARIO,
+    )
 }
 
 # Named in issue 4; each lands with the feature it measures (nothing is faked before then).
 PLANNED: dict[str, str] = {
-    "cache_hit": "read-through hits on 1,000 hot keys: floor GET + json.loads, distcache with "
-    "and without near cache, dogpile.cache, cashews, aiocache, dict ceiling (lands with distcache)",
     "cache_stampede": "64 concurrent callers on a just-expired key with a 50 ms loader: loader "
     "calls and caller latency (lands with distcache stampede control)",
-    "cache_batch": "get_many of 100 keys vs 100 GETs vs MGET (lands with distcache)",
 }

@@ -41,7 +41,8 @@ __all__ = [
 _T = TypeVar("_T")
 _C = TypeVar("_C", bound="Contender")
 
-Role = Literal["floor", "distkit", "peer"]
+# "ceiling": a bound from above that is not a competitor (an in-process dict for cache hits).
+Role = Literal["floor", "distkit", "peer", "ceiling"]
 
 # Where a single-process measurement runs: "same" pins the measuring process and the
 # redis-server(s) it started to one CPU; "auto" does so when the run started its servers.

@@ -181,7 +181,7 @@ def write_json(run: RunResult, path: str | Path) -> None:
     Path(path).write_text(json.dumps(run.as_dict(), indent=2, ensure_ascii=False) + "\n")
 
 
-_COLOURS = {"floor": "#9e9e9e", "distkit": "#1f77b4", "peer": "#ff7f0e"}
+_COLOURS = {"floor": "#9e9e9e", "distkit": "#1f77b4", "peer": "#ff7f0e", "ceiling": "#2ca02c"}
 
 
 def write_plot(run: RunResult, path: str | Path) -> None:

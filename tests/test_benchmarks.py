@@ -124,9 +124,17 @@ def test_redlock_smoke_checks_every_master_for_leftovers(
         assert rows[key]["checks"]["no key left on any master after release"] is True
 
 
+@pytest.mark.parametrize("name", ["cache_hit", "cache_batch"])
+def test_cache_scenarios_smoke(tmp_path: Path, redis_server: RedisServer, name: str) -> None:
+    code, data = _run(tmp_path, "--scenario", name, "--duration", "0.1", "--redis-url",
+                      redis_server.url)  # fmt: skip
+    assert code == 0
+    _assert_all_measured(data, name)
+
+
 def test_planned_scenario_is_refused_not_faked(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["--scenario", "cache_batch"])
+        main(["--scenario", "cache_stampede"])
     assert exc.value.code == 2
     assert "not there yet" in capsys.readouterr().err
 
