@@ -22,6 +22,7 @@ import redis.exceptions as rex
 from ._errors import ConnectionUnavailable, DistkitError, translate
 from ._protocol import _REDIS_ERRORS, TIMED_OUT, AsyncDriver, Cleanup, Eval, FanOut, SyncDriver
 from ._retry import RetryPolicy
+from ._scripts import Script
 
 __all__ = ["TIMED_OUT", "AsyncFanOutDriver", "FanOut", "SyncFanOutDriver"]
 
@@ -31,15 +32,25 @@ def _packed_eval(conn: Any, call: Eval, *, by_sha: bool = True) -> Any:
     return conn.pack_command(*head, len(call.keys), *call.keys, *call.args)
 
 
-def _hopeless(step: FanOut, outcomes: Sequence[Any], pending: int) -> bool:
-    if not step.quorum or step.granted is None:
-        return False
-    granted = sum(
+def _granted_count(step: FanOut, outcomes: Sequence[Any]) -> int:
+    assert step.granted is not None
+    return sum(
         1
         for o in outcomes
         if o is not TIMED_OUT and not isinstance(o, Exception) and step.granted(o)
     )
-    return granted + pending < step.quorum
+
+
+def _hopeless(step: FanOut, outcomes: Sequence[Any], pending: int) -> bool:
+    if not step.quorum or step.granted is None:
+        return False
+    return _granted_count(step, outcomes) + pending < step.quorum
+
+
+def _won(step: FanOut, outcomes: Sequence[Any]) -> bool:
+    if not step.quorum or step.granted is None:
+        return False
+    return _granted_count(step, outcomes) >= step.quorum
 
 
 def _error(exc: BaseException, what: str) -> DistkitError:
@@ -64,12 +75,15 @@ class SyncFanOutDriver(SyncDriver):
     or stalled minority does not slow every operation down.
     """
 
-    __slots__ = ("_conns", "_lock", "_suspended", "clients")
+    __slots__ = ("_conns", "_lock", "_suspended", "_unread", "clients")
 
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
         self.clients = list(clients)
         self._conns: list[Any] = [None] * len(self.clients)
+        # Replies still owed on each connection: once a quorum has decided, the stragglers are
+        # not waited for; their replies are read (and dropped) before the next one there.
+        self._unread: list[list[Script]] = [[] for _ in self.clients]
         self._suspended = [0.0] * len(self.clients)
         self._lock = threading.Lock()  # the renewal thread shares the connections
 
@@ -97,10 +111,43 @@ class SyncFanOutDriver(SyncDriver):
 
     def _drop(self, i: int, now: float, timeout: float, *, suspend: bool = True) -> None:
         conn, self._conns[i] = self._conns[i], None
+        self._unread[i] = []
         if conn is not None:
             conn.disconnect()
         if suspend:
             self._suspended[i] = now + _suspension(timeout)
+
+    def _drain(self, i: int, deadline: float, unloaded: list[Script]) -> bool:
+        """Read the replies still owed on node ``i``'s connection; False if they are late.
+
+        A straggler that answered NOSCRIPT did nothing (fine: it was not needed); its script is
+        collected in ``unloaded`` and loaded once this fan-out's replies are all read.
+        """
+        conn = self._conns[i]
+        while self._unread[i]:
+            if not conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
+                return False
+            script = self._unread[i].pop(0)
+            try:
+                conn.read_response()
+            except rex.NoScriptError:
+                unloaded.append(script)
+            except rex.ResponseError:
+                pass
+        return True
+
+    def _load(self, i: int, scripts: list[Script], timeout: float) -> None:
+        conn = self._conns[i]
+        if conn is None or self._unread[i]:
+            return
+        try:
+            for script in scripts:
+                conn.send_packed_command(conn.pack_command("SCRIPT", "LOAD", script.source))
+                if not conn.can_read(timeout=timeout):
+                    raise TimeoutError("SCRIPT LOAD timed out")
+                conn.read_response()
+        except _REDIS_ERRORS:
+            self._drop(i, time.monotonic(), timeout)
 
     def _fan_out(self, step: FanOut) -> list[Any]:
         with self._lock:
@@ -127,9 +174,19 @@ class SyncFanOutDriver(SyncDriver):
         # The per-node timeout starts once every request is out.
         deadline = time.monotonic() + step.timeout
         decided = False
+        unloaded: list[list[Script]] = [[] for _ in range(n)]
         for i in range(n):
             if not sent[i]:
                 continue
+            if _won(step, outcomes):
+                # Decided: a quorum granted. The others' replies are left on their connections
+                # (read before the next request there), and whatever they do lands before the
+                # release, which travels on the same connection.
+                for j in range(i, n):
+                    if sent[j]:
+                        self._unread[j].append(step.calls[j].script)
+                        sent[j] = False
+                break
             if _hopeless(step, outcomes, sum(sent)):
                 decided = True  # the rest are abandoned unread: not their fault, no suspension
                 break
@@ -137,6 +194,8 @@ class SyncFanOutDriver(SyncDriver):
             try:
                 # Past the deadline still poll (timeout 0): a stalled node read first must not
                 # make the replies that already arrived from the others count as timed out.
+                if not self._drain(i, deadline, unloaded[i]):
+                    continue  # stays pending: abandoned below
                 if not conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
                     continue  # stays pending: abandoned below
                 try:
@@ -164,6 +223,9 @@ class SyncFanOutDriver(SyncDriver):
                 pass
             finally:
                 self._drop(i, time.monotonic(), step.timeout, suspend=not decided)
+        for i, scripts in enumerate(unloaded):
+            if scripts:
+                self._load(i, scripts, step.timeout)
         return outcomes
 
 

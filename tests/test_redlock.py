@@ -142,8 +142,15 @@ def test_acquire_release_and_state(rig: Rig) -> None:
     assert not b.acquire(blocking=False)
     assert b.fencing_token is None
     held = rig.leases()
-    assert all(v is not None for v in held) and len(set(held)) == 1, held  # one owner everywhere
-    assert all(0 < c.pttl(lease(NAME)) <= 10_000 for c in rig.raw)
+    # a quorum holds one owner; acquire returns once a quorum granted, so a straggler may not
+    holders = [v for v in held if v is not None]
+    assert len(holders) >= a.quorum, held
+    assert len(set(holders)) == 1, held
+    assert all(
+        0 < c.pttl(lease(NAME)) <= 10_000
+        for c, v in zip(rig.raw, held, strict=True)
+        if v is not None
+    )
     assert "held token=" in repr(a.handle if rig.kind == "async" else a)
     a.release()
     assert a.fencing_token is None and not a.locked()
@@ -329,12 +336,13 @@ def test_extend_resets_the_lease_on_every_master(rig: Rig) -> None:
     a = rig.make(ttl=0.5, node_timeout=0.05)
     assert a.acquire()
     a.extend(5)
-    assert all(c.pttl(lease(NAME)) > 4000 for c in rig.raw)
+    # extend returns once a quorum extended; a straggler's extension lands just after
+    assert sum(1 for c in rig.raw if c.pttl(lease(NAME)) > 4000) >= a.quorum
     assert 4.5 < a.validity <= 5
     time.sleep(0.6)
     assert a.owned()
     a.extend()  # back to the lock's ttl
-    assert all(c.pttl(lease(NAME)) <= 500 for c in rig.raw)
+    assert sum(1 for c in rig.raw if 0 < c.pttl(lease(NAME)) <= 500) >= a.quorum
     a.release()
 
 

@@ -807,3 +807,30 @@ def test_majority_down_fails_within_timeout(
         rec.close()
         history = read_history(tmp_path)
         assert check_mutex(history).ok and check_fencing(history).ok
+
+
+def test_acquire_returns_once_a_quorum_granted_and_stragglers_are_released(
+    redis_binary: str,
+) -> None:
+    """A slow master (latency below node_timeout) does not slow acquire down; its late grant is
+    followed by the release on the same connection, so nothing is left on it."""
+    with IndependentMasters(5, binary=redis_binary) as group:
+        slow = FaultProxy(group.servers[4].address).start()
+        try:
+            clients = [connect(s.config(retry={"attempts": 1})) for s in group.servers[:4]]
+            clients.append(connect(slow.config(retry={"attempts": 1})))
+            lock = Redlock(clients, LOCK, ttl=10, node_timeout=1.0)
+            assert lock.acquire()  # loads the scripts everywhere
+            lock.release()
+            time.sleep(0.5)
+            slow.set_latency(0.2)  # a 0.4 s round trip: slower than the quorum, within timeout
+            started = time.monotonic()
+            assert lock.acquire()
+            assert time.monotonic() - started < 0.3  # decided by the four fast masters
+            time.sleep(0.5)  # the straggler's grant lands...
+            assert group.servers[4].client().exists(lease(LOCK)) == 1
+            lock.release()  # ...and the release, written behind it, removes it
+            time.sleep(0.5)
+            assert_nothing_held(group.servers)
+        finally:
+            slow.close()
