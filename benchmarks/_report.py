@@ -240,9 +240,13 @@ def _plot_scenario(left: Any, right: Any, scenario: ScenarioResult) -> None:
     left.set_yticks(ys, labels)
     left.set_xlabel(f"throughput / floor ({scenario.unit}; bars: median, whiskers: trial range)")
     for y, ratio, c in zip(ys, ratios, rows, strict=True):
-        x = max(ratio, c.ratio_to_floor_max or ratio)
+        x = 0.0 if c.role == "ceiling" else max(ratio, c.ratio_to_floor_max or ratio)
         left.annotate(f"  {ratio:.2f}x  ({c.throughput:,.0f})", (x, y), va="center", fontsize=8)
-    left.set_xlim(0, max([1.0, *(c.ratio_to_floor_max or 0.0 for c in rows), *ratios]) * 1.35)
+    # A ceiling (an in-process dict: ~200x) would flatten every other bar: its bar runs off the
+    # chart, its figure stays in the annotation and the table.
+    scale = [r for r, c in zip(ratios, rows, strict=True) if c.role != "ceiling"]
+    spread = [c.ratio_to_floor_max or 0.0 for c in rows if c.role != "ceiling"]
+    left.set_xlim(0, max([1.0, *spread, *scale]) * 1.35)
     heading = scenario.name + ("" if scenario.ok else " — CHECK FAILED")
     if scenario.label:
         heading += f"  [{scenario.label}]"
