@@ -418,32 +418,7 @@ class AsyncLock(_AsyncLock):
 
     _is_async = True
 
-    def __init__(
-        self,
-        client: Any,
-        name: str,
-        *,
-        ttl: Seconds = 30.0,
-        blocking_timeout: Seconds | None = None,
-        auto_renew: bool = False,
-        renew_interval: Seconds | None = None,
-        on_lost: Callable[[Any], None] | None = None,
-        prefix: str = "distkit",
-        fence_retention: Seconds = 3600.0,
-        retry: RetryConfig | RetryPolicy | None = None,
-        clock: Clock = monotonic,
-    ) -> None:
-        check_client(client, want_async=self._is_async, cls=type(self).__name__)
-        core = LockCore(name, ttl=ttl, prefix=prefix, clock=clock, fence_retention=fence_retention)
-        self._setup(
-            core,
-            blocking_timeout=blocking_timeout,
-            auto_renew=auto_renew,
-            renew_interval=renew_interval,
-            on_lost=on_lost,
-            retry=retry,
-        )
-        self._setup_io(self._make_driver(client))
+    __init__ = Lock.__init__
 
     def _make_driver(self, client: Any) -> Any:
         return AsyncDriver(client, self._retry, f"lock {self.name!r}")
