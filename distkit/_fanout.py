@@ -1,17 +1,22 @@
 """Fan-out of one script to N independent Redis servers, in parallel, with a per-node timeout.
 
 The sync driver sends every request first and then reads the replies on the same thread (one
-multiplexed round trip, no thread pool); the async driver does the same with ``asyncio.gather``.
+multiplexed round trip, no thread pool); the async driver runs one task per node. Both return
+as soon as the outcome is decided: a quorum granted, or a quorum out of reach.
 
 A request that has not answered within the per-node timeout is *abandoned*: its ``abandon``
 script (for a lock: release-by-owner) is written on the **same connection**, right behind it,
 and the connection is closed. Redis executes one connection's commands in order, so if the late
-request ever lands, the abandon lands after it: nothing is left behind.
+request ever lands, the abandon lands after it: nothing is left behind. A straggler that was not
+waited for (the quorum decided without it) is settled before the next request to its node goes
+out: the sync driver reads its reply first on the same connection; the async driver's next task
+for that node waits for the straggler's task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -230,14 +235,23 @@ class SyncFanOutDriver(SyncDriver):
 
 
 class AsyncFanOutDriver(AsyncDriver):
-    """The asyncio twin of ``SyncFanOutDriver`` (one task per node, ``asyncio.gather``)."""
+    """The asyncio twin of ``SyncFanOutDriver``: one task per node, decided at the quorum.
 
-    __slots__ = ("_suspended", "clients")
+    A fan-out returns as soon as its outcome is decided (a quorum granted, a quorum out of reach,
+    or every node answered). Nodes still owing a reply keep their task: it reads the reply, or
+    writes the ``abandon`` script behind the request on the same connection once the per-node
+    timeout passes. The next request to that node waits for that task first, so whatever a
+    straggler does lands before, say, the release that follows it.
+    """
+
+    __slots__ = ("_loop", "_pending", "_suspended", "clients")
 
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
         self.clients = list(clients)
         self._suspended = [0.0] * len(self.clients)
+        self._pending: list[asyncio.Task[None] | None] = [None] * len(self.clients)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _step(self, step: Any) -> Any:
         if isinstance(step, FanOut):
@@ -254,74 +268,102 @@ class AsyncFanOutDriver(AsyncDriver):
         return await super()._step(step)
 
     async def _fan_out(self, step: FanOut) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # Tasks of another (finished) event loop cannot be awaited here.
+            self._loop = loop
+            self._pending = [None] * len(self.clients)
         n = len(self.clients)
         outcomes: list[Any] = [TIMED_OUT] * n
-        done = asyncio.Event()
+        decided = asyncio.Event()
         deadline = time.monotonic() + step.timeout
-        pending = {"count": n}
+        state: dict[str, Any] = {"left": n, "result": None}
+        crashed: list[Exception] = []
 
         def settle(i: int, outcome: Any) -> None:
             outcomes[i] = outcome
-            pending["count"] -= 1
-            if _hopeless(step, outcomes, pending["count"]):
-                done.set()
+            state["left"] -= 1
+            if state["result"] is None and (
+                state["left"] == 0
+                or _won(step, outcomes)
+                or _hopeless(step, outcomes, state["left"])
+            ):
+                state["result"] = list(outcomes)  # a snapshot: stragglers settle later
+                decided.set()
 
-        async def one(i: int) -> None:
-            pool = self.clients[i].connection_pool
-            call = step.calls[i]
-            if self._suspended[i] > time.monotonic():
-                settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
-                return
-            conn = None
+        for i in range(n):
+            prev = self._pending[i]
+            self._pending[i] = loop.create_task(self._one(i, step, prev, deadline, settle, crashed))
+        # Cancelling the caller leaves the node tasks running to their deadline: a request sent
+        # is always either answered or followed by its abandon script.
+        await decided.wait()
+        if crashed:
+            raise crashed[0]
+        result: list[Any] = state["result"]
+        return result
+
+    async def _one(
+        self,
+        i: int,
+        step: FanOut,
+        prev: asyncio.Task[None] | None,
+        deadline: float,
+        settle: Any,
+        crashed: list[Exception],
+    ) -> None:
+        if prev is not None and not prev.done():
+            await asyncio.wait({prev})  # its request (or its abandon) lands before ours
+        if self._suspended[i] > time.monotonic():
+            settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
+            return
+        pool = self.clients[i].connection_pool
+        call = step.calls[i]
+        conn = None
+        sent = False
+        try:
+            # Opening a connection to a stalled node may wait for socket_timeout: bound it.
+            conn = await asyncio.wait_for(
+                pool.get_connection(), max(0.0, deadline - time.monotonic())
+            )
+            await conn.send_packed_command(_packed_eval(conn, call))
+            sent = True
             try:
-                # Opening a connection to a stalled node may wait for socket_timeout: bound it.
-                conn = await asyncio.wait_for(pool.get_connection(), step.timeout)
-                await conn.send_packed_command(_packed_eval(conn, call))
-            except _REDIS_ERRORS as exc:
-                settle(i, _error(exc, self.what))
-                self._suspended[i] = time.monotonic() + _suspension(step.timeout)
-                if conn is not None:
-                    await conn.disconnect()
-                    await pool.release(conn)
-                return
-            reader = asyncio.ensure_future(conn.read_response(disconnect_on_error=False))
-            stopper = asyncio.ensure_future(done.wait())
-            try:
-                finished, _ = await asyncio.wait(
-                    {reader, stopper},
-                    timeout=max(0.0, deadline - time.monotonic()),
-                    return_when=asyncio.FIRST_COMPLETED,
+                reply = await asyncio.wait_for(
+                    conn.read_response(disconnect_on_error=False),
+                    max(0.0, deadline - time.monotonic()),
                 )
-                if reader in finished:
-                    try:
-                        reply = reader.result()
-                    except rex.NoScriptError:
-                        await conn.send_packed_command(_packed_eval(conn, call, by_sha=False))
-                        reply = await conn.read_response()
-                    settle(i, reply)
-                    await pool.release(conn)
-                    conn = None
-                    return
-                reader.cancel()
-                if reader not in finished and not done.is_set():
-                    self._suspended[i] = time.monotonic() + _suspension(step.timeout)
-                if step.abandon is not None:
+            except rex.NoScriptError:
+                await conn.send_packed_command(_packed_eval(conn, call, by_sha=False))
+                reply = await asyncio.wait_for(
+                    conn.read_response(disconnect_on_error=False),
+                    max(0.0, deadline - time.monotonic()),
+                )
+        except rex.ResponseError as exc:
+            settle(i, _error(exc, self.what))
+        except asyncio.CancelledError:  # only when the loop shuts down
+            settle(i, TIMED_OUT)
+            if conn is not None:
+                with contextlib.suppress(*_REDIS_ERRORS):
+                    await conn.disconnect()  # a reply may be half read
+            raise
+        except (*_REDIS_ERRORS, TimeoutError) as exc:
+            timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError))
+            settle(i, TIMED_OUT if timed_out and sent else _error(exc, self.what))
+            self._suspended[i] = time.monotonic() + _suspension(step.timeout)
+            if sent and step.abandon is not None and conn is not None:
+                with contextlib.suppress(*_REDIS_ERRORS):
                     await conn.send_packed_command(
                         _packed_eval(conn, step.abandon[i], by_sha=False), check_health=False
                     )
-                settle(i, TIMED_OUT)
-            except rex.ResponseError as exc:
-                settle(i, _error(exc, self.what))
-                await pool.release(conn)
-                conn = None
-            except _REDIS_ERRORS as exc:
-                settle(i, _error(exc, self.what))
-                self._suspended[i] = time.monotonic() + _suspension(step.timeout)
-            finally:
-                stopper.cancel()
-                if conn is not None:
+            if conn is not None:
+                with contextlib.suppress(*_REDIS_ERRORS):
                     await conn.disconnect()
+        except Exception as exc:  # not Redis's doing (a closed event loop, a bug): the caller's
+            crashed.append(exc)
+            settle(i, exc)
+        else:
+            settle(i, reply)
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
                     await pool.release(conn)
-
-        await asyncio.gather(*(one(i) for i in range(n)))
-        return outcomes

@@ -392,6 +392,9 @@ def test_tokens_strictly_increase_across_successive_holders(rig: Rig, mode: str)
 def test_token_is_the_maximum_over_the_granting_masters(rig: Rig) -> None:
     ahead = int(rig.raw[0].time()[0]) * 1_000_000 + 10**9  # a counter 1000 s ahead, on one master
     rig.raw[0].set(fence(NAME), ahead, px=60_000)
+    q = rig.n // 2 + 1
+    for c in rig.raw[q:]:  # the deciding quorum is masters 0..q-1, so master 0 counts
+        c.set(lease(NAME), "someone-else", px=60_000)
     a = rig.make(ttl=10)
     assert a.acquire(blocking=False)
     assert a.fencing_token == ahead + 1
@@ -407,6 +410,10 @@ def test_quorum_fencing_writes_the_token_back_to_a_quorum(rig: Rig) -> None:
     """
     ahead = int(rig.raw[0].time()[0]) * 1_000_000 + 10**9  # one master's counter 1000 s ahead
     q = rig.n // 2 + 1
+    # Acquire decides at the first quorum of replies: a foreign lease on every master but the
+    # first q makes that quorum exactly masters 0..q-1, so master 0's reply always counts.
+    for c in rig.raw[q:]:
+        c.set(lease(NAME), "someone-else", px=60_000)
     rig.raw[0].set(fence(NAME), ahead, px=60_000)
     clock_mode = rig.make(ttl=10, fencing="clock")
     assert clock_mode.acquire(blocking=False)
@@ -424,6 +431,8 @@ def test_quorum_fencing_writes_the_token_back_to_a_quorum(rig: Rig) -> None:
     assert sum(1 for t in rig.fences() if t >= token) >= q
     time.sleep(0.35)  # a crashes: its lease expires without a release
     rig.raw[0].delete(fence(NAME))  # and the master that was ahead restarts empty
+    for c in rig.raw[q:]:
+        c.delete(lease(NAME))
     b = rig.make(ttl=10, fencing="quorum")
     assert b.acquire(blocking=False)
     assert b.fencing_token is not None and b.fencing_token > token

@@ -809,28 +809,124 @@ def test_majority_down_fails_within_timeout(
         assert check_mutex(history).ok and check_fencing(history).ok
 
 
+@contextlib.contextmanager
+def _fifth_behind_a_proxy(redis_binary: str) -> Iterator[tuple[list[RedisServer], FaultProxy]]:
+    """Five masters, the fifth reached through a FaultProxy (to slow it down)."""
+    with IndependentMasters(5, binary=redis_binary) as group:
+        slow = FaultProxy(group.servers[4].address).start()
+        try:
+            yield group.servers, slow
+        finally:
+            slow.close()
+
+
+def _configs(servers: list[RedisServer], slow: FaultProxy) -> list[RedisConfig]:
+    return [s.config(retry={"attempts": 1}) for s in servers[:4]] + [
+        slow.config(retry={"attempts": 1})
+    ]
+
+
 def test_acquire_returns_once_a_quorum_granted_and_stragglers_are_released(
     redis_binary: str,
 ) -> None:
     """A slow master (latency below node_timeout) does not slow acquire down; its late grant is
     followed by the release on the same connection, so nothing is left on it."""
-    with IndependentMasters(5, binary=redis_binary) as group:
-        slow = FaultProxy(group.servers[4].address).start()
-        try:
-            clients = [connect(s.config(retry={"attempts": 1})) for s in group.servers[:4]]
-            clients.append(connect(slow.config(retry={"attempts": 1})))
-            lock = Redlock(clients, LOCK, ttl=10, node_timeout=1.0)
-            assert lock.acquire()  # loads the scripts everywhere
-            lock.release()
-            time.sleep(0.5)
-            slow.set_latency(0.2)  # a 0.4 s round trip: slower than the quorum, within timeout
+    with _fifth_behind_a_proxy(redis_binary) as (servers, slow):
+        lock = Redlock(
+            [connect(c) for c in _configs(servers, slow)], LOCK, ttl=10, node_timeout=1.0
+        )
+        assert lock.acquire()  # loads the scripts everywhere
+        lock.release()
+        time.sleep(0.5)
+        slow.set_latency(0.2)  # a 0.4 s round trip: slower than the quorum, within timeout
+        started = time.monotonic()
+        assert lock.acquire()
+        assert time.monotonic() - started < 0.3  # decided by the four fast masters
+        time.sleep(0.5)  # the straggler's grant lands...
+        assert servers[4].client().exists(lease(LOCK)) == 1
+        lock.release()  # ...and the release, written behind it, removes it
+        time.sleep(0.5)
+        assert_nothing_held(servers)
+
+
+def test_async_acquire_returns_once_a_quorum_granted_and_stragglers_are_released(
+    redis_binary: str,
+) -> None:
+    """The asyncio twin of the test above: AsyncRedlock decides at the quorum too, and the
+    release waits for the straggler's task, so it lands behind the late grant."""
+    with _fifth_behind_a_proxy(redis_binary) as (servers, slow):
+
+        async def scenario() -> None:
+            clients = [aconnect(c) for c in _configs(servers, slow)]
+            lock = AsyncRedlock(clients, LOCK, ttl=10, node_timeout=1.0)
+            assert await lock.acquire()  # loads the scripts everywhere
+            await lock.release()
+            await asyncio.sleep(0.5)
+            slow.set_latency(0.2)  # a 0.4 s round trip: slower than the quorum
             started = time.monotonic()
-            assert lock.acquire()
+            assert await lock.acquire()
             assert time.monotonic() - started < 0.3  # decided by the four fast masters
-            time.sleep(0.5)  # the straggler's grant lands...
-            assert group.servers[4].client().exists(lease(LOCK)) == 1
-            lock.release()  # ...and the release, written behind it, removes it
-            time.sleep(0.5)
-            assert_nothing_held(group.servers)
-        finally:
-            slow.close()
+            assert servers[4].client().exists(lease(LOCK)) == 0  # not landed yet
+            await asyncio.sleep(0.5)  # the straggler's grant lands...
+            assert servers[4].client().exists(lease(LOCK)) == 1
+            await lock.release()  # ...and the release goes out after it
+            assert_nothing_held(servers)
+            # Released before the straggler answered: the release still lands behind it.
+            assert await lock.acquire()
+            await lock.release()
+            assert_nothing_held(servers)
+            for c in clients:
+                await c.aclose()
+
+        asyncio.run(scenario())
+
+
+def test_async_straggler_past_node_timeout_is_abandoned_and_the_node_suspended(
+    redis_binary: str,
+) -> None:
+    """A straggler that outlives node_timeout after the quorum decided gets its release written
+    behind it on the same connection; nothing stays held once its grant would have landed."""
+    with _fifth_behind_a_proxy(redis_binary) as (servers, slow):
+
+        async def scenario() -> None:
+            clients = [aconnect(c) for c in _configs(servers, slow)]
+            lock = AsyncRedlock(clients, LOCK, ttl=10, node_timeout=0.2)
+            assert await lock.acquire()
+            await lock.release()
+            slow.set_latency(0.3)  # 0.6 s round trip: beyond node_timeout
+            assert await lock.acquire()
+            token = lock.fencing_token
+            await lock.release()  # waits for the slow node's abandon, then releases
+            await asyncio.sleep(1.0)  # the late grant lands, then its abandon
+            assert_nothing_held(servers)
+            slow.set_latency(0.0)
+            await asyncio.sleep(1.1)  # the suspension (at most 1 s) ends
+            assert await lock.acquire()
+            assert token is not None and lock.fencing_token is not None
+            assert lock.fencing_token > token
+            await lock.release()
+            assert_nothing_held(servers)
+            for c in clients:
+                await c.aclose()
+
+        asyncio.run(scenario())
+
+
+def test_async_redlock_on_a_closed_event_loop_raises_instead_of_hanging(
+    masters: IndependentMasters,
+) -> None:
+    """redis-py's asyncio clients belong to the loop that first used them; reusing them in a
+    second ``asyncio.run`` fails in redis-py. The fan-out must surface that error, not hang."""
+    clients = [aconnect(s.config()) for s in masters.servers]
+    lock = AsyncRedlock(clients, LOCK, ttl=10)
+
+    async def once() -> int:
+        async with lock:
+            token = lock.fencing_token
+            assert token is not None
+        return token
+
+    assert asyncio.run(once()) > 0
+    with pytest.raises(RuntimeError, match="loop"):
+        asyncio.run(asyncio.wait_for(once(), 10))
+    assert_nothing_held(masters.servers)
