@@ -160,9 +160,10 @@ class RedlockCore(LockCore):
             delay = random.uniform(self.retry_delay / 2, self.retry_delay)
             if deadline is not None:
                 remaining = deadline - self.clock()
-                if remaining <= 0:
+                if remaining <= delay:  # no attempt starts at the deadline: it would overrun it
+                    if remaining > 0:
+                        yield Sleep(remaining)
                     return False
-                delay = min(delay, remaining)
             yield Sleep(delay)
 
     def release(self) -> Protocol[None]:

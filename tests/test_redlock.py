@@ -52,7 +52,7 @@ class Rig:
         self.servers = servers
         self.n = len(servers)
         self.loop = asyncio.new_event_loop() if kind == "async" else None
-        self.raw = [s.client() for s in servers]  # for inspecting every master directly
+        self._raw = [s.client() for s in servers]
         self._clients: list[Any] = []
 
     def clients(self) -> list[Any]:
@@ -69,6 +69,20 @@ class Rig:
             return Redlock(target, name, **kwargs)
         assert self.loop is not None
         return SyncView(AsyncRedlock(target, name, **kwargs), self.loop)
+
+    @property
+    def raw(self) -> list[redis.Redis]:
+        """Plain clients, to inspect or tamper with every master directly (once settled)."""
+        self.settle()
+        return self._raw
+
+    def settle(self) -> None:
+        """Let async stragglers finish: a fan-out returns at its quorum and leaves the slower
+        masters' tasks running, but a SyncView runs its loop only during a call."""
+        if self.loop is not None:
+            pending = asyncio.all_tasks(self.loop)
+            if pending:
+                self.loop.run_until_complete(asyncio.wait(pending))
 
     def leases(self, name: str = NAME) -> list[bytes | None]:
         """The lease value on every master (``None``: not held there)."""
@@ -87,12 +101,13 @@ class Rig:
         return out
 
     def close(self) -> None:
-        for c in self.raw:
+        for c in self._raw:
             c.close()
         if self.loop is None:
             for c in self._clients:
                 c.close()
             return
+        self.settle()
         for c in self._clients:
             self.loop.run_until_complete(c.aclose())
         self.loop.close()

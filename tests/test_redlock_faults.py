@@ -782,12 +782,9 @@ def test_majority_down_fails_within_timeout(
                 assert lock.acquire(timeout=1.0) is False
                 rec.fail("acquire")
                 elapsed = time.monotonic() - started
-                # the last try may start just before the deadline: one more try's worth
-                # (sync: a stalled master costs a fresh connection's handshake, socket_timeout,
-                # one after the other, in the acquire and again in the release-everywhere)
-                slack = (
-                    0.1 if fault == "kill" else 2 * (SOCKET_TIMEOUT * (n // 2 + 1) + NODE_TIMEOUT)
-                )
+                # no try starts at the deadline; one that started just before it may finish
+                # after it: a grant and a release-everywhere, node_timeout each when stalled
+                slack = 0.1 if fault == "kill" else 4 * NODE_TIMEOUT
                 print(f"\n[{kind}, {n} masters, {fault}] acquire(timeout=1.0): {elapsed:.3f}s")
                 assert 1.0 <= elapsed < 1.0 + slack + 0.2, elapsed
                 assert lock.fencing_token is None
