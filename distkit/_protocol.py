@@ -29,6 +29,7 @@ __all__ = [
     "FanOut",
     "Pop",
     "Protocol",
+    "Replicated",
     "Sleep",
     "Step",
     "SyncDriver",
@@ -109,7 +110,29 @@ class Cleanup:
     errors: list[BaseException] = field(default_factory=list, compare=False)
 
 
-Step = Eval | Command | Pop | Sleep | Cleanup | FanOut
+def _always(reply: Any) -> bool:
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Replicated:
+    """Run ``step``, then ``WAIT replicas timeout`` on the same connection if ``needed(reply)``.
+
+    Result: ``(reply, acks)``, where ``acks`` counts the replicas that acknowledged every write
+    made on that connection so far (so the step's own), or is ``None`` when WAIT was not needed.
+    WAIT proves something only on the connection that wrote, hence the pinned connection. An
+    ``Eval`` pair is retried as a whole per policy (a script whose retried call would not write
+    must write anyway, e.g. refresh a TTL, so that the WAIT covers the first call's write); a
+    ``Pop`` pair is not retried.
+    """
+
+    step: Eval | Pop
+    replicas: int
+    timeout: float
+    needed: Callable[[Any], bool] = _always
+
+
+Step = Eval | Command | Pop | Sleep | Cleanup | FanOut | Replicated
 Protocol = Generator[Step, Any, _T]
 
 
@@ -139,6 +162,11 @@ def _translated(exc: BaseException, what: str) -> BaseException:
 
 def _block_seconds(timeout: float, cap: float) -> float:
     return math.ceil(max(_MIN_BLOCK, min(timeout, cap)) * 1000) / 1000
+
+
+def _wait_args(step: Replicated) -> tuple[str, int, int]:
+    # WAIT's timeout is in ms and 0 means forever: never send 0
+    return "WAIT", step.replicas, max(1, math.ceil(step.timeout * 1000))
 
 
 class SyncDriver:
@@ -189,9 +217,35 @@ class SyncDriver:
                 raise
             raise mapped from exc
 
+    def _replicated(self, step: Replicated) -> tuple[Any, int | None]:
+        try:
+            pinned = self.client.client()  # one connection of the same pool, for both commands
+            try:
+                inner = step.step
+                if isinstance(inner, Eval):
+                    reply = inner.script(pinned, inner.keys, inner.args)
+                else:
+                    seconds = _block_seconds(inner.timeout, self.max_block)
+                    popped = pinned.execute_command("BLPOP", inner.key, seconds)
+                    reply = None if popped is None else popped[1]
+                if not step.needed(reply):
+                    return reply, None
+                return reply, int(pinned.execute_command(*_wait_args(step)))
+            finally:
+                pinned.close()
+        except _REDIS_ERRORS as exc:
+            mapped = translate(exc, what=self.what)
+            if mapped is None:  # pragma: no cover - every RedisError/OSError maps
+                raise
+            raise mapped from exc
+
     def _step(self, step: Step) -> Any:
         if isinstance(step, (Eval, Command)):
             return self.retry.call(lambda: self._once(step))
+        if isinstance(step, Replicated):
+            if isinstance(step.step, Eval):
+                return self.retry.call(lambda: self._replicated(step))
+            return self._replicated(step)
         if isinstance(step, Pop):
             reply = self._execute("BLPOP", step.key, _block_seconds(step.timeout, self.max_block))
             return None if reply is None else reply[1]
@@ -247,7 +301,33 @@ class AsyncDriver:
                 raise
             raise mapped from exc
 
+    async def _replicated(self, step: Replicated) -> tuple[Any, int | None]:
+        try:
+            pinned = self.client.client()  # one connection of the same pool, for both commands
+            try:
+                inner = step.step
+                if isinstance(inner, Eval):
+                    reply = await inner.script.acall(pinned, inner.keys, inner.args)
+                else:
+                    seconds = _block_seconds(inner.timeout, self.max_block)
+                    popped = await pinned.execute_command("BLPOP", inner.key, seconds)
+                    reply = None if popped is None else popped[1]
+                if not step.needed(reply):
+                    return reply, None
+                return reply, int(await pinned.execute_command(*_wait_args(step)))
+            finally:
+                await pinned.aclose()
+        except _REDIS_ERRORS as exc:
+            mapped = translate(exc, what=self.what)
+            if mapped is None:  # pragma: no cover - every RedisError/OSError maps
+                raise
+            raise mapped from exc
+
     async def _step(self, step: Step) -> Any:
+        if isinstance(step, Replicated):
+            if isinstance(step.step, Eval):
+                return await self.retry.acall(lambda: self._replicated(step))
+            return await self._replicated(step)
         if isinstance(step, Eval):
             if step.shield:
                 return await asyncio.shield(self.retry.acall(lambda: self._once(step)))

@@ -22,12 +22,13 @@ from distkit import (
     ForeignDataError,
     KeySpace,
     LockError,
+    LockNotAcquired,
     LockNotOwned,
     RetryPolicy,
 )
 from distkit._config import RetryConfig, seconds
 from distkit._keys import validate_name
-from distkit._protocol import Cleanup, Command, Eval, Pop, Protocol
+from distkit._protocol import Cleanup, Command, Eval, Pop, Protocol, Replicated
 
 from ._scripts import ACQUIRE, EXTEND, RELEASE
 
@@ -43,6 +44,33 @@ _DEFAULT_RETENTION = 3600.0
 
 def _ms(value: float) -> int:
     return max(1, math.ceil(value * 1000))
+
+
+def _is_grant(reply: Any) -> bool:
+    return isinstance(reply, (list, tuple)) and len(reply) == 2 and reply[0] == 1
+
+
+def _is_token(reply: Any) -> bool:
+    return reply is not None
+
+
+def _is_one(reply: Any) -> bool:
+    return bool(reply == 1)
+
+
+def check_replicas(client: Any, replicas: Any, timeout: Seconds, *, cls: str) -> float:
+    """Validate ``wait_for_replicas`` / ``replica_timeout``; return the timeout in seconds."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+        raise ConfigError(f"wait_for_replicas must be an int >= 0, got {replicas!r}")
+    out = seconds(timeout, field="replica_timeout")
+    if replicas and (
+        hasattr(client, "nodes_manager") or not callable(getattr(client, "client", None))
+    ):
+        raise ConfigError(
+            f"{cls}(wait_for_replicas=...) needs a standalone or Sentinel-managed client "
+            f"(WAIT must run on the connection that wrote), got {type(client).__name__}"
+        )
+    return out
 
 
 def check_client(client: Any, *, want_async: bool, cls: str) -> None:
@@ -86,6 +114,8 @@ class LockCore:
         "qexp_key",
         "queue_key",
         "rel_key",
+        "replica_timeout",
+        "replicas",
         "retention_ms",
         "token",
         "ttl",
@@ -101,8 +131,12 @@ class LockCore:
         prefix: str,
         clock: Clock,
         fence_retention: Seconds,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
     ) -> None:
         self.name = validate_name(name, what="lock name")
+        self.replicas = replicas
+        self.replica_timeout = replica_timeout
         self.ttl = seconds(ttl, field="ttl")
         self.ttl_ms = _ms(self.ttl)
         self.retention_ms = max(_ms(seconds(fence_retention, field="fence_retention")), self.ttl_ms)
@@ -176,9 +210,11 @@ class LockCore:
                     block = min(block, max(0.0, deadline - self.clock()))
                 wait_ms = _ms(block + _QUEUE_GRACE) if blocking and block > 0 else 0
                 sent_at = self.clock()
-                granted, value = yield Eval(
-                    ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, wait_ms)
-                )
+                call = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, wait_ms))
+                if self.replicas:
+                    granted, value = yield from self._replicated(call, _is_grant)
+                else:
+                    granted, value = yield call
                 if granted == 1:
                     self._granted(owner, value, sent_at)
                     return True
@@ -198,7 +234,10 @@ class LockCore:
                 if pttl > 0:  # the holder's lease may lapse (crash) before anyone hands off
                     block = min(block, pttl / 1000 + 0.001)
                 sent_at = self.clock()
-                token = yield Pop(wake_key, block)
+                if self.replicas:  # a handoff: the BLPOP's own write follows the grant's
+                    token = yield from self._replicated(Pop(wake_key, block), _is_token)
+                else:
+                    token = yield Pop(wake_key, block)
                 if token is not None:
                     self._granted(owner, token, sent_at)
                     return True
@@ -217,12 +256,37 @@ class LockCore:
     def _leave(self, owner: str, wake_key: str, sent_at: float) -> Protocol[bool]:
         """Timed out while queued: leave the queue, unless the lease was handed over meanwhile."""
         keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
-        granted, value = yield Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, 0))
+        call = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, 0))
+        if self.replicas:
+            granted, value = yield from self._replicated(call, _is_grant)
+        else:
+            granted, value = yield call
         if granted == 1:
             self._granted(owner, value, sent_at)
             return True
         yield Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
         return False
+
+    def _replicated(self, step: Eval | Pop, needed: Any) -> Protocol[Any]:
+        """Run a granting ``step`` and WAIT for the replicas; raise if they did not acknowledge.
+
+        Raising inside ``acquire`` releases the unacknowledged lease (its cleanup handler).
+        Why (asynchronous replication, Sentinel failover)::
+
+            A: acquire -> master grants ... master dies before replicating the grant
+            sentinels promote the replica (no lease there) -> B: acquire -> granted: 2 holders
+
+        With the WAIT, A is told "granted" only once a replica has the lease.
+        """
+        reply, acks = yield Replicated(step, self.replicas, self.replica_timeout, needed)
+        if acks is not None and acks < self.replicas:
+            raise LockNotAcquired(
+                f"lock {self.name!r} was granted but only {acks} of {self.replicas} replica(s) "
+                f"acknowledged it within {self.replica_timeout}s; released it (a failover "
+                "could have lost it)",
+                name=self.name,
+            )
+        return reply
 
     def _release_keys(self, wake_key: str) -> tuple[str, ...]:
         return (
@@ -259,11 +323,25 @@ class LockCore:
             raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
         new_ttl = self.ttl if ttl is None else seconds(ttl, field="ttl")
         sent_at = self.clock()
-        result = yield Eval(EXTEND, (self.lease_key,), (owner, _ms(new_ttl)))
+        call = Eval(EXTEND, (self.lease_key,), (owner, _ms(new_ttl)))
+        acks = None
+        if self.replicas:
+            result, acks = yield Replicated(call, self.replicas, self.replica_timeout, _is_one)
+        else:
+            result = yield call
         if result != 1:
             self.clear()
             raise LockNotOwned(
                 f"lock {self.name!r} was no longer held by this handle (lease expired or taken)",
+                name=self.name,
+            )
+        if acks is not None and acks < self.replicas:
+            # The master has the new expiry, the replicas may not: after a failover the lease
+            # ends at the old one, so the local estimate keeps it.
+            raise LockError(
+                f"extending lock {self.name!r}: only {acks} of {self.replicas} replica(s) "
+                f"acknowledged within {self.replica_timeout}s; the lease is still held, "
+                "but only until its previous expiry",
                 name=self.name,
             )
         if self.owner == owner:

@@ -33,7 +33,7 @@ from distkit import (
 from distkit._config import seconds
 from distkit._protocol import AsyncDriver, SyncDriver, monotonic
 
-from ._core import Clock, LockCore, Seconds, check_client, retry_policy
+from ._core import Clock, LockCore, Seconds, check_client, check_replicas, retry_policy
 
 __all__ = ["AsyncLock", "Lock"]
 
@@ -372,6 +372,13 @@ class Lock(_SyncLock):
             after it expires, by the server clock; see docs/fencing.md).
         retry: retry policy for transient connection errors.
         clock: monotonic clock in seconds (injectable for tests).
+        wait_for_replicas: after each grant and extension, ``WAIT`` until this many replicas
+            acknowledged it (0: do not wait). A grant that is not acknowledged within
+            ``replica_timeout`` is released and ``acquire`` raises ``LockNotAcquired``; an
+            extension that is not raises ``LockError``. Guards against a Sentinel failover
+            losing a just-granted lease (docs/topology.md). Standalone/Sentinel clients only.
+        replica_timeout: how long one ``WAIT`` may block (seconds or ``timedelta``; keep it
+            below the client's socket timeout).
 
     Raises:
         ConfigError: an argument is invalid.
@@ -391,9 +398,21 @@ class Lock(_SyncLock):
         fence_retention: Seconds = 3600.0,
         retry: RetryConfig | RetryPolicy | None = None,
         clock: Clock = monotonic,
+        wait_for_replicas: int = 0,
+        replica_timeout: Seconds = 1.0,
     ) -> None:
-        check_client(client, want_async=self._is_async, cls=type(self).__name__)
-        core = LockCore(name, ttl=ttl, prefix=prefix, clock=clock, fence_retention=fence_retention)
+        cls = type(self).__name__
+        check_client(client, want_async=self._is_async, cls=cls)
+        wait_timeout = check_replicas(client, wait_for_replicas, replica_timeout, cls=cls)
+        core = LockCore(
+            name,
+            ttl=ttl,
+            prefix=prefix,
+            clock=clock,
+            fence_retention=fence_retention,
+            replicas=wait_for_replicas,
+            replica_timeout=wait_timeout,
+        )
         self._setup(
             core,
             blocking_timeout=blocking_timeout,

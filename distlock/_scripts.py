@@ -63,7 +63,8 @@ end
 
 # KEYS: lease, fence, queue, qexp, my wake list
 # ARGV: owner, ttl_ms, fence_px (>= ttl_ms), wait_ms (0: try only; > 0: join/refresh the queue)
-# Returns {1, token} when held by owner (granted now, or earlier: a retried call or a handoff);
+# Returns {1, token} when held by owner (granted now, or earlier: a retried call or a handoff,
+#         whose lease TTL is then reset to ttl_ms: every grant writes, so a WAIT after it counts);
 #         {0, pttl} otherwise (pttl -2: free but older waiters are queued; -1: key has no expiry).
 ACQUIRE = Script(
     "distlock.acquire",
@@ -86,6 +87,7 @@ local qexp, wake, wait_ms = KEYS[4], KEYS[5], tonumber(ARGV[4])
 local holder = redis.call('GET', lease)
 if holder == owner or holder == owner .. '*' then  -- a retried call, or handed over meanwhile
   redis.call('DEL', wake)
+  redis.call('PEXPIRE', lease, ARGV[2])  -- always a write: a WAIT after this call covers the grant
   local token = tonumber(redis.call('GET', fence))
   return {1, token or error('DISTLOCK fencing state lost at ' .. fence)}
 end
