@@ -35,10 +35,15 @@ __all__ = [
 ]
 
 _SECRET_FIELDS = frozenset({"password", "sentinel_password"})
+# The longest duration accepted anywhere (TTLs, retention, timeouts): ten years. Redis rejects
+# expiry times past a 64-bit millisecond clock, and Lua prints numbers from 1e14 on in exponent
+# form, which PX / PEXPIRE refuse; far below both, so a valid duration never fails at the server.
+MAX_SECONDS = 10 * 365 * 24 * 3600.0
 
 
 def seconds(value: float | timedelta, *, field: str, allow_zero: bool = False) -> float:
-    """Return ``value`` (seconds or ``timedelta``) as finite float seconds; else ``ConfigError``.
+    """Return ``value`` (seconds or ``timedelta``) as float seconds, at most ten years
+    (``MAX_SECONDS``); else ``ConfigError``.
 
     Args:
         value: a number of seconds or a ``timedelta``.
@@ -54,6 +59,8 @@ def seconds(value: float | timedelta, *, field: str, allow_zero: bool = False) -
     if not math.isfinite(out) or out < 0 or (out == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{field} must be finite and {bound}, got {value!r}")
+    if out > MAX_SECONDS:
+        raise ConfigError(f"{field} must be at most ten years ({MAX_SECONDS:.0f} s), got {value!r}")
     return out
 
 

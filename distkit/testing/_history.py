@@ -1,4 +1,4 @@
-"""Operation histories recorded by several processes, and checkers for lock properties.
+"""Operation histories recorded by several processes, and checkers for lock and cache properties.
 
 A history is a list of :class:`Event` s. Each process records its own operations with a
 :class:`HistoryRecorder`: ``invoke`` when an operation starts, then ``ok`` (it took effect),
@@ -21,6 +21,9 @@ Operations the checkers understand (other ops are kept and ignored):
 ``write``
     A write to a fenced resource, carrying ``token``: ``ok`` accepted, ``fail`` rejected as
     stale, ``info`` unknown. Optional: ``resource`` (checked per resource), ``value``.
+
+Cache operations (``write``, ``fill``, ``invalidate`` / ``delete``, ``read``) are described in
+:func:`check_cache`.
 
 The checkers never raise on a bad history; they return a :class:`CheckResult` listing each
 :class:`Violation` with a readable description.
@@ -46,6 +49,7 @@ __all__ = [
     "EventType",
     "HistoryRecorder",
     "Violation",
+    "check_cache",
     "check_fencing",
     "check_mutex",
     "drain_queue",
@@ -653,3 +657,223 @@ def check_fencing(
             "acquisitions": len(granted),
         },
     )
+
+
+# -- caches ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Put:
+    """A value stored (or possibly stored) under one cache key."""
+
+    op: _Op
+    born: float  # ns: no later than this, the value existed (inf: unknown)
+    landed: float  # ns: when it was surely in Redis (inf: unknown)
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _cache_key(op: _Op) -> tuple[Any, Any]:
+    return op.get("namespace"), op.get("key")
+
+
+def _tags_of(op: _Op) -> tuple[Any, ...]:
+    tags = op.get("tags")
+    return tuple(tags) if isinstance(tags, (list, tuple)) else ()
+
+
+class _Invalidators:
+    """Invalidations of one scope: is there one invoked after ``born`` that completed before
+    ``before``? (sorted by invocation; suffix minima of completion times, O(log n) per query)"""
+
+    def __init__(self, ops: list[tuple[float, float, _Op]]) -> None:
+        ops.sort(key=lambda item: item[0])
+        self.starts = [item[0] for item in ops]
+        self.ops = ops
+        self.best: list[int] = [0] * len(ops)
+        for i in range(len(ops) - 1, -1, -1):
+            nxt = self.best[i + 1] if i + 1 < len(ops) else None
+            self.best[i] = i if nxt is None or ops[i][1] <= ops[nxt][1] else nxt
+
+    def first_completed(self, born: float, before: float) -> _Op | None:
+        i = bisect.bisect_right(self.starts, born)
+        if i >= len(self.ops):
+            return None
+        _, end, op = self.ops[self.best[i]]
+        return op if end < before else None
+
+
+def check_cache(
+    history: Iterable[Event | Mapping[str, Any]],
+    *,
+    bound: float = 0.0,
+    near_bound: float | None = None,
+    expiry_slack: float = 0.05,
+) -> CheckResult:
+    """Check that no cache read returned a value older than a completed invalidation.
+
+    Operations (fields ``namespace`` - optional - and ``key`` name the entry):
+
+    ``write``
+        ``set``: ``value`` stored under ``key`` with optional ``tags`` and ``ttl`` (seconds).
+        Its value counts as born when the write completed (``ok``); an unknown outcome never
+        makes a read stale (it may have happened at any time).
+    ``fill``
+        A read-through's store of its loader's ``value``: ``ok`` stored, ``fail`` refused. Its
+        value counts as born when the fill *began* (its loader may have read the source any time
+        after): a fill that began before an invalidation must not be visible after it (C1).
+    ``invalidate`` / ``delete``
+        ``ok`` means it completed. Scope from the fields: ``tag`` (every entry with that tag),
+        ``key`` (one entry), or neither (the whole ``namespace``). Failed or unknown ones are
+        ignored.
+    ``read``
+        ``ok`` with ``value`` (a hit) or ``hit=False`` / no value (a miss, never a violation).
+        ``tier="near"`` marks a read served by an in-process near cache.
+
+    An explicit ``born`` field (monotonic ns) on a write or fill overrides the rule above.
+
+    Violations:
+
+    - ``stale-read``: a read invoked more than the bound after an invalidation of its entry (key,
+      tag or namespace) completed returned a value born before that invalidation began.
+    - ``overwritten-read``: the same, where the "invalidation" is a later write or accepted fill
+      of the same key (a register must not go back in time).
+    - ``phantom-read``: a read returned a value that no write or fill of that key carried.
+    - ``expired-read``: a read invoked after ``ttl * (1 + expiry_slack)`` past the write's
+      completion returned its value.
+
+    Args:
+        history: the events.
+        bound: staleness allowed to every read, in seconds (``0``: none).
+        near_bound: staleness allowed to reads with ``tier="near"`` (default: ``bound``) - the
+            near cache's coherence bound (C6).
+        expiry_slack: tolerance on TTLs (the server's expiry is not exact).
+    """
+    events = sort_events(history)
+    violations: list[Violation] = []
+    puts: dict[tuple[Any, Any], dict[Any, list[_Put]]] = {}
+    overwrites: dict[tuple[Any, Any], list[tuple[float, float, _Op]]] = {}
+    n_writes = 0
+    for w in _pair(events, frozenset(("write", "fill"))):
+        if w.type == "fail" or w.get("value") is None or w.get("key") is None:
+            continue  # refused (nothing stored), or not a cache write (a fenced one)
+        n_writes += 1
+        explicit = _num(w.get("born"))
+        if explicit is not None:
+            born = explicit
+        elif w.op == "fill":
+            born = float(w.start)
+        else:
+            born = float(w.end) if w.type == "ok" and w.end is not None else math.inf
+        landed = float(w.end) if w.type == "ok" and w.end is not None else math.inf
+        value = _value_id(w.get("value"))
+        puts.setdefault(_cache_key(w), {}).setdefault(value, []).append(_Put(w, born, landed))
+        if w.type == "ok" and w.end is not None:
+            overwrites.setdefault(_cache_key(w), []).append((float(w.start), float(w.end), w))
+    scopes: dict[tuple[str, Any, Any], list[tuple[float, float, _Op]]] = {}
+    n_invalidations = 0
+    for inv in _pair(events, frozenset(("invalidate", "delete"))):
+        if inv.type != "ok" or inv.end is None:
+            continue
+        n_invalidations += 1
+        ns = inv.get("namespace")
+        if inv.get("tag") is not None:
+            scope: tuple[str, Any, Any] = ("tag", ns, inv.get("tag"))
+        elif inv.get("key") is not None:
+            scope = ("key", ns, inv.get("key"))
+        else:
+            scope = ("namespace", ns, None)
+        scopes.setdefault(scope, []).append((float(inv.start), float(inv.end), inv))
+    index = {scope: _Invalidators(ops) for scope, ops in scopes.items()}
+    over_index = {key: _Invalidators(ops) for key, ops in overwrites.items()}
+    n_reads = n_hits = 0
+    for r in _pair(events, frozenset(("read",))):
+        if r.type != "ok" or r.get("key") is None:
+            continue
+        n_reads += 1
+        value = r.get("value")
+        if value is None or r.get("hit") is False:
+            continue
+        n_hits += 1
+        key = _cache_key(r)
+        near = r.get("tier") == "near"
+        allowed = near_bound if near and near_bound is not None else bound
+        before = float(r.start) - allowed * 1e9
+        where = f"key {key[1]!r}" + ("" if key[0] is None else f" of namespace {key[0]!r}")
+        candidates = puts.get(key, {}).get(_value_id(value))
+        if not candidates:
+            violations.append(
+                Violation(
+                    "phantom-read",
+                    f"{r.process} read {value!r} from {where} at {_t(r.start)}, a value no "
+                    "write or fill of that key carried",
+                    tuple(e for e in (r.invoke, r.done) if e is not None),
+                )
+            )
+            continue
+        put = max(candidates, key=lambda p: p.born)  # the most lenient reading
+        checks: list[tuple[str, _Invalidators | None, str]] = [
+            ("stale-read", index.get(("key", key[0], key[1])), "invalidation of the key"),
+            ("stale-read", index.get(("namespace", key[0], None)), "clear of the namespace"),
+            *(
+                ("stale-read", index.get(("tag", key[0], tag)), f"invalidation of tag {tag!r}")
+                for tag in _tags_of(put.op)
+            ),
+            ("overwritten-read", over_index.get(key), "later write of the key"),
+        ]
+        for kind, scope_index, what in checks:
+            if scope_index is None:
+                continue
+            by = scope_index.first_completed(put.born, before)
+            if by is None or (kind == "overwritten-read" and by is put.op):
+                continue
+            if kind == "overwritten-read" and _value_id(by.get("value")) == _value_id(value):
+                continue
+            tier = " (near cache)" if near else ""
+            violations.append(
+                Violation(
+                    kind,
+                    f"{r.process} read{tier} {value!r} from {where} at {_t(r.start)}, but the "
+                    f"{what} by {by.process} (invoked {_t(by.start)}, completed "
+                    f"{_t(by.end or 0)}) came after that value was born (at {_t(put.born)}, "
+                    f"{put.op.op} by {put.op.process})"
+                    + (f"; allowed staleness {allowed:g} s" if allowed else ""),
+                    tuple(e for e in (put.op.done, by.invoke, by.done, r.done) if e is not None),
+                )
+            )
+            break
+        ttl = _num(put.op.get("ttl"))
+        if ttl is not None and put.landed != math.inf:
+            expires = put.landed + ttl * (1 + expiry_slack) * 1e9
+            if r.start > expires + allowed * 1e9:
+                violations.append(
+                    Violation(
+                        "expired-read",
+                        f"{r.process} read {value!r} from {where} at {_t(r.start)}, after its "
+                        f"ttl of {ttl:g} s (written by {put.op.process} at {_t(put.landed)})",
+                        tuple(e for e in (put.op.done, r.done) if e is not None),
+                    )
+                )
+    return CheckResult(
+        "cache",
+        tuple(violations),
+        {
+            "reads": n_reads,
+            "hits": n_hits,
+            "writes": n_writes,
+            "invalidations": n_invalidations,
+        },
+    )
+
+
+def _value_id(value: Any) -> Any:
+    """A hashable identity for a recorded value (JSON values may be lists or dicts)."""
+    try:
+        hash(value)
+    except TypeError:
+        return json.dumps(value, sort_keys=True, default=str)
+    return value

@@ -1,0 +1,545 @@
+"""Bad-input fuzzing (issue 9 point 4): hypothesis over lock names, cache keys, tags, TTLs,
+timeouts and values, and random / corrupt / foreign bytes planted in Redis under distkit's own
+keys. Every case ends in a typed distkit error (``ConfigError``, ``SerializationError``,
+``ForeignDataError``, ``ServerError``...) or a documented safe behaviour (a cache miss, a lock
+not acquired) - never a raw redis-py / pydantic / json exception, a crash, a hang (each operation
+runs under a SIGALRM deadline) or code execution.
+
+Example counts are modest (the module runs in well under a minute); scale them up with
+``DISTKIT_ADVERSARIAL_SCALE=20`` (see ``tests/_adversarial.py`` and docs/testing.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import given
+from hypothesis import strategies as st
+
+from distcache import AsyncCache, Cache, CacheEvent, CounterMetrics, PickleSerializer, cached
+from distkit import ConfigError, DistkitError, SerializationError
+from distkit.testing import RedisServer
+from distlock import AsyncLock, FencedStore, Lock, LockNotOwned, Redlock
+from tests._adversarial import fuzz_settings, no_hang
+
+MISSING = object()
+OP_LIMIT = 5.0  # seconds any single operation may take before it counts as a hang
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A sync client on the session's server (hypothesis reuses it across examples)."""
+    c = redis_server.client()
+    c.flushall()
+    yield c
+    c.close()
+
+
+def outcome(fn: Callable[[], Any], what: str = "operation") -> tuple[bool, Any]:
+    """Run ``fn``: ``(True, result)``, or ``(False, error)`` for a distkit error.
+
+    Anything else (a raw third-party exception) propagates and fails the test; so does a hang.
+    """
+    with no_hang(OP_LIMIT, what):
+        try:
+            return True, fn()
+        except DistkitError as exc:
+            return False, exc
+
+
+def distkit_keys(r: redis.Redis) -> list[str]:
+    return sorted(k.decode("utf-8", "surrogateescape") for k in r.keys("*"))
+
+
+# -- strategies ----------------------------------------------------------------------------------
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=40)  # surrogates included
+NASTY_TEXT = st.sampled_from(
+    ["", " ", "{", "}", "{x}", "a{b}c", "\x00", "\n", "\ud800", "*", "?", "[a]", ":", "::", "\\"]
+)
+LONG_TEXT = st.integers(1000, 1100).map(lambda n: "x" * n)
+NAMES = st.one_of(
+    ANY_TEXT,
+    NASTY_TEXT,
+    LONG_TEXT,
+    st.binary(max_size=10),
+    st.integers(),
+    st.none(),
+    st.floats(),
+    st.lists(st.text(max_size=3), max_size=2),
+)
+DURATIONS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0.001, max_value=100),
+    st.integers(-(10**20), 10**20),
+    st.timedeltas(min_value=timedelta(days=-2), max_value=timedelta(days=2)),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+    st.sampled_from([0, -1, 1e-9, 1e9, 1e15, 2**63, float("inf"), float("nan")]),
+)
+
+
+# -- names, keys and tags -----------------------------------------------------------------------
+@fuzz_settings(60)
+@given(name=NAMES, prefix=st.one_of(st.just("distkit"), NAMES))
+def test_lock_names_and_prefixes(client: redis.Redis, name: Any, prefix: Any) -> None:
+    client.flushall()
+    built, lock = outcome(lambda: Lock(client, name, ttl=5, prefix=prefix), "Lock()")
+    if not built:
+        assert isinstance(lock, ConfigError), lock
+        return
+    ok, got = outcome(lambda: lock.acquire(blocking=False), "acquire")
+    assert ok and got is True, got
+    token = lock.fencing_token
+    assert isinstance(token, int) and token > 0
+    outcome(lock.release, "release")
+    # every key the lock wrote lives under its own hash-tagged family
+    family = f"{prefix}:lock:{{{name}}}"
+    assert all(k == family or k.startswith(family + ":") for k in distkit_keys(client))
+
+
+@fuzz_settings(60)
+@given(namespace=st.one_of(st.just("default"), NAMES), key=NAMES, tag=NAMES)
+def test_cache_keys_tags_and_namespaces(
+    client: redis.Redis, namespace: Any, key: Any, tag: Any
+) -> None:
+    client.flushall()
+    built, cache = outcome(lambda: Cache(client, namespace=namespace, strict=True), "Cache()")
+    if not built:
+        assert isinstance(cache, ConfigError), cache
+        return
+    ok, stored = outcome(lambda: cache.set(key, "v", tags=[tag]), "set")
+    if not ok:
+        assert isinstance(stored, ConfigError), stored
+        ok, stored = outcome(lambda: cache.set(key, "v"), "set without tag")
+        if not ok:
+            assert isinstance(stored, ConfigError), stored
+            ok, got = outcome(lambda: cache.get(key), "get of an invalid key")
+            assert not ok and isinstance(got, ConfigError)
+            return
+        tag = None
+    assert stored is True
+    assert outcome(lambda: cache.get(key, MISSING))[1] == "v"
+    assert outcome(lambda: cache.get_many([key]))[1] == {key: "v"}
+    if tag is not None:
+        outcome(lambda: cache.invalidate_tags(tag), "invalidate_tags")
+        assert outcome(lambda: cache.get(key, MISSING))[1] is MISSING
+    family = f"distkit:cache:{{{namespace}}}:"
+    assert all(k.startswith(family) for k in distkit_keys(client)), distkit_keys(client)
+
+
+@fuzz_settings(40)
+@given(
+    a=st.tuples(st.sampled_from(["n1", "n:2", "n*"]), ANY_TEXT.filter(bool)),
+    b=st.tuples(st.sampled_from(["n1", "n:2", "n*"]), ANY_TEXT.filter(bool)),
+)
+def test_distinct_cache_keys_never_share_an_entry(
+    client: redis.Redis, a: tuple[str, str], b: tuple[str, str]
+) -> None:
+    """Injectivity under hostile keys: (namespace, key) pairs that differ never collide."""
+    client.flushall()
+    caches = {ns: Cache(client, namespace=ns) for ns in {a[0], b[0]}}
+    ok_a, _ = outcome(lambda: caches[a[0]].set(a[1], "A"))
+    ok_b, _ = outcome(lambda: caches[b[0]].set(b[1], "B"))
+    if not (ok_a and ok_b):
+        return  # an invalid key (ConfigError): nothing stored
+    expect_a = "B" if a == b else "A"
+    assert caches[a[0]].get(a[1]) == expect_a
+    assert caches[b[0]].get(b[1]) == "B"
+
+
+# -- durations ----------------------------------------------------------------------------------
+@fuzz_settings(60)
+@given(ttl=DURATIONS, retention=st.one_of(st.just(3600.0), DURATIONS))
+def test_lock_ttls(client: redis.Redis, ttl: Any, retention: Any) -> None:
+    client.flushall()
+    built, lock = outcome(lambda: Lock(client, "ttl", ttl=ttl, fence_retention=retention))
+    if not built:
+        assert isinstance(lock, ConfigError), lock
+        return
+    ok, got = outcome(lambda: lock.acquire(blocking=False), "acquire")
+    assert ok and got is True, f"a valid ttl={ttl!r} must work, got {got!r}"
+    ok, _ = outcome(lock.extend, "extend")
+    assert ok
+    assert outcome(lock.release)[0]
+
+
+@fuzz_settings(60)
+@given(timeout=DURATIONS, blocking=st.one_of(st.booleans(), st.none(), st.integers(0, 2)))
+def test_acquire_timeouts_on_a_free_lock(client: redis.Redis, timeout: Any, blocking: Any) -> None:
+    client.flushall()
+    lock = Lock(client, "timeouts", ttl=5)
+    ok, got = outcome(lambda: lock.acquire(blocking=blocking, timeout=timeout), "acquire")
+    if not ok:
+        assert isinstance(got, ConfigError), got
+        return
+    assert got is True
+    lock.release()
+
+
+@fuzz_settings(30)
+@given(timeout=st.one_of(st.floats(0, 0.2), st.just(0), st.timedeltas(max_value=timedelta(0))))
+def test_acquire_timeouts_on_a_held_lock(client: redis.Redis, timeout: Any) -> None:
+    client.flushall()
+    holder = Lock(client, "held", ttl=5)
+    assert holder.acquire(blocking=False)
+    ok, got = outcome(lambda: Lock(client, "held", ttl=5).acquire(timeout=timeout), "acquire")
+    assert (ok and got is False) or isinstance(got, ConfigError), got
+    holder.release()
+
+
+@fuzz_settings(10)
+@given(timeout=st.one_of(st.floats(1, 1e12), st.sampled_from([None, -1, 1e300, 10**20])))
+def test_long_timeouts_on_a_lock_that_is_released(client: redis.Redis, timeout: Any) -> None:
+    """A waiter with any accepted timeout gets the lock once its holder's short lease ends."""
+    client.flushall()
+    holder = Lock(client, "long", ttl=0.2)
+    assert holder.acquire(blocking=False)
+    ok, got = outcome(lambda: Lock(client, "long", ttl=5).acquire(timeout=timeout), "acquire")
+    assert (ok and got is True) or isinstance(got, ConfigError), got
+
+
+@fuzz_settings(60)
+@given(
+    ttl=st.one_of(st.just(None), DURATIONS),
+    negative_ttl=st.one_of(st.just(None), DURATIONS),
+    fill_timeout=st.one_of(st.just(60.0), DURATIONS),
+)
+def test_cache_ttls(client: redis.Redis, ttl: Any, negative_ttl: Any, fill_timeout: Any) -> None:
+    client.flushall()
+    built, cache = outcome(
+        lambda: Cache(client, negative_ttl=negative_ttl, fill_timeout=fill_timeout, strict=True)
+    )
+    if not built:
+        assert isinstance(cache, ConfigError), cache
+        return
+    ok, got = outcome(lambda: cache.set("k", 1, ttl=ttl), "set")
+    if not ok:
+        assert isinstance(got, ConfigError), got
+        return
+    assert got is True
+    assert cache.get("k") == 1
+    ok, got = outcome(lambda: cache.get_or_set("none", lambda: None, ttl=ttl))
+    assert ok and got is None
+
+
+# -- values -------------------------------------------------------------------------------------
+class _Opaque:
+    pass
+
+
+POISON = st.one_of(
+    st.binary(max_size=8),
+    st.builds(_Opaque),
+    st.frozensets(st.integers(), max_size=3),
+    st.sets(st.integers(), max_size=3),
+    st.just("\ud800 lone surrogate"),
+    st.integers(min_value=10**4400, max_value=10**4400 + 10),  # beyond int->str digit limit
+    st.complex_numbers(max_magnitude=10),
+    st.just(ValueError("x")),
+    st.functions(),
+)
+JSONISH = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=20),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    ),
+    max_leaves=20,
+)
+VALUES = st.recursive(
+    st.one_of(JSONISH, POISON),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+def _poisoned(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_poisoned(v) for v in value)
+    if isinstance(value, dict):
+        return any(_poisoned(v) for v in value.values())
+    if value is None or isinstance(value, (bool, int, float)):
+        return isinstance(value, int) and value.bit_length() > 14000
+    if isinstance(value, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in value)
+    return True
+
+
+def _as_json(value: Any) -> Any:
+    """The model of JSON: tuples come back as lists."""
+    if isinstance(value, (list, tuple)):
+        return [_as_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+@fuzz_settings(100)
+@given(value=VALUES)
+def test_values_round_trip_or_raise_serialization_error(client: redis.Redis, value: Any) -> None:
+    client.flushall()
+    cache = Cache(client, namespace="values", max_value_size=64 * 1024, strict=True)
+    ok, got = outcome(lambda: cache.set("k", value), "set")
+    if _poisoned(value):
+        assert not ok and isinstance(got, SerializationError), (value, got)
+        assert cache.get("k", MISSING) is MISSING
+        return
+    assert ok and got is True, got
+    back = cache.get("k", MISSING)
+    assert _same(_as_json(value), back), (value, back)
+
+
+def test_huge_and_deep_values_raise_serialization_error(client: redis.Redis) -> None:
+    cache = Cache(client, namespace="big", max_value_size=1024 * 1024, strict=True)
+    deep: Any = []
+    for _ in range(100_000):
+        deep = [deep]
+    big = "x" * (2 * 1024 * 1024)
+    for value in (deep, big, {"k": big}):
+        ok, got = outcome(lambda v=value: cache.set("k", v), "set")
+        assert not ok and isinstance(got, SerializationError)
+        ok, got = outcome(lambda v=value: cache.get_or_set("k", lambda: v), "get_or_set")
+        assert not ok and isinstance(got, SerializationError)
+    circular: list[Any] = []
+    circular.append(circular)
+    assert isinstance(outcome(lambda: cache.set("k", circular))[1], SerializationError)
+    # a planted deeply nested JSON document is a miss, not a RecursionError
+    cache.set("k", [1])
+    raw = client.get("distkit:cache:{big}:k:k")
+    assert isinstance(raw, bytes)
+    head = int(raw[22:26], 16)
+    client.set("distkit:cache:{big}:k:k", raw[: 26 + head] + b"[" * 200_000 + b"]" * 200_000)
+    assert outcome(lambda: cache.get("k", MISSING))[1] is MISSING
+
+
+@fuzz_settings(40)
+@given(args=st.lists(VALUES, max_size=3))
+def test_cached_arguments_are_keyed_or_refused(client: redis.Redis, args: list[Any]) -> None:
+    client.flushall()
+    cache = Cache(client, namespace="dec", strict=True)
+    calls: list[int] = []
+
+    @cached(cache)
+    def f(*a: Any) -> int:
+        calls.append(1)
+        return len(a)
+
+    ok, got = outcome(lambda: f(*args), "call")
+    if not ok:
+        assert isinstance(got, SerializationError), got
+        return
+    assert got == len(args)
+    assert outcome(lambda: f(*args))[1] == len(args)
+    assert len(calls) == 1  # the second call was a hit on the same canonical key
+
+
+# -- bytes planted under distkit's keys ----------------------------------------------------------
+LOCK_KEYS = ["{p}:lock:{{n}}", "{p}:lock:{{n}}:fence", "{p}:lock:{{n}}:rel", "{p}:lock:{{n}}:queue",
+             "{p}:lock:{{n}}:qexp", "{p}:fenced:{{n}}"]  # fmt: skip
+CACHE_KEYS = ["{p}:cache:{{n}}:epoch", "{p}:cache:{{n}}:ns", "{p}:cache:{{n}}:t:tag",
+              "{p}:cache:{{n}}:k:key", "{p}:cache:{{n}}:k:other"]  # fmt: skip
+SPECIAL_BYTES = st.sampled_from(
+    [
+        b"",
+        b"0",
+        b"-1",
+        b"nan",
+        b"inf",
+        b"1e400",
+        b"9" * 40,
+        b"9007199254740993",
+        b"0000000000000001",
+        b"\xff\xfe\x00",
+        b"dc1:",
+        b"dc1~",
+        b"dc1:" + b"9" * 16 + b"jv0000null",
+        b"dc1:" + b"0" * 16 + b"jv0005a|b|c" + b"1",
+        b"dc1:" + b"1" * 16 + b"pvffff",
+        b"owner*",
+        b"*",
+        pickle.dumps(os.system),
+    ]
+)
+PLANTS = st.tuples(
+    st.sampled_from(["string", "list", "hash", "zset", "set"]),
+    st.one_of(st.binary(max_size=64), SPECIAL_BYTES),
+)
+
+
+def _plant(r: redis.Redis, key: str, kind: str, data: bytes) -> None:
+    r.delete(key)
+    if kind == "string":
+        r.set(key, data)
+    elif kind == "list":
+        r.rpush(key, data or b"x")
+    elif kind == "hash":
+        r.hset(key, data or b"x", data or b"x")
+    elif kind == "zset":
+        r.zadd(key, {data or b"x": 1})
+    else:
+        r.sadd(key, data or b"x")
+    if data[:1] == b"0":
+        r.pexpire(key, 200)  # some plants vanish mid-example, as a TTL would make them
+
+
+def _lock_ops(client: redis.Redis) -> list[tuple[str, Callable[[], Any]]]:
+    lock = Lock(client, "n", ttl=1)
+    store = FencedStore(client, "n")
+    return [
+        ("acquire", lambda: lock.acquire(blocking=False)),
+        ("locked", lock.locked),
+        ("owned", lock.owned),
+        ("extend", lock.extend),
+        ("release", lock.release),
+        ("acquire-wait", lambda: Lock(client, "n", ttl=1).acquire(timeout=0.05)),
+        ("release-unheld", lambda: Lock(client, "n", ttl=1).release()),
+        ("fenced-read", store.read),
+        ("fenced-write", lambda: store.write(2**40, "v")),
+        ("redlock", lambda: Redlock([client], "n", ttl=1).acquire(blocking=False)),
+    ]
+
+
+@fuzz_settings(60)
+@given(plants=st.dictionaries(st.sampled_from(LOCK_KEYS), PLANTS, min_size=1, max_size=3))
+def test_corrupt_lock_state_ends_in_typed_errors(
+    client: redis.Redis, plants: dict[str, tuple[str, bytes]]
+) -> None:
+    client.flushall()
+    for template, (kind, data) in plants.items():
+        _plant(client, template.format(p="distkit"), kind, data)
+    for what, op in _lock_ops(client):
+        ok, got = outcome(op, what)
+        if what == "release-unheld":
+            assert not ok and isinstance(got, LockNotOwned), got
+    # whatever happened, nothing was written outside the lock's own key family
+    assert all(
+        k.startswith(("distkit:lock:{n}", "distkit:fenced:{n}")) for k in distkit_keys(client)
+    )
+
+
+@fuzz_settings(60)
+@given(plants=st.dictionaries(st.sampled_from(CACHE_KEYS), PLANTS, min_size=1, max_size=3))
+def test_corrupt_cache_state_is_a_miss_or_a_typed_error(
+    client: redis.Redis, plants: dict[str, tuple[str, bytes]]
+) -> None:
+    client.flushall()
+    for template, (kind, data) in plants.items():
+        _plant(client, template.format(p="distkit"), kind, data)
+    metrics = CounterMetrics()
+    cache = Cache(client, namespace="n", metrics=metrics)
+    # reads and fills fail open: they return, whatever Redis holds
+    for what, op in [
+        ("get", lambda: cache.get("key", MISSING)),
+        ("get_many", lambda: cache.get_many(["key", "other"])),
+        ("get_or_set", lambda: cache.get_or_set("key", lambda: "fresh")),
+        ("get-after", lambda: cache.get("key", MISSING)),
+    ]:
+        ok, got = outcome(op, what)
+        assert ok, f"{what} raised {got!r} instead of failing open"
+        if what == "get_or_set":
+            assert got == "fresh"
+        elif what.startswith("get") and what != "get_many":
+            assert got in (MISSING, "fresh")
+    # writes and invalidations may refuse, but only with a distkit error
+    for what, op in [
+        ("set", lambda: cache.set("key", 1, tags=["tag"])),
+        ("delete", lambda: cache.delete("key")),
+        ("invalidate_tags", lambda: cache.invalidate_tags("tag")),
+        ("clear", cache.clear),
+        ("strict-get", lambda: Cache(client, namespace="n", strict=True).get("key")),
+    ]:
+        outcome(op, what)
+    signed = Cache(client, namespace="n", serializer=PickleSerializer([b"k" * 32]))
+    assert outcome(lambda: signed.get("key", MISSING))[0]
+
+
+@fuzz_settings(20)
+@given(plants=st.dictionaries(st.sampled_from(LOCK_KEYS + CACHE_KEYS), PLANTS, max_size=3))
+def test_corrupt_state_async_twins(
+    redis_server: RedisServer, plants: dict[str, tuple[str, bytes]]
+) -> None:
+    with redis_server.client() as r:
+        r.flushall()
+        for template, (kind, data) in plants.items():
+            _plant(r, template.format(p="distkit"), kind, data)
+
+    async def main() -> None:
+        client = redis_server.async_client()
+        try:
+            lock = AsyncLock(client, "n", ttl=1)
+            cache = AsyncCache(client, namespace="n")
+            for what, op in [
+                ("acquire", lambda: lock.acquire(blocking=False)),
+                ("release", lock.release),
+                ("get", lambda: cache.get("key", MISSING)),
+                ("get_or_set", lambda: cache.get_or_set("key", lambda: _fresh())),
+                ("clear", cache.clear),
+            ]:
+                try:
+                    await asyncio.wait_for(op(), OP_LIMIT)
+                except DistkitError:
+                    assert what in ("acquire", "release", "clear"), what
+        finally:
+            await client.aclose()
+
+    async def _fresh() -> str:
+        return "fresh"
+
+    asyncio.run(main())
+
+
+def test_decode_errors_are_counted_not_raised(client: redis.Redis, tmp_path: Path) -> None:
+    """The metric that tells an operator foreign bytes sit under the cache's keys."""
+    metrics = CounterMetrics()
+    cache = Cache(client, namespace="m", metrics=metrics)
+    client.set("distkit:cache:{m}:k:a", b"\x80\x04\x95 not ours")
+    assert cache.get("a", MISSING) is MISSING
+    assert metrics.count(CacheEvent.DECODE_ERROR) == 1
+
+
+@pytest.mark.parametrize("junk", [b"garbage", b"\xff\xfe", b"", b"-5", b"1.5e3x"])
+def test_an_invalidation_repairs_a_foreign_epoch(client: redis.Redis, junk: bytes) -> None:
+    """Foreign bytes under the epoch: reads never fail, fills are skipped, and the next
+    invalidation replaces the epoch, after which the cache works normally again."""
+    cache = Cache(client, namespace="ep", strict=True)
+    cache.set("a", 1)
+    client.set("distkit:cache:{ep}:epoch", junk)
+    assert cache.get("a", MISSING) in (1, MISSING)  # nothing was invalidated: either is right
+    assert cache.get_or_set("b", lambda: 2) == 2
+    cache.clear()
+    epoch = client.get("distkit:cache:{ep}:epoch")
+    assert isinstance(epoch, bytes) and epoch.isdigit() and len(epoch) == 16
+    assert cache.get("a", MISSING) is MISSING  # written before the clear: gone
+    cache.set("a", 3, tags=["t"])
+    assert cache.get("a") == 3
+    cache.invalidate_tags("t")
+    assert cache.get("a", MISSING) is MISSING

@@ -1,0 +1,371 @@
+"""Model-based tests (issue 9 point 1): hypothesis state machines drive the real cache and the real
+lock on a real redis-server, step by step, against small reference models; any disagreement is
+shrunk to a short, readable program (rule names and arguments are the steps).
+
+Time. TTLs are enforced by Redis (``PX``), so the models keep a *fake* clock: entries get TTLs in
+whole fake seconds, while the real TTL given to the cache is ``fake * TTL_SCALE`` (hours) so Redis
+never expires anything by itself during a run. The rule ``advance`` moves the fake clock; every
+entry whose fake deadline passed is then expired on the server (``PEXPIRE`` to 1 ms, then waited
+for) - exactly what Redis does when a TTL runs out - and the model drops it. Evictions of single
+records (an entry, a tag record, the namespace record, the epoch) are rules too. For the lock,
+lease expiry is a rule that expires the lease key on the server the same way.
+
+Near cache: ``CacheMachine.make_cache`` builds the handles; a near-cache variant can subclass the
+machine, override it, and set ``near_bound`` (reads through the near tier may then lag by up to
+that bound - see ``check_cache`` in ``distkit.testing``).
+
+Scale the walks up with ``DISTKIT_ADVERSARIAL_SCALE`` (see docs/testing.md).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pytest
+import redis
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from distcache import Cache
+from distkit import LockError
+from distkit.testing import RedisServer
+from distlock import FencedStore, Lock, LockNotOwned, StaleFencingToken
+from tests._adversarial import examples, fuzz_settings
+
+MISSING = "<miss>"
+TTL_SCALE = 3600.0  # real seconds per fake second: Redis never expires anything on its own
+KEYS = ["a", "b:c", "日本 ☃", "k" * 230]  # the last is hashed (longer than 200 characters)
+TAGS = ["t1", "t2", "t:3"]
+VALUES = st.one_of(
+    st.none(),
+    st.integers(-5, 5),
+    st.text(max_size=4),
+    st.lists(st.integers(0, 3), max_size=2),
+    st.dictionaries(st.sampled_from("xy"), st.booleans(), max_size=2),
+)
+HANDLES = ["h0", "h1"]
+
+
+def _gone(r: redis.Redis, key: str) -> None:
+    """Expire ``key`` on the server as its TTL would, and wait until Redis has dropped it."""
+    r.pexpire(key, 1)
+    deadline = time.monotonic() + 5
+    while r.exists(key):
+        assert time.monotonic() < deadline, f"{key} did not expire"
+        time.sleep(0.002)
+
+
+@dataclass
+class Entry:
+    """One entry as Redis holds it: value, tags, fake deadline, epoch stamp, generations seen."""
+
+    value: Any
+    tags: frozenset[str]
+    deadline: int  # fake seconds
+    stamp: int  # the epoch it was written (or last revalidated) under
+    gens: dict[str, int | None]  # the namespace / tag records' generations at the write
+
+
+@dataclass
+class CacheModel:
+    """The reference, at the level of the documented design (``distcache/_scripts.py``).
+
+    Every invalidation moves the epoch and stamps it into the records it invalidates (``ns`` for
+    ``clear``, ``t:<tag>`` for a tag). A write records the current generation of its records
+    (creating absent ones). A read of an entry stamped with the current epoch is a hit; otherwise
+    the entry is revalidated: a hit (re-stamped) if every recorded generation is still current,
+    else deleted - so a lost record turns its entries into misses once the epoch next moves, and
+    never makes an invalidated entry a hit. ``delete`` reports whether an entry was *present*.
+    """
+
+    now: int = 0
+    epoch: int = 1
+    records: dict[str, int | None] = field(default_factory=dict)
+    entries: dict[str, Entry] = field(default_factory=dict)
+
+    def write(self, key: str, value: Any, tags: frozenset[str], ttl: int) -> None:
+        names = ["ns", *sorted("t:" + t for t in tags)]
+        for name in names:
+            if self.records.get(name) is None:
+                self.records[name] = self.epoch
+        gens = {name: self.records[name] for name in names}
+        self.entries[key] = Entry(value, tags, self.now + ttl, self.epoch, gens)
+
+    def read(self, key: str) -> Any:
+        entry = self.entries.get(key)
+        if entry is None:
+            return MISSING
+        if entry.stamp != self.epoch:
+            if any(self.records.get(n) != g for n, g in entry.gens.items()):
+                del self.entries[key]
+                return MISSING
+            entry.stamp = self.epoch
+        return entry.value
+
+    def bump(self, names: list[str]) -> None:
+        self.epoch += 1
+        for name in names:
+            self.records[name] = self.epoch
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Two ``Cache`` handles (two clients, as two processes) on one namespace vs ``CacheModel``."""
+
+    server: ClassVar[RedisServer]
+    near_bound: ClassVar[float | None] = None  # a near-cache subclass sets its bound
+    negative_ttl: ClassVar[int] = 2  # fake seconds
+
+    @classmethod
+    def make_cache(cls, client: redis.Redis, **options: Any) -> Cache:
+        """Build one handle (the hook for near-cache variants)."""
+        return Cache(client, **options)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = CacheModel()
+        self.admin = self.server.client()
+        self.admin.flushall()
+        self.clients = [self.server.client() for _ in HANDLES]
+        self.caches = {
+            name: self.make_cache(
+                c,
+                namespace="model",
+                ttl=5 * TTL_SCALE,
+                negative_ttl=self.negative_ttl * TTL_SCALE,
+                strict=True,
+            )
+            for name, c in zip(HANDLES, self.clients, strict=True)
+        }
+        self.core = self.caches["h0"]._core  # key layout only: never used for I/O
+
+    def teardown(self) -> None:
+        for c in [self.admin, *self.clients]:
+            c.close()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _rkey(self, key: str) -> str:
+        return self.core.entry_key(key)
+
+    def _record(self, suffix: str) -> str:
+        rkey = self._rkey(KEYS[0])
+        return rkey[: rkey.index("}") + 1] + ":" + suffix
+
+    # -- operations --------------------------------------------------------------------------
+    @rule(
+        handle=st.sampled_from(HANDLES),
+        key=st.sampled_from(KEYS),
+        value=VALUES,
+        tags=st.frozensets(st.sampled_from(TAGS), max_size=2),
+        ttl=st.integers(1, 5),
+    )
+    def set(self, handle: str, key: str, value: Any, tags: frozenset[str], ttl: int) -> None:
+        assert self.caches[handle].set(key, value, ttl=ttl * TTL_SCALE, tags=sorted(tags))
+        self.model.write(key, value, tags, ttl)
+
+    @rule(handle=st.sampled_from(HANDLES), key=st.sampled_from(KEYS))
+    def get(self, handle: str, key: str) -> None:
+        got = self.caches[handle].get(key, MISSING)
+        want = self.model.read(key)
+        assert got == want, f"get({key!r}) = {got!r}, model {want!r}"
+
+    @rule(handle=st.sampled_from(HANDLES), keys=st.lists(st.sampled_from(KEYS), max_size=3))
+    def get_many(self, handle: str, keys: list[str]) -> None:
+        got = self.caches[handle].get_many(keys)
+        want = {k: v for k in dict.fromkeys(keys) if (v := self.model.read(k)) != MISSING}
+        assert got == want
+
+    @rule(
+        handle=st.sampled_from(HANDLES),
+        key=st.sampled_from(KEYS),
+        loaded=VALUES,
+        tags=st.frozensets(st.sampled_from(TAGS), max_size=2),
+    )
+    def get_or_set(self, handle: str, key: str, loaded: Any, tags: frozenset[str]) -> None:
+        calls: list[Any] = []
+
+        def loader() -> Any:
+            calls.append(loaded)
+            return loaded
+
+        got = self.caches[handle].get_or_set(key, loader, ttl=3 * TTL_SCALE, tags=sorted(tags))
+        cached = self.model.read(key)
+        if cached != MISSING:
+            assert got == cached and not calls, "a hit must not call the loader"
+        else:
+            assert got == loaded and len(calls) == 1
+            # a loader's None is a negative entry, with its own ttl
+            self.model.write(key, loaded, tags, 3 if loaded is not None else self.negative_ttl)
+
+    @rule(handle=st.sampled_from(HANDLES), key=st.sampled_from(KEYS))
+    def delete(self, handle: str, key: str) -> None:
+        was = self.caches[handle].delete(key)
+        assert was == (key in self.model.entries)
+        self.model.entries.pop(key, None)
+
+    @rule(handle=st.sampled_from(HANDLES), tags=st.lists(st.sampled_from(TAGS), min_size=1))
+    def invalidate_tags(self, handle: str, tags: list[str]) -> None:
+        self.caches[handle].invalidate_tags(*tags)
+        self.model.bump(sorted({"t:" + t for t in tags}))
+
+    @rule(handle=st.sampled_from(HANDLES))
+    def clear(self, handle: str) -> None:
+        self.caches[handle].clear()
+        self.model.bump(["ns"])
+
+    # -- time and the server's own behaviour -------------------------------------------------
+    @rule(seconds=st.integers(1, 4))
+    def advance(self, seconds: int) -> None:
+        self.model.now += seconds
+        for key, entry in list(self.model.entries.items()):
+            if entry.deadline <= self.model.now:
+                _gone(self.admin, self._rkey(key))
+                del self.model.entries[key]
+
+    @rule(key=st.sampled_from(KEYS))
+    def evict_entry(self, key: str) -> None:
+        """Redis evicted (or lost) one entry."""
+        self.admin.delete(self._rkey(key))
+        self.model.entries.pop(key, None)
+
+    @rule(record=st.sampled_from(["ns", *("t:" + t for t in TAGS)]))
+    def evict_record(self, record: str) -> None:
+        """Redis evicted a namespace or tag record: it reads as absent from now on."""
+        self.admin.delete(self._record(record))
+        self.model.records[record] = None
+
+    @rule()
+    def evict_epoch(self) -> None:
+        """A lost epoch comes back as a fresh value: every entry gets revalidated."""
+        if self.admin.delete(self._record("epoch")):
+            self.model.epoch += 1
+
+    @invariant()
+    def nothing_outside_the_prefix(self) -> None:
+        for raw in self.admin.keys("*"):  # the namespace's keys, and its fill locks
+            assert raw.startswith(
+                (b"distkit:cache:{model}:", b"distkit:lock:{cache.fill.model.")
+            ), raw
+
+
+class LockMachine(RuleBasedStateMachine):
+    """Three handles of one lock name, plus a fenced value, vs a mutex model."""
+
+    server: ClassVar[RedisServer]
+    names: ClassVar[list[str]] = ["h0", "h1", "h2"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.admin = self.server.client()
+        self.admin.flushall()
+        self.client = self.server.client()
+        self.locks = {n: Lock(self.client, "model", ttl=TTL_SCALE) for n in self.names}
+        self.store = FencedStore(self.client, "model")
+        self.holder: str | None = None  # who holds the lease on the server
+        self.believes: set[str] = set()  # handles that think they hold it (an expired one may)
+        self.tokens: dict[str, int] = {}  # each handle's token of its latest acquisition
+        self.last_token = 0
+        self.highest_written = -1
+        self.lease_key = self.locks["h0"]._core.lease_key
+        self.fence_key = self.locks["h0"]._core.fence_key
+
+    def teardown(self) -> None:
+        self.admin.close()
+        self.client.close()
+
+    @initialize()
+    def start_empty(self) -> None:
+        assert not self.admin.exists(self.lease_key)
+
+    def _granted(self, name: str) -> None:
+        token = self.locks[name].fencing_token
+        assert token is not None and token > self.last_token, (token, self.last_token)
+        self.last_token = self.tokens[name] = token
+        self.holder = name
+        self.believes.add(name)
+
+    @rule(name=st.sampled_from(names))
+    def acquire_nonblocking(self, name: str) -> None:
+        if name in self.believes:
+            with pytest.raises(LockError, match="already held"):
+                self.locks[name].acquire(blocking=False)
+            return
+        got = self.locks[name].acquire(blocking=False)
+        assert got == (self.holder is None), (name, got, self.holder)
+        if got:
+            self._granted(name)
+
+    @precondition(lambda self: self.holder is not None)
+    @rule(name=st.sampled_from(names))
+    def acquire_times_out_while_held(self, name: str) -> None:
+        if name in self.believes:
+            return
+        assert self.locks[name].acquire(timeout=0.02) is False
+
+    @rule(name=st.sampled_from(names))
+    def release(self, name: str) -> None:
+        if self.holder == name:
+            self.locks[name].release()
+            self.holder = None
+        else:
+            with pytest.raises(LockNotOwned):
+                self.locks[name].release()
+        self.believes.discard(name)
+
+    @rule(name=st.sampled_from(names))
+    def extend(self, name: str) -> None:
+        if self.holder == name:
+            self.locks[name].extend()
+        else:
+            with pytest.raises(LockNotOwned):
+                self.locks[name].extend()
+            self.believes.discard(name)
+
+    @precondition(lambda self: self.holder is not None)
+    @rule()
+    def lease_expires(self) -> None:
+        """The holder's lease runs out (it paused, crashed, or forgot to extend)."""
+        _gone(self.admin, self.lease_key)
+        self.holder = None  # the ex-holder still believes it holds: ``believes`` keeps it
+
+    @rule()
+    def fencing_state_lost(self) -> None:
+        """The fence key is gone (eviction, restart): tokens must still increase."""
+        self.admin.delete(self.fence_key)
+
+    @precondition(lambda self: bool(self.tokens))
+    @rule(data=st.data())
+    def fenced_write(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.tokens)), label="writer")
+        token = self.tokens[name]
+        if token >= self.highest_written:
+            self.store.write(token, name)
+            self.highest_written = token
+        else:
+            with pytest.raises(StaleFencingToken):
+                self.store.write(token, name)
+        stored = self.store.read()
+        assert stored is not None and stored[1] == self.highest_written
+
+    @invariant()
+    def server_agrees(self) -> None:
+        for name, lock in self.locks.items():
+            assert lock.owned() == (self.holder == name), name
+        assert self.locks["h0"].locked() == (self.holder is not None)
+
+
+@pytest.mark.parametrize("machine", [CacheMachine, LockMachine], ids=["cache", "lock"])
+def test_state_machine(redis_server: RedisServer, machine: type[RuleBasedStateMachine]) -> None:
+    machine.server = redis_server  # type: ignore[attr-defined]
+    run_state_machine_as_test(
+        machine,
+        settings=fuzz_settings(60, stateful_step_count=examples(40)),
+    )
