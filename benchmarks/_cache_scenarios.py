@@ -43,6 +43,14 @@ HIT_SCENARIO = Scenario(
             0.95,
             "distcache Redis hit >= 0.95x the GET + json.loads floor",
         ),
+        Target(
+            "distcache-near",
+            "p50_us",
+            "<=",
+            3.0,
+            "distcache near-cache hit p50 <= 3 us",
+            "us",
+        ),
     ),
 )
 

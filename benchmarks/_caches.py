@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -117,6 +118,56 @@ def _distcache_async(clients: Sequence[redis.Redis], name: str, ttl: float) -> L
     cache = distcache.AsyncCache(aclient, namespace=name, ttl=300)
     loop.run_until_complete(cache.set_many({str(i): value_for(i) for i in range(KEYS)}))
     keys = [str(i) for i in range(KEYS)]
+    return _on_loop(loop, lambda i: cache.get(keys[i]))
+
+
+def _near(clients: Sequence[redis.Redis], name: str) -> distcache.Cache:
+    cache = distcache.Cache(clients[0], namespace=name, ttl=300,
+                            near_cache=distcache.NearCache(max_entries=2 * KEYS))  # fmt: skip
+    assert cache._near is not None
+    assert cache._near.wait_live(10)
+    cache.set_many({str(i): value_for(i) for i in range(KEYS)})
+    return cache
+
+
+def _warm(read: Callable[[int], object], near: Any) -> None:
+    """Read every key until all are in L1 (the seeding writes' invalidations come back once)."""
+    for _ in range(50):
+        for i in range(KEYS):
+            read(i)
+        if near.stats()["entries"] >= KEYS:
+            return
+        time.sleep(0.01)
+
+
+def _distcache_near(clients: Sequence[redis.Redis], name: str, ttl: float) -> LockOps:
+    cache = _near(clients, name)
+    keys = [str(i) for i in range(KEYS)]
+    get = cache.get
+    _warm(lambda i: get(keys[i]), cache._near)
+    return _cycle_reads(lambda i: get(keys[i]))
+
+
+def _distcache_near_decorator(clients: Sequence[redis.Redis], name: str, ttl: float) -> LockOps:
+    cache = _near(clients, name)
+
+    @distcache.cached(cache)
+    def load(i: int) -> dict[str, Any]:
+        return value_for(i)
+
+    _warm(load, cache._near)
+    return _cycle_reads(load)
+
+
+def _distcache_near_async(clients: Sequence[redis.Redis], name: str, ttl: float) -> LockOps:
+    loop = asyncio.new_event_loop()
+    cache = distcache.AsyncCache(_async_client(clients[0]), namespace=name, ttl=300,
+                                 near_cache=distcache.NearCache(max_entries=2 * KEYS))  # fmt: skip
+    assert cache._near is not None
+    assert cache._near.wait_live(10)
+    loop.run_until_complete(cache.set_many({str(i): value_for(i) for i in range(KEYS)}))
+    keys = [str(i) for i in range(KEYS)]
+    _warm(lambda i: loop.run_until_complete(cache.get(keys[i])), cache._near)
     return _on_loop(loop, lambda i: cache.get(keys[i]))
 
 
@@ -240,6 +291,14 @@ HIT_CONTENDERS: tuple[LockContender, ...] = (
                "a @cached function hit (canonical key from the bound arguments)"),
     _contender("distcache-async", "distcache AsyncCache.get", "distkit", _distcache_async,
                "AsyncCache.get, one run_until_complete per read"),
+    _contender("distcache-near", "distcache Cache.get, near cache", "distkit", _distcache_near,
+               "Cache.get served from the in-process L1 (NearCache), no socket touched"),
+    _contender("distcache-near-decorator", "distcache @cached, near cache", "distkit",
+               _distcache_near_decorator,
+               "a @cached hit from L1 (read-through flow: XFetch check, single-flight bypassed)"),
+    _contender("distcache-near-async", "distcache AsyncCache.get, near cache", "distkit",
+               _distcache_near_async,
+               "AsyncCache.get from L1, one run_until_complete per read"),
     _contender("dogpile", "dogpile.cache redis", "peer", _dogpile,
                "dogpile.cache region on its redis backend (pickle)", ("dogpile.cache",)),
     _contender("cashews", "cashews", "peer", _cashews,

@@ -7,7 +7,15 @@ its name out of ``PLANNED``. To add a contender: add its adapter where its kind 
 
 from __future__ import annotations
 
-from . import _cache_scenarios, _lock_contended, _lock_uncontended, _redlock
+from . import (
+    _cache_scenarios,
+    _cluster_scenarios,
+    _lock_contended,
+    _lock_uncontended,
+    _near_scenarios,
+    _redlock,
+    _stampede,
+)
 from ._model import Scenario
 
 __all__ = ["PLANNED", "SCENARIOS"]
@@ -20,11 +28,12 @@ SCENARIOS: dict[str, Scenario] = {
         _redlock.SCENARIO,
         _cache_scenarios.HIT_SCENARIO,
         _cache_scenarios.BATCH_SCENARIO,
+        _stampede.SCENARIO,
+        _near_scenarios.SCENARIO,
+        _cluster_scenarios.LOCK_SCENARIO,
+        _cluster_scenarios.CACHE_SCENARIO,
     )
 }
 
 # Named in issue 4; each lands with the feature it measures (nothing is faked before then).
-PLANNED: dict[str, str] = {
-    "cache_stampede": "64 concurrent callers on a just-expired key with a 50 ms loader: loader "
-    "calls and caller latency (lands with distcache stampede control)",
-}
+PLANNED: dict[str, str] = {}

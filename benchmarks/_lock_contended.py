@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -97,10 +98,17 @@ def analyze(reports: list[WorkerReport], start_ns: int, deadline_ns: int) -> Seg
 class _Pool:
     """Spawned worker processes, reused for every segment of the scenario."""
 
-    def __init__(self, urls: tuple[str, ...], workers: int, seed: int) -> None:
+    def __init__(
+        self,
+        urls: tuple[str, ...],
+        workers: int,
+        seed: int,
+        target: Callable[[Connection, int, tuple[str, ...], int], None] = worker_main,
+    ) -> None:
         self._urls = urls
         self._workers = workers
         self._seed = seed
+        self._target = target  # another scenario's worker speaking the same protocol
         self._procs: list[BaseProcess] = []
         self._conns: list[Connection] = []
 
@@ -109,7 +117,7 @@ class _Pool:
         for index in range(self._workers):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=worker_main,
+                target=self._target,
                 args=(child, index, self._urls, self._seed),
                 name=f"distkit-bench-worker-{index}",
                 daemon=True,
@@ -148,6 +156,16 @@ class _Pool:
                     raise WorkerFailed(index, detail)
                 replies[index] = reply
         return [replies[i] for i in range(len(self._conns))]
+
+    def broadcast(self, message: tuple[object, ...], reply: str, timeout: float) -> list[object]:
+        """Send ``message`` to every worker; return their ``reply`` payloads, in worker order.
+
+        Raises:
+            WorkerFailed: a worker's payload is (or carries) an error.
+        """
+        for conn in self._conns:
+            conn.send(message)
+        return self._gather(reply, timeout)
 
     def segment(self, spec: SegmentSpec, duration: float) -> tuple[list[WorkerReport], int, int]:
         """Run one segment on every worker; return their reports and the start and deadline.

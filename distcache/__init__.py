@@ -20,7 +20,9 @@ from ._decorator import (
     cached,
 )
 from ._metrics import CacheEvent, CacheMetrics, CounterMetrics
+from ._near import NearCache
 from ._serializers import JsonSerializer, PickleSerializer, Serializer
+from ._stampede import Stampede
 
 __all__ = [
     "AsyncCache",
@@ -37,8 +39,10 @@ __all__ = [
     "ConnectionUnavailable",
     "CounterMetrics",
     "JsonSerializer",
+    "NearCache",
     "PickleSerializer",
     "SerializationError",
     "Serializer",
+    "Stampede",
     "cached",
 ]

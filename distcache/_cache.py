@@ -8,10 +8,13 @@ because a lost invalidation would let a stale entry be served once Redis is back
 
 from __future__ import annotations
 
+import asyncio
+import random as _random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-from distkit import RetryConfig, RetryPolicy
+from distkit import ConfigError, RetryConfig, RetryPolicy
+from distkit._config import seconds
 from distkit._protocol import AsyncDriver, SyncDriver, monotonic
 
 from ._breaker import CircuitBreaker
@@ -22,14 +25,18 @@ from ._core import (
     CacheCore,
     Check,
     Clock,
+    Entry,
     Miss,
     Seconds,
     TagArgs,
     check_client,
     retry_policy,
+    shard_count,
 )
-from ._metrics import CacheMetrics
+from ._metrics import CacheEvent, CacheMetrics
+from ._near import ABSENT, NearCache, NearStore, finalizer
 from ._serializers import Serializer
+from ._stampede import AsyncFlow, Call, ReadThrough, Stampede, SyncFlow
 
 __all__ = ["AsyncCache", "Cache"]
 
@@ -58,6 +65,14 @@ class _CacheBase:
         metrics: CacheMetrics | None = None,
         retry: RetryConfig | RetryPolicy | None = None,
         clock: Clock = monotonic,
+        shards: int | None = None,
+        stampede: Stampede | None = Stampede(),  # noqa: B008 - a frozen value
+        early_refresh: float = 1.0,
+        stale_while_revalidate: Seconds = 0.0,
+        stale_if_error: Seconds = 0.0,
+        max_background: int = 4,
+        random: Callable[[], float] = _random.random,
+        near_cache: NearCache | None = None,
     ) -> None:
         check_client(client, want_async=self._is_async, cls=type(self).__name__)
         self._core = CacheCore(
@@ -73,21 +88,50 @@ class _CacheBase:
             breaker=breaker,
             metrics=metrics,
             clock=clock,
+            shards=shard_count(shards, client),
         )
         self._client = client
         self._retry = retry_policy(retry)
         # The hit path sends its MGET itself; with retries configured, the drivers do it all.
         self._fast = self._retry.attempts == 1
+        self._policy = ReadThrough(
+            self._core,
+            stampede=stampede,
+            early_refresh=early_refresh,
+            stale_while_revalidate=stale_while_revalidate,
+            stale_if_error=stale_if_error,
+            max_background=max_background,
+            random=random,
+            clock=self._core.clock,
+            prefix=prefix,
+        )
         self._execute = client.execute_command
         self._setup_io()
+        self._near: NearStore | None = None
+        if near_cache is not None:
+            if not isinstance(near_cache, NearCache):
+                raise ConfigError(f"near_cache must be a NearCache, got {near_cache!r:.80}")
+            self._near = NearStore(near_cache, self._core, client)
+            finalizer(self, self._near)
 
     def _setup_io(self) -> None:
         raise NotImplementedError
 
     @property
     def namespace(self) -> str:
-        """The namespace: the unit of ``clear()`` and of Cluster placement (one hash slot)."""
+        """The namespace: the unit of ``clear()`` (its entries spread over ``shards`` slots)."""
         return self._core.namespace
+
+    @property
+    def shards(self) -> int:
+        """How many hash slots the namespace's entries spread over (1: all on one slot)."""
+        return self._core.shards
+
+    @property
+    def key_prefixes(self) -> tuple[str, ...]:
+        """One Redis key prefix per shard; every key of the namespace starts with one of them,
+        and all keys under one prefix share a Cluster slot (for tracking / invalidation)."""
+        return self._core.shard_prefixes()
 
     @property
     def ttl(self) -> float:
@@ -104,6 +148,29 @@ class _CacheBase:
         """The circuit breaker guarding reads and fills (``None``: disabled)."""
         return self._core.breaker
 
+    @property
+    def near_cache(self) -> NearCache | None:
+        """The near cache's options (``None``: no L1, every read asks Redis)."""
+        return None if self._near is None else self._near.config
+
+    def _near_found(self, rkey: str, type_: Any, found: Any, stamp: Any) -> Any:
+        """``_lookup``'s outcome of a Redis read made for the near cache (an L1 miss)."""
+        if found.__class__ is not Entry:
+            return found  # a Miss, or FAILED
+        core = self._core
+        if found.expires_ms <= core.now_ms():  # kept for stale serving: a miss for get()
+            core.emit(CacheEvent.MISS)
+            return found.miss()
+        core.emit(CacheEvent.HIT)
+        assert self._near is not None
+        self._near.put(rkey, type_, found, stamp)
+        return found.value
+
+    def _forget(self, rkeys: list[str]) -> None:
+        """Drop this process's L1 copies of ``rkeys`` (after a local write or delete)."""
+        if self._near is not None:
+            self._near.evict(rkeys)
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} namespace={self.namespace!r} ttl={self.ttl}s>"
 
@@ -113,8 +180,7 @@ class Cache(_CacheBase):
 
     Args:
         client: a sync redis-py client (``redis.Redis``, ``RedisCluster``, a Sentinel master).
-        namespace: the cache's namespace; ``clear()`` empties it; on a Cluster every key of one
-            namespace lives on one hash slot.
+        namespace: the cache's namespace; ``clear()`` empties it.
         ttl: default time to live (seconds or ``timedelta``); entries expire on the server.
         negative_ttl: time to live of a loader's ``None`` result (``0``: never cache ``None``;
             ``None``: like any value).
@@ -128,6 +194,24 @@ class Cache(_CacheBase):
         metrics: a hook receiving events (``CounterMetrics()`` counts them in memory).
         retry: retry transient errors of reads and writes (default: no retries).
         clock: monotonic clock in seconds (injectable for tests).
+        shards: hash slots the namespace's entries spread over (``crc32(key) % shards``), each
+            with its own copy of the epoch and generation records; ``None``: 1 on one server,
+            16 on a ``RedisCluster`` client. Every process sharing a namespace must use the
+            same value (it is part of the key layout, like ``prefix``).
+        near_cache: ``NearCache(...)`` keeps hits in process memory, evicted by Redis-pushed
+            invalidations (``docs/cache.md``, "Near cache"); ``close()`` stops its listener.
+        stampede: how concurrent misses of a key collapse into one loader call
+            (``Stampede(lock=True, wait=10.0, on_timeout="load", lock_ttl=30.0)``: in-process
+            single-flight plus a ``distlock`` fill lock, bounded waits); ``None``: no control.
+        early_refresh: XFetch's β: a read refreshes a fresh entry in the background when
+            ``now - δ·β·ln(rand()) >= expiry`` (δ: the loader's measured time); 0: never.
+        stale_while_revalidate: seconds after expiry during which ``get_or_set`` returns the
+            expired value at once and refreshes it in the background.
+        stale_if_error: seconds after expiry during which ``get_or_set`` returns the expired
+            value if the loader raises or Redis is down. Entries live ``ttl`` plus the larger
+            window in Redis: no value is ever served later than that.
+        max_background: background refreshes running at once, at most (one per key).
+        random: uniform ``[0, 1)`` source for XFetch (injectable: a seeded ``Random().random``).
 
     Raises:
         ConfigError: an argument is invalid.
@@ -137,14 +221,36 @@ class Cache(_CacheBase):
 
     def _setup_io(self) -> None:
         self._driver = SyncDriver(self._client, self._retry, f"cache {self.namespace!r}")
+        self._flow = SyncFlow(self, self._policy)
+
+    def _near_lookup(self, rkey: str, type_: Any) -> Any:
+        """``_lookup`` through the near cache: L1 first; a hit read from Redis fills L1."""
+        near = self._near
+        assert near is not None
+        found = near.get(rkey, type_)
+        if found is not ABSENT:
+            return found.value
+        stamp = near.stamp(rkey)  # before the read: put() refuses it if an invalidation came
+        core = self._core
+        if not core.allow():
+            return FAILED
+        try:
+            found = self._driver.run(core.read_entry(rkey, type_))
+        except FAILURES as exc:
+            core.failed(exc)
+            return FAILED
+        core.succeeded()
+        return self._near_found(rkey, type_, found, stamp)
 
     def _lookup(self, rkey: str, type_: Any) -> Any:
         """The value of a hit, a ``Miss``, or ``FAILED`` (Redis failed; already accounted for)."""
+        if self._near is not None:
+            return self._near_lookup(rkey, type_)
         core = self._core
         breaker = core.breaker
         if self._fast and (breaker is None or breaker.healthy):
             try:
-                raw, epoch = self._execute("MGET", rkey, core.epoch_key)
+                raw, epoch = self._execute("MGET", rkey, core.epoch_of(rkey))
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
@@ -176,7 +282,7 @@ class Cache(_CacheBase):
         return default if value.__class__ is Miss or value is FAILED else value
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        """The cached values of ``keys`` that are hits (one round trip), by key.
+        """The cached values of ``keys`` that are hits (one round trip per shard), by key.
 
         Raises:
             ConfigError: a key is not valid.
@@ -215,7 +321,7 @@ class Cache(_CacheBase):
         ttl: Seconds | None = None,
         tags: Iterable[str] = (),
     ) -> bool:
-        """Store every item of ``mapping`` (one round trip); ``False`` if Redis failed.
+        """Store every item of ``mapping`` (one trip per shard); ``False`` if Redis failed.
 
         Raises:
             ConfigError: invalid key, ttl or tag.
@@ -235,6 +341,8 @@ class Cache(_CacheBase):
         except FAILURES as exc:
             core.failed(exc)
             return False
+        finally:
+            self._forget(prepared.keys)
         core.succeeded()
         return True
 
@@ -274,34 +382,14 @@ class Cache(_CacheBase):
     ) -> _T:
         """``get_or_set`` with validated arguments (the decorator validates once, up front)
         and the Redis key ``rkey``; the loader is called as ``loader(*args, **kwargs)``."""
-        core = self._core
-        started = core.clock()
-        found = self._lookup(rkey, type_)
-        if found.__class__ is not Miss:
-            # FAILED: Redis just failed; no write, so the caller never waits for it twice
-            return loader(*args, **kwargs) if found is FAILED else found
-        loaded_at = core.clock()
-        value = loader(*args, **kwargs)
-        protocol = core.fill(
-            rkey,
-            found,
-            value,
-            ttl=ttl,
-            negative_ttl=negative_ttl,
-            tags=tags,
-            type_=type_,
-            started=started,
-            compute=core.clock() - loaded_at,
-        )
-        if protocol is None or not core.allow():
-            return value
-        try:
-            self._driver.run(protocol)
-        except FAILURES as exc:
-            core.failed(exc)
-        else:
-            core.succeeded()
-        return value
+        call = Call(rkey, loader, args, kwargs, ttl, negative_ttl, tags, type_)
+        return self._flow.get_or_set(call)  # type: ignore[no-any-return]
+
+    def drain(self, timeout: Seconds | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (``None``: as long as it takes) for the background
+        refreshes of early refresh / stale-while-revalidate; ``False`` if some still run."""
+        limit = None if timeout is None else seconds(timeout, field="timeout", allow_zero=True)
+        return self._flow.drain(limit)
 
     def delete(self, key: str) -> bool:
         """Remove ``key`` (and refuse fills that read it before); ``True`` if it was cached.
@@ -311,7 +399,11 @@ class Cache(_CacheBase):
             ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
         """
         core = self._core
-        return bool(self._invalidate(core.delete(core.entry_key(key))))
+        rkey = core.entry_key(key)
+        try:
+            return bool(self._invalidate(core.delete(rkey)))
+        finally:
+            self._forget([rkey])
 
     def invalidate_tags(self, *tags: str) -> None:
         """Make every entry tagged with any of ``tags`` a miss, in O(number of tags).
@@ -320,9 +412,13 @@ class Cache(_CacheBase):
             ConfigError: a tag is not valid.
             ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
         """
-        _, record_keys = self._core.tags(tags)
+        names, record_keys = self._core.tags(tags)
         if record_keys:
-            self._invalidate(self._core.bump(record_keys))
+            try:
+                self._invalidate(self._core.bump(record_keys))
+            finally:
+                if self._near is not None:
+                    self._near.evict_tags(names)
 
     def clear(self) -> None:
         """Make every entry of the namespace a miss, in O(1).
@@ -330,7 +426,16 @@ class Cache(_CacheBase):
         Raises:
             ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
         """
-        self._invalidate(self._core.bump([self._core.ns_key]))
+        try:
+            self._invalidate(self._core.bump([self._core.ns_key]))
+        finally:
+            if self._near is not None:
+                self._near.flush()
+
+    def close(self) -> None:
+        """Stop the near cache's listener threads and empty it (the client stays open)."""
+        if self._near is not None:
+            self._near.close()
 
     def _invalidate(self, protocol: Any) -> Any:
         core = self._core
@@ -352,14 +457,36 @@ class AsyncCache(_CacheBase):
 
     def _setup_io(self) -> None:
         self._driver = AsyncDriver(self._client, self._retry, f"cache {self.namespace!r}")
+        self._flow = AsyncFlow(self, self._policy)
+
+    async def _near_lookup(self, rkey: str, type_: Any) -> Any:
+        """``_lookup`` through the near cache: L1 first; a hit read from Redis fills L1."""
+        near = self._near
+        assert near is not None
+        found = near.get(rkey, type_)
+        if found is not ABSENT:
+            return found.value
+        stamp = near.stamp(rkey)  # before the read: put() refuses it if an invalidation came
+        core = self._core
+        if not core.allow():
+            return FAILED
+        try:
+            found = await self._driver.run(core.read_entry(rkey, type_))
+        except FAILURES as exc:
+            core.failed(exc)
+            return FAILED
+        core.succeeded()
+        return self._near_found(rkey, type_, found, stamp)
 
     async def _lookup(self, rkey: str, type_: Any) -> Any:
         """The value of a hit, a ``Miss``, or ``FAILED`` (Redis failed; already accounted for)."""
+        if self._near is not None:
+            return await self._near_lookup(rkey, type_)
         core = self._core
         breaker = core.breaker
         if self._fast and (breaker is None or breaker.healthy):
             try:
-                raw, epoch = await self._execute("MGET", rkey, core.epoch_key)
+                raw, epoch = await self._execute("MGET", rkey, core.epoch_of(rkey))
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
@@ -391,7 +518,7 @@ class AsyncCache(_CacheBase):
         return default if value.__class__ is Miss or value is FAILED else value
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        """The cached values of ``keys`` that are hits (one round trip), by key.
+        """The cached values of ``keys`` that are hits (one round trip per shard), by key.
 
         Raises:
             ConfigError: a key is not valid.
@@ -430,7 +557,7 @@ class AsyncCache(_CacheBase):
         ttl: Seconds | None = None,
         tags: Iterable[str] = (),
     ) -> bool:
-        """Store every item of ``mapping`` (one round trip); ``False`` if Redis failed.
+        """Store every item of ``mapping`` (one trip per shard); ``False`` if Redis failed.
 
         Raises:
             ConfigError: invalid key, ttl or tag.
@@ -450,6 +577,8 @@ class AsyncCache(_CacheBase):
         except FAILURES as exc:
             core.failed(exc)
             return False
+        finally:
+            self._forget(prepared.keys)
         core.succeeded()
         return True
 
@@ -489,34 +618,14 @@ class AsyncCache(_CacheBase):
     ) -> _T:
         """``get_or_set`` with validated arguments (the decorator validates once, up front)
         and the Redis key ``rkey``; the loader is called as ``loader(*args, **kwargs)``."""
-        core = self._core
-        started = core.clock()
-        found = await self._lookup(rkey, type_)
-        if found.__class__ is not Miss:
-            # FAILED: Redis just failed; no write, so the caller never waits for it twice
-            return await loader(*args, **kwargs) if found is FAILED else found
-        loaded_at = core.clock()
-        value = await loader(*args, **kwargs)
-        protocol = core.fill(
-            rkey,
-            found,
-            value,
-            ttl=ttl,
-            negative_ttl=negative_ttl,
-            tags=tags,
-            type_=type_,
-            started=started,
-            compute=core.clock() - loaded_at,
-        )
-        if protocol is None or not core.allow():
-            return value
-        try:
-            await self._driver.run(protocol)
-        except FAILURES as exc:
-            core.failed(exc)
-        else:
-            core.succeeded()
-        return value
+        call = Call(rkey, loader, args, kwargs, ttl, negative_ttl, tags, type_)
+        return await self._flow.get_or_set(call)  # type: ignore[no-any-return]
+
+    async def drain(self, timeout: Seconds | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (``None``: as long as it takes) for the background
+        refreshes of early refresh / stale-while-revalidate; ``False`` if some still run."""
+        limit = None if timeout is None else seconds(timeout, field="timeout", allow_zero=True)
+        return await self._flow.drain(limit)
 
     async def delete(self, key: str) -> bool:
         """Remove ``key`` (and refuse fills that read it before); ``True`` if it was cached.
@@ -526,7 +635,11 @@ class AsyncCache(_CacheBase):
             ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
         """
         core = self._core
-        return bool(await self._invalidate(core.delete(core.entry_key(key))))
+        rkey = core.entry_key(key)
+        try:
+            return bool(await self._invalidate(core.delete(rkey)))
+        finally:
+            self._forget([rkey])
 
     async def invalidate_tags(self, *tags: str) -> None:
         """Make every entry tagged with any of ``tags`` a miss, in O(number of tags).
@@ -535,9 +648,13 @@ class AsyncCache(_CacheBase):
             ConfigError: a tag is not valid.
             ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
         """
-        _, record_keys = self._core.tags(tags)
+        names, record_keys = self._core.tags(tags)
         if record_keys:
-            await self._invalidate(self._core.bump(record_keys))
+            try:
+                await self._invalidate(self._core.bump(record_keys))
+            finally:
+                if self._near is not None:
+                    self._near.evict_tags(names)
 
     async def clear(self) -> None:
         """Make every entry of the namespace a miss, in O(1).
@@ -545,7 +662,16 @@ class AsyncCache(_CacheBase):
         Raises:
             ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
         """
-        await self._invalidate(self._core.bump([self._core.ns_key]))
+        try:
+            await self._invalidate(self._core.bump([self._core.ns_key]))
+        finally:
+            if self._near is not None:
+                self._near.flush()
+
+    async def aclose(self) -> None:
+        """Stop the near cache's listener threads and empty it (the client stays open)."""
+        if self._near is not None:
+            await asyncio.to_thread(self._near.close)
 
     async def _invalidate(self, protocol: Any) -> Any:
         core = self._core

@@ -25,6 +25,7 @@ import logging
 import math
 import secrets
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,18 +53,23 @@ from ._scripts import BUMP, DELETE, REVALIDATE, WRITE
 from ._serializers import JsonSerializer, Serializer
 
 __all__ = [
+    "CLUSTER_SHARDS",
     "FAILED",
     "FAILURES",
     "PLAIN_KEY_MAX",
     "CacheCore",
     "Check",
     "Clock",
+    "Entry",
     "Miss",
     "Prepared",
     "Seconds",
     "TagArgs",
     "check_client",
+    "is_cluster_client",
     "retry_policy",
+    "shard_count",
+    "wall_ms",
 ]
 
 log = logging.getLogger("distcache")
@@ -79,6 +85,9 @@ PLAIN_KEY_MAX = 200
 _META_MAX = 0xFFFF
 _MAX_TAGS = 64
 DEFAULT_MAX_VALUE_SIZE = 1 << 20
+# Hash slots per namespace on a Redis Cluster when ``shards`` is not given (standalone: 1).
+CLUSTER_SHARDS = 16
+MAX_SHARDS = 1024
 
 # What a failed Redis call can raise: redis-py's errors (the hit path calls the client itself)
 # and distkit's translated ones (from the drivers).
@@ -99,6 +108,11 @@ class _Failed:
 FAILED = _Failed()
 
 
+def wall_ms() -> float:
+    """The local wall clock in milliseconds: the estimate of the server's clock before a sync."""
+    return time.time() * 1000
+
+
 def _ms(value: float) -> int:
     return max(1, math.ceil(value * 1000))
 
@@ -115,6 +129,23 @@ def check_client(client: Any, *, want_async: bool, cls: str) -> None:
         other = "Cache" if want_async else "AsyncCache"
         kind = "a sync" if want_async else "an asyncio"
         raise ConfigError(f"{cls} was given {kind} client; use {other} with it")
+
+
+def is_cluster_client(client: Any) -> bool:
+    """Whether ``client`` is a redis-py Cluster client (sync or asyncio)."""
+    import redis.asyncio.cluster
+    import redis.cluster
+
+    return isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster))
+
+
+def shard_count(shards: int | None, client: Any) -> int:
+    """Normalise ``shards=``: ``None`` is 1 on one server, ``CLUSTER_SHARDS`` on a Cluster."""
+    if shards is None:
+        return CLUSTER_SHARDS if is_cluster_client(client) else 1
+    if not isinstance(shards, int) or isinstance(shards, bool) or not 1 <= shards <= MAX_SHARDS:
+        raise ConfigError(f"shards must be an int from 1 to {MAX_SHARDS}, got {shards!r}")
+    return shards
 
 
 def retry_policy(retry: RetryConfig | RetryPolicy | None) -> RetryPolicy:
@@ -136,6 +167,29 @@ class Miss:
     def __init__(self, baseline: str, epoch: bytes | None) -> None:
         self.baseline = baseline  # '' nothing, '<len>:<sha1>' these bytes, '!' unknown
         self.epoch = epoch
+
+
+class Entry:
+    """A decoded entry with its metadata: the read-through decides if it is fresh or stale.
+
+    ``expires_ms`` is on the server's clock (``computed_ms`` is the ``TIME`` of the write);
+    ``delta_ms`` is the loader's measured time (XFetch's δ).
+    """
+
+    __slots__ = ("computed_ms", "delta_ms", "epoch", "expires_ms", "raw", "value")
+
+    def __init__(self, value: Any, raw: bytes, start: int, epoch: bytes | None) -> None:
+        computed, compute_us, ttl = raw[_HEAD:start].split(b"|", 3)[:3]
+        self.value = value
+        self.raw = raw
+        self.epoch = epoch
+        self.computed_ms = int(computed)
+        self.expires_ms = self.computed_ms + int(ttl)
+        self.delta_ms = int(compute_us) / 1000
+
+    def miss(self) -> Miss:
+        """The ``Miss`` a fill replacing this entry compares against (these very bytes)."""
+        return Miss(_baseline(self.raw), self.epoch)
 
 
 class Check:
@@ -180,9 +234,12 @@ class CacheCore:
     """State and protocol steps of one cache (no I/O; driven by a sync or async driver)."""
 
     __slots__ = (
+        "_bases",
+        "_entry_prefixes",
         "_hashed_prefix",
         "_loads",
         "_plain",
+        "_prefix_set",
         "_ser_byte",
         "_tag_prefix",
         "breaker",
@@ -191,12 +248,15 @@ class CacheCore:
         "epoch_key",
         "fill_timeout",
         "fill_timeout_ms",
+        "grace_ms",
         "max_value_size",
         "metrics",
         "namespace",
         "negative_ttl",
+        "now_ms",
         "ns_key",
         "serializer",
+        "shards",
         "strict",
         "ttl",
         "value_type",
@@ -217,8 +277,10 @@ class CacheCore:
         breaker: CircuitBreaker | bool,
         metrics: CacheMetrics | None,
         clock: Clock,
+        shards: int = 1,
     ) -> None:
         self.namespace = validate_name(namespace, what="namespace")
+        self.shards = shard_count(shards, None)
         self.ttl = seconds(ttl, field="ttl")
         self.negative_ttl = (
             None
@@ -267,7 +329,22 @@ class CacheCore:
         if metrics is not None and not callable(getattr(metrics, "record", None)):
             raise ConfigError(f"metrics must have a record() method, got {metrics!r}")
         self.metrics = metrics
-        base = KeySpace(prefix).key("cache", self.namespace)
+        # Stale serving (set by the read-through policy, ``_stampede.py``): entries live
+        # ``grace_ms`` past their logical expiry, which reads then check on ``now_ms()``, an
+        # estimate of the server's clock in milliseconds.
+        self.grace_ms = 0
+        self.now_ms: Callable[[], float] = wall_ms
+        space = KeySpace(prefix)
+        if self.shards == 1:
+            self._bases: tuple[str, ...] = (space.key("cache", self.namespace),)
+        else:  # the kind names the layout, so no namespace can reach another's shard keys
+            kind = f"cache.{self.shards}"
+            self._bases = tuple(
+                space.key(kind, f"{self.namespace}.{i}") for i in range(self.shards)
+            )
+        self._entry_prefixes = tuple(b + ":k:" for b in self._bases)
+        self._prefix_set = frozenset(b + ":" for b in self._bases)
+        base = self._bases[0]  # shard 0 (the only one when shards == 1)
         self.epoch_key = base + ":epoch"
         self.ns_key = base + ":ns"
         self._tag_prefix = base + ":t:"
@@ -276,18 +353,67 @@ class CacheCore:
 
     # -- keys and arguments --------------------------------------------------------------------
     def entry_key(self, key: object) -> str:
-        """The Redis key of cache key ``key`` (hashed with SHA-256 beyond 200 characters)."""
+        """The Redis key of cache key ``key`` (hashed with SHA-256 beyond 200 characters).
+
+        With ``shards > 1`` the key lives on shard ``crc32(utf-8 key) % shards`` (of the hex
+        digest, for a hashed key).
+        """
         if type(key) is not str or not key.isprintable() or len(key) > PLAIN_KEY_MAX:
             key = check_key(key)
             if len(key) > PLAIN_KEY_MAX:
-                return self._hashed_prefix + hashlib.sha256(key.encode()).hexdigest()
+                digest = hashlib.sha256(key.encode()).hexdigest()
+                if self.shards == 1:
+                    return self._hashed_prefix + digest
+                return self._bases[zlib.crc32(digest.encode()) % self.shards] + ":h:" + digest
         elif not key:
             check_key(key)
-        return self.entry_prefix + key
+        if self.shards == 1:
+            return self.entry_prefix + key
+        return self._entry_prefixes[zlib.crc32(key.encode()) % self.shards] + key
 
     def logical_key(self, rkey: str) -> str:
         """The cache key back from its Redis key (a hashed long key stays a hash), for messages."""
-        return rkey.removeprefix(self.entry_prefix)
+        if self.shards == 1:
+            return rkey.removeprefix(self.entry_prefix)
+        rest = rkey[rkey.index("}") + 1 :]
+        return rest[3:] if rest.startswith(":k:") else rkey
+
+    def base_of(self, rkey: str) -> str:
+        """The shard prefix ``P:cache[.N]:{ns[.i]}`` of an entry key (its slot's records)."""
+        if self.shards == 1:
+            return self._bases[0]
+        return rkey[: rkey.index("}") + 1]  # prefix and namespace cannot contain braces
+
+    def epoch_of(self, rkey: str) -> str:
+        """The epoch key on the slot of entry key ``rkey`` (the hit path's second MGET key)."""
+        if self.shards == 1:
+            return self.epoch_key
+        return rkey[: rkey.index("}") + 1] + ":epoch"
+
+    def shard_prefixes(self) -> tuple[str, ...]:
+        """One key prefix per shard, ``P:cache[.N]:{ns[.i]}:``: every key of the namespace
+        (entries, epoch, generation records) starts with one of them; one slot each."""
+        return tuple(b + ":" for b in self._bases)
+
+    def split_key(self, rkey: str) -> tuple[str, str] | None:
+        """``(shard prefix, rest)`` of a Redis key of this namespace (``rest``: ``k:<key>``,
+        ``h:<sha256>``, ``t:<tag>``, ``ns`` or ``epoch``); ``None`` for any other key."""
+        end = rkey.find("}")
+        if end < 0:
+            return None
+        prefix = rkey[: end + 2]
+        if prefix not in self._prefix_set:
+            return None
+        return prefix, rkey[end + 2 :]
+
+    def _groups(self, rkeys: list[str]) -> list[tuple[str, list[int]]]:
+        """Indices of ``rkeys`` grouped by shard (one group when ``shards == 1``)."""
+        if self.shards == 1:
+            return [(self._bases[0], list(range(len(rkeys))))]
+        groups: dict[str, list[int]] = {}
+        for i, rkey in enumerate(rkeys):
+            groups.setdefault(self.base_of(rkey), []).append(i)
+        return list(groups.items())
 
     def tags(self, tags: Iterable[str]) -> TagArgs:
         """Validated tag names (deduplicated, in order) and their record keys."""
@@ -400,7 +526,11 @@ class CacheCore:
         if raw[4:20] == epoch and raw[:4] == MAGIC:
             try:
                 if raw[20] == self._ser_byte:
-                    payload = raw[_HEAD + int(raw[22:26], 16) :]
+                    start = _HEAD + int(raw[22:26], 16)
+                    if self.grace_ms and self.expired(raw, start):
+                        self.emit(_MISS)
+                        return Miss(_baseline(raw), epoch)
+                    payload = raw[start:]
                     plain = self._plain
                     if plain is not None and type_ is None:
                         value = plain(payload)
@@ -440,6 +570,9 @@ class CacheCore:
 
     def _checked(self, check: Check, code: int, type_: Any) -> Any:
         if code == 1:
+            if self.grace_ms and self.expired(check.raw, check.start):
+                self.emit(_MISS)
+                return Miss(_baseline(check.raw), check.epoch)
             try:
                 value = self._loads(check.raw[check.start :], type_)
             except Exception as exc:
@@ -450,16 +583,18 @@ class CacheCore:
         return Miss("" if code == 0 else "!", check.epoch)
 
     def _revalidate_step(self, keys: list[str], checks: list[Check]) -> Eval:
+        """One REVALIDATE of ``keys`` (all on one shard)."""
         names: dict[str, int] = {}
         args: list[Any] = []
         for check in checks:
             args += (check.header, check.ns_gen, len(check.tags))
             for name, gen in check.tags:
                 args += (names.setdefault(name, len(names) + 1), gen)
-        record_keys = [self._tag_prefix + name for name in names]
+        base = self.base_of(keys[0])
+        record_keys = [base + ":t:" + name for name in names]
         return Eval(
             REVALIDATE,
-            [self.epoch_key, self.ns_key, *record_keys, *keys],
+            [base + ":epoch", base + ":ns", *record_keys, *keys],
             [len(names), *args],
         )
 
@@ -470,33 +605,97 @@ class CacheCore:
 
     def read(self, rkey: str, type_: Any) -> Protocol[Any]:
         """One key: ``MGET entry epoch``, then a revalidation if the stamp is old."""
-        raw, epoch = yield Command(("MGET", rkey, self.epoch_key))
+        raw, epoch = yield Command(("MGET", rkey, self.epoch_of(rkey)))
         value = self.decode(raw, epoch, type_)
         if value.__class__ is Check:
             value = yield from self.recheck(rkey, value, type_)
         return value
 
     def read_many(self, rkeys: list[str], type_: Any) -> Protocol[list[Any]]:
-        """Many keys: one ``MGET`` (same slot), then one revalidation for all old stamps."""
-        reply = yield Command(("MGET", self.epoch_key, *rkeys))
-        epoch = reply[0]
-        values = [self.decode(raw, epoch, type_) for raw in reply[1:]]
-        stale = [i for i, v in enumerate(values) if v.__class__ is Check]
-        if stale:
-            checks = [values[i] for i in stale]
-            codes = yield self._revalidate_step([rkeys[i] for i in stale], checks)
-            for i, check, code in zip(stale, checks, codes, strict=True):
-                values[i] = self._checked(check, int(code), type_)
+        """Many keys: one ``MGET`` per shard (one slot each, never CROSSSLOT), then one
+        revalidation per shard for the entries with old stamps."""
+        values: list[Any] = [None] * len(rkeys)
+        for base, group in self._groups(rkeys):
+            reply = yield Command(("MGET", base + ":epoch", *(rkeys[i] for i in group)))
+            epoch = reply[0]
+            for i, raw in zip(group, reply[1:], strict=True):
+                values[i] = self.decode(raw, epoch, type_)
+            stale = [i for i in group if values[i].__class__ is Check]
+            if stale:
+                checks = [values[i] for i in stale]
+                codes = yield self._revalidate_step([rkeys[i] for i in stale], checks)
+                for i, check, code in zip(stale, checks, codes, strict=True):
+                    values[i] = self._checked(check, int(code), type_)
         return values
+
+    # -- reads with metadata (read-through: expiry, early refresh, stale serving) -------------
+    def expired(self, raw: bytes, start: int) -> bool:
+        """Whether the entry ``raw`` (metadata ending at ``start``) is past its logical expiry."""
+        computed, _, ttl = raw[_HEAD:start].split(b"|", 3)[:3]
+        return int(computed) + int(ttl) <= self.now_ms()
+
+    def entry(self, raw: bytes | None, epoch: bytes | None, type_: Any, quiet: bool = False) -> Any:
+        """An ``Entry`` (fresh or expired: the caller decides), a ``Miss``, or a ``Check``.
+
+        ``quiet``: a second look within one call; an absent entry is not counted as a miss again.
+        """
+        if raw is None or (quiet and raw[:4] == TOMBSTONE):
+            if not quiet:
+                self.emit(_MISS)
+            return Miss(_baseline(raw), epoch)
+        if raw[4:20] == epoch and raw[:4] == MAGIC and raw[20:21] == self.serializer.id:
+            try:
+                start = _HEAD + int(raw[22:26], 16)
+                plain = self._plain
+                if plain is not None and type_ is None:
+                    return Entry(plain(raw[start:]), raw, start, epoch)
+                return Entry(self._loads(raw[start:], type_), raw, start, epoch)
+            except Exception as exc:
+                if quiet:  # counted and logged by the first look
+                    return Miss(_baseline(raw), epoch)
+                return self._corrupt(raw, epoch, exc)
+        if quiet and (raw[:4] != MAGIC or raw[20:21] != self.serializer.id):
+            return Miss(_baseline(raw), epoch)
+        return self._classify(raw, epoch)
+
+    def read_entry(self, rkey: str, type_: Any, quiet: bool = False) -> Protocol[Any]:
+        """``read`` for the read-through: an ``Entry`` with its metadata, or a ``Miss``."""
+        raw, epoch = yield Command(("MGET", rkey, self.epoch_of(rkey)))
+        found = self.entry(raw, epoch, type_, quiet)
+        if found.__class__ is Check:
+            found = yield from self.recheck_entry(rkey, found, type_)
+        return found
+
+    def recheck_entry(self, rkey: str, check: Check, type_: Any) -> Protocol[Any]:
+        """``recheck`` for the read-through: an ``Entry`` if still valid, else a ``Miss``."""
+        codes = yield self._revalidate_step([rkey], [check])
+        if int(codes[0]) == 1:
+            try:
+                value = self._loads(check.raw[check.start :], type_)
+                return Entry(value, check.raw, check.start, check.epoch)
+            except Exception as exc:
+                return self._corrupt(check.raw, check.epoch, exc)
+        self.emit(_MISS)
+        return Miss("" if int(codes[0]) == 0 else "!", check.epoch)
 
     # -- writes --------------------------------------------------------------------------------
     def write(self, prepared: Prepared) -> Protocol[None]:
-        """Store prepared entries unconditionally (one script, the namespace's slot)."""
-        args: list[Any] = ["", prepared.ttl_ms, len(prepared.tag_names), *prepared.tag_names]
-        for flags, payload in prepared.entries:
-            args += ("*", flags, 0, payload)
-        keys = [self.epoch_key, self.ns_key, *prepared.tag_keys, *prepared.keys]
-        yield Eval(WRITE, keys, args)
+        """Store prepared entries unconditionally (one script per shard touched)."""
+        head: list[Any] = [
+            "",
+            prepared.ttl_ms,
+            self.grace_ms,
+            len(prepared.tag_names),
+            *prepared.tag_names,
+        ]
+        for base, group in self._groups(prepared.keys):
+            args = list(head)
+            for i in group:
+                flags, payload = prepared.entries[i]
+                args += ("*", flags, 0, payload)
+            tag_keys = [base + ":t:" + name for name in prepared.tag_names]
+            keys = [base + ":epoch", base + ":ns", *tag_keys, *(prepared.keys[i] for i in group)]
+            yield Eval(WRITE, keys, args)
 
     def fill(
         self,
@@ -530,13 +729,33 @@ class CacheCore:
             self.emit(CacheEvent.STALE_FILL_REJECTED)
             return None
         names, tag_keys = tags
+        base = self.base_of(rkey)
+        if self.shards > 1:
+            tag_keys = [base + ":t:" + name for name in names]
+        if miss.epoch is not None and not miss.epoch.isdigit():
+            # foreign bytes under the epoch key: what happened since the read is unknown
+            log.warning(
+                "cache %r: the namespace epoch is not distcache's; not stored", self.namespace
+            )
+            self.emit(CacheEvent.DECODE_ERROR)
+            return None
         seen = miss.epoch.decode() if miss.epoch is not None else "0"
         flags = self.serializer.id + (b"n" if negative else b"v")
         compute_us = max(0, round(compute * 1_000_000))
         step = Eval(
             WRITE,
-            [self.epoch_key, self.ns_key, *tag_keys, rkey],
-            [seen, _ms(ttl), len(names), *names, miss.baseline, flags, compute_us, payload],
+            [base + ":epoch", base + ":ns", *tag_keys, rkey],
+            [
+                seen,
+                _ms(ttl),
+                self.grace_ms,
+                len(names),
+                *names,
+                miss.baseline,
+                flags,
+                compute_us,
+                payload,
+            ],
         )
         return self._fill_write(key, step)
 
@@ -575,5 +794,14 @@ class CacheCore:
         return bool((yield Eval(DELETE, [rkey], [tombstone, self.fill_timeout_ms])))
 
     def bump(self, record_keys: list[str]) -> Protocol[None]:
-        """Move the epoch and stamp it into ``record_keys``: their entries become misses."""
-        yield Eval(BUMP, [self.epoch_key, *record_keys], [self.fill_timeout_ms])
+        """Move the epoch and stamp it into ``record_keys``: their entries become misses.
+
+        ``record_keys`` are shard 0's; with ``shards > 1`` the same records are bumped on every
+        shard, one script each, and the protocol returns only once all of them succeeded (a
+        failure is raised: a partial invalidation never reports success).
+        """
+        base0 = self._bases[0]
+        suffixes = [k[len(base0) :] for k in record_keys]
+        for base in self._bases:
+            keys = [base + ":epoch", *(base + s for s in suffixes)]
+            yield Eval(BUMP, keys, [self.fill_timeout_ms])

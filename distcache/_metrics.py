@@ -20,6 +20,14 @@ class CacheEvent(str, Enum):
     DECODE_ERROR = "decode_error"
     ERROR = "error"
     SHORT_CIRCUIT = "short_circuit"
+    NEAR_HIT = "near_hit"  # served from the in-process near cache (no Redis call)
+    NEAR_MISS = "near_miss"  # the near cache did not have it: Redis was asked
+    NEAR_FLUSH = "near_flush"  # the near cache was emptied (clear, lost invalidation link)
+    EARLY_REFRESH = "early_refresh"  # XFetch started a refresh before expiry
+    STALE_SERVED = "stale_served"  # an expired value was served (within its bounded window)
+    COALESCED = "coalesced"  # a miss got another caller's load instead of calling the loader
+    WAIT_TIMEOUT = "wait_timeout"  # waiting for another caller's load hit the bound
+    REFRESH_ERROR = "refresh_error"  # a background refresh failed (logged)
 
 
 @runtime_checkable

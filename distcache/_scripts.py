@@ -1,12 +1,16 @@
-"""The cache's Lua scripts. Every key of one namespace carries the same hash tag ``{ns}``.
+"""The cache's Lua scripts. Every key one script touches carries the same hash tag.
 
-Keys of namespace ``NS`` under prefix ``P`` (all on one Cluster slot)::
+Keys of namespace ``NS`` under prefix ``P`` with ``shards=1`` (all on one Cluster slot)::
 
     P:cache:{NS}:epoch       STRING  16-digit stamp, changed by every invalidation   (no TTL)
     P:cache:{NS}:ns          STRING  generation of the namespace (set by clear)       PX >= entries
     P:cache:{NS}:t:<tag>     STRING  generation of one tag (set by invalidate_tags)   PX >= entries
-    P:cache:{NS}:k:<key>     STRING  an entry (envelope below), or a tombstone        PX ttl
+    P:cache:{NS}:k:<key>     STRING  an entry (envelope below), or a tombstone        PX ttl+grace
     P:cache:{NS}:h:<sha256>  STRING  the same, for keys longer than 200 characters    PX ttl
+
+With ``shards=N > 1`` each shard ``i`` has the same five kinds of keys under
+``P:cache.N:{NS.i}:`` (its own epoch and records, on its entries' slot), so every script below
+still runs on one slot; an invalidation runs BUMP once per shard.
 
 Generations are epoch values: an invalidation sets the epoch to ``max(now_us, epoch + 1)`` (a
 hybrid logical clock, as the lock's fencing tokens) and stamps that value into the namespace or
@@ -28,6 +32,12 @@ Entry envelope (written by WRITE; bytes 4-19 re-stamped in place by REVALIDATE):
     26  metadata      "computed_at_ms|compute_us|ttl_ms|ns_gen|tag=gen,tag=gen"
     26+H payload      the serializer's bytes
 
+``computed_at_ms`` is the server's clock (``TIME``) at the write and ``ttl_ms`` the logical time
+to live, so ``computed_at_ms + ttl_ms`` is the expiry on the one clock every process can compare
+to; the key itself lives ``grace`` longer (``PX ttl + grace``; grace is the largest stale-serving
+window), which makes the staleness bound hard: Redis deletes the entry when it runs out.
+``compute_us`` is the loader's measured time, the δ of early refresh (XFetch).
+
 A tombstone (``delete``) is ``"dc1~" + random``, kept for the fill timeout: a fill that read the
 key before the delete finds it changed and is refused.
 """
@@ -36,7 +46,7 @@ from __future__ import annotations
 
 from distkit import Script
 
-__all__ = ["BUMP", "DELETE", "REVALIDATE", "WRITE"]
+__all__ = ["BUMP", "DELETE", "NOW", "REVALIDATE", "WRITE"]
 
 _HELPERS = """
 local function pad(n) return string.format('%016.0f', n) end
@@ -56,14 +66,16 @@ local function current_epoch(key)
 end
 
 -- A generation record: created at `epoch_s` when absent, kept alive for at least ttl_ms.
+-- Extended to twice ttl_ms, so a steady stream of writes touches it once per ttl_ms, not at every
+-- write: each touch is a tracking message the near cache must treat as a possible loss.
 local function record(key, epoch_s, ttl_ms)
   local v = redis.call('GET', key)
   if not v then
-    redis.call('SET', key, epoch_s, 'PX', ttl_ms)
+    redis.call('SET', key, epoch_s, 'PX', 2 * ttl_ms)
     return epoch_s
   end
   local pttl = redis.call('PTTL', key)
-  if pttl >= 0 and pttl < ttl_ms then redis.call('PEXPIRE', key, ttl_ms) end
+  if pttl >= 0 and pttl < ttl_ms then redis.call('PEXPIRE', key, 2 * ttl_ms) end
   return v
 end
 """
@@ -77,7 +89,8 @@ BUMP = Script(
     + """
 local e = now_us()
 local cur = redis.call('GET', KEYS[1])
-if cur and tonumber(cur) >= e then e = tonumber(cur) + 1 end
+-- an epoch that is not a number (foreign bytes) is replaced: its entries then read as misses
+if cur and (tonumber(cur) or 0) >= e then e = tonumber(cur) + 1 end
 if e >= 9007199254740992 then error('DISTCACHE epoch space exhausted at ' .. KEYS[1]) end
 local s = pad(e)
 redis.call('SET', KEYS[1], s)
@@ -95,7 +108,8 @@ return s
 
 # KEYS: epoch, namespace record, tag records (ntags), entries (n)
 # ARGV: seen ('' for a plain set; else the epoch the fill's read saw, '0' when there was none),
-#       ttl_ms, ntags, tag names (ntags),
+#       ttl_ms (the logical time to live, recorded in the metadata), grace_ms (kept this much
+#       longer for stale serving: the key's PX is ttl_ms + grace_ms), ntags, tag names (ntags),
 #       then for each entry: baseline, flags (serializer id + kind), compute_us, payload
 #       baseline: '*' no check; '' the read saw nothing; '<len>:<sha1>' the bytes it saw;
 #                 '!' unknown (never matches)
@@ -108,7 +122,8 @@ WRITE = Script(
     "distcache.write",
     _HELPERS
     + """
-local seen_s, ttl_ms, ntags = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local seen_s, ntags = ARGV[1], tonumber(ARGV[4])
+local ttl_ms = tonumber(ARGV[2]) + tonumber(ARGV[3])  -- the physical life: ttl + grace
 local n = #KEYS - 2 - ntags
 local function refuse_all(code)
   local out = {}
@@ -133,13 +148,13 @@ local _, epoch_s = current_epoch(KEYS[1])
 local ns_gen = record(KEYS[2], epoch_s, ttl_ms)
 local parts = {}
 for i = 1, ntags do
-  parts[i] = ARGV[3 + i] .. '=' .. record(KEYS[2 + i], epoch_s, ttl_ms)
+  parts[i] = ARGV[4 + i] .. '=' .. record(KEYS[2 + i], epoch_s, ttl_ms)
 end
 local t = redis.call('TIME')
 local now_ms = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local tail = ARGV[2] .. '|' .. ns_gen .. '|' .. table.concat(parts, ',')
 local out = {}
-local a = 3 + ntags
+local a = 4 + ntags
 for j = 1, n do
   local key = KEYS[2 + ntags + j]
   local baseline, flags, compute, payload = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
@@ -216,5 +231,16 @@ local old = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if old and string.sub(old, 1, 4) == 'dc1:' then return 1 end
 return 0
+""",
+)
+
+# KEYS: any key of the namespace's slot (only routes the call to the right node)
+# ARGV: none
+# Returns the server's clock in milliseconds (TIME), the clock entry expiries are written in.
+NOW = Script(
+    "distcache.now",
+    """
+local t = redis.call('TIME')
+return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """,
 )

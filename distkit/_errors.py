@@ -13,7 +13,8 @@
      │    ├── LockLost                       the lease lapsed while the holder was inside
      │    └── StaleFencingToken              a guarded write carried an older token
      └── CacheError                          (carries .key)
-          └── SerializationError             a value could not be encoded or decoded
+          ├── SerializationError             a value could not be encoded or decoded
+          └── LoaderError                    the loader failed in another process we waited for
 
 Every redis-py exception that crosses distkit's boundary is translated with ``raise ... from``,
 so the original stays available as ``__cause__``.
@@ -37,6 +38,7 @@ __all__ = [
     "LockError",
     "LockLost",
     "LockNotAcquired",
+    "LoaderError",
     "LockNotOwned",
     "SerializationError",
     "ServerError",
@@ -117,6 +119,14 @@ class SerializationError(CacheError):
     """A value could not be encoded for, or decoded from, Redis."""
 
 
+class LoaderError(CacheError):
+    """A read-through waited for another process's load of ``key``, and that loader raised.
+
+    The original exception stays in the process that raised it; ``str()`` names its type and
+    message (an exception object does not cross processes: distkit never unpickles).
+    """
+
+
 def translate(exc: BaseException, *, what: str = "") -> DistkitError | None:
     """Map a redis-py (or socket) exception onto distkit's tree; ``None`` if it is not one.
 
@@ -153,6 +163,10 @@ def translate(exc: BaseException, *, what: str = "") -> DistkitError | None:
                 f"{prefix}Redis unavailable ({type(exc).__name__}: {detail})"
             )
         return ServerError(f"{prefix}{type(exc).__name__}: {detail}")
+    if isinstance(exc, rex.ClusterError) and "TTL exhausted" in detail:
+        # redis-py gave up following MOVED / ASK / TRYAGAIN (a slot in mid-migration): the
+        # command did not run, and the slot settles once the migration ends, so: transient.
+        return ConnectionUnavailable(f"{prefix}Redis unavailable ({type(exc).__name__}: {detail})")
     if isinstance(exc, rex.ResponseError) and detail.startswith("WRONGTYPE"):
         return ForeignDataError(f"{prefix}a key holds data distkit did not write ({detail})")
     if isinstance(exc, rex.RedisError):

@@ -4,6 +4,7 @@
   asyncio client on it for one test.
 - ``fresh_server``: a server of the test's own, free to kill, pause or restart.
 - ``masters``: five independent standalone masters (Redlock); ``cluster``: a 3-master Cluster.
+- ``sentinel``: a Sentinel group of the test's own (master, replica, 3 sentinels) to fail over.
 - ``proxy``: a ``FaultProxy`` in front of ``redis_server`` (latency, blackhole, cut, refuse).
 - ``fake``: a fakeredis client, for fast unit tests only.
 
@@ -25,6 +26,7 @@ from distkit.testing import (
     FaultProxy,
     IndependentMasters,
     RedisCluster,
+    RedisSentinelGroup,
     RedisServer,
     RedisServerNotFound,
     find_redis_server,
@@ -90,6 +92,13 @@ def cluster(redis_binary: str) -> Iterator[RedisCluster]:
     """A real 3-master Redis Cluster on loopback."""
     with RedisCluster(masters=3, binary=redis_binary) as clu:
         yield clu
+
+
+@pytest.fixture
+def sentinel(redis_binary: str) -> Iterator[RedisSentinelGroup]:
+    """A Sentinel deployment of this test's own: 1 master, 1 replica, 3 sentinels, quorum 2."""
+    with RedisSentinelGroup(replicas=1, sentinels=3, quorum=2, binary=redis_binary) as group:
+        yield group
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from distkit import (
     ConnectionUnavailable,
     DistkitError,
     ForeignDataError,
+    LoaderError,
     LockError,
     LockLost,
     LockNotAcquired,
@@ -40,6 +41,7 @@ EXPECTED_TREE: dict[type[BaseException], type[BaseException]] = {
     StaleFencingToken: LockError,
     CacheError: DistkitError,
     SerializationError: CacheError,
+    LoaderError: CacheError,
 }
 
 
@@ -118,6 +120,7 @@ def test_errors_carry_their_name_or_key() -> None:
         rex.ReadOnlyError("READONLY You can't write against a read only replica."),
         rex.ClusterDownError("CLUSTERDOWN The cluster is down"),
         rex.TryAgainError("TRYAGAIN"),
+        rex.ClusterError("TTL exhausted."),  # redis-py gave up on MOVED/ASK/TRYAGAIN (resharding)
         rex.MasterDownError("MASTERDOWN Link with MASTER is down"),
         rex.MaxConnectionsError("Too many connections"),
         rex.SlotNotCoveredError('Slot "1" is not covered by the cluster.'),
@@ -160,6 +163,7 @@ def test_wrongtype_maps_to_foreign_data_error() -> None:
         rex.OutOfMemoryError("OOM command not allowed"),
         rex.DataError("Invalid input of type: 'dict'"),
         rex.RedisError("something else"),
+        rex.ClusterError("Cannot execute on this node"),
         rex.RedisClusterException("EVAL - all keys must map to the same key slot"),
     ],
     ids=lambda e: type(e).__name__,

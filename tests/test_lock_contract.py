@@ -1,4 +1,5 @@
-"""The lock contract (L1-L5 of DESIGN.md), run against Lock and AsyncLock on a real redis-server."""
+"""The lock contract (L1-L5 of DESIGN.md), run against Lock and AsyncLock on a real redis-server
+and on the rig's 3-master Cluster (issue 8 point 1: one name's keys share one slot)."""
 
 from __future__ import annotations
 
@@ -15,16 +16,31 @@ from distkit import ForeignDataError, LockError, LockLost, LockNotAcquired, Lock
 from distkit.testing import RedisServer
 from distlock import AsyncLock, Lock
 
+from ._topology import TOPOLOGIES, Topology
 from ._twins import Twin
 
 
+@pytest.fixture(params=TOPOLOGIES)
+def topology(request: pytest.FixtureRequest) -> Iterator[Topology]:
+    """One standalone server, or the 3-master Cluster (flushed)."""
+    topo = Topology(request.param, request)
+    topo.inspector().flushall()
+    yield topo
+    topo.close()
+
+
 @pytest.fixture(params=["sync", "async"])
-def twin(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Twin]:
-    """Lock (sync) or AsyncLock (async) handles on the shared, flushed server."""
-    redis_server.client().flushall()
-    t = Twin(request.param, Lock, AsyncLock, redis_server.client, redis_server.async_client)
+def twin(request: pytest.FixtureRequest, topology: Topology) -> Iterator[Twin]:
+    """Lock (sync) or AsyncLock (async) handles on the topology."""
+    t = Twin(request.param, Lock, AsyncLock, topology.sync_client, topology.async_client)
     yield t
     t.close()
+
+
+@pytest.fixture
+def r(topology: Topology) -> Any:
+    """Inspection client of the twin's topology (a ``RedisCluster`` on the Cluster)."""
+    return topology.inspector()
 
 
 def lease(name: str) -> str:

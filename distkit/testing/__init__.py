@@ -1,7 +1,8 @@
 """Real Redis processes and network faults for tests and benchmarks.
 
 ``RedisServer`` (one local ``redis-server``), ``RedisCluster`` (a local Cluster),
-``IndependentMasters`` (for Redlock) and ``FaultProxy`` (latency, blackhole, cut, refuse).
+``IndependentMasters`` (for Redlock), ``RedisSentinelGroup`` (master, replica, sentinels) and
+``FaultProxy`` (latency, blackhole, cut, refuse).
 """
 
 from distkit.testing._cluster import IndependentMasters, RedisCluster, start_masters
@@ -10,6 +11,7 @@ from distkit.testing._history import (
     Event,
     HistoryRecorder,
     Violation,
+    check_cache,
     check_fencing,
     check_mutex,
     drain_queue,
@@ -17,6 +19,7 @@ from distkit.testing._history import (
     sort_events,
 )
 from distkit.testing._proxy import FaultProxy
+from distkit.testing._sentinel import RedisSentinelGroup, SentinelServer
 from distkit.testing._server import (
     RedisServer,
     RedisServerNotFound,
@@ -33,8 +36,11 @@ __all__ = [
     "IndependentMasters",
     "RedisCluster",
     "RedisServer",
+    "RedisSentinelGroup",
     "RedisServerNotFound",
+    "SentinelServer",
     "Violation",
+    "check_cache",
     "check_fencing",
     "check_mutex",
     "drain_queue",

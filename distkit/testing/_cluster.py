@@ -55,6 +55,7 @@ class RedisCluster:
             raise ValueError(f"masters must be between 1 and {SLOTS}, got {masters}")
         self._binary = binary
         self._ranges = _slot_ranges(masters)
+        self._moved: dict[int, RedisServer] = {}  # slots moved by migrate_slot
         self.nodes: list[RedisServer] = [
             RedisServer(binary=binary, cluster_enabled=True) for _ in range(masters)
         ]
@@ -101,12 +102,58 @@ class RedisCluster:
         self.stop()
 
     def node_for_key(self, key: str | bytes) -> RedisServer:
-        """The master that owns ``key``'s hash slot (as assigned by :meth:`start`)."""
-        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        """The master that owns ``key``'s hash slot (as assigned by :meth:`start`, or moved
+        by :meth:`migrate_slot`)."""
+        return self.node_for_slot(key_slot(key.encode() if isinstance(key, str) else key))
+
+    def node_for_slot(self, slot: int) -> RedisServer:
+        """The master that owns ``slot``."""
+        if slot in self._moved:
+            return self._moved[slot]
         for node, (first, last) in zip(self.nodes, self._ranges, strict=True):
             if first <= slot <= last:
                 return node
         raise AssertionError(f"slot {slot} is not assigned")  # unreachable: ranges cover all
+
+    def migrate_slot(
+        self,
+        slot: int,
+        target: RedisServer,
+        *,
+        batch: int = 100,
+        between: Callable[[], None] | None = None,
+    ) -> int:
+        """Move ``slot`` and its keys to master ``target`` while clients keep working.
+
+        The resharding steps of ``redis-cli --cluster reshard``: ``SETSLOT IMPORTING`` on the
+        target, ``SETSLOT MIGRATING`` on the source, ``MIGRATE`` the keys ``batch`` at a time
+        (``between()`` runs after each batch, e.g. to widen the window), then ``SETSLOT NODE``
+        on every master. Meanwhile clients get ``ASK`` / ``TRYAGAIN`` for the slot, then
+        ``MOVED``. Returns the number of keys moved.
+        """
+        source = self.node_for_slot(slot)
+        if source is target:
+            return 0
+        with source.client() as src, target.client() as dst:
+            src_id = src.execute_command("CLUSTER", "MYID")
+            dst_id = dst.execute_command("CLUSTER", "MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while True:
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                host, port = target.address
+                src.execute_command("MIGRATE", host, port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                if between is not None:
+                    between()
+            for node in [target, source, *(n for n in self.nodes if n not in (source, target))]:
+                with node.client() as conn:
+                    conn.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        self._moved[slot] = target
+        return moved
 
     def client(self, **kwargs: Any) -> redis.RedisCluster:
         """A new sync cluster client (socket timeouts default to 5 s)."""

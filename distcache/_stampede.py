@@ -1,0 +1,1124 @@
+"""Read-through under load: one loader per key, early refresh (XFetch), bounded stale serving.
+
+The decisions are written once, as generators (``ReadThrough.run`` and ``ReadThrough.refresh``)
+that yield steps ("look the key up", "join the in-process flight", "take the fill lock", "call
+the loader", ...); ``SyncFlow`` runs them with threads, ``AsyncFlow`` with asyncio.
+
+A miss, in three processes (P1 leads; ``L`` is the distributed fill lock, a ``distlock.Lock``)::
+
+    P1 t1: MGET miss -> flight: leader -> L acquired -> MGET miss -> loader ... WRITE -> release
+    P1 t2: MGET miss -> flight: waits for t1 ..................................-> t1's value
+    P2 t1: MGET miss -> flight: leader -> L: queued (BLPOP) ................... handoff -> MGET hit
+    P3 t1: MGET miss -> flight: leader -> L: queued (BLPOP) ........................... -> MGET hit
+
+Every wait is bounded by ``Stampede.wait``; then the caller serves the expired value (within
+the staleness bound) or calls the loader itself (``on_timeout``). A loader that raises reaches
+every in-process waiter, and the fill lock is released before the exception propagates.
+
+Clocks. An entry's expiry is ``computed_at_ms + ttl_ms`` on the *server's* clock (``TIME`` in
+the WRITE script), the one clock every process sees. Each cache estimates it as its monotonic
+``clock()`` plus an offset measured with one ``TIME`` round trip (re-measured every minute), so
+client wall clocks never matter and an injected fake clock moves time for tests. The hard bound on
+staleness is kept by Redis itself: an entry's key lives ``ttl + grace`` (``PX``), and
+``grace`` is the largest stale window, so no read can return it later than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from distkit import ConfigError, DistkitError, LoaderError
+from distkit._config import seconds
+from distkit._errors import redact
+from distkit._protocol import Command, Eval, Protocol
+from distlock import AsyncLock, Lock
+
+from ._core import FAILED, FAILURES, CacheCore, Check, Clock, Entry, Miss, TagArgs
+from ._metrics import CacheEvent
+from ._near import ABSENT
+from ._scripts import NOW
+
+if TYPE_CHECKING:
+    from ._cache import AsyncCache, Cache
+
+__all__ = ["AsyncFlow", "ReadThrough", "ServerClock", "Stampede", "SyncFlow"]
+
+log = logging.getLogger("distcache")
+
+Seconds = float | timedelta
+Random = Callable[[], float]
+
+_RESYNC = 60.0  # seconds between two measurements of the server clock's offset
+_FAR = 40.0  # XFetch: farther than 40 δβ from expiry, P(refresh) < 5e-18; skip the draw
+_STALE_STORE = 1024  # last values kept in memory for stale_if_error while Redis is down
+_MAX_ERROR_TEXT = 300  # characters of a failed load's note
+_NOTE_MARGIN_MS = 5.0  # clock estimates of two processes differ by their errors, plus this
+_IDLE = 5.0  # seconds the sync fill-lock renewer waits for work before its thread exits
+
+
+@dataclass(frozen=True, slots=True)
+class Stampede:
+    """How concurrent misses of one key are collapsed into one loader call.
+
+    Args:
+        lock: also take a distributed fill lock (``distlock.Lock``), so that one process in
+            the whole fleet loads; ``False``: one load per process (in-process single-flight).
+        wait: the longest a caller waits for another caller's load (seconds or ``timedelta``).
+        on_timeout: after ``wait``: ``"load"`` calls the loader itself; ``"stale"`` serves the
+            expired value if one is within the staleness bound (else loads).
+        lock_ttl: lease of the fill lock; renewed while the loader runs, so it only matters
+            when a loading process dies (its waiters then take over after at most this long,
+            or after ``wait``, whichever is first).
+
+    Raises:
+        ConfigError: an argument is invalid.
+    """
+
+    lock: bool = True
+    wait: Seconds = 10.0
+    on_timeout: Literal["load", "stale"] = "load"
+    lock_ttl: Seconds = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lock, bool):
+            raise ConfigError(f"lock must be a bool, got {self.lock!r}")
+        if self.on_timeout not in ("load", "stale"):
+            raise ConfigError(f"on_timeout must be 'load' or 'stale', got {self.on_timeout!r}")
+        object.__setattr__(self, "wait", seconds(self.wait, field="wait"))
+        object.__setattr__(self, "lock_ttl", seconds(self.lock_ttl, field="lock_ttl"))
+
+
+class ServerClock:
+    """The server's clock in milliseconds, estimated from the local monotonic clock."""
+
+    __slots__ = ("_clock", "_offset_ms", "_synced_at", "error_ms")
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._offset_ms: float | None = None
+        self._synced_at = 0.0
+        self.error_ms = 0.0  # half the round trip of the last measurement (its uncertainty)
+
+    def due(self) -> bool:
+        """Whether the offset should be (re)measured."""
+        return self._offset_ms is None or self._clock() - self._synced_at >= _RESYNC
+
+    def sync(self, route_key: str) -> Protocol[None]:
+        """Measure the offset with one ``TIME`` on the node of ``route_key``."""
+        before = self._clock()
+        server_ms = yield Eval(NOW, [route_key], [])
+        after = self._clock()
+        self._offset_ms = int(server_ms) - (before + after) * 500
+        self.error_ms = (after - before) * 500 + 1  # TIME is read in whole milliseconds
+        self._synced_at = after
+
+    def now_ms(self) -> float:
+        """The estimate (the local wall clock until the first measurement)."""
+        offset = self._offset_ms
+        if offset is None:
+            return time.time() * 1000
+        return self._clock() * 1000 + offset
+
+
+class _Outcome:
+    """A loader call's result or exception, and how long it took."""
+
+    __slots__ = ("error", "seconds", "value")
+
+    def __init__(self, value: Any, error: BaseException | None, seconds_: float) -> None:
+        self.value = value
+        self.error = error
+        self.seconds = seconds_
+
+
+class _Marker:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+LEADER = _Marker("LEADER")
+TIMED_OUT = _Marker("TIMED_OUT")
+LOOKUP = _Marker("LOOKUP")
+LOAD = _Marker("LOAD")
+RELEASE = _Marker("RELEASE")
+
+
+class _Join:
+    """Join the key's in-process flight: ``LEADER``, the leader's ``_Outcome``, or ``TIMED_OUT``.
+
+    ``seen`` is what this caller's read found (the entry's baseline and the epoch). Only a flight
+    whose leader read the same joins: otherwise an invalidation landed between the two reads, and
+    the flight's loader may have read the source before it (a timeline)::
+
+        t1: MGET miss (epoch 7) -> leader -> loader reads the old row ............ value v1
+        t2:                          invalidate_tags(...) returns (epoch 8)
+        t3:                                              MGET miss (epoch 8) -> join? no: leads
+
+    Had t3 joined, it would return v1 although its call began after the invalidation returned.
+    """
+
+    __slots__ = ("seen", "wait")
+
+    def __init__(self, wait: float, seen: tuple[str, bytes | None] | None) -> None:
+        self.wait = wait
+        self.seen = seen
+
+
+class _Acquire:
+    """Take the fill lock: ``True``, ``False`` (not within ``timeout``) or ``FAILED``."""
+
+    __slots__ = ("blocking", "timeout")
+
+    def __init__(self, blocking: bool, timeout: float) -> None:
+        self.blocking = blocking
+        self.timeout = timeout
+
+
+class _Fill:
+    """Run a fill's write (failing open)."""
+
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: Protocol[bool]) -> None:
+        self.protocol = protocol
+
+
+class _Publish:
+    """Hand the outcome to the flight's waiters (``None``: the leader gave up; they go on)."""
+
+    __slots__ = ("outcome",)
+
+    def __init__(self, outcome: _Outcome | None) -> None:
+        self.outcome = outcome
+
+
+class _MarkFailed:
+    """Tell the processes queued on the fill lock that the loader raised (best effort)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _Relookup:
+    """Look again under the fill lock (one ``MGET``: entry, epoch, failure note); result:
+    ``(Entry | Miss | FAILED, note)``, the note of a failed load later than ``since_ms``."""
+
+    __slots__ = ("since_ms",)
+
+    def __init__(self, since_ms: float) -> None:
+        self.since_ms = since_ms
+
+
+class _Spawn:
+    """Refresh the key in the background (skipped if one runs already or the pool is full)."""
+
+    __slots__ = ("entry",)
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+
+
+Step = Any
+Flow = Generator[Step, Any, Any]
+
+
+class Call:
+    """One read-through call: the key, the loader and its arguments, the fill's options."""
+
+    __slots__ = ("args", "kwargs", "loader", "negative_ttl", "rkey", "tags", "ttl", "type_")
+
+    def __init__(
+        self,
+        rkey: str,
+        loader: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        ttl: float,
+        negative_ttl: float | None,
+        tags: TagArgs,
+        type_: Any,
+    ) -> None:
+        self.rkey = rkey
+        self.loader = loader
+        self.args = args
+        self.kwargs = kwargs
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.tags = tags
+        self.type_ = type_
+
+
+class _StaleStore:
+    """The last value of recently read keys, for ``stale_if_error`` while Redis is down (LRU)."""
+
+    __slots__ = ("_data", "_guard", "_size")
+
+    def __init__(self, size: int) -> None:
+        self._data: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+        self._guard = threading.Lock()
+        self._size = size
+
+    def put(self, rkey: str, value: Any, expires_ms: float) -> None:
+        with self._guard:
+            self._data[rkey] = (value, expires_ms)
+            self._data.move_to_end(rkey)
+            if len(self._data) > self._size:
+                self._data.popitem(last=False)
+
+    def get(self, rkey: str) -> tuple[Any, float] | None:
+        with self._guard:
+            return self._data.get(rkey)
+
+
+def _ms(value: float) -> int:
+    return max(0, math.ceil(value * 1000))
+
+
+def _describe(exc: BaseException) -> str:
+    """A loader's exception as other processes' waiters see it (URL passwords redacted)."""
+    return redact(f"{type(exc).__name__}: {exc}")[:_MAX_ERROR_TEXT]
+
+
+class ReadThrough:
+    """The read-through policy of one cache and its protocols (no I/O).
+
+    ``beta`` is XFetch's β (0: no early refresh); ``stale_while_revalidate`` and
+    ``stale_if_error`` are windows in seconds after expiry; ``grace`` (their maximum) is how long
+    Redis keeps an entry past its expiry, the hard bound on the staleness of anything served.
+    """
+
+    __slots__ = (
+        "_store",
+        "beta",
+        "clock",
+        "core",
+        "grace_ms",
+        "max_background",
+        "prefix",
+        "random",
+        "sie_ms",
+        "stampede",
+        "swr_ms",
+    )
+
+    def __init__(
+        self,
+        core: CacheCore,
+        *,
+        stampede: Stampede | None,
+        early_refresh: float,
+        stale_while_revalidate: Seconds,
+        stale_if_error: Seconds,
+        max_background: int,
+        random: Random,
+        clock: Clock,
+        prefix: str,
+    ) -> None:
+        if stampede is not None and not isinstance(stampede, Stampede):
+            raise ConfigError(f"stampede must be a Stampede or None, got {stampede!r}")
+        if (
+            not isinstance(early_refresh, (int, float))
+            or isinstance(early_refresh, bool)
+            or not 0 <= early_refresh < math.inf
+        ):
+            raise ConfigError(f"early_refresh (XFetch's β) must be >= 0, got {early_refresh!r}")
+        if (
+            not isinstance(max_background, int)
+            or isinstance(max_background, bool)
+            or max_background < 0
+        ):
+            raise ConfigError(f"max_background must be an int >= 0, got {max_background!r}")
+        if not callable(random):
+            raise ConfigError(f"random must return floats in [0, 1), got {random!r}")
+        self.core = core
+        self.prefix = prefix
+        self.stampede = stampede
+        self.beta = float(early_refresh)
+        self.swr_ms = _ms(
+            seconds(stale_while_revalidate, field="stale_while_revalidate", allow_zero=True)
+        )
+        self.sie_ms = _ms(seconds(stale_if_error, field="stale_if_error", allow_zero=True))
+        self.grace_ms = max(self.swr_ms, self.sie_ms)
+        self.max_background = max_background
+        self.random = random
+        self.clock = ServerClock(clock)
+        self._store = _StaleStore(_STALE_STORE) if self.sie_ms else None
+        core.grace_ms = self.grace_ms
+        core.now_ms = self.clock.now_ms
+
+    # -- decisions -----------------------------------------------------------------------------
+    def early(self, entry: Entry, now_ms: float) -> bool:
+        """XFetch: refresh early when ``now - δ·β·ln(rand()) >= expiry`` (rand in (0, 1])."""
+        scale = entry.delta_ms * self.beta
+        if scale <= 0 or entry.expires_ms - now_ms > scale * _FAR:
+            return False  # P < exp(-_FAR): not worth a random draw on the hit path
+        gap = -scale * math.log(1.0 - self.random())
+        return now_ms + gap >= entry.expires_ms
+
+    def _late_ms(self, entry_expires_ms: float) -> float:
+        """How late past expiry, upper estimate (the clock's uncertainty counts against us)."""
+        return self.clock.now_ms() + self.clock.error_ms - entry_expires_ms
+
+    def _servable(self, stale: Entry | None, window_ms: int) -> bool:
+        return stale is not None and self._late_ms(stale.expires_ms) <= window_ms
+
+    def lock_name(self, rkey: str) -> str:
+        """The fill lock's name for ``rkey`` (``distlock`` keys: ``{prefix}:lock:{name}``)."""
+        digest = hashlib.sha256(rkey.encode()).hexdigest()[:32]
+        return f"cache.fill.{self.core.namespace}.{digest}"
+
+    def error_key(self, rkey: str) -> str:
+        """Where a failed load of ``rkey`` is noted for waiters in other processes.
+
+        ``{base}:ek:<key>`` (or ``:eh:<sha256>``): the entry's slot, outside the entries' space.
+        """
+        base = self.core.base_of(rkey)
+        return base + ":e" + rkey[len(base) + 1 :]
+
+    def relookup(self, rkey: str, type_: Any, since_ms: float) -> Protocol[Any]:
+        """The second look, under the fill lock: the entry, and a failed load's note."""
+        core = self.core
+        raw, epoch, note = yield Command(("MGET", rkey, core.epoch_of(rkey), self.error_key(rkey)))
+        found = core.entry(raw, epoch, type_, True)  # counted by the first look
+        if found.__class__ is Check:
+            found = yield from core.recheck_entry(rkey, found, type_)
+        return found, _fresh_note(note, since_ms)
+
+    def _remember(self, rkey: str, value: Any, expires_ms: float) -> None:
+        if self._store is not None:
+            self._store.put(rkey, value, expires_ms)
+
+    def _fill(self, call: Call, miss: Miss, outcome: _Outcome, started: float) -> Flow:
+        protocol = self.core.fill(
+            call.rkey,
+            miss,
+            outcome.value,
+            ttl=call.ttl,
+            negative_ttl=call.negative_ttl,
+            tags=call.tags,
+            type_=call.type_,
+            started=started,
+            compute=outcome.seconds,
+        )
+        if protocol is not None:
+            yield _Fill(protocol)
+
+    # -- protocols -----------------------------------------------------------------------------
+    def run(self, call: Call) -> Flow:
+        """One ``get_or_set``: the value, from the cache, another caller's load, or the loader."""
+        core = self.core
+        started = core.clock()
+        found = yield LOOKUP
+        stale: Entry | None = None
+        miss: Miss | None
+        if found.__class__ is Entry:
+            now = self.clock.now_ms()
+            late = now - found.expires_ms
+            if late < 0 or not self.grace_ms:  # no stale window: Redis expired it if it was due
+                core.emit(CacheEvent.HIT)
+                self._remember(call.rkey, found.value, found.expires_ms)
+                if self.beta and self.early(found, now):
+                    yield _Spawn(found)
+                return found.value
+            core.emit(CacheEvent.MISS)
+            if self._servable(found, self.swr_ms):
+                core.emit(CacheEvent.STALE_SERVED)
+                yield _Spawn(found)
+                return found.value
+            stale = found if self._servable(found, self.grace_ms) else None
+            miss = found.miss()
+        elif found is FAILED:
+            miss = None
+            kept = self._store.get(call.rkey) if self._store is not None else None
+            if kept is not None and self._late_ms(kept[1]) <= self.sie_ms:
+                core.emit(CacheEvent.STALE_SERVED)  # Redis is down: do not hammer the loader
+                return kept[0]
+        else:
+            miss = found
+        policy = self.stampede
+        if policy is None:
+            return (yield from self._load(call, miss, stale, started))
+        wait = float(policy.wait)  # type: ignore[arg-type]
+        joined = yield _Join(wait, None if miss is None else (miss.baseline, miss.epoch))
+        if joined is not LEADER:
+            if joined.__class__ is _Outcome:
+                core.emit(CacheEvent.COALESCED)
+                if joined.error is not None:
+                    if self._servable(stale, self.sie_ms):
+                        core.emit(CacheEvent.STALE_SERVED)
+                        return stale.value  # type: ignore[union-attr]
+                    raise joined.error
+                return joined.value
+            core.emit(CacheEvent.WAIT_TIMEOUT)
+            if policy.on_timeout == "stale" and self._servable(stale, self.grace_ms):
+                core.emit(CacheEvent.STALE_SERVED)
+                return stale.value  # type: ignore[union-attr]
+            return (yield from self._load(call, miss, stale, started))
+        outcome: _Outcome | None = None
+        held = False
+        try:
+            if miss is not None and policy.lock:
+                # A failure noted later than this (by another process's estimate of the server
+                # clock, hence the margin) happened while this caller waited; an older one, or
+                # one too close to tell, is not this caller's: it then loads (the safe side).
+                asked_ms = self.clock.now_ms() + 2 * self.clock.error_ms + _NOTE_MARGIN_MS
+                got = yield _Acquire(True, wait)
+                if got is True:
+                    held = True
+                    again, failed = yield _Relookup(asked_ms)
+                    if again.__class__ is Entry:
+                        if not self.grace_ms or self.clock.now_ms() < again.expires_ms:
+                            core.emit(CacheEvent.COALESCED)  # another process loaded it
+                            outcome = _Outcome(again.value, None, 0.0)
+                            self._remember(call.rkey, again.value, again.expires_ms)
+                            return again.value
+                        miss = again.miss()
+                    elif again is FAILED:
+                        miss = None
+                    else:
+                        miss = again
+                    if miss is not None and failed is not None:
+                        # the load this caller waited for raised, in another process
+                        key = core.logical_key(call.rkey)
+                        error = LoaderError(
+                            f"cache {core.namespace!r}: the loader of {key!r:.80} raised in "
+                            f"another process while this caller waited: {failed}",
+                            key=key,
+                        )
+                        outcome = _Outcome(None, error, 0.0)
+                        if self._servable(stale, self.sie_ms):
+                            core.emit(CacheEvent.STALE_SERVED)
+                            return stale.value  # type: ignore[union-attr]
+                        raise error
+                elif got is False:
+                    core.emit(CacheEvent.WAIT_TIMEOUT)
+                    if policy.on_timeout == "stale" and self._servable(stale, self.grace_ms):
+                        core.emit(CacheEvent.STALE_SERVED)
+                        outcome = _Outcome(stale.value, None, 0.0)  # type: ignore[union-attr]
+                        return stale.value  # type: ignore[union-attr]
+                else:  # FAILED: Redis is down; load without it (fail-open)
+                    miss = None
+            outcome = yield LOAD
+            if outcome.error is not None:
+                if held:
+                    yield _MarkFailed(_describe(outcome.error))
+                if self._servable(stale, self.sie_ms):
+                    core.emit(CacheEvent.STALE_SERVED)
+                    return stale.value  # type: ignore[union-attr]
+                raise outcome.error
+            if miss is not None:
+                yield from self._fill(call, miss, outcome, started)
+            self._remember(call.rkey, outcome.value, self.clock.now_ms() + call.ttl * 1000)
+            return outcome.value
+        finally:
+            # The lock first: its next holder is another process, which still has to read the
+            # entry; this process's waiters get the outcome a moment later, from memory.
+            if held:
+                yield RELEASE
+            yield _Publish(outcome)
+
+    def _load(self, call: Call, miss: Miss | None, stale: Entry | None, started: float) -> Flow:
+        """Call the loader without coordination (stampede control off, or a wait timed out)."""
+        outcome = yield LOAD
+        if outcome.error is not None:
+            if self._servable(stale, self.sie_ms):
+                self.core.emit(CacheEvent.STALE_SERVED)
+                return stale.value  # type: ignore[union-attr]
+            raise outcome.error
+        if miss is not None:
+            yield from self._fill(call, miss, outcome, started)
+        self._remember(call.rkey, outcome.value, self.clock.now_ms() + call.ttl * 1000)
+        return outcome.value
+
+    def refresh(self, call: Call, seen: Entry) -> Flow:
+        """A background refresh of an entry that was read as ``seen`` (at most one runs)."""
+        core = self.core
+        started = core.clock()
+        miss = seen.miss()
+        held = False
+        try:
+            if self.stampede is not None and self.stampede.lock:
+                got = yield _Acquire(False, 0.0)
+                if got is not True:
+                    return None  # another process refreshes it (or Redis is down)
+                held = True
+                again, _ = yield _Relookup(math.inf)
+                if again.__class__ is Entry:
+                    if again.computed_ms > seen.computed_ms:
+                        return None  # refreshed meanwhile
+                    miss = again.miss()
+                elif again is FAILED:
+                    return None
+                else:
+                    miss = again
+            outcome = yield LOAD
+            if outcome.error is not None:
+                core.emit(CacheEvent.REFRESH_ERROR)
+                log.warning(
+                    "cache %r: background refresh of %r failed: %r",
+                    core.namespace,
+                    core.logical_key(call.rkey),
+                    outcome.error,
+                )
+                return None
+            yield from self._fill(call, miss, outcome, started)
+            return None
+        finally:
+            if held:
+                yield RELEASE
+
+
+# -- drivers -----------------------------------------------------------------------------------
+class _Renewer:
+    """One daemon thread per ``Cache`` extends the fill locks held while loaders run.
+
+    (``distlock``'s ``auto_renew`` starts a thread per acquisition: one per miss here. Loaders
+    are usually far shorter than the renewal interval, so this thread mostly sleeps; it exits
+    after ``_IDLE`` seconds without a lock to renew.)
+    """
+
+    def __init__(self, interval: float, namespace: str) -> None:
+        self._interval = interval
+        self._namespace = namespace
+        self._cond = threading.Condition()
+        self._held: dict[int, tuple[Lock, float]] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, lock: Lock) -> None:
+        with self._cond:
+            self._held[id(lock)] = (lock, time.monotonic() + self._interval)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name=f"distcache-fill-renew-{self._namespace}", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def remove(self, lock: Lock) -> None:
+        with self._cond:
+            self._held.pop(id(lock), None)
+            self._cond.notify()  # re-plan: the next due time, or the idle countdown
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if not self._held:
+                    self._cond.wait(_IDLE)
+                    if not self._held:
+                        self._thread = None
+                        return
+                    continue
+                now = time.monotonic()
+                due = [lock for lock, at in self._held.values() if at <= now]
+                if not due:
+                    self._cond.wait(min(at for _, at in self._held.values()) - now)
+                    continue
+                for lock in due:
+                    self._held[id(lock)] = (lock, now + self._interval)
+            for lock in due:
+                try:
+                    lock.extend()
+                except DistkitError as exc:  # lost (or Redis down): the WRITE still compares
+                    log.warning("cache %r: renewing a fill lock: %s", self._namespace, exc)
+                    self.remove(lock)
+
+
+class _SyncFlight:
+    __slots__ = ("done", "outcome", "seen")
+
+    def __init__(self, seen: tuple[str, bytes | None] | None) -> None:
+        self.done = threading.Event()
+        self.outcome: _Outcome | None = None
+        self.seen = seen
+
+
+class _RunState:
+    __slots__ = ("flight", "lock")
+
+    def __init__(self) -> None:
+        self.flight: Any = None
+        self.lock: Any = None
+
+
+_RELEASE_ERRORS: tuple[type[BaseException], ...] = (DistkitError, *FAILURES)
+
+
+def _fresh_note(raw: Any, since_ms: float) -> str | None:
+    """The text of a failure note written after ``since_ms`` (server clock), else ``None``."""
+    if not isinstance(raw, bytes):
+        return None
+    stamp, _, text = raw.partition(b"|")
+    try:
+        if int(stamp) < since_ms:
+            return None  # an older failure: this caller did not wait for that load
+    except ValueError:
+        return None
+    return text.decode("utf-8", "replace")
+
+
+def _log_release_error(core: CacheCore, exc: BaseException) -> None:
+    log.warning("cache %r: releasing a fill lock failed: %s", core.namespace, exc)
+
+
+class SyncFlow:
+    """Runs ``ReadThrough`` protocols for a ``Cache``: threads, ``threading`` primitives."""
+
+    def __init__(self, cache: Cache, policy: ReadThrough) -> None:
+        self.cache = cache
+        self.policy = policy
+        self.core = policy.core
+        self._guard = threading.Lock()
+        self._flights: dict[str, _SyncFlight] = {}
+        self._refreshing: set[str] = set()
+        self._threads: set[threading.Thread] = set()
+        policy_ = policy.stampede
+        ttl = 30.0 if policy_ is None else float(policy_.lock_ttl)  # type: ignore[arg-type]
+        self._renewer = _Renewer(ttl / 3, policy.core.namespace)
+
+    def get_or_set(self, call: Call) -> Any:
+        """Run ``ReadThrough.run`` for ``call``."""
+        return self._drive(self.policy.run(call), call)
+
+    def drain(self, timeout: float | None) -> bool:
+        """Wait for background refreshes to finish; ``False`` if some still run at ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._guard:
+                threads = list(self._threads)
+            if not threads:
+                return True
+            for thread in threads:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                thread.join(left)
+                if thread.is_alive():
+                    return False
+
+    def _drive(self, flow: Flow, call: Call) -> Any:
+        state = _RunState()
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = flow.throw(error) if error is not None else flow.send(send)
+            except StopIteration as stop:
+                return stop.value
+            send, error = None, None
+            try:
+                send = self._step(step, call, state)
+            except BaseException as exc:
+                error = exc
+
+    def _read(self, call: Call, quiet: bool) -> Any:
+        """LOOKUP through the near cache, if any (the look under the fill lock asks Redis)."""
+        near = self.cache._near
+        if near is None or quiet:
+            return self._read_redis(call, quiet)
+        found = near.get(call.rkey, call.type_)
+        if found is not ABSENT:
+            return found
+        stamp = near.stamp(call.rkey)  # before the read: put() refuses it if overtaken
+        found = self._read_redis(call, quiet)
+        if found.__class__ is Entry and found.expires_ms > self.policy.clock.now_ms():
+            near.put(call.rkey, call.type_, found, stamp)
+        return found
+
+    def _read_redis(self, call: Call, quiet: bool) -> Any:
+        core = self.core
+        rkey = call.rkey
+        breaker = core.breaker
+        clock = self.policy.clock
+        if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
+            try:  # the hit path: one MGET, as get()
+                raw, epoch = self.cache._execute("MGET", rkey, core.epoch_of(rkey))
+            except FAILURES as exc:
+                core.failed(exc)
+                return FAILED
+            found = core.entry(raw, epoch, call.type_, quiet)
+            if found.__class__ is not Check:
+                return found
+            protocol = core.recheck_entry(rkey, found, call.type_)
+        else:
+            protocol = core.read_entry(rkey, call.type_, quiet)
+        if not core.allow():
+            protocol.close()
+            return FAILED
+        driver = self.cache._driver
+        try:
+            if clock.due():
+                driver.run(clock.sync(core.epoch_of(rkey)))
+            found = driver.run(protocol)
+        except FAILURES as exc:
+            core.failed(exc)
+            return FAILED
+        core.succeeded()
+        return found
+
+    def _step(self, step: Step, call: Call, state: _RunState) -> Any:
+        core = self.core
+        if step is LOOKUP:
+            return self._read(call, False)
+        if step is LOAD:
+            begun = core.clock()
+            try:
+                value = call.loader(*call.args, **call.kwargs)
+            except Exception as exc:
+                return _Outcome(None, exc, core.clock() - begun)
+            return _Outcome(value, None, core.clock() - begun)
+        cls = step.__class__
+        if cls is _Join:
+            with self._guard:
+                flight = self._flights.get(call.rkey)
+                if flight is None or flight.seen != step.seen:
+                    state.flight = self._flights[call.rkey] = _SyncFlight(step.seen)
+                    return LEADER
+            if flight.done.wait(step.wait) and flight.outcome is not None:
+                return flight.outcome
+            return TIMED_OUT
+        if cls is _Publish:
+            flight = state.flight
+            if flight is not None:
+                with self._guard:
+                    if self._flights.get(call.rkey) is flight:
+                        del self._flights[call.rkey]
+                flight.outcome = step.outcome
+                flight.done.set()
+            return None
+        if cls is _Acquire:
+            if not core.allow():
+                return FAILED
+            policy = self.policy.stampede
+            assert policy is not None
+            lock = Lock(
+                self.cache._client,
+                self.policy.lock_name(call.rkey),
+                ttl=policy.lock_ttl,
+                auto_renew=False,  # the cache's one renewer thread extends it
+                prefix=self.policy.prefix,
+                fence_retention=policy.lock_ttl,  # no fencing needed: the WRITE compares
+                retry=self.cache._retry,
+            )
+            try:
+                got = lock.acquire(
+                    blocking=step.blocking, timeout=step.timeout if step.blocking else None
+                )
+            except FAILURES as exc:
+                core.failed(exc)
+                return FAILED
+            core.succeeded()
+            if got:
+                state.lock = lock
+                self._renewer.add(lock)
+            return got
+        if step is RELEASE:
+            lock, state.lock = state.lock, None
+            if lock is not None:
+                self._renewer.remove(lock)
+                try:
+                    lock.release()
+                except _RELEASE_ERRORS as exc:
+                    _log_release_error(core, exc)
+            return None
+        if cls is _Fill:
+            if not core.allow():
+                step.protocol.close()
+                return None
+            try:
+                self.cache._driver.run(step.protocol)
+            except FAILURES as exc:
+                core.failed(exc)
+            else:
+                core.succeeded()
+            self.cache._forget([call.rkey])  # this process's L1 copy, if any, is older
+            return None
+        if cls is _Relookup:
+            if not core.allow():
+                return FAILED, None
+            try:
+                again = self.cache._driver.run(
+                    self.policy.relookup(call.rkey, call.type_, step.since_ms)
+                )
+            except FAILURES as exc:
+                core.failed(exc)
+                return FAILED, None
+            core.succeeded()
+            return again
+        if cls is _MarkFailed:
+            return self._mark_failed(step, call)
+        if cls is _Spawn:
+            self._spawn(call, step.entry)
+            return None
+        raise TypeError(f"unknown read-through step {step!r}")  # pragma: no cover
+
+    def _mark_failed(self, step: _MarkFailed, call: Call) -> None:
+        """Note a failed load for the processes queued on the fill lock (best effort)."""
+        policy = self.policy
+        assert policy.stampede is not None
+        px = max(1, _ms(float(policy.stampede.wait)))  # type: ignore[arg-type]
+        note = f"{int(policy.clock.now_ms())}|{step.text}"
+        try:
+            self.cache._execute("SET", policy.error_key(call.rkey), note, "PX", px)
+        except FAILURES as exc:
+            log.warning("cache %r: noting a failed load: %s", self.core.namespace, exc)
+
+    def _spawn(self, call: Call, entry: Entry) -> None:
+        with self._guard:
+            if call.rkey in self._refreshing or len(self._threads) >= self.policy.max_background:
+                return
+            self._refreshing.add(call.rkey)
+            thread = threading.Thread(
+                target=self._refresh,
+                args=(call, entry),
+                name=f"distcache-refresh-{self.core.namespace}",
+                daemon=True,
+            )
+            self._threads.add(thread)
+        if entry.expires_ms > self.policy.clock.now_ms():
+            self.core.emit(CacheEvent.EARLY_REFRESH)
+        thread.start()
+
+    def _refresh(self, call: Call, entry: Entry) -> None:
+        try:
+            self._drive(self.policy.refresh(call, entry), call)
+        except Exception:
+            self.core.emit(CacheEvent.REFRESH_ERROR)
+            log.exception("cache %r: background refresh failed", self.core.namespace)
+        finally:
+            with self._guard:
+                self._refreshing.discard(call.rkey)
+                self._threads.discard(threading.current_thread())
+
+
+class AsyncFlow:
+    """Runs ``ReadThrough`` protocols for an ``AsyncCache``: tasks and futures on one loop."""
+
+    def __init__(self, cache: AsyncCache, policy: ReadThrough) -> None:
+        self.cache = cache
+        self.policy = policy
+        self.core = policy.core
+        self._flights: dict[str, asyncio.Future[_Outcome | None]] = {}
+        self._seen: dict[str, tuple[str, bytes | None] | None] = {}  # by flight: its leader's read
+        self._refreshing: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def get_or_set(self, call: Call) -> Any:
+        """Run ``ReadThrough.run`` for ``call``."""
+        return await self._drive(self.policy.run(call), call)
+
+    async def drain(self, timeout: float | None) -> bool:
+        """Wait for background refreshes to finish; ``False`` if some still run at ``timeout``."""
+        tasks = set(self._tasks)
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return not pending and not self._tasks
+
+    async def _drive(self, flow: Flow, call: Call) -> Any:
+        state = _RunState()
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                step = flow.throw(error) if error is not None else flow.send(send)
+            except StopIteration as stop:
+                return stop.value
+            send, error = None, None
+            try:
+                send = await self._step(step, call, state)
+            except BaseException as exc:
+                error = exc
+
+    async def _read(self, call: Call, quiet: bool) -> Any:
+        """LOOKUP through the near cache, if any (the look under the fill lock asks Redis)."""
+        near = self.cache._near
+        if near is None or quiet:
+            return await self._read_redis(call, quiet)
+        found = near.get(call.rkey, call.type_)
+        if found is not ABSENT:
+            return found
+        stamp = near.stamp(call.rkey)  # before the read: put() refuses it if overtaken
+        found = await self._read_redis(call, quiet)
+        if found.__class__ is Entry and found.expires_ms > self.policy.clock.now_ms():
+            near.put(call.rkey, call.type_, found, stamp)
+        return found
+
+    async def _read_redis(self, call: Call, quiet: bool) -> Any:
+        core = self.core
+        rkey = call.rkey
+        breaker = core.breaker
+        clock = self.policy.clock
+        if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
+            try:  # the hit path: one MGET, as get()
+                raw, epoch = await self.cache._execute("MGET", rkey, core.epoch_of(rkey))
+            except FAILURES as exc:
+                core.failed(exc)
+                return FAILED
+            found = core.entry(raw, epoch, call.type_, quiet)
+            if found.__class__ is not Check:
+                return found
+            protocol = core.recheck_entry(rkey, found, call.type_)
+        else:
+            protocol = core.read_entry(rkey, call.type_, quiet)
+        if not core.allow():
+            protocol.close()
+            return FAILED
+        driver = self.cache._driver
+        try:
+            if clock.due():
+                await driver.run(clock.sync(core.epoch_of(rkey)))
+            found = await driver.run(protocol)
+        except FAILURES as exc:
+            core.failed(exc)
+            return FAILED
+        core.succeeded()
+        return found
+
+    async def _step(self, step: Step, call: Call, state: _RunState) -> Any:
+        core = self.core
+        if step is LOOKUP:
+            return await self._read(call, False)
+        if step is LOAD:
+            begun = core.clock()
+            try:
+                value = await call.loader(*call.args, **call.kwargs)
+            except Exception as exc:
+                return _Outcome(None, exc, core.clock() - begun)
+            return _Outcome(value, None, core.clock() - begun)
+        cls = step.__class__
+        if cls is _Join:
+            flight = self._flights.get(call.rkey)
+            if (
+                flight is None
+                or flight.get_loop() is not asyncio.get_running_loop()
+                or self._seen.get(call.rkey) != step.seen
+            ):
+                state.flight = self._flights[call.rkey] = asyncio.get_running_loop().create_future()
+                self._seen[call.rkey] = step.seen
+                return LEADER
+            try:
+                outcome = await asyncio.wait_for(asyncio.shield(flight), step.wait)
+            except asyncio.TimeoutError:
+                return TIMED_OUT
+            return TIMED_OUT if outcome is None else outcome
+        if cls is _Publish:
+            flight = state.flight
+            if flight is not None:
+                if self._flights.get(call.rkey) is flight:
+                    del self._flights[call.rkey]
+                    self._seen.pop(call.rkey, None)
+                if not flight.done():
+                    flight.set_result(step.outcome)
+            return None
+        if cls is _Acquire:
+            if not core.allow():
+                return FAILED
+            policy = self.policy.stampede
+            assert policy is not None
+            lock = AsyncLock(
+                self.cache._client,
+                self.policy.lock_name(call.rkey),
+                ttl=policy.lock_ttl,
+                auto_renew=True,  # a task: cheap, unlike a thread
+                prefix=self.policy.prefix,
+                fence_retention=policy.lock_ttl,  # no fencing needed: the WRITE compares
+                retry=self.cache._retry,
+            )
+            try:
+                got = await lock.acquire(
+                    blocking=step.blocking, timeout=step.timeout if step.blocking else None
+                )
+            except FAILURES as exc:
+                core.failed(exc)
+                return FAILED
+            core.succeeded()
+            if got:
+                state.lock = lock
+            return got
+        if step is RELEASE:
+            lock, state.lock = state.lock, None
+            if lock is not None:
+                try:
+                    await lock.release()
+                except _RELEASE_ERRORS as exc:
+                    _log_release_error(core, exc)
+            return None
+        if cls is _Fill:
+            if not core.allow():
+                step.protocol.close()
+                return None
+            try:
+                await self.cache._driver.run(step.protocol)
+            except FAILURES as exc:
+                core.failed(exc)
+            else:
+                core.succeeded()
+            self.cache._forget([call.rkey])  # this process's L1 copy, if any, is older
+            return None
+        if cls is _Relookup:
+            if not core.allow():
+                return FAILED, None
+            try:
+                again = await self.cache._driver.run(
+                    self.policy.relookup(call.rkey, call.type_, step.since_ms)
+                )
+            except FAILURES as exc:
+                core.failed(exc)
+                return FAILED, None
+            core.succeeded()
+            return again
+        if cls is _MarkFailed:
+            return await self._mark_failed(step, call)
+        if cls is _Spawn:
+            self._spawn(call, step.entry)
+            return None
+        raise TypeError(f"unknown read-through step {step!r}")  # pragma: no cover
+
+    async def _mark_failed(self, step: _MarkFailed, call: Call) -> None:
+        """Note a failed load for the processes queued on the fill lock (best effort)."""
+        policy = self.policy
+        assert policy.stampede is not None
+        px = max(1, _ms(float(policy.stampede.wait)))  # type: ignore[arg-type]
+        note = f"{int(policy.clock.now_ms())}|{step.text}"
+        try:
+            await self.cache._execute("SET", policy.error_key(call.rkey), note, "PX", px)
+        except FAILURES as exc:
+            log.warning("cache %r: noting a failed load: %s", self.core.namespace, exc)
+
+    def _spawn(self, call: Call, entry: Entry) -> None:
+        if call.rkey in self._refreshing or len(self._tasks) >= self.policy.max_background:
+            return
+        self._refreshing.add(call.rkey)
+        if entry.expires_ms > self.policy.clock.now_ms():
+            self.core.emit(CacheEvent.EARLY_REFRESH)
+        task = asyncio.get_running_loop().create_task(
+            self._refresh(call, entry), name=f"distcache-refresh-{self.core.namespace}"
+        )
+        self._tasks.add(task)
+
+    async def _refresh(self, call: Call, entry: Entry) -> None:
+        try:
+            await self._drive(self.policy.refresh(call, entry), call)
+        except Exception:
+            self.core.emit(CacheEvent.REFRESH_ERROR)
+            log.exception("cache %r: background refresh failed", self.core.namespace)
+        finally:
+            self._refreshing.discard(call.rkey)
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.discard(task)

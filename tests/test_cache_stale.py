@@ -1,0 +1,261 @@
+"""Stale serving, RFC 5861 style (issue 7 point 3): ``stale_while_revalidate`` serves an expired
+value while one caller refreshes it in the background; ``stale_if_error`` serves it when the
+loader fails or Redis is down. Both are bounded: no value is served more than its window past
+its expiry (the client checks on its estimate of the server clock, and Redis itself deletes the
+entry ``ttl + max(windows)`` after the write)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from distcache import AsyncCache, Cache, CacheEvent, CounterMetrics
+from distkit import aconnect, connect
+from distkit.testing import RedisServer
+
+MISSING = object()
+
+
+class Boom(Exception):
+    pass
+
+
+def _fail() -> Any:
+    raise Boom("the database is down")
+
+
+def _expiry_ms(r: redis.Redis, rkey: str) -> int:
+    """``computed_at_ms + ttl_ms`` of the entry under ``rkey`` (server clock)."""
+    raw = r.get(rkey)
+    assert raw is not None
+    size = int(raw[22:26], 16)
+    computed, _, ttl = raw[26 : 26 + size].split(b"|")[:3]
+    return int(computed) + int(ttl)
+
+
+def _server_ms(r: redis.Redis) -> int:
+    sec, usec = r.time()
+    return sec * 1000 + usec // 1000
+
+
+# -- stale_while_revalidate ---------------------------------------------------------------------
+def test_swr_serves_the_expired_value_at_once_and_refreshes_in_the_background(
+    r: redis.Redis,
+) -> None:
+    metrics = CounterMetrics()
+    cache = Cache(r, namespace="swr", ttl=0.3, stale_while_revalidate=5, metrics=metrics)
+    assert cache.get_or_set("k", lambda: "v1") == "v1"
+    assert 5000 < r.pttl("distkit:cache:{swr}:k:k") <= 5300  # kept ttl + window
+    time.sleep(0.4)
+    assert cache.get("k", MISSING) is MISSING  # plain reads honour the ttl
+
+    def slow() -> str:
+        time.sleep(0.3)
+        return "v2"
+
+    assert cache.get_or_set("k", slow) == "v1"  # served stale, did not wait for slow()
+    assert metrics.count(CacheEvent.STALE_SERVED) == 1
+    assert cache.drain(5)
+    assert cache.get_or_set("k", _fail) == "v2"  # the background refresh stored v2
+
+
+def test_swr_never_serves_past_its_window(r: redis.Redis) -> None:
+    cache = Cache(r, namespace="swr-bound", ttl=0.2, stale_while_revalidate=0.3)
+    cache.get_or_set("k", lambda: "v1")
+    time.sleep(0.6)  # past ttl + window: Redis deleted it
+    assert r.exists("distkit:cache:{swr-bound}:k:k") == 0
+    assert cache.get_or_set("k", lambda: "v2") == "v2"  # loaded inline
+
+
+def test_a_failing_background_refresh_is_logged_counted_and_harmless(
+    r: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = CounterMetrics()
+    cache = Cache(r, namespace="swr-err", ttl=0.2, stale_while_revalidate=5, metrics=metrics)
+    cache.get_or_set("k", lambda: "v1")
+    time.sleep(0.3)
+    assert cache.get_or_set("k", _fail) == "v1"
+    assert cache.drain(5)
+    assert metrics.count(CacheEvent.REFRESH_ERROR) == 1
+    assert "background refresh" in caplog.text and "Boom" in caplog.text
+
+
+def test_background_refreshes_are_bounded_and_leave_no_thread_behind(r: redis.Redis) -> None:
+    import threading
+
+    def ours() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("distcache-")]
+
+    cache = Cache(r, namespace="swr-many", ttl=0.2, stale_while_revalidate=5, max_background=2)
+    cache.set_many({f"k{i}": "old" for i in range(6)}, ttl=0.2)
+    time.sleep(0.3)
+    gate = threading.Event()
+
+    def slow() -> str:
+        gate.wait(5)
+        return "new"
+
+    for i in range(6):
+        assert cache.get_or_set(f"k{i}", slow) == "old"
+    refreshing = [t for t in ours() if t.name.startswith("distcache-refresh")]
+    assert 1 <= len(refreshing) <= 2  # max_background
+    gate.set()
+    assert cache.drain(5)
+    assert not [t for t in ours() if t.name.startswith("distcache-refresh")]
+    # the one fill-lock renewer thread of the cache exits once idle
+    deadline = time.monotonic() + 10
+    while ours() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not ours()
+
+
+def test_async_swr_refreshes_in_a_task(redis_server: RedisServer) -> None:
+    redis_server.client().flushall()
+
+    async def main() -> tuple[str, str, int]:
+        client = aconnect(redis_server.url)
+        cache = AsyncCache(client, namespace="aswr", ttl=0.2, stale_while_revalidate=5)
+
+        async def v(x: str) -> str:
+            return x
+
+        await cache.get_or_set("k", lambda: v("v1"))
+        await asyncio.sleep(0.3)
+        stale = await cache.get_or_set("k", lambda: v("v2"))
+        assert await cache.drain(5)
+        fresh = await cache.get_or_set("k", lambda: v("v3"))
+        tasks = len(cache._flow._tasks)
+        await client.aclose()
+        return stale, fresh, tasks
+
+    assert asyncio.run(main()) == ("v1", "v2", 0)
+
+
+# -- stale_if_error -----------------------------------------------------------------------------
+def test_sie_serves_the_old_value_when_the_loader_fails(r: redis.Redis) -> None:
+    metrics = CounterMetrics()
+    cache = Cache(r, namespace="sie", ttl=0.2, stale_if_error=5, metrics=metrics)
+    cache.get_or_set("k", lambda: "v1")
+    time.sleep(0.3)
+    assert cache.get_or_set("k", _fail) == "v1"
+    assert metrics.count(CacheEvent.STALE_SERVED) == 1
+    assert cache.get_or_set("k", lambda: "v2") == "v2"  # the loader works again
+
+
+def test_sie_past_its_window_raises_the_loader_error(r: redis.Redis) -> None:
+    cache = Cache(r, namespace="sie-bound", ttl=0.2, stale_if_error=0.3)
+    cache.get_or_set("k", lambda: "v1")
+    time.sleep(0.6)
+    with pytest.raises(Boom):
+        cache.get_or_set("k", _fail)
+
+
+def test_sie_serves_the_last_value_while_redis_is_down(fresh_server: RedisServer) -> None:
+    now = [100.0]
+    metrics = CounterMetrics()
+    client = connect({"port": fresh_server.port, "socket_timeout": 0.5, "connect_timeout": 0.5})
+    cache = Cache(
+        client,
+        namespace="down",
+        ttl=10,
+        stale_if_error=60,
+        clock=lambda: now[0],
+        breaker=False,
+        metrics=metrics,
+    )
+    assert cache.get_or_set("k", lambda: "v1") == "v1"
+    fresh_server.stop()
+    calls = []
+
+    def loader() -> str:
+        calls.append(1)
+        return "v2"
+
+    assert cache.get_or_set("k", loader) == "v1"  # from memory: the database is spared
+    now[0] += 71  # expiry (10 s) + window (60 s) passed on the cache's clock
+    assert cache.get_or_set("k", loader) == "v2"  # past the bound: fail open, load
+    assert calls == [1]
+    assert metrics.count(CacheEvent.STALE_SERVED) == 1
+
+
+# -- the bound, proved --------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["stale_if_error", "stale_while_revalidate"])
+def test_no_value_is_served_past_its_window(r: redis.Redis, mode: str) -> None:
+    """Every call is bracketed by the server's clock; the loader always fails after the first
+    fill, so the only value there is goes stale. A call that *starts* later than expiry +
+    window must not get it (the decision can only come later than the start)."""
+    window_ms = 400
+    cache = Cache(r, namespace="bound", ttl=0.2, **{mode: window_ms / 1000})
+    cache.get_or_set("k", lambda: "v1")
+    expiry = _expiry_ms(r, "distkit:cache:{bound}:k:k")
+    served, refused = [], []
+    stop = time.monotonic() + 1.0
+    while time.monotonic() < stop:
+        start = _server_ms(r)
+        try:
+            value = cache.get_or_set("k", _fail)
+        except Boom:
+            refused.append(start)
+        else:
+            assert value == "v1"
+            served.append(start)
+        time.sleep(0.005)
+    cache.drain(5)
+    late = [s - expiry for s in served]
+    assert max(late) <= window_ms  # never past the bound
+    assert max(late) > 0  # and stale values were indeed served (the window is used)
+    assert refused and min(refused) - expiry > 0  # after the bound: the loader's error
+
+
+def test_the_client_checks_the_bound_even_while_redis_still_holds_the_entry(
+    r: redis.Redis,
+) -> None:
+    """A fake clock runs ahead of the server: the entry is still in Redis (its PX runs on the
+    server's clock), but the client's own estimate says it is past the window."""
+    now = [1000.0]
+    metrics = CounterMetrics()
+    cache = Cache(
+        r,
+        namespace="fake",
+        ttl=10,
+        stale_while_revalidate=1,
+        clock=lambda: now[0],
+        metrics=metrics,
+        max_background=0,  # no refresh: the entry stays the one written at t = 0
+    )
+    cache.get_or_set("k", lambda: "v1")
+    now[0] += 10.5  # 0.5 s past expiry: within the window
+    assert cache.get_or_set("k", lambda: "v2") == "v1"
+    now[0] += 0.7  # 1.2 s past expiry: beyond it
+    assert r.exists("distkit:cache:{fake}:k:k") == 1  # Redis still has it...
+    assert cache.get_or_set("k", lambda: "v2") == "v2"  # ...but it is not served
+    assert metrics.count(CacheEvent.STALE_SERVED) == 1
+
+
+def test_cached_functions_get_the_same_stale_serving(r: redis.Redis) -> None:
+    from distcache import cached
+
+    cache = Cache(r, namespace="deco-swr", ttl=0.2, stale_while_revalidate=5, stale_if_error=5)
+    version = ["v1"]
+    fail = [False]
+
+    @cached(cache)
+    def fetch(x: int) -> str:
+        if fail[0]:
+            raise Boom("down")
+        return f"{version[0]}:{x}"
+
+    assert fetch(1) == "v1:1"
+    time.sleep(0.3)
+    version[0] = "v2"
+    assert fetch(1) == "v1:1"  # stale, refreshed in the background
+    assert cache.drain(5)
+    assert fetch(1) == "v2:1"
+    time.sleep(0.3)
+    fail[0] = True
+    assert fetch(1) == "v2:1"  # the refresh fails: still within both windows
+    assert cache.drain(5)
