@@ -514,7 +514,9 @@ class CacheCore:
             if err is exc:
                 raise err
             raise err from exc
-        log.warning("cache %r: %s (failing open)", self.namespace, err)
+        where = f"cache {self.namespace!r}"
+        text = str(err)
+        log.warning("%s (failing open)", text if text.startswith(where) else f"{where}: {text}")
         return err
 
     # -- reads ---------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from datetime import timedelta
 from typing import Any
 
 import redis.connection
+import redis.sentinel
 
 from distkit import ConfigError
 from distkit._config import seconds
@@ -504,12 +505,46 @@ def _connection_factory(
     return lambda: target(**kw)
 
 
+def _sentinel_endpoint(pool: Any, interval: float, name: str) -> Callable[[], Any]:
+    """A factory that asks the sentinels for the current master at every (re)connection.
+
+    Works for the sync and the asyncio Sentinel pools alike (the listener is a thread, so it
+    asks through a sync ``Sentinel`` built from the same sentinel addresses and credentials).
+    After a failover the old link breaks (L1 flushed and bypassed), and the next connection
+    goes to the promoted master.
+    """
+    manager = pool.sentinel_manager
+    addresses = []
+    sentinel_kwargs: dict[str, Any] = {}
+    for sentinel in manager.sentinels:
+        kw = sentinel.connection_pool.connection_kwargs
+        addresses.append((kw["host"], kw["port"]))
+        sentinel_kwargs = {
+            k: v
+            for k, v in kw.items()
+            if k in ("username", "password", "socket_connect_timeout") and v is not None
+        }
+    sentinel_kwargs["socket_timeout"] = max(interval, 0.5)
+    finder = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    service = pool.service_name
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
+    cls = pool.connection_class
+
+    def make() -> Any:
+        host, port = finder.discover_master(service)  # type: ignore[no-untyped-call]
+        return _connection_factory({**kwargs, "host": host, "port": port}, cls, interval, name)()
+
+    return make
+
+
 def _endpoints(client: Any, interval: float, namespace: str) -> list[Callable[[], Any]]:
-    """One connection factory per master (one for a standalone server)."""
+    """One connection factory per master (one for a standalone server or a Sentinel service)."""
     name = f"distcache-near:{namespace}"
     manager = getattr(client, "nodes_manager", None)
     if manager is None:
         pool = client.connection_pool
+        if getattr(pool, "sentinel_manager", None) is not None:
+            return [_sentinel_endpoint(pool, interval, name)]
         if "host" not in pool.connection_kwargs and "path" not in pool.connection_kwargs:
             raise ConfigError("the near cache needs a client with a fixed address")
         return [_connection_factory(pool.connection_kwargs, pool.connection_class, interval, name)]
@@ -550,8 +585,9 @@ class _Listener(threading.Thread):
         ident = id(self)
         backoff = 0.02
         while not stop.is_set():
-            conn = self._make()
+            conn = None
             try:
+                conn = self._make()  # may ask the sentinels, which may have no master yet
                 self._subscribe(conn)
                 backoff = 0.02
                 self._serve(conn)
@@ -560,8 +596,9 @@ class _Listener(threading.Thread):
                     log.info("cache %r: near cache listener: %s", store.namespace, exc)
             finally:
                 store.listener_down(ident)
-                with contextlib.suppress(Exception):
-                    conn.disconnect()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.disconnect()
             stop.wait(backoff)
             backoff = min(2 * backoff, 1.0)
 

@@ -379,8 +379,14 @@ class ReadThrough:
     def _servable(self, stale: Entry | None, window_ms: int) -> bool:
         return stale is not None and self._late_ms(stale.expires_ms) <= window_ms
 
+    @property
+    def lock_prefix(self) -> str:
+        """The fill locks' key prefix: ``{prefix}:cache``, so their keys
+        (``{prefix}:cache:lock:{name}``) can never be a user's ``Lock`` under ``{prefix}``."""
+        return f"{self.prefix}:cache"
+
     def lock_name(self, rkey: str) -> str:
-        """The fill lock's name for ``rkey`` (``distlock`` keys: ``{prefix}:lock:{name}``)."""
+        """The fill lock's name for ``rkey`` (keys: ``{prefix}:cache:lock:{name}``)."""
         digest = hashlib.sha256(rkey.encode()).hexdigest()[:32]
         return f"cache.fill.{self.core.namespace}.{digest}"
 
@@ -810,7 +816,7 @@ class SyncFlow:
                 self.policy.lock_name(call.rkey),
                 ttl=policy.lock_ttl,
                 auto_renew=False,  # the cache's one renewer thread extends it
-                prefix=self.policy.prefix,
+                prefix=self.policy.lock_prefix,
                 fence_retention=policy.lock_ttl,  # no fencing needed: the WRITE compares
                 retry=self.cache._retry,
             )
@@ -1035,7 +1041,7 @@ class AsyncFlow:
                 self.policy.lock_name(call.rkey),
                 ttl=policy.lock_ttl,
                 auto_renew=True,  # a task: cheap, unlike a thread
-                prefix=self.policy.prefix,
+                prefix=self.policy.lock_prefix,
                 fence_retention=policy.lock_ttl,  # no fencing needed: the WRITE compares
                 retry=self.cache._retry,
             )

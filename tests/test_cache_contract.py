@@ -304,7 +304,7 @@ def test_one_key_layout_with_the_namespace_hash_tag(twin: Twin, r: redis.Redis) 
     }
     found = sorted(k.decode() for k in r.keys("*") if isinstance(k, bytes))
     # the read-through's fill lock (distlock) leaves its fencing record, which expires
-    fill_lock = [k for k in found if k.startswith("app:lock:{cache.fill.lay.out-1.")]
+    fill_lock = [k for k in found if k.startswith("app:cache:lock:{cache.fill.lay.out-1.")]
     assert fill_lock and all(0 < r.pttl(k) <= 30_000 for k in fill_lock)
     assert sorted(set(found) - set(fill_lock)) == sorted(expected)
     if cache.shards == 1:  # one slot: every key under the namespace's hash tag

@@ -80,6 +80,8 @@ def test_a_dead_server_fails_open(caplog: pytest.LogCaptureFixture) -> None:
     assert loads == [1]
     assert metrics.count(CacheEvent.ERROR) == 6
     assert "failing open" in caplog.text
+    for record in caplog.records:  # the namespace is named once per line, not twice
+        assert record.getMessage().count("cache 'dead'") == 1, record.getMessage()
 
 
 def test_invalidations_never_fail_open() -> None:

@@ -31,8 +31,8 @@ def _counting_loader(client: redis.Redis, counter: str, value: Any, seconds: flo
 
 
 def _fill_lock_keys(r: redis.Redis) -> list[bytes]:
-    """Leases of fill locks (``{prefix}:lock:{name}``; the fencing records stay a while)."""
-    return [k for k in r.keys("distkit:lock:{cache.fill.*") if k.endswith(b"}")]
+    """Leases of fill locks (``{prefix}:cache:lock:{name}``; fencing records stay a while)."""
+    return [k for k in r.keys("distkit:cache:lock:{cache.fill.*") if k.endswith(b"}")]
 
 
 # -- C1 beats C2: no joining a flight that began before an invalidation ---------------------------
@@ -420,7 +420,7 @@ def test_a_cancelled_async_leader_does_not_strand_its_waiters(redis_server: Redi
         got = await asyncio.wait_for(waiter, 10)
         with pytest.raises(asyncio.CancelledError):
             await leader  # the cancellation propagates only after the lock is released
-        locks = await client.keys("distkit:lock:{cache.fill.*")
+        locks = await client.keys("distkit:cache:lock:{cache.fill.*")
         await client.aclose()
         return got, [k for k in locks if k.endswith(b"}")]
 
@@ -582,3 +582,20 @@ def test_the_async_fill_lock_is_renewed_while_a_long_loader_runs(
 
     (got, calls), held = asyncio.run(main())
     assert held and got == "v" and calls == 1
+
+
+def test_a_user_lock_named_like_a_fill_lock_does_not_block_fills(r: redis.Redis) -> None:
+    """Fill locks live under ``{prefix}:cache:lock:``, user locks under ``{prefix}:lock:``."""
+    from distlock import Lock
+
+    metrics = CounterMetrics()
+    cache = Cache(r, namespace="clash", metrics=metrics, stampede=Stampede(wait=1.0))
+    rkey = cache._core.entry_key("k")
+    user_lock = Lock(r, cache._policy.lock_name(rkey), ttl=30)
+    assert user_lock.acquire(blocking=False)
+    try:
+        assert cache.get_or_set("k", lambda: 1) == 1
+        assert metrics.count(CacheEvent.WAIT_TIMEOUT) == 0  # it never waited for the user's lock
+        assert not _fill_lock_keys(r)
+    finally:
+        user_lock.release()

@@ -553,3 +553,62 @@ def test_a_retried_grant_still_writes_so_that_wait_covers_it(
         granted, _token = ACQUIRE(conn, keys, ("me", 10_000, 60_000, 0))  # the retry
         assert granted == 1
         assert int(conn.info("replication")["master_repl_offset"]) > offset
+
+
+# -- the near cache through Sentinel ------------------------------------------------------------
+def _until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_near_cache_follows_the_master_across_a_failover(
+    sentinel: RedisSentinelGroup, kind: str
+) -> None:
+    """The near cache's listener finds the master through the sentinels; a failover breaks its
+    link (L1 flushed, bypassed), and it resubscribes on the promoted master, where another
+    client's writes evict the local copy again."""
+    from distcache import AsyncCache, NearCache
+
+    cfg = sentinel.config(retry=FAILOVER_RETRY)
+    writer = Cache(connect(cfg), namespace="near")
+    loop = asyncio.new_event_loop()
+    if kind == "sync":
+        reader: Any = Cache(connect(cfg), namespace="near", near_cache=NearCache())
+
+        def get(key: str) -> Any:
+            return reader.get(key)
+
+        def close() -> None:
+            reader.close()
+
+    else:
+        reader = AsyncCache(aconnect(cfg), namespace="near", near_cache=NearCache())
+
+        def get(key: str) -> Any:
+            return loop.run_until_complete(reader.get(key))
+
+        def close() -> None:
+            loop.run_until_complete(reader.aclose())
+
+    try:
+        writer.set("k", 1)
+        _until(lambda: get("k") == 1 and reader._near.stats()["entries"] >= 1)
+        writer.set("k", 2)  # through the current master: the copy is evicted
+        _until(lambda: get("k") == 2, timeout=1.0)
+        sentinel.wait_replicated()
+        old = sentinel.kill_master()
+        promoted = sentinel.wait_for_failover()
+        assert promoted.address != old.address
+        writer.set("k", 3)  # retried until the new master takes it
+        # read through from the new master, then back to serving from memory
+        _until(lambda: get("k") == 3 and reader._near.stats()["entries"] >= 1)
+        with promoted.client() as conn:  # a write straight to the new master...
+            conn.delete("distkit:cache:{near}:k:k")
+        _until(lambda: get("k") is None, timeout=1.0)  # ...reaches the listener there
+    finally:
+        close()
+        loop.close()
