@@ -10,11 +10,16 @@
 
 Without ``redis-server`` the real-server fixtures skip with install instructions, except under
 ``CI=true`` or ``DISTKIT_REQUIRE_REDIS=1``, where they fail.
+
+A run stopped by SIGTERM (``timeout``, a CI runner's cancel) unwinds like Ctrl-C, so every
+fixture's teardown stops the servers it started instead of leaving them orphaned.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -31,6 +36,16 @@ from distkit.testing import (
     RedisServerNotFound,
     find_redis_server,
 )
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}: stopping (fixtures stop their servers)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM unwinds like Ctrl-C: fixture teardowns run and stop every server by pid."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 def _require_redis() -> bool:

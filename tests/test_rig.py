@@ -265,6 +265,36 @@ def test_forgotten_server_is_killed_at_interpreter_exit() -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_test_run_stopped_by_sigterm_stops_its_servers(tmp_path: Path) -> None:
+    """``timeout pytest ...`` sends SIGTERM: the fixtures' servers must not outlive the run."""
+    (tmp_path / "test_sleeper.py").write_text(
+        "import time\n"
+        "def test_sleeps(fresh_server):\n"
+        "    print('PID', fresh_server.pid, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *sys.path])}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-s", "-q", "-p", "no:cacheprovider", "-p",
+         "tests.conftest", str(tmp_path / "test_sleeper.py")],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert run.stdout is not None
+    pid = 0
+    for line in run.stdout:
+        if line.startswith("PID"):
+            pid = int(line.split()[1])
+            break
+    assert pid and pid_alive(pid)
+    run.send_signal(signal.SIGTERM)
+    try:
+        run.communicate(timeout=30)
+        assert not pid_alive(pid)
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 # -- RedisCluster ---------------------------------------------------------------------------
 
 
