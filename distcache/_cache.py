@@ -171,6 +171,33 @@ class _CacheBase:
         if self._near is not None:
             self._near.evict(rkeys)
 
+    def _near_many(
+        self, keys: list[str], rkeys: list[str]
+    ) -> tuple[dict[str, Any], list[str], list[str]]:
+        """``get_many``'s L1 pass: the hits served from memory, and the keys left for Redis."""
+        near = self._near
+        if near is None:
+            return {}, keys, rkeys
+        found: dict[str, Any] = {}
+        rest: list[str] = []
+        rest_r: list[str] = []
+        type_ = self._core.value_type
+        for key, rkey in zip(keys, rkeys, strict=True):
+            entry = near.get(rkey, type_)
+            if entry is ABSENT:
+                rest.append(key)
+                rest_r.append(rkey)
+            else:
+                found[key] = entry.value
+        return found, rest, rest_r
+
+    @staticmethod
+    def _merged(found: dict[str, Any], keys: list[str], values: list[Any]) -> dict[str, Any]:
+        for key, value in zip(keys, values, strict=True):
+            if value.__class__ is not Miss:
+                found[key] = value
+        return found
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} namespace={self.namespace!r} ttl={self.ttl}s>"
 
@@ -282,7 +309,7 @@ class Cache(_CacheBase):
         return default if value.__class__ is Miss or value is FAILED else value
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        """The cached values of ``keys`` that are hits (one round trip per shard), by key.
+        """The hits among ``keys``, by key: from L1 first, then one round trip per shard.
 
         Raises:
             ConfigError: a key is not valid.
@@ -290,15 +317,16 @@ class Cache(_CacheBase):
         core = self._core
         keys = list(keys)
         rkeys = [core.entry_key(k) for k in keys]
+        found, keys, rkeys = self._near_many(keys, rkeys)
         if not keys or not core.allow():
-            return {}
+            return found
         try:
             values = self._driver.run(core.read_many(rkeys, core.value_type))
         except FAILURES as exc:
             core.failed(exc)
-            return {}
+            return found
         core.succeeded()
-        return {k: v for k, v in zip(keys, values, strict=True) if v.__class__ is not Miss}
+        return self._merged(found, keys, values)
 
     def set(
         self, key: str, value: Any, *, ttl: Seconds | None = None, tags: Iterable[str] = ()
@@ -518,7 +546,7 @@ class AsyncCache(_CacheBase):
         return default if value.__class__ is Miss or value is FAILED else value
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        """The cached values of ``keys`` that are hits (one round trip per shard), by key.
+        """The hits among ``keys``, by key: from L1 first, then one round trip per shard.
 
         Raises:
             ConfigError: a key is not valid.
@@ -526,15 +554,16 @@ class AsyncCache(_CacheBase):
         core = self._core
         keys = list(keys)
         rkeys = [core.entry_key(k) for k in keys]
+        found, keys, rkeys = self._near_many(keys, rkeys)
         if not keys or not core.allow():
-            return {}
+            return found
         try:
             values = await self._driver.run(core.read_many(rkeys, core.value_type))
         except FAILURES as exc:
             core.failed(exc)
-            return {}
+            return found
         core.succeeded()
-        return {k: v for k, v in zip(keys, values, strict=True) if v.__class__ is not Miss}
+        return self._merged(found, keys, values)
 
     async def set(
         self, key: str, value: Any, *, ttl: Seconds | None = None, tags: Iterable[str] = ()

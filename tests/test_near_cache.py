@@ -434,3 +434,17 @@ def test_near_cache_on_a_cluster(cluster: RedisCluster) -> None:
         cache.close()
         client.close()
         writer._client.close()
+
+
+def test_get_many_serves_what_l1_holds_and_reads_the_rest(handle: Handle, r: redis.Redis) -> None:
+    handle.writer.set_many({"a": 1, "b": 2})
+    settle(lambda: handle.get("a"), handle)  # "a" in L1; "b" not
+    before = mget_calls(r)
+    for _ in range(20):
+        assert handle.call("get_many", ["a", "b", "c"]) == {"a": 1, "b": 2}
+    assert mget_calls(r) - before <= 20 + SLACK  # one MGET per call, for "b" and "c" only
+    for _ in range(20):
+        assert handle.call("get_many", ["a"]) == {"a": 1}
+    assert mget_calls(r) - before <= 20 + 2 * SLACK  # "a" alone: never asked Redis
+    handle.writer.set("a", 10)  # another client's write evicts the copy
+    wait_for(lambda: handle.call("get_many", ["a", "b"]) == {"a": 10, "b": 2}, timeout=BOUND)
