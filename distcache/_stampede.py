@@ -427,11 +427,33 @@ class ReadThrough:
             yield _Fill(protocol)
 
     # -- protocols -----------------------------------------------------------------------------
-    def run(self, call: Call) -> Flow:
-        """One ``get_or_set``: the value, from the cache, another caller's load, or the loader."""
+    def plain_hit(self, found: Entry, rkey: str) -> bool:
+        """Whether ``found`` is a hit that needs no step at all (the drivers' fast path).
+
+        Fresh (or no stale window to consider) and too far from its expiry for XFetch to draw:
+        counted and returned at once. Anything else goes through ``run``, which then makes the
+        one random draw itself.
+        """
+        now = self.clock.now_ms()
+        if now >= found.expires_ms and self.grace_ms:
+            return False
+        scale = found.delta_ms * self.beta
+        if scale > 0 and found.expires_ms - now <= scale * _FAR:
+            return False
+        self.core.emit(CacheEvent.HIT)
+        self._remember(rkey, found.value, found.expires_ms)
+        return True
+
+    def run(self, call: Call, found: Any = LOOKUP, started: float | None = None) -> Flow:
+        """One ``get_or_set``: the value, from the cache, another caller's load, or the loader.
+
+        ``found`` / ``started``: the first look, when the driver already made it.
+        """
         core = self.core
-        started = core.clock()
-        found = yield LOOKUP
+        if started is None:
+            started = core.clock()
+        if found is LOOKUP:
+            found = yield LOOKUP
         stale: Entry | None = None
         miss: Miss | None
         if found.__class__ is Entry:
@@ -699,8 +721,12 @@ class SyncFlow:
         self._renewer = _Renewer(ttl / 3, policy.core.namespace)
 
     def get_or_set(self, call: Call) -> Any:
-        """Run ``ReadThrough.run`` for ``call``."""
-        return self._drive(self.policy.run(call), call)
+        """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
+        started = self.core.clock()
+        found = self._read(call, False)
+        if found.__class__ is Entry and self.policy.plain_hit(found, call.rkey):
+            return found.value
+        return self._drive(self.policy.run(call, found, started), call)
 
     def drain(self, timeout: float | None) -> bool:
         """Wait for background refreshes to finish; ``False`` if some still run at ``timeout``."""
@@ -924,8 +950,12 @@ class AsyncFlow:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def get_or_set(self, call: Call) -> Any:
-        """Run ``ReadThrough.run`` for ``call``."""
-        return await self._drive(self.policy.run(call), call)
+        """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
+        started = self.core.clock()
+        found = await self._read(call, False)
+        if found.__class__ is Entry and self.policy.plain_hit(found, call.rkey):
+            return found.value
+        return await self._drive(self.policy.run(call, found, started), call)
 
     async def drain(self, timeout: float | None) -> bool:
         """Wait for background refreshes to finish; ``False`` if some still run at ``timeout``."""
