@@ -423,22 +423,50 @@ class NearStore:
         return self._core.namespace
 
     def _start(self) -> None:
+        """Start one listener per master; on a Cluster, keep following its masters.
+
+        Every ``health_check_interval`` the Cluster's slot map is read again: a master that
+        appeared (a reshard onto a new node, a replica promoted) gets a listener, and until it is
+        subscribed L1 is flushed and bypassed; a master that left has its listener retired.
+        """
         backoff = 0.05
+        current: dict[object, _Listener] = {}
+        cluster = getattr(self._client, "nodes_manager", None) is not None
         while not self._stop.is_set():
             try:
-                makers = _endpoints(self._client, self._interval, self.namespace)
+                endpoints = _endpoints(self._client, self._interval, self.namespace)
             except Exception as exc:
                 log.warning("cache %r: near cache cannot find Redis: %s", self.namespace, exc)
                 self._stop.wait(backoff)
                 backoff = min(2 * backoff, 1.0)
                 continue
-            with self._lock:
-                self._expected = len(makers)
-            for make in makers:
-                listener = _Listener(self, make)
-                self._listeners.append(listener)
-                listener.start()
+            backoff = 0.05
+            self._follow(current, endpoints)
+            if not cluster:
+                return
+            self._stop.wait(self._interval)
+
+    def _follow(self, current: dict[object, _Listener], endpoints: list[Endpoint]) -> None:
+        wanted = dict(endpoints)
+        gone = [key for key in current if key not in wanted]
+        new = [key for key in wanted if key not in current]
+        if not gone and not new:
             return
+        if current:
+            log.warning("cache %r: near cache: the masters changed; L1 flushed", self.namespace)
+        for key in gone:
+            listener = current.pop(key)
+            listener.retired.set()
+            self.listener_down(id(listener))
+        with self._lock:
+            self._expected = len(wanted)  # not live until the new listeners are subscribed
+            self._up_changed()
+        self.flush()
+        for key in new:
+            listener = _Listener(self, wanted[key])
+            current[key] = listener
+            self._listeners.append(listener)
+            listener.start()
 
     def close(self) -> None:
         """Stop the listeners and empty L1 (idempotent)."""
@@ -537,17 +565,21 @@ def _sentinel_endpoint(pool: Any, interval: float, name: str) -> Callable[[], An
     return make
 
 
-def _endpoints(client: Any, interval: float, namespace: str) -> list[Callable[[], Any]]:
+Endpoint = tuple[object, Callable[[], Any]]  # (what it is: a master's address, a factory)
+
+
+def _endpoints(client: Any, interval: float, namespace: str) -> list[Endpoint]:
     """One connection factory per master (one for a standalone server or a Sentinel service)."""
     name = f"distcache-near:{namespace}"
     manager = getattr(client, "nodes_manager", None)
     if manager is None:
         pool = client.connection_pool
         if getattr(pool, "sentinel_manager", None) is not None:
-            return [_sentinel_endpoint(pool, interval, name)]
+            return [("sentinel", _sentinel_endpoint(pool, interval, name))]
         if "host" not in pool.connection_kwargs and "path" not in pool.connection_kwargs:
             raise ConfigError("the near cache needs a client with a fixed address")
-        return [_connection_factory(pool.connection_kwargs, pool.connection_class, interval, name)]
+        make = _connection_factory(pool.connection_kwargs, pool.connection_class, interval, name)
+        return [("server", make)]
     kwargs = dict(getattr(client, "connection_kwargs", None) or manager.connection_kwargs)
     cls = kwargs.get("connection_class", redis.connection.Connection)
     last: Exception | None = None
@@ -565,7 +597,7 @@ def _endpoints(client: Any, interval: float, namespace: str) -> list[Callable[[]
             seed.disconnect()
         masters = sorted({(s[2][0].decode(), int(s[2][1])) for s in slots})
         return [
-            _connection_factory({**kwargs, "host": h, "port": p}, cls, interval, name)
+            ((h, p), _connection_factory({**kwargs, "host": h, "port": p}, cls, interval, name))
             for h, p in masters
         ]
     raise ConfigError(f"no Cluster node answered CLUSTER SLOTS ({last})")
@@ -578,13 +610,14 @@ class _Listener(threading.Thread):
         super().__init__(name=f"distcache-near:{store.namespace}", daemon=True)
         self._store = store
         self._make = make
+        self.retired = threading.Event()  # its master left the cluster's slot map
 
     def run(self) -> None:
         store = self._store
         stop = store._stop
         ident = id(self)
         backoff = 0.02
-        while not stop.is_set():
+        while not stop.is_set() and not self.retired.is_set():
             conn = None
             try:
                 conn = self._make()  # may ask the sentinels, which may have no master yet
@@ -635,7 +668,7 @@ class _Listener(threading.Thread):
         sock = conn._sock
         store.watch(sock, True)
         try:
-            while not stop.is_set():
+            while not stop.is_set() and not self.retired.is_set():
                 wait = min(0.2, max(0.0, next_ping - time.monotonic()))
                 # Wait without consuming: until this thread has the GIL back and has applied the
                 # bytes, readers see them pending in the socket (NearStore.get bypasses L1).

@@ -448,3 +448,34 @@ def test_get_many_serves_what_l1_holds_and_reads_the_rest(handle: Handle, r: red
     assert mget_calls(r) - before <= 20 + 2 * SLACK  # "a" alone: never asked Redis
     handle.writer.set("a", 10)  # another client's write evicts the copy
     wait_for(lambda: handle.call("get_many", ["a", "b"]) == {"a": 10, "b": 2}, timeout=BOUND)
+
+
+@pytest.mark.slow
+def test_near_cache_follows_a_master_that_joins_the_cluster(redis_binary: str) -> None:
+    """A reshard onto a new master: its listener starts within a health-check interval (L1 is
+    flushed and bypassed meanwhile), so its writes evict the copy like any other master's."""
+    from redis.crc import key_slot
+
+    with RedisCluster(masters=3, binary=redis_binary) as cl:
+        writer = Cache(cl.client(), namespace="grow", shards=1)
+        client = cl.client()
+        near = NearCache(health_check_interval=0.2)
+        cache = Cache(client, namespace="grow", shards=1, near_cache=near)
+        try:
+            assert cache._near is not None and cache._near.wait_live(10)
+            writer.set("k", 1)
+            wait_for(lambda: cache.get("k") == 1 and cache._near.stats()["entries"] == 1)
+            new = cl.add_master()
+            cl.migrate_slot(key_slot(cache._core.entry_key("k").encode()), new)
+            # read again: the copy now comes from the new master
+            wait_for(lambda: cache.get("k") == 1 and cache._near.stats()["entries"] == 1)
+            writer.set("k", 2)  # on the new master
+            lag = wait_for(lambda: cache.get("k") == 2, timeout=BOUND + 0.2)
+            assert lag < BOUND + 0.2
+            assert cache._near.wait_live(10)  # four listeners now
+            writer.set("k", 3)
+            wait_for(lambda: cache.get("k") == 3, timeout=BOUND)
+        finally:
+            cache.close()
+            client.close()
+            writer._client.close()

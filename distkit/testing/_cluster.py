@@ -155,6 +155,24 @@ class RedisCluster:
         self._moved[slot] = target
         return moved
 
+    def add_master(self) -> RedisServer:
+        """Start one more master, join it to the cluster (no slots yet) and return it.
+
+        Move slots onto it with :meth:`migrate_slot`. Waits until every node knows every other.
+        """
+        node = RedisServer(binary=self._binary, cluster_enabled=True).start()
+        try:
+            host, port = self.nodes[0].address
+            with node.client() as conn:
+                conn.execute_command("CLUSTER", "MEET", host, port)
+            self.nodes.append(node)
+            self._ranges.append((1, 0))  # an empty range: it owns no slot until one moves
+            self._wait_until_ok()
+        except BaseException:
+            node.stop()
+            raise
+        return node
+
     def client(self, **kwargs: Any) -> redis.RedisCluster:
         """A new sync cluster client (socket timeouts default to 5 s)."""
         # cast: redis.cluster.ClusterNode.__init__ is unannotated in some redis-py releases
