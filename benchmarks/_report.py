@@ -197,7 +197,7 @@ def write_plot(run: RunResult, path: str | Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise PlotUnavailable(
-            f"--plot needs matplotlib ({exc}); install it with: pip install 'distkit[bench]'"
+            f"--plot needs matplotlib ({exc}); install it with: pip install 'redis-distkit[bench]'"
         ) from exc
 
     shown = [s for s in run.scenarios if any(c.throughput for c in s.contenders)]

@@ -127,6 +127,9 @@ class LoaderError(CacheError):
     """
 
 
+_WRONGTYPE = re.compile(r"(?:^|: )WRONGTYPE ")
+
+
 def translate(exc: BaseException, *, what: str = "") -> DistkitError | None:
     """Map a redis-py (or socket) exception onto distkit's tree; ``None`` if it is not one.
 
@@ -167,7 +170,9 @@ def translate(exc: BaseException, *, what: str = "") -> DistkitError | None:
         # redis-py gave up following MOVED / ASK / TRYAGAIN (a slot in mid-migration): the
         # command did not run, and the slot settles once the migration ends, so: transient.
         return ConnectionUnavailable(f"{prefix}Redis unavailable ({type(exc).__name__}: {detail})")
-    if isinstance(exc, rex.ResponseError) and detail.startswith("WRONGTYPE"):
+    # Redis 7 replies "WRONGTYPE ..." from inside a script; 6.2 wraps it in
+    # "Error running script (call to f_...): @user_script:42: WRONGTYPE ...".
+    if isinstance(exc, rex.ResponseError) and _WRONGTYPE.search(detail):
         return ForeignDataError(f"{prefix}a key holds data distkit did not write ({detail})")
     if isinstance(exc, rex.RedisError):
         return ServerError(f"{prefix}{type(exc).__name__}: {detail}")

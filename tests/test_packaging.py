@@ -1,0 +1,75 @@
+"""The distribution: its PyPI name, and a wheel that holds exactly the three import packages."""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    build = tmp_path_factory.mktemp("build")
+    # setuptools builds in place; copy the tracked tree so parallel runs and the checkout stay clean
+    files = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = ROOT / name.decode()
+        if src.is_file():
+            dst = build / name.decode()
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(src.read_bytes())
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out),
+            str(build),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (path,) = out.glob("*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_the_distribution_is_named_redis_distkit() -> None:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert cfg["metadata"]["name"] == "redis-distkit"
+
+
+def test_the_wheel_holds_exactly_the_three_packages(wheel: zipfile.ZipFile) -> None:
+    names = wheel.namelist()
+    top = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith(".dist-info")}
+    assert top == {"distkit", "distlock", "distcache"}
+    for package in ("distkit", "distlock", "distcache"):
+        assert f"{package}/py.typed" in names
+        assert f"{package}/__init__.py" in names
+    assert not any(n.startswith(("benchmarks/", "tests/")) for n in names)
+    meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    text = wheel.read(meta).decode()
+    assert "Name: redis-distkit" in text
+    assert not any(n.endswith("entry_points.txt") for n in names)  # no distkit-bench script
+
+
+def test_benchmarks_still_run_from_a_checkout() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout
