@@ -32,6 +32,7 @@ from datetime import timedelta
 from typing import Any
 
 from distkit import (
+    AuthenticationFailed,
     ConfigError,
     ConnectionUnavailable,
     DistkitError,
@@ -505,6 +506,11 @@ class CacheCore:
         re-raised (translated) when ``strict`` is set or ``fail_open`` is false.
         """
         err = _translated(exc, f"cache {self.namespace!r}")
+        if isinstance(err, AuthenticationFailed):  # a misconfiguration: loud, never failed open
+            self.emit(CacheEvent.ERROR)
+            if err is exc:
+                raise err
+            raise err from exc
         if not isinstance(err, (ConnectionUnavailable, ServerError)):
             raise exc
         if isinstance(err, ConnectionUnavailable) and self.breaker is not None:

@@ -553,13 +553,13 @@ def _sentinel_endpoint(pool: Any, interval: float, name: str) -> Callable[[], An
             if k in ("username", "password", "socket_connect_timeout") and v is not None
         }
     sentinel_kwargs["socket_timeout"] = max(interval, 0.5)
-    finder = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    finder = redis.sentinel.Sentinel(addresses, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call,unused-ignore]
     service = pool.service_name
     kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "connection_pool"}
     cls = pool.connection_class
 
     def make() -> Any:
-        host, port = finder.discover_master(service)  # type: ignore[no-untyped-call]
+        host, port = finder.discover_master(service)  # type: ignore[no-untyped-call,unused-ignore]
         return _connection_factory({**kwargs, "host": host, "port": port}, cls, interval, name)()
 
     return make

@@ -7,6 +7,7 @@ both are built on the names exported here.
 from ._config import Address, RedisConfig, RedlockConfig, RetryConfig
 from ._connection import AsyncClient, SyncClient, aconnect, connect
 from ._errors import (
+    AuthenticationFailed,
     CacheError,
     ConfigError,
     ConnectionUnavailable,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Address",
     "AsyncClient",
+    "AuthenticationFailed",
     "CacheError",
     "ConfigError",
     "ConnectionUnavailable",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import os
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -184,8 +186,11 @@ class RedisConfig(_Model):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_check_hostname: bool = True
+    tls_cert_reqs: Literal["none", "optional", "required"] = "required"
     connect_timeout: float = Field(default=2.0, gt=0, le=3600, allow_inf_nan=False)
     socket_timeout: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    socket_keepalive: bool = False
+    health_check_interval: float = Field(default=0, ge=0, le=3600, allow_inf_nan=False)
     max_connections: int = Field(default=64, ge=1, le=100_000)
     client_name: str | None = None
     sentinels: tuple[AddressLike, ...] = ()
@@ -193,6 +198,32 @@ class RedisConfig(_Model):
     sentinel_password: SecretStr | None = None
     cluster_nodes: tuple[AddressLike, ...] = ()
     retry: RetryConfig = RetryConfig()
+
+    def __init__(self, url: str | None = None, /, **data: Any) -> None:
+        """Validate keyword fields; a URL may come first (``RedisConfig("redis://h:6379/0")``)."""
+        if url is not None:
+            if "url" in data:
+                raise ConfigError("RedisConfig: the URL was given twice (positionally and url=)")
+            data["url"] = url
+        super().__init__(**data)
+
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> RedisConfig:
+        """A config from a ``redis://``, ``rediss://`` or ``unix://`` URL; ``overrides`` win.
+
+        Every query option that redis-py's own ``from_url`` understands and that applies to
+        distkit is read into a typed field (``socket_timeout``, ``socket_connect_timeout``,
+        ``health_check_interval``, ``ssl_cert_reqs``, ...); an unknown one is a ``ConfigError``
+        naming it.
+
+        Raises:
+            ConfigError: the URL or an override is invalid.
+        """
+        if not isinstance(url, str):
+            raise ConfigError(f"RedisConfig.from_url needs a URL string, got {type(url).__name__}")
+        return cls(url=url, **overrides)
 
     @model_validator(mode="before")
     @classmethod
@@ -204,7 +235,9 @@ class RedisConfig(_Model):
         out = dict(data)
         out.update(_parse_url(str(out.pop("url"))))
         for key, value in data.items():  # explicit fields win over the URL's
-            if key != "url":
+            if key == "retry" and isinstance(out.get("retry"), dict) and isinstance(value, Mapping):
+                out["retry"] = {**out["retry"], **value}
+            elif key != "url":
                 out[key] = value
         return out
 
@@ -255,36 +288,79 @@ class RedisConfig(_Model):
         return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
 
 
+# URL query options -> (field, parser). The parsers are redis-py's, so a URL means to distkit what
+# it means to redis.from_url(); options of redis-py that distkit sets itself or does not support are
+# refused by name rather than silently dropped.
+_URL_FIELDS: dict[str, str] = {
+    "db": "db",
+    "socket_timeout": "socket_timeout",
+    "socket_connect_timeout": "connect_timeout",
+    "socket_keepalive": "socket_keepalive",
+    "health_check_interval": "health_check_interval",
+    "max_connections": "max_connections",
+    "client_name": "client_name",
+    "ssl_check_hostname": "tls_check_hostname",
+    "ssl_cert_reqs": "tls_cert_reqs",
+    "ssl_ca_certs": "tls_ca_file",
+    "ssl_certfile": "tls_cert_file",
+    "ssl_keyfile": "tls_key_file",
+    "retry_on_timeout": "retry.retry_on_timeout",
+    "protocol": "",  # checked below: distkit speaks RESP2
+}
+_URL_REFUSED = {
+    "retry_on_error": "distkit retries by RedisConfig.retry, not redis-py's retry",
+    "timeout": "a blocking pool is not supported; use max_connections",
+}
+
+
 def _parse_url(url: str) -> dict[str, Any]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+    from redis.connection import parse_url  # redis-py's parser, with its typed query options
+
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"URL scheme must be redis://, rediss:// or unix://, got {redact(url)!r}")
-    out: dict[str, Any] = {}
-    if parts.username:
-        out["username"] = unquote(parts.username)
-    if parts.password:
-        out["password"] = unquote(parts.password)
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    if scheme == "unix":
-        out["unix_socket"] = parts.path
-        if "db" in query:
-            out["db"] = query["db"]
-        return out
-    out["tls"] = scheme == "rediss"
-    if parts.hostname:
-        out["host"] = parts.hostname
+    parts = urlsplit(url)
     try:
-        port = parts.port
+        parts.port  # noqa: B018 - raises for a port out of range
     except ValueError as exc:
         raise ValueError(f"invalid port in URL {redact(url)!r}") from exc
-    if port is not None:
-        out["port"] = port
-    path = parts.path.strip("/")
-    if path:
-        out["db"] = path
-    elif "db" in query:
-        out["db"] = query["db"]
+    unknown = sorted(set(parse_qs(parts.query)) - set(_URL_FIELDS))
+    for name in unknown:
+        why = _URL_REFUSED.get(name, "not an option distkit or redis-py knows")
+        raise ValueError(f"URL option {name!r} is not supported ({why})")
+    try:
+        kw: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call,unused-ignore]
+    except ValueError as exc:
+        raise ValueError(f"{redact(str(exc))} (in {redact(url)!r})") from None
+    out: dict[str, Any] = {}
+    if "username" in kw:
+        out["username"] = kw.pop("username")
+    if "password" in kw:
+        out["password"] = kw.pop("password")
+    kw.pop("connection_class", None)
+    if scheme == "unix":
+        out["unix_socket"] = kw.pop("path", parts.path)
+    else:
+        out["tls"] = scheme == "rediss"
+        for name in ("host", "port"):
+            if name in kw:
+                out[name] = kw.pop(name)
+        path = parts.path.strip("/")
+        if path and "db" not in parse_qs(parts.query):
+            out["db"] = path  # validated as an int by the model (redis-py drops a bad path)
+            kw.pop("db", None)
+    protocol = kw.pop("protocol", None)
+    if protocol not in (None, 2):
+        raise ValueError(f"URL option protocol={protocol!r}: distkit speaks RESP2 (protocol=2)")
+    retry: dict[str, Any] = {}
+    for name, value in kw.items():
+        field = _URL_FIELDS[name]
+        if field.startswith("retry."):
+            retry[field.split(".", 1)[1]] = value
+        else:
+            out[field] = value
+    if retry:
+        out["retry"] = retry
     return out
 
 
@@ -358,9 +434,50 @@ class _RedlockEnv(BaseSettings, RedlockConfig):
 _M = TypeVar("_M", bound=_Model)
 
 
+# DISTKIT_* variables that are not RedisConfig fields: other readers' (Redlock's masters) and the
+# tooling's (tests, benchmarks, chaos soak). Anything else under the prefix is a misspelling.
+_NOT_CONFIG = (
+    "REDLOCK_",
+    "REDIS_SERVER",
+    "REQUIRE_REDIS",
+    "SKIP_INSTALL",
+    "CHAOS_",
+    "ADVERSARIAL_",
+)
+
+
+def _known_env_names(model: type[BaseModel], delimiter: str = "__") -> set[str]:
+    names = set()
+    for name, info in model.model_fields.items():
+        if name == "url" or not info.exclude:
+            names.add(name.upper())
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            names.update(f"{name.upper()}{delimiter}{sub}" for sub in _known_env_names(kind))
+    return names
+
+
+def _check_env_names(model: type[BaseModel], prefix: str) -> None:
+    known = _known_env_names(model)
+    upper = prefix.upper()
+    for var in os.environ:
+        name = var.upper()
+        if not name.startswith(upper):
+            continue
+        rest = name[len(upper) :]
+        if rest in known or (upper == "DISTKIT_" and rest.startswith(_NOT_CONFIG)):
+            continue
+        close = difflib.get_close_matches(rest, sorted(known), n=1)
+        hint = f"; did you mean {upper}{close[0]}?" if close else ""
+        raise ConfigError(
+            f"unknown environment variable {var} (not a field of {model.__name__}{hint})"
+        )
+
+
 def _from_env(
     model: type[_M], settings: type[BaseSettings], prefix: str, env_file: str | Path | None
 ) -> _M:
+    _check_env_names(model, prefix)
     try:
         loaded = settings(_env_prefix=prefix, _env_file=env_file)
     except ConfigError as exc:

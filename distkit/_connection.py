@@ -7,8 +7,9 @@ repeat, so one dead server costs ``attempts x timeout`` and never more.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import redis
 import redis.asyncio
@@ -18,10 +19,10 @@ import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ._config import RedisConfig, validate_config
+from ._config import RedisConfig, RetryConfig, validate_config
 from ._errors import ConfigError, translating
 
-__all__ = ["AsyncClient", "ConfigLike", "SyncClient", "aconnect", "connect"]
+__all__ = ["AsyncClient", "ConfigLike", "SyncClient", "aconnect", "client_retry", "connect"]
 
 # Real unions, not strings: usable at run time too (isinstance, get_type_hints, pydantic).
 SyncClient: TypeAlias = redis.Redis | redis.RedisCluster
@@ -37,13 +38,18 @@ def _common_kwargs(cfg: RedisConfig) -> dict[str, Any]:
         "socket_timeout": cfg.socket_timeout,
         "client_name": cfg.client_name,
     }
+    if cfg.socket_keepalive:
+        kw["socket_keepalive"] = True
+    if cfg.health_check_interval:
+        kw["health_check_interval"] = cfg.health_check_interval
     if cfg.tls:
         kw.update(
             ssl=True,
             ssl_ca_certs=str(cfg.tls_ca_file) if cfg.tls_ca_file else None,
             ssl_certfile=str(cfg.tls_cert_file) if cfg.tls_cert_file else None,
             ssl_keyfile=str(cfg.tls_key_file) if cfg.tls_key_file else None,
-            ssl_check_hostname=cfg.tls_check_hostname,
+            ssl_check_hostname=cfg.tls_check_hostname and cfg.tls_cert_reqs != "none",
+            ssl_cert_reqs=cfg.tls_cert_reqs,
         )
     return kw
 
@@ -53,7 +59,14 @@ def _standalone_kwargs(cfg: RedisConfig) -> dict[str, Any]:
     kw.update(db=cfg.db, max_connections=cfg.max_connections)
     if cfg.unix_socket is not None:
         kw["unix_socket_path"] = str(cfg.unix_socket)
-        for key in ("ssl", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"):
+        for key in (
+            "ssl",
+            "ssl_ca_certs",
+            "ssl_certfile",
+            "ssl_keyfile",
+            "ssl_check_hostname",
+            "ssl_cert_reqs",
+        ):
             kw.pop(key, None)
     else:
         kw.update(host=cfg.host, port=cfg.port)
@@ -69,6 +82,25 @@ def _sentinel_kwargs(cfg: RedisConfig, no_retry: Any) -> dict[str, Any]:
     if cfg.sentinel_password is not None:
         kw["password"] = cfg.sentinel_password.get_secret_value()
     return kw
+
+
+# The RetryConfig each client of connect()/aconnect() was built with: the default retry of every
+# Lock and Cache on that client (weak: the entry goes with the client).
+_C = TypeVar("_C")
+_RETRY: weakref.WeakKeyDictionary[Any, RetryConfig] = weakref.WeakKeyDictionary()
+
+
+def client_retry(client: Any) -> RetryConfig | None:
+    """The ``RetryConfig`` that ``connect``/``aconnect`` built ``client`` with, else ``None``."""
+    try:
+        return _RETRY.get(client)
+    except TypeError:  # not weak-referenceable: not a client of ours
+        return None
+
+
+def _remember(client: _C, cfg: RedisConfig) -> _C:
+    _RETRY[client] = cfg.retry
+    return client
 
 
 def _config(config: ConfigLike) -> RedisConfig:
@@ -89,26 +121,27 @@ def connect(config: ConfigLike) -> SyncClient:
     cfg = _config(config)
     no_retry = Retry(NoBackoff(), 0)
     if cfg.mode == "cluster":
-        nodes = [redis.cluster.ClusterNode(a.host, a.port) for a in cfg.cluster_nodes]  # type: ignore[no-untyped-call]
+        nodes = [redis.cluster.ClusterNode(a.host, a.port) for a in cfg.cluster_nodes]  # type: ignore[no-untyped-call,unused-ignore]
         with translating(f"connect to {cfg.describe()}"):  # RedisCluster reads the slots now
-            return redis.RedisCluster(
+            cluster = redis.RedisCluster(
                 startup_nodes=nodes,
                 max_connections=cfg.max_connections,
                 retry=no_retry,
                 **_common_kwargs(cfg),
             )
+        return _remember(cluster, cfg)
     if cfg.mode == "sentinel":
         assert cfg.sentinel_service is not None  # checked by RedisConfig
-        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             [(a.host, a.port) for a in cfg.sentinels],
             sentinel_kwargs=_sentinel_kwargs(cfg, no_retry),
             **_common_kwargs(cfg),
         )
-        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call,unused-ignore]
             cfg.sentinel_service, db=cfg.db, retry=no_retry, max_connections=cfg.max_connections
         )
-        return client
-    return redis.Redis(retry=no_retry, **_standalone_kwargs(cfg))
+        return _remember(client, cfg)
+    return _remember(redis.Redis(retry=no_retry, **_standalone_kwargs(cfg)), cfg)
 
 
 def aconnect(config: ConfigLike) -> AsyncClient:
@@ -120,7 +153,7 @@ def aconnect(config: ConfigLike) -> AsyncClient:
     cfg = _config(config)
     no_retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
     if cfg.mode == "cluster":
-        return redis.asyncio.RedisCluster(
+        acluster = redis.asyncio.RedisCluster(
             startup_nodes=[
                 redis.asyncio.cluster.ClusterNode(a.host, a.port) for a in cfg.cluster_nodes
             ],
@@ -128,9 +161,10 @@ def aconnect(config: ConfigLike) -> AsyncClient:
             retry=no_retry,
             **_common_kwargs(cfg),
         )
+        return _remember(acluster, cfg)
     if cfg.mode == "sentinel":
         assert cfg.sentinel_service is not None
-        sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             [(a.host, a.port) for a in cfg.sentinels],
             sentinel_kwargs=_sentinel_kwargs(cfg, no_retry),
             **_common_kwargs(cfg),
@@ -138,5 +172,5 @@ def aconnect(config: ConfigLike) -> AsyncClient:
         aclient: redis.asyncio.Redis = sentinel.master_for(
             cfg.sentinel_service, db=cfg.db, retry=no_retry, max_connections=cfg.max_connections
         )
-        return aclient
-    return redis.asyncio.Redis(retry=no_retry, **_standalone_kwargs(cfg))
+        return _remember(aclient, cfg)
+    return _remember(redis.asyncio.Redis(retry=no_retry, **_standalone_kwargs(cfg)), cfg)

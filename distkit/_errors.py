@@ -5,6 +5,7 @@
     DistkitError
      ├── ConfigError (also ValueError)       bad configuration or argument
      ├── ConnectionUnavailable               server unreachable, refused, or too slow
+     ├── AuthenticationFailed                wrong password or ACL denial: never retried
      ├── ServerError                         Redis answered with an error we did not expect
      │    └── ForeignDataError               a key holds data that distkit did not write
      ├── LockError                           (carries .name)
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 import redis.exceptions as rex
 
 __all__ = [
+    "AuthenticationFailed",
     "CacheError",
     "ConfigError",
     "ConnectionUnavailable",
@@ -68,6 +70,14 @@ class ConfigError(DistkitError, ValueError):
 
 class ConnectionUnavailable(DistkitError):
     """Redis could not be reached, refused the connection, or did not answer within the timeout."""
+
+
+class AuthenticationFailed(DistkitError):
+    """Redis refused the credentials, or the ACL user may not run a command distkit needs.
+
+    A misconfiguration, not an outage: raised at once by every operation (cache reads included),
+    never retried and never failed open.
+    """
 
 
 class ServerError(DistkitError):
@@ -128,6 +138,13 @@ class LoaderError(CacheError):
 
 
 _WRONGTYPE = re.compile(r"(?:^|: )WRONGTYPE ")
+# NOPERM: an ACL denial (also inside a script); WRONGPASS / NOAUTH: credentials.
+_AUTH_ERRORS = (
+    rex.AuthenticationError,
+    rex.AuthenticationWrongNumberOfArgsError,
+    rex.NoPermissionError,
+)
+_DENIED = re.compile(r"(?:^|: )(?:NOPERM|WRONGPASS|NOAUTH)\b")
 
 
 def translate(exc: BaseException, *, what: str = "") -> DistkitError | None:
@@ -141,6 +158,14 @@ def translate(exc: BaseException, *, what: str = "") -> DistkitError | None:
         return exc
     prefix = f"{what}: " if what else ""
     detail = redact(str(exc)) or type(exc).__name__
+    # Before the connection errors: redis-py's AuthenticationError subclasses ConnectionError.
+    if isinstance(exc, _AUTH_ERRORS) or (
+        isinstance(exc, rex.ResponseError) and _DENIED.search(detail)
+    ):
+        return AuthenticationFailed(
+            f"{prefix}Redis refused the credentials or the ACL denied a command "
+            f"({type(exc).__name__}: {detail}); check username, password and ACL rules"
+        )
     if isinstance(
         exc,
         (

@@ -15,7 +15,14 @@ import redis.asyncio.sentinel
 import redis.exceptions as rex
 import redis.sentinel
 
-from distkit import ConfigError, ConnectionUnavailable, RedisConfig, aconnect, connect
+from distkit import (
+    AuthenticationFailed,
+    ConfigError,
+    ConnectionUnavailable,
+    RedisConfig,
+    aconnect,
+    connect,
+)
 from distkit._errors import translating
 from distkit._protocol import AsyncDriver, Command, SyncDriver
 from distkit._retry import NO_RETRY, RetryPolicy
@@ -107,8 +114,9 @@ def test_connect_with_username_and_password(fresh_server: RedisServer) -> None:
         client.close()
     wrong = connect(fresh_server.config(username="distkit-user", password="wrong-password"))
     try:
-        with pytest.raises(ConnectionUnavailable), translating("auth"):
+        with pytest.raises(AuthenticationFailed) as info, translating("auth"):
             wrong.ping()
+        assert not isinstance(info.value, ConnectionUnavailable)  # not an outage: never retried
     finally:
         wrong.close()
 

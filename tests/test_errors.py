@@ -12,6 +12,7 @@ import redis.asyncio
 import redis.exceptions as rex
 
 from distkit import (
+    AuthenticationFailed,
     CacheError,
     ConfigError,
     ConnectionUnavailable,
@@ -32,6 +33,7 @@ from distkit._errors import redact, translate, translating
 EXPECTED_TREE: dict[type[BaseException], type[BaseException]] = {
     ConfigError: DistkitError,
     ConnectionUnavailable: DistkitError,
+    AuthenticationFailed: DistkitError,
     ServerError: DistkitError,
     ForeignDataError: ServerError,
     LockError: DistkitError,
@@ -94,6 +96,7 @@ def test_siblings_are_not_related() -> None:
     assert not issubclass(ServerError, ConnectionUnavailable)
     assert not issubclass(LockError, CacheError)
     assert not issubclass(ConnectionUnavailable, ValueError)
+    assert not issubclass(AuthenticationFailed, ConnectionUnavailable)
     assert not issubclass(LockNotOwned, LockNotAcquired)
 
 

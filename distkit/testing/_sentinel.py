@@ -267,17 +267,17 @@ class RedisSentinelGroup:
     def sentinel(self, **kwargs: Any) -> redis.sentinel.Sentinel:
         """A redis-py ``Sentinel`` over every sentinel of the group."""
         options = {**_CLIENT_DEFAULTS, **kwargs}
-        return redis.sentinel.Sentinel(self.sentinel_addresses, **options)  # type: ignore[no-untyped-call]
+        return redis.sentinel.Sentinel(self.sentinel_addresses, **options)  # type: ignore[no-untyped-call,unused-ignore]
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A sync client for the current master, found through the sentinels."""
-        master: redis.Redis = self.sentinel(**kwargs).master_for(self.service)  # type: ignore[no-untyped-call]
+        master: redis.Redis = self.sentinel(**kwargs).master_for(self.service)  # type: ignore[no-untyped-call,unused-ignore]
         return master
 
     def async_client(self, **kwargs: Any) -> redis.asyncio.Redis:
         """An asyncio client for the current master, found through the sentinels."""
         options = {**_CLIENT_DEFAULTS, **kwargs}
-        sentinel = redis.asyncio.sentinel.Sentinel(self.sentinel_addresses, **options)  # type: ignore[no-untyped-call]
+        sentinel = redis.asyncio.sentinel.Sentinel(self.sentinel_addresses, **options)  # type: ignore[no-untyped-call,unused-ignore]
         master: redis.asyncio.Redis = sentinel.master_for(self.service)
         return master
 
