@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import string
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -19,8 +20,61 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
+_NameFn = Callable[..., str]
+
+
+def _namer(name: str | _NameFn, fn: Callable[..., Any]) -> Callable[..., str] | None:
+    """``None`` for a fixed name; else a function of the call's arguments that builds the name.
+
+    A template's fields name the decorated function's parameters (``"invoice:{invoice_id}"``,
+    ``"{order.id}"``, ``"{ids[0]}"``); a field that names no parameter, or a positional field,
+    is a ``ConfigError`` now rather than at the first call.
+    """
+    if callable(name):
+        make: _NameFn = name
+
+        def from_callable(*args: Any, **kwargs: Any) -> str:
+            out = make(*args, **kwargs)
+            if not isinstance(out, str):
+                raise ConfigError(f"@locked name callable returned {out!r}, not a str")
+            return out
+
+        return from_callable
+    if not isinstance(name, str):
+        raise ConfigError(f"@locked name must be a str, a template or a callable, got {name!r}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(name) if f is not None]
+    except ValueError as exc:
+        raise ConfigError(f"@locked name template {name!r} is malformed: {exc}") from None
+    if not fields:
+        return None
+    signature = inspect.signature(fn)
+    params = signature.parameters
+    for field in fields:
+        root = field.split(".", 1)[0].split("[", 1)[0]
+        if not root or root.isdigit():
+            raise ConfigError(
+                f"@locked name template {name!r}: fields must name parameters, got {{{field}}}"
+            )
+        if root not in params or params[root].kind in (
+            inspect.Parameter.VAR_POSITIONAL,
+            inspect.Parameter.VAR_KEYWORD,
+        ):
+            raise ConfigError(
+                f"@locked name template {name!r} names {root!r}, which is not a parameter of "
+                f"{getattr(fn, '__qualname__', fn)!r} (parameters: {', '.join(params) or 'none'})"
+            )
+
+    def from_template(*args: Any, **kwargs: Any) -> str:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return name.format_map(bound.arguments)
+
+    return from_template
+
+
 class _Locked:
-    def __init__(self, client: Any, name: str, options: dict[str, Any]) -> None:
+    def __init__(self, client: Any, name: str | _NameFn, options: dict[str, Any]) -> None:
         self.client = client
         self.name = name
         self.options = options
@@ -32,7 +86,10 @@ class _Locked:
     def __call__(self, fn: Callable[_P, Any]) -> Callable[_P, Any]:
         if not callable(fn):
             raise ConfigError(f"@locked decorates a function, got {fn!r}")
-        name, options = self.name, self.options
+        options = self.options
+        namer = _namer(self.name, fn)
+        # a fixed name, or a placeholder that validates everything but the name now
+        name = "locked-template" if namer is not None else self.name
         redlock = isinstance(self.client, (list, tuple, RedlockConfig))
         if inspect.iscoroutinefunction(fn):
             async_cls: Any = AsyncRedlock if redlock else AsyncLock
@@ -45,7 +102,8 @@ class _Locked:
 
             @functools.wraps(fn)
             async def async_wrapper(*args: _P.args, **kwargs: _P.kwargs) -> Any:
-                async with async_cls(client, name, **options):
+                called = name if namer is None else namer(*args, **kwargs)
+                async with async_cls(client, called, **options):
                     return await fn(*args, **kwargs)
 
             return async_wrapper
@@ -59,14 +117,20 @@ class _Locked:
 
         @functools.wraps(fn)
         def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> Any:
-            with sync_cls(client, name, **options):
+            called = name if namer is None else namer(*args, **kwargs)
+            with sync_cls(client, called, **options):
                 return fn(*args, **kwargs)
 
         return wrapper
 
 
-def locked(client: Any, name: str, **options: Any) -> _Locked:
+def locked(client: Any, name: str | Callable[..., str], **options: Any) -> _Locked:
     """Decorate a function so that each call runs inside ``with Lock(client, name, **options)``.
+
+    ``name`` is a fixed name, a template formatted with the call's bound arguments
+    (``@locked(client, "invoice:{invoice_id}")``: one lock per invoice; defaults apply; attribute
+    and index fields such as ``"{order.id}"`` work), or a callable that takes the call's
+    arguments and returns the name.
 
     Coroutine functions get an ``AsyncLock`` (pass an asyncio client); a list of clients or a
     ``RedlockConfig`` gives a ``Redlock`` / ``AsyncRedlock``. Each call uses a new handle, so
@@ -74,6 +138,7 @@ def locked(client: Any, name: str, **options: Any) -> _Locked:
     ``blocking_timeout``, ``auto_renew``...).
 
     Raises:
-        ConfigError: the client does not match the function's kind, or an option is invalid.
+        ConfigError: the client does not match the function's kind, an option is invalid, or a
+            template names something that is not a parameter (at decoration time).
     """
     return _Locked(client, name, options)
