@@ -249,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     quiet = _ExpectedShutdownNoise()
-    logging.getLogger("distcache._near").addFilter(quiet)
+    logging.getLogger("distcache").addFilter(quiet)
 
     reporter = make_reporter()
     run_id = secrets.token_hex(4)
@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         reporter.close()
         servers.close()
-        logging.getLogger("distcache._near").removeFilter(quiet)
+        logging.getLogger("distcache").removeFilter(quiet)
     if quiet.dropped:
         print(
             f"({quiet.dropped} near-cache listener(s) saw their throwaway server stop: expected)",
