@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
 from collections.abc import Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -25,6 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ._errors import ConfigError, redact
+from ._units import seconds
 
 __all__ = [
     "Address",
@@ -37,33 +36,6 @@ __all__ = [
 ]
 
 _SECRET_FIELDS = frozenset({"password", "sentinel_password"})
-# The longest duration accepted anywhere (TTLs, retention, timeouts): ten years. Redis rejects
-# expiry times past a 64-bit millisecond clock, and Lua prints numbers from 1e14 on in exponent
-# form, which PX / PEXPIRE refuse; far below both, so a valid duration never fails at the server.
-MAX_SECONDS = 10 * 365 * 24 * 3600.0
-
-
-def seconds(value: float | timedelta, *, field: str, allow_zero: bool = False) -> float:
-    """Return ``value`` (seconds or ``timedelta``) as float seconds, at most ten years
-    (``MAX_SECONDS``); else ``ConfigError``.
-
-    Args:
-        value: a number of seconds or a ``timedelta``.
-        field: the argument's name, for the error message.
-        allow_zero: accept ``0`` as well as positive values.
-    """
-    if isinstance(value, timedelta):
-        out = value.total_seconds()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        out = float(value)
-    else:
-        raise ConfigError(f"{field} must be seconds (int/float) or a timedelta, got {value!r}")
-    if not math.isfinite(out) or out < 0 or (out == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{field} must be finite and {bound}, got {value!r}")
-    if out > MAX_SECONDS:
-        raise ConfigError(f"{field} must be at most ten years ({MAX_SECONDS:.0f} s), got {value!r}")
-    return out
 
 
 def config_error(exc: ValidationError, *, source: str) -> ConfigError:

@@ -333,3 +333,12 @@ def test_real_async_retries_then_succeeds_after_recovery(proxy: FaultProxy) -> N
     ok, calls = asyncio.run(main())
     assert ok
     assert calls >= 2
+
+
+def test_the_pydantic_free_defaults_match_retry_config() -> None:
+    from distkit import RetryConfig
+    from distkit._retry import _Settings
+
+    assert _Settings()._asdict() == RetryConfig().model_dump()
+    assert RetryPolicy().config == RetryConfig()
+    assert NO_RETRY.config == RetryConfig(attempts=1) and NO_RETRY.attempts == 1
