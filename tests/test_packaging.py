@@ -64,7 +64,10 @@ def test_the_wheel_holds_exactly_the_three_packages(wheel: zipfile.ZipFile) -> N
     meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
     text = wheel.read(meta).decode()
     assert "Name: redis-distkit" in text
-    assert not any(n.endswith("entry_points.txt") for n in names)  # no distkit-bench script
+    entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    scripts = wheel.read(entry).decode()
+    assert "distkit = distkit._cli:main" in scripts
+    assert "bench" not in scripts  # the benchmarks stay in the repository
 
 
 def test_benchmarks_still_run_from_a_checkout() -> None:
