@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -34,6 +34,7 @@ __all__ = [
     "Step",
     "SyncDriver",
     "TIMED_OUT",
+    "settled",
 ]
 
 _T = TypeVar("_T")
@@ -51,7 +52,9 @@ class Eval(NamedTuple):
     script: Script
     keys: Sequence[str]
     args: Sequence[ScriptArg]
-    shield: bool = False  # async: finish even if the awaiting task is cancelled
+    # async: a cancelled caller waits until the call has finished (see ``settled``), so nothing
+    # the protocol sends afterwards (a cleanup) can overtake it on another connection
+    shield: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,11 +329,11 @@ class AsyncDriver:
     async def _step(self, step: Step) -> Any:
         if isinstance(step, Replicated):
             if isinstance(step.step, Eval):
-                return await self.retry.acall(lambda: self._replicated(step))
+                return await settled(self.retry.acall(lambda: self._replicated(step)))
             return await self._replicated(step)
         if isinstance(step, Eval):
             if step.shield:
-                return await asyncio.shield(self.retry.acall(lambda: self._once(step)))
+                return await settled(self.retry.acall(lambda: self._once(step)))
             return await self.retry.acall(lambda: self._once(step))
         if isinstance(step, Command):
             return await self.retry.acall(lambda: self._once(step))
@@ -352,6 +355,28 @@ class AsyncDriver:
         except Exception as exc:  # best effort by contract
             step.errors.append(exc)
             return None
+
+
+async def settled(awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` to its end even if the caller is cancelled meanwhile.
+
+    On cancellation the call still runs to completion (its result or error is dropped), and only
+    then does ``CancelledError`` propagate: whatever the caller does next (a cleanup on another
+    connection, a state reset) happens after the call, never beside it. Further cancellations
+    while waiting are absorbed; the wait is bounded by the call's own timeouts.
+    """
+    task = asyncio.ensure_future(awaitable)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                continue
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller was cancelled, the outcome is moot
+        raise
 
 
 def monotonic() -> float:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import os
 import secrets
+import threading
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -40,6 +43,11 @@ Clock = Callable[[], float]
 # How long past its planned wait a queued waiter stays eligible for a handoff.
 _QUEUE_GRACE = 0.5
 _DEFAULT_RETENTION = 3600.0
+# Shorter waits are not worth a BLPOP: leave the queue (one call) instead.
+_MIN_WAIT = 0.002
+# Connection failures during a wait, each followed by a successful ACQUIRE, before giving up.
+_MAX_LOST_POPS = 3
+_REL_MARK_MS = 10_000
 
 
 def _ms(value: float) -> int:
@@ -99,10 +107,22 @@ def retry_policy(retry: RetryConfig | RetryPolicy | None) -> RetryPolicy:
     raise ConfigError(f"retry must be a RetryConfig or RetryPolicy, got {type(retry).__name__}")
 
 
+# Every live core, so that a forked child can re-seed them all: parent and child would otherwise
+# draw the same owner ids, and the ACQUIRE script grants "a retried call of the same owner".
+_LIVE_CORES: weakref.WeakSet[LockCore] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for core in list(_LIVE_CORES):
+        core._reseed()
+
+
 class LockCore:
     """State and protocol steps of one lock handle (no I/O; driven by a sync or async driver)."""
 
     __slots__ = (
+        "__weakref__",
+        "_busy",
         "_owner_prefix",
         "_owner_seq",
         "clock",
@@ -114,6 +134,7 @@ class LockCore:
         "qexp_key",
         "queue_key",
         "rel_key",
+        "rel_ms",
         "replica_timeout",
         "replicas",
         "retention_ms",
@@ -139,7 +160,9 @@ class LockCore:
         self.replica_timeout = replica_timeout
         self.ttl = seconds(ttl, field="ttl")
         self.ttl_ms = _ms(self.ttl)
+        # A retried release is recognised this long after the first one (per-owner marker).
         self.retention_ms = max(_ms(seconds(fence_retention, field="fence_retention")), self.ttl_ms)
+        self.rel_ms = min(self.retention_ms, max(self.ttl_ms, _REL_MARK_MS))
         if not callable(clock):
             raise ConfigError(f"clock must be a callable returning seconds, got {clock!r}")
         self.clock = clock
@@ -154,9 +177,21 @@ class LockCore:
         self.token: int | None = None
         self.expires_at = 0.0
         # Owner ids: random per handle, a counter per acquisition (unique, and cheaper than
-        # fresh randomness on every call).
+        # fresh randomness on every call). A forked child re-seeds both (_after_fork).
         self._owner_prefix = secrets.token_hex(8)
         self._owner_seq = itertools.count(1)
+        # One acquire at a time per handle: two threads acquiring through one handle would
+        # overwrite each other's state (refused with a LockError instead).
+        self._busy = threading.Lock()
+        _LIVE_CORES.add(self)
+
+    def _reseed(self) -> None:
+        """In a forked child: a fresh owner-id sequence, and nothing held (the lease is the
+        parent's: the child must not release or extend it as if it were its own)."""
+        self._owner_prefix = secrets.token_hex(8)
+        self._owner_seq = itertools.count(1)
+        self._busy = threading.Lock()
+        self.clear()
 
     def new_owner(self) -> str:
         """A fresh owner id for one acquisition attempt."""
@@ -192,17 +227,37 @@ class LockCore:
         return seconds(timeout, field="timeout", allow_zero=True)
 
     def acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
-        """Try to take the lease; when blocking, queue for a handoff until ``timeout``."""
+        """Try to take the lease; when blocking, queue for a handoff until ``timeout``.
+
+        Timing: ``timeout`` bounds the call to about ``timeout`` plus one round trip (the wait
+        on the wake list ends one measured round trip before the deadline, then one call leaves
+        the queue). A lease handed over through the wake list is timed from the send time of the
+        ACQUIRE call just before the wait: the handoff happened after that call ran (it would
+        have been granted otherwise), so the estimate stays early.
+        """
         if self.owner is not None:
             raise LockError(
                 f"lock {self.name!r} is already held by this handle (handles are not reentrant)",
                 name=self.name,
             )
+        if not self._busy.acquire(blocking=False):
+            raise LockError(
+                f"lock {self.name!r}: another acquire is in progress on this handle (one handle "
+                "is one holder; give each thread or task its own handle)",
+                name=self.name,
+            )
+        try:
+            return (yield from self._acquire(blocking, timeout, max_block))
+        finally:
+            self._busy.release()
+
+    def _acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
         owner = self.new_owner()
         wake_key = self.wake_prefix + owner
         keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
         deadline = None if timeout is None else self.clock() + timeout
         queued = False
+        lost_pops = 0
         try:
             while True:
                 block = max_block
@@ -210,7 +265,11 @@ class LockCore:
                     block = min(block, max(0.0, deadline - self.clock()))
                 wait_ms = _ms(block + _QUEUE_GRACE) if blocking and block > 0 else 0
                 sent_at = self.clock()
-                call = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, wait_ms))
+                # shield: a cancelled caller waits for the reply, so the cleanup below cannot
+                # overtake this call on another connection (and the call then grant an orphan)
+                call = Eval(
+                    ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, wait_ms), shield=True
+                )
                 if self.replicas:
                     granted, value = yield from self._replicated(call, _is_grant)
                 else:
@@ -227,36 +286,55 @@ class LockCore:
                     )
                 if not blocking:
                     return False
-                if deadline is not None and deadline - self.clock() <= 0:
-                    if not queued:
-                        return False
-                    return (yield from self._leave(owner, wake_key, sent_at))
+                if deadline is not None:
+                    now = self.clock()
+                    # the wait's reply arrives about one round trip after the server gives up
+                    block = min(block, deadline - now - (now - sent_at))
+                    if block < _MIN_WAIT:
+                        if not queued:
+                            return False
+                        return (yield from self._leave(owner, keys))
                 if pttl > 0:  # the holder's lease may lapse (crash) before anyone hands off
                     block = min(block, pttl / 1000 + 0.001)
-                sent_at = self.clock()
-                if self.replicas:  # a handoff: the BLPOP's own write follows the grant's
-                    token = yield from self._replicated(Pop(wake_key, block), _is_token)
-                else:
-                    token = yield Pop(wake_key, block)
+                try:
+                    if self.replicas:  # a handoff: the BLPOP's own write follows the grant's
+                        token = yield from self._replicated(Pop(wake_key, block), _is_token)
+                    else:
+                        token = yield Pop(wake_key, block)
+                except ConnectionUnavailable:
+                    # A reset may have swallowed a handed-over token: the next ACQUIRE of the
+                    # same owner (retried per policy, on a new connection) answers with the grant.
+                    lost_pops += 1
+                    if lost_pops > _MAX_LOST_POPS:
+                        raise
+                    continue
                 if token is not None:
                     self._granted(owner, token, sent_at)
                     return True
+                if deadline is not None and deadline - self.clock() <= 0:
+                    return (yield from self._leave(owner, keys))
         except GeneratorExit:
             raise
-        except BaseException as exc:
-            # Cancelled or interrupted after a request may have reached the server: make sure no
-            # lease or queue entry of this owner outlives the call. A dead server is left to the
-            # TTLs (one more timeout would only delay the error).
-            if self.owner is None and not isinstance(exc, ConnectionUnavailable):
+        except BaseException:
+            # Cancelled or failed after a request may have reached the server (even a lost reply
+            # can be a grant, or a queue entry that a release hands the lease to later): release
+            # whatever this owner holds and leave the queue, one try. If that fails too, the
+            # lease (or queue entry) ends with its TTL.
+            if self.owner is None:
                 yield Cleanup(
-                    Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
+                    Eval(
+                        RELEASE,
+                        self._release_keys(wake_key),
+                        (owner, self.retention_ms, 1, self.rel_ms),
+                    )
                 )
             raise
 
-    def _leave(self, owner: str, wake_key: str, sent_at: float) -> Protocol[bool]:
-        """Timed out while queued: leave the queue, unless the lease was handed over meanwhile."""
-        keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
-        call = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, 0))
+    def _leave(self, owner: str, keys: tuple[str, ...]) -> Protocol[bool]:
+        """Timed out while queued: leave the queue in one call, unless the lease was handed over
+        meanwhile (then it is granted, timed from this call)."""
+        sent_at = self.clock()
+        call = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, -1), shield=True)
         if self.replicas:
             granted, value = yield from self._replicated(call, _is_grant)
         else:
@@ -264,7 +342,6 @@ class LockCore:
         if granted == 1:
             self._granted(owner, value, sent_at)
             return True
-        yield Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
         return False
 
     def _replicated(self, step: Eval | Pop, needed: Any) -> Protocol[Any]:
@@ -289,9 +366,10 @@ class LockCore:
         return reply
 
     def _release_keys(self, wake_key: str) -> tuple[str, ...]:
+        owner = wake_key[len(self.wake_prefix) :]
         return (
             self.lease_key,
-            self.rel_key,
+            f"{self.rel_key}:{owner}",
             self.fence_key,
             self.queue_key,
             self.qexp_key,
@@ -305,11 +383,12 @@ class LockCore:
         if owner is None:
             raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
         keys = self._release_keys(self.wake_prefix + owner)
-        args = (owner, self.retention_ms, 0)
+        args = (owner, self.retention_ms, 0, self.rel_ms)
         try:
             result = yield Eval(RELEASE, keys, args, shield=True)
         finally:
-            self.clear()
+            if self.owner == owner:  # not a newer acquisition's state
+                self.clear()
         if result == 0:
             raise LockNotOwned(
                 f"lock {self.name!r} was no longer held by this handle (lease expired or taken)",
@@ -330,7 +409,8 @@ class LockCore:
         else:
             result = yield call
         if result != 1:
-            self.clear()
+            if self.owner == owner:
+                self.clear()
             raise LockNotOwned(
                 f"lock {self.name!r} was no longer held by this handle (lease expired or taken)",
                 name=self.name,
@@ -360,3 +440,7 @@ class LockCore:
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         return value in (owner, owner + "*")  # "*": waiters are queued behind the holder
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_after_fork)

@@ -31,7 +31,7 @@ from distkit import (
     RetryPolicy,
 )
 from distkit._config import seconds
-from distkit._protocol import AsyncDriver, SyncDriver, monotonic
+from distkit._protocol import AsyncDriver, SyncDriver, monotonic, settled
 
 from ._core import Clock, LockCore, Seconds, check_client, check_replicas, retry_policy
 
@@ -286,6 +286,11 @@ class _AsyncLock(_LockBase[asyncio.Event]):
         Raises:
             LockNotOwned: this handle does not hold it, or its lease expired.
         """
+        # Once started, a release completes on the server even if the caller is cancelled
+        # (stopping the renewer included: a cancellation there used to skip the release).
+        await settled(self._release())
+
+    async def _release(self) -> None:
         await self._stop_renewer()
         await self._driver.run(self._core.release())
 

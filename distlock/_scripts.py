@@ -4,7 +4,7 @@ Keys of lock ``N`` under prefix ``P``::
 
     P:lock:{N}             STRING owner-id ["*"], PX ttl          the lease ("*": waiters queued)
     P:lock:{N}:fence       STRING last token issued, PX retention fencing state
-    P:lock:{N}:rel         STRING owner id of the last release    recognises a retried release
+    P:lock:{N}:rel:<own>   STRING "1", PX ttl (per releaser)     recognises a retried release
     P:lock:{N}:queue       ZSET "<ttl_ms>:<owner>" -> arrival ms  FIFO of blocked waiters
     P:lock:{N}:qexp        HASH "<ttl_ms>:<owner>" -> expiry ms   waiters' keep-alive
     P:lock:{N}:wake:<own>  LIST [token]                           handoff to one waiter
@@ -44,7 +44,9 @@ local function next_token(fence)
 end
 """
 
-# Drop dead waiters from the head of the queue; return the first live member (or nil).
+# Drop dead waiters from the head of the queue; return the first live member, nil when the queue
+# is empty, or false when 64 dead ones were dropped and more remain (bounded work per call: the
+# queue is not known to be empty, so nobody may be granted past it; the next call goes on).
 _FIRST_LIVE = """
 local function first_live(queue, qexp)
   local t = redis.call('TIME')
@@ -57,12 +59,14 @@ local function first_live(queue, qexp)
     redis.call('ZREM', queue, first)
     redis.call('HDEL', qexp, first)
   end
+  if redis.call('EXISTS', queue) == 1 then return false, now end
   return nil, now
 end
 """
 
 # KEYS: lease, fence, queue, qexp, my wake list
-# ARGV: owner, ttl_ms, fence_px (>= ttl_ms), wait_ms (0: try only; > 0: join/refresh the queue)
+# ARGV: owner, ttl_ms, fence_px (>= ttl_ms),
+#       wait_ms (0: try only; > 0: join/refresh the queue; -1: try, else leave the queue)
 # Returns {1, token} when held by owner (granted now, or earlier: a retried call or a handoff,
 #         whose lease TTL is then reset to ttl_ms: every grant writes, so a WAIT after it counts);
 #         {0, pttl} otherwise (pttl -2: free but older waiters are queued; -1: key has no expiry).
@@ -85,13 +89,15 @@ end
     + """
 local qexp, wake, wait_ms = KEYS[4], KEYS[5], tonumber(ARGV[4])
 local holder = redis.call('GET', lease)
+local member = ARGV[2] .. ':' .. owner
 if holder == owner or holder == owner .. '*' then  -- a retried call, or handed over meanwhile
   redis.call('DEL', wake)
+  redis.call('ZREM', queue, member)  -- a holder never keeps a queue entry
+  redis.call('HDEL', qexp, member)
   redis.call('PEXPIRE', lease, ARGV[2])  -- always a write: a WAIT after this call covers the grant
   local token = tonumber(redis.call('GET', fence))
   return {1, token or error('DISTLOCK fencing state lost at ' .. fence)}
 end
-local member = ARGV[2] .. ':' .. owner
 local now = nil
 if not holder and queued then
   local first
@@ -109,7 +115,11 @@ if not holder and queued then
     return {1, token}
   end
 end
-if wait_ms > 0 then
+if wait_ms < 0 then  -- leaving (timed out): drop the queue entry and the wake list
+  redis.call('ZREM', queue, member)
+  redis.call('HDEL', qexp, member)
+  redis.call('DEL', wake)
+elseif wait_ms > 0 then
   if not now then
     local t = redis.call('TIME')
     now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -126,8 +136,12 @@ return {0, redis.call('PTTL', lease)}
 """,
 )
 
-# KEYS: lease, rel, fence, queue, qexp, wake-list prefix ("P:lock:{N}:wake:"), my wake list
-# ARGV: owner, retention_ms, abandon (1: also leave the queue when not the holder)
+# KEYS: lease, my release marker, fence, queue, qexp, wake-list prefix ("P:lock:{N}:wake:"),
+#       my wake list
+# ARGV: owner, retention_ms, abandon (1: also leave the queue when not the holder),
+#       [marker_ms: how long the release marker lasts; default 60000]
+# The marker is per owner, so a retried release is recognised even after other holders released
+# in between (one marker per release: the same single SET as a shared marker would cost).
 # Returns 1 released (handed to the next live waiter if any); 2 already released by this owner
 #         (a retry after a lost reply); 0 not the holder (expired or taken over).
 RELEASE = Script(
@@ -136,7 +150,7 @@ RELEASE = Script(
 local lease, rel, owner = KEYS[1], KEYS[2], ARGV[1]
 local holder = redis.call('GET', lease)
 if holder == owner then  -- the common case: nobody waits
-  redis.call('SET', rel, owner, 'PX', ARGV[2])
+  redis.call('SET', rel, 1, 'PX', ARGV[4] or 60000)
   redis.call('DEL', lease)
   if ARGV[3] == '1' then redis.call('DEL', KEYS[7]) end
   return 1
@@ -153,14 +167,14 @@ if holder ~= owner .. '*' then
     end
     redis.call('DEL', wake)
   end
-  if redis.call('GET', rel) == owner then return 2 end
+  if redis.call('EXISTS', rel) == 1 then return 2 end
   return 0
 end
 """
     + _NEXT_TOKEN
     + _FIRST_LIVE
     + """
-redis.call('SET', rel, owner, 'PX', ARGV[2])
+redis.call('SET', rel, 1, 'PX', ARGV[4] or 60000)
 if ARGV[3] == '1' then redis.call('DEL', wake) end
 local first = first_live(queue, qexp)
 if first then

@@ -19,6 +19,7 @@ Scale the walks up with ``DISTKIT_ADVERSARIAL_SCALE`` (see docs/testing.md).
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ from hypothesis.stateful import (
 )
 
 from distcache import Cache, NearCache
-from distkit import LockError
+from distkit import ConnectionUnavailable, LockError
 from distkit.testing import RedisServer
 from distlock import FencedStore, Lock, LockNotOwned, StaleFencingToken
 from tests._adversarial import examples, fuzz_settings
@@ -264,6 +265,49 @@ class CacheMachine(RuleBasedStateMachine):
             ), raw
 
 
+def _fork_try(lock: Lock, out: Any) -> None:
+    held_copy = lock.fencing_token is not None
+    got = lock.acquire(blocking=False)
+    if got:
+        lock.release()
+    out.put((held_copy, got))
+
+
+class _Interrupted(BaseException):
+    """Stands for KeyboardInterrupt / a signal handler's exception (hypothesis reserves the real
+    KeyboardInterrupt to stop a run)."""
+
+
+class _Interrupting:
+    """A sync client whose ``step``-th command raises ``_Interrupted`` (before it is sent, or
+    after it ran when ``lose_reply``); with ``step`` -1 every BLPOP fails as a reset would."""
+
+    def __init__(self, client: redis.Redis, step: int, lose_reply: bool) -> None:
+        self._client = client
+        self._left = step
+        self._lose_reply = lose_reply
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._client, attr)
+
+    def disarm(self) -> None:
+        """No interruption from now on."""
+        self._left = 1 << 30
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._left < 0:
+            if args[0] == "BLPOP":
+                raise redis.exceptions.ConnectionError("Connection reset by peer")
+            return self._client.execute_command(*args, **kwargs)
+        self._left -= 1
+        if self._left >= 0:
+            return self._client.execute_command(*args, **kwargs)
+        self._left = 1 << 30  # only once: the cleanup must get through
+        if self._lose_reply:
+            self._client.execute_command(*args, **kwargs)
+        raise _Interrupted
+
+
 class LockMachine(RuleBasedStateMachine):
     """Three handles of one lock name, plus a fenced value, vs a mutex model."""
 
@@ -284,6 +328,7 @@ class LockMachine(RuleBasedStateMachine):
         self.highest_written = -1
         self.lease_key = self.locks["h0"]._core.lease_key
         self.fence_key = self.locks["h0"]._core.fence_key
+        self.queue_key = self.locks["h0"]._core.queue_key
 
     def teardown(self) -> None:
         self.admin.close()
@@ -363,11 +408,60 @@ class LockMachine(RuleBasedStateMachine):
         stored = self.store.read()
         assert stored is not None and stored[1] == self.highest_written
 
+    # -- process and task boundaries (issue 13): a forked copy, an interrupted call, a reset ----
+
+    @rule(name=st.sampled_from(names))
+    def forked_child_acquires(self, name: str) -> None:
+        """A child forked with a copy of the handle is a new holder: it is granted only if the
+        lease is free, never "a retried call" of the parent's owner id."""
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_fork_try, args=(self.locks[name], out))
+        child.start()
+        held_copy, got = out.get(timeout=20)
+        child.join(20)
+        assert child.exitcode == 0
+        assert held_copy is False  # the child's copy never believes it holds the parent's lease
+        assert got == (self.holder is None), (name, got, self.holder)
+
+    @rule(step=st.integers(0, 3), lose_reply=st.booleans(), blocking=st.booleans())
+    def interrupted_acquire(self, step: int, lose_reply: bool, blocking: bool) -> None:
+        """A fresh handle's acquire is interrupted at its ``step``-th command (before it is sent,
+        or after it ran with the reply lost): nothing of it may remain on the server."""
+        client = _Interrupting(self.server.client(), step, lose_reply)
+        lock = Lock(client, "model", ttl=TTL_SCALE)
+        try:
+            lock.acquire(blocking=blocking, timeout=0.02 if blocking else None)
+        except _Interrupted:
+            assert lock.fencing_token is None
+        else:
+            if lock.fencing_token is not None:  # not interrupted: it really got the lease
+                assert self.holder is None
+                client.disarm()
+                lock.release()
+        finally:
+            client.close()
+
+    @precondition(lambda self: self.holder is not None)
+    @rule()
+    def waiter_connection_reset(self) -> None:
+        """Every wait of a queued waiter is reset: it gives up, leaving no queue entry behind."""
+        client = _Interrupting(self.server.client(), -1, False)
+        lock = Lock(client, "model", ttl=TTL_SCALE)
+        try:
+            assert lock.acquire(timeout=0.05) is False
+        except ConnectionUnavailable:
+            pass
+        finally:
+            client.close()
+        assert lock.fencing_token is None
+
     @invariant()
     def server_agrees(self) -> None:
         for name, lock in self.locks.items():
             assert lock.owned() == (self.holder == name), name
         assert self.locks["h0"].locked() == (self.holder is not None)
+        assert self.admin.zcard(self.queue_key) == 0  # nobody waits between steps: no leftovers
 
 
 class NearCacheMachine(CacheMachine):
