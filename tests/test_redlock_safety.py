@@ -1,0 +1,287 @@
+"""Redlock safety holes of issue 13, against real redis-server processes.
+
+- fork: a handle built (and used) before ``os.fork()`` must not share its per-master sockets, nor
+  its owner ids, with the child;
+- fencing: ``"quorum"`` is the default, and its write-back counts only masters that still hold
+  the lease; ``"clock"`` reorders tokens once the masters' clocks differ by more than a critical
+  section (skewed with ``distkit.testing.redlock_clock``, the test-only time source);
+- renewal: a stalled round is retried until the validity runs out, and release always goes to
+  every master;
+- a health-check PING of a user's client must not read a straggler's reply;
+- cancellation of AsyncRedlock's acquire / release / extend / renewal at every await point
+  leaves no lease that its handle does not believe it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import secrets
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from distkit import ConnectionUnavailable, LockNotOwned, RetryConfig, RetryPolicy, aconnect, connect
+from distkit._fanout import SyncFanOutDriver
+from distkit._protocol import FanOut
+from distkit.testing import FaultProxy, IndependentMasters, RedisServer
+from distkit.testing.redlock_clock import AsyncSkewedRedlock, MasterClocks, SkewedRedlock
+from distlock import AsyncRedlock, Redlock
+from distlock._redlock_core import FENCE_HELD
+from distlock._scripts import ACQUIRE
+
+_names = itertools.count()
+
+
+def fresh(prefix: str) -> str:
+    return f"safety-{prefix}-{os.getpid()}-{next(_names)}"
+
+
+def lease(name: str) -> str:
+    return f"distkit:lock:{{{name}}}"
+
+
+def fence(name: str) -> str:
+    return f"distkit:lock:{{{name}}}:fence"
+
+
+def held_on(servers: list[RedisServer], name: str) -> list[int]:
+    """Indexes of the masters where a lease of ``name`` stands."""
+    return [i for i, s in enumerate(servers) if s.client().exists(lease(name))]
+
+
+def block(server: RedisServer, name: str) -> None:
+    """Make ``server`` refuse grants of ``name``: another owner's lease stands there."""
+    server.client().set(lease(name), "someone-else", px=60_000)
+
+
+def unblock(server: RedisServer, name: str) -> None:
+    server.client().delete(lease(name))
+
+
+def sync_clients(servers: list[Any], **kwargs: Any) -> list[redis.Redis]:
+    return [connect(s.config(retry={"attempts": 1}, **kwargs)) for s in servers]
+
+
+# -- fencing ------------------------------------------------------------------------------------
+def test_quorum_fencing_is_the_default(masters: IndependentMasters) -> None:
+    lock = Redlock(sync_clients(masters.servers[:3]), fresh("default"))
+    assert lock._core.fencing == "quorum"  # type: ignore[attr-defined]
+    alock = AsyncRedlock(_async_clients(masters, 3), fresh("default"))
+    assert alock._core.fencing == "quorum"  # type: ignore[attr-defined]
+
+
+def _async_clients(masters: IndependentMasters, n: int) -> list[Any]:
+    return [aconnect(s.config(retry={"attempts": 1})) for s in masters.servers[:n]]
+
+
+def test_skewed_master_clock_moves_its_tokens(masters: IndependentMasters) -> None:
+    """The test-only time source really skews the clock the grant script reads, per master."""
+    servers = masters.servers[:3]
+    name = fresh("skew")
+    clocks = MasterClocks(3)
+    clocks.set(1, 5.0)
+    lock = SkewedRedlock(sync_clients(servers), name, ttl=5, clocks=clocks, fencing="clock")
+    with lock:  # loads the skewed scripts everywhere (a NOSCRIPT straggler grants nothing)
+        pass
+    before = time.time()
+    with lock:
+        token = lock.fencing_token
+        assert token is not None
+        time.sleep(0.05)  # a straggler's grant (not waited for once a quorum granted) lands
+        per_master = [int(s.client().get(fence(name))) for s in servers]
+    assert token == max(per_master) == per_master[1]
+    assert 4.9e6 < per_master[1] - before * 1e6 < 5.5e6
+    assert abs(per_master[0] - before * 1e6) < 0.5e6
+
+
+def _later_holder_token(lock_a: Any, lock_b: Any, servers: list[RedisServer], name: str) -> tuple:
+    """A holds on every master and releases (a short critical section); B then acquires while
+    master 0 (whose clock runs ahead) is taken by someone else. Returns (token A, token B)."""
+    assert lock_a.acquire(blocking=False)
+    token_a = lock_a.fencing_token
+    lock_a.release()
+    block(servers[0], name)
+    try:
+        assert lock_b.acquire(blocking=False)
+        token_b = lock_b.fencing_token
+        lock_b.release()
+    finally:
+        unblock(servers[0], name)
+    return token_a, token_b
+
+
+@pytest.mark.parametrize("skew", [0.05, 0.5])
+def test_clock_fencing_reorders_tokens_once_skew_exceeds_the_critical_section(
+    masters: IndependentMasters, skew: float
+) -> None:
+    """Documented: fencing="clock" needs the masters' clocks to differ by less than the gap
+    between two grants, which after a release is only the critical section. 50 ms is enough."""
+    servers = masters.servers[:3]
+    name = fresh("clockmode")
+    clocks = MasterClocks(3)
+    clocks.set(0, skew)
+    make = lambda: SkewedRedlock(  # noqa: E731
+        sync_clients(servers), name, ttl=5, clocks=clocks, fencing="clock"
+    )
+    token_a, token_b = _later_holder_token(make(), make(), servers, name)
+    assert token_b < token_a  # the later holder got the smaller token
+
+
+@pytest.mark.parametrize("skew", [0.05, 0.5, 30.0])
+def test_default_fencing_orders_tokens_under_any_skew(
+    masters: IndependentMasters, skew: float
+) -> None:
+    """The same scenario with the default (quorum) fencing: the later holder's token is larger.
+    Failed before the default changed from "clock"."""
+    servers = masters.servers[:3]
+    name = fresh("quorummode")
+    clocks = MasterClocks(3)
+    clocks.set(0, skew)
+    make = lambda: SkewedRedlock(sync_clients(servers), name, ttl=5, clocks=clocks)  # noqa: E731
+    token_a, token_b = _later_holder_token(make(), make(), servers, name)
+    assert token_b > token_a
+
+
+class _HookedDriver(SyncFanOutDriver):
+    """Calls ``hook(n)`` before the n-th fan-out it runs (n = 0, 1, ...)."""
+
+    __slots__ = ("hook", "seen")
+
+    def __init__(self, clients: list[Any], hook: Callable[[int], None]) -> None:
+        super().__init__(clients, RetryPolicy(RetryConfig(attempts=1)), "hooked")
+        self.hook = hook
+        self.seen = 0
+
+    def _fan_out(self, step: FanOut) -> list[Any]:
+        n, self.seen = self.seen, self.seen + 1
+        self.hook(n)
+        return super()._fan_out(step)
+
+
+def test_quorum_write_back_counts_only_masters_that_still_hold_the_lease(
+    redis_binary: str,
+) -> None:
+    """The reviewer's sets: A is granted on {0, 1, 2} (2's clock ahead: T comes from it), its
+    write-back reaches {2, 3, 4} only (0 and 1 partitioned), and B, whose grant on 3 ran before
+    A's write there, takes {0, 1, 3} after A's leases on 0 and 1 ended (they expire when
+    node_timeout > ttl / 3). Counting the write-back on 3 and 4, where A holds no lease, let A
+    succeed and B get a smaller token. Only masters that hold A's lease count now: A fails."""
+    with IndependentMasters(5, binary=redis_binary) as group:
+        servers = group.servers
+        proxies = [FaultProxy(s.address).start() for s in servers[:2]]
+        try:
+            name = fresh("writeback")
+            clocks = MasterClocks(5)
+            clocks.set(2, 1.0)
+            targets: list[Any] = [*proxies, *servers[2:]]
+            lock = SkewedRedlock(
+                sync_clients(targets), name, ttl=3, node_timeout=0.1, clocks=clocks
+            )
+            b_tokens: list[int] = []
+
+            def b_grant(i: int) -> None:
+                reply = ACQUIRE(
+                    servers[i].client(),
+                    (lease(name), fence(name), f"{lease(name)}:queue", f"{lease(name)}:qexp", "w"),
+                    ("B", 3000, 3_600_000, 0),
+                )
+                assert reply[0] == 1
+                b_tokens.append(int(reply[1]))
+
+            def hook(n: int) -> None:
+                if n == 1:  # between A's grant and A's write-back
+                    for p in proxies:
+                        p.blackhole()
+                    unblock(servers[3], name)
+                    unblock(servers[4], name)
+                    b_grant(3)  # B's request on 3 lands before A's write-back there
+
+            lock._setup_io(_HookedDriver(lock._driver.clients, hook))  # type: ignore[attr-defined]
+            block(servers[3], name)
+            block(servers[4], name)
+            got = lock.acquire(blocking=False)
+            token_a = lock.fencing_token
+            for p in proxies:
+                p.blackhole(False)
+            # A's leases on 0 and 1 end (expiry, modelled by deleting them); B is granted there.
+            for s in servers[:2]:
+                s.client().delete(lease(name))
+            b_grant(0)
+            b_grant(1)
+            if got:
+                assert token_a is not None
+                assert max(b_tokens) > token_a, (token_a, b_tokens)
+            assert not got  # A's lease stands on one master of the five: not a quorum
+        finally:
+            for p in proxies:
+                p.close()
+
+
+# Hypothesis: per-master clock offsets, minority of masters taken by someone else at each
+# acquisition, release or expiry (deleting the leases, as the server would) between holders.
+_offsets = st.lists(
+    st.sampled_from([-30.0, -1.0, -0.05, -0.001, 0.0, 0.001, 0.05, 1.0, 30.0]),
+    min_size=5,
+    max_size=5,
+)
+_round = st.tuples(
+    _offsets,  # clocks at this acquisition
+    st.sets(st.integers(0, 4), max_size=2),  # masters unavailable to this acquisition
+    st.booleans(),  # released (True) or expired (False)
+)
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(rounds=st.lists(_round, min_size=2, max_size=6))
+def test_quorum_tokens_increase_under_any_skew(
+    masters: IndependentMasters, rounds: list[tuple[list[float], set[int], bool]]
+) -> None:
+    servers = masters.servers
+    name = fresh("hyp")
+    clocks = MasterClocks(5)
+    clients = sync_clients(servers)
+    last = 0
+    for offsets, unavailable, released in rounds:
+        clocks.set_all(offsets)
+        for i in unavailable:
+            block(servers[i], name)
+        lock = SkewedRedlock(clients, name, ttl=10, clocks=clocks, retry_count=0)
+        assert lock.acquire(blocking=False)
+        token = lock.fencing_token
+        assert token is not None and token > last, (last, token, offsets, unavailable)
+        last = token
+        for i in unavailable:
+            unblock(servers[i], name)
+        if released:
+            lock.release()
+        else:
+            for s in servers:
+                s.client().delete(lease(name))
+    for s in servers:
+        s.client().delete(fence(name))
+
+
+def test_fence_held_counts_only_the_lease_owner(masters: IndependentMasters) -> None:
+    r = masters.servers[0].client()
+    name = fresh("fh")
+    r.set(lease(name), "me", px=10_000)
+    assert FENCE_HELD(r, (lease(name), fence(name)), ("me", 42, 60_000)) == 1
+    assert FENCE_HELD(r, (lease(name), fence(name)), ("other", 40, 60_000)) == 0
+    assert int(r.get(fence(name))) == 42  # a max-register: never lowered
+    r.set(lease(name), "me*", px=10_000)  # waiters queued behind the holder
+    assert FENCE_HELD(r, (lease(name), fence(name)), ("me", 43, 60_000)) == 1
+    assert int(r.get(fence(name))) == 43
