@@ -212,6 +212,7 @@ def test_quorum_write_back_counts_only_masters_that_still_hold_the_lease(
             got = lock.acquire(blocking=False)
             token_a = lock.fencing_token
             for p in proxies:
+                p.cut()  # the held write-back never arrives
                 p.blackhole(False)
             # A's leases on 0 and 1 end (expiry, modelled by deleting them); B is granted there.
             for s in servers[:2]:
@@ -285,3 +286,170 @@ def test_fence_held_counts_only_the_lease_owner(masters: IndependentMasters) -> 
     r.set(lease(name), "me*", px=10_000)  # waiters queued behind the holder
     assert FENCE_HELD(r, (lease(name), fence(name)), ("me", 43, 60_000)) == 1
     assert int(r.get(fence(name))) == 43
+
+
+# -- renewal: a stall is not a loss; release always reaches every master -------------------------
+async def _maybe(value: Any) -> Any:
+    return await value if asyncio.iscoroutine(value) else value
+
+
+@contextlib.contextmanager
+def _proxied_masters(redis_binary: str, n: int = 3) -> Iterator[tuple[list[RedisServer], list]]:
+    with IndependentMasters(n, binary=redis_binary) as group:
+        proxies = [FaultProxy(s.address).start() for s in group.servers]
+        try:
+            yield group.servers, proxies
+        finally:
+            for p in proxies:
+                p.close()
+
+
+def _handle(kind: str, targets: list[Any], name: str, **kwargs: Any) -> Any:
+    configs = [t.config(retry={"attempts": 1}, socket_timeout=0.5) for t in targets]
+    if kind == "sync":
+        return Redlock([connect(c) for c in configs], name, **kwargs)
+    return AsyncRedlock([aconnect(c) for c in configs], name, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_one_stalled_renewal_round_does_not_lose_the_lock(redis_binary: str, kind: str) -> None:
+    """Two of three masters stall for ~2 renewal rounds (well within validity): the renewer
+    retries, the lock is never declared lost, and release frees every master. Before: the first
+    round without a quorum fired ``lost`` and release() sent nothing."""
+    with _proxied_masters(redis_binary) as (servers, proxies):
+        name = fresh("stall")
+
+        async def scenario() -> None:
+            lock = _handle(
+                kind, proxies, name, ttl=2.0, auto_renew=True, renew_interval=0.2,
+                node_timeout=0.05,
+            )
+            assert await _maybe(lock.acquire(blocking=False))
+            await asyncio.sleep(0.1)
+            for p in proxies[1:]:
+                p.blackhole()
+            await asyncio.sleep(0.5)  # rounds at ~0.2 and ~0.4 s time out on a majority
+            for p in proxies[1:]:
+                p.cut()
+                p.blackhole(False)
+            await asyncio.sleep(1.0)  # the suspension ends; a later round succeeds
+            assert not lock.lost.is_set()
+            assert lock.validity > 1.0  # renewed since the stall
+            assert await _maybe(lock.owned())
+            await _maybe(lock.release())
+            assert held_on(servers, name) == []
+
+        asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_release_after_a_lost_renewal_still_releases_every_master(
+    redis_binary: str, kind: str
+) -> None:
+    """A majority refuses the extension (its leases are gone): lost fires, but the lease still
+    standing on master 0 is released by release(), which then raises LockNotOwned."""
+    with _proxied_masters(redis_binary) as (servers, proxies):
+        name = fresh("lostrel")
+
+        async def scenario() -> None:
+            lock = _handle(
+                kind, proxies, name, ttl=5.0, auto_renew=True, renew_interval=0.1,
+                node_timeout=0.05,
+            )
+            assert await _maybe(lock.acquire(blocking=False))
+            await asyncio.sleep(0.02)
+            for s in servers[1:]:
+                s.client().delete(lease(name))
+            for _ in range(100):
+                if lock.lost.is_set():
+                    break
+                await asyncio.sleep(0.02)
+            assert lock.lost.is_set()
+            assert held_on(servers, name) == [0]  # renewed there, still standing
+            with pytest.raises(LockNotOwned, match="lost"):
+                await _maybe(lock.release())
+            assert held_on(servers, name) == []
+            with pytest.raises(LockNotOwned):  # nothing left to release
+                await _maybe(lock.release())
+
+        asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_acquire_after_a_lost_renewal_frees_the_old_leases(redis_binary: str, kind: str) -> None:
+    with _proxied_masters(redis_binary) as (servers, proxies):
+        name = fresh("lostacq")
+
+        async def scenario() -> None:
+            lock = _handle(
+                kind, proxies, name, ttl=5.0, auto_renew=True, renew_interval=0.1,
+                node_timeout=0.05,
+            )
+            assert await _maybe(lock.acquire(blocking=False))
+            old = lock.fencing_token
+            for s in servers[1:]:
+                s.client().delete(lease(name))
+            for _ in range(100):
+                if lock.lost.is_set():
+                    break
+                await asyncio.sleep(0.02)
+            assert lock.lost.is_set()
+            assert await _maybe(lock.acquire(blocking=False))  # no release() in between
+            assert lock.fencing_token > old
+            await asyncio.sleep(0.05)
+            assert held_on(servers, name) == [0, 1, 2]  # all three: the old lease went first
+            await _maybe(lock.release())
+            assert held_on(servers, name) == []
+
+        asyncio.run(scenario())
+
+
+def test_extend_reports_a_stall_without_dropping_the_lock(redis_binary: str) -> None:
+    """A direct extend() that gets too few answers (timeouts, not refusals) raises
+    ConnectionUnavailable and keeps the lock: validity is unchanged, release still works."""
+    with _proxied_masters(redis_binary) as (servers, proxies):
+        name = fresh("extstall")
+        lock = _handle("sync", proxies, name, ttl=5.0, node_timeout=0.05)
+        assert lock.acquire(blocking=False)
+        for p in proxies[1:]:
+            p.blackhole()
+        with pytest.raises(ConnectionUnavailable):
+            lock.extend()
+        assert lock.fencing_token is not None and lock.validity > 4.0
+        for p in proxies[1:]:
+            p.cut()
+            p.blackhole(False)
+        time.sleep(0.3)  # suspension over
+        lock.extend()
+        lock.release()
+        assert held_on(servers, name) == []
+
+
+# -- a user's health-check PING must not read a straggler's reply -------------------------------
+def test_health_check_interval_does_not_eat_a_straggler_reply(redis_binary: str) -> None:
+    """Master 2 answers after the quorum decided: its reply stays on the dedicated connection.
+    With the client's health_check_interval, the next request there first sent a PING, read the
+    straggler's reply as its answer, dropped the connection and never sent the release: the
+    lease stood for its whole TTL."""
+    with IndependentMasters(3, binary=redis_binary) as group:
+        servers = group.servers
+        slow = FaultProxy(servers[2].address).start()
+        try:
+            name = fresh("hc")
+            targets = [*servers[:2], slow]
+            clients = [
+                redis.Redis(host=t.address[0], port=t.address[1], health_check_interval=0.1)
+                for t in targets
+            ]
+            lock = Redlock(clients, name, ttl=10, node_timeout=0.5)
+            assert lock.acquire()  # loads the scripts everywhere
+            lock.release()
+            slow.set_latency(0.03)
+            assert lock.acquire()
+            time.sleep(0.2)  # the straggler's grant lands; the health check is due
+            assert held_on(servers, name) == [0, 1, 2]
+            lock.release()
+            time.sleep(0.1)
+            assert held_on(servers, name) == []
+        finally:
+            slow.close()
