@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions as rex
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ._errors import ConnectionUnavailable, DistkitError, translate
 from ._protocol import _REDIS_ERRORS, TIMED_OUT, AsyncDriver, Cleanup, Eval, FanOut, SyncDriver
@@ -136,6 +138,8 @@ class SyncFanOutDriver(SyncDriver):
             # this connection are read, take one of them for its answer and drop the connection
             # (and the request about to go out). Failures are detected by the fan-out itself.
             options["health_check_interval"] = 0
+            # One connection attempt: redis-py's retries would multiply the per-node timeout.
+            options["retry"] = Retry(NoBackoff(), 0)
             conn = pool.connection_class(**options)
             self._conns[i] = conn
         return conn

@@ -426,19 +426,30 @@ def test_extend_reports_a_stall_without_dropping_the_lock(redis_binary: str) -> 
 
 
 # -- a user's health-check PING must not read a straggler's reply -------------------------------
-def test_health_check_interval_does_not_eat_a_straggler_reply(redis_binary: str) -> None:
+@pytest.mark.parametrize("retries", [0, None], ids=["no-retry", "redis-py-default-retry"])
+def test_health_check_interval_does_not_eat_a_straggler_reply(
+    redis_binary: str, retries: int | None
+) -> None:
     """Master 2 answers after the quorum decided: its reply stays on the dedicated connection.
-    With the client's health_check_interval, the next request there first sent a PING, read the
-    straggler's reply as its answer, dropped the connection and never sent the release: the
-    lease stood for its whole TTL."""
+    With the client's health_check_interval, the next request there first sent a PING that
+    read the straggler's reply as its answer and dropped the connection. Without redis-py
+    retries the release was then never sent (the lease stood for its TTL); with them it went out
+    on a new connection whose first reply was taken for the straggler's, so master 2 timed out
+    and was suspended (the next acquire left it out)."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     with IndependentMasters(3, binary=redis_binary) as group:
         servers = group.servers
         slow = FaultProxy(servers[2].address).start()
         try:
             name = fresh("hc")
             targets = [*servers[:2], slow]
+            extra = {} if retries is None else {"retry": Retry(NoBackoff(), retries)}
             clients = [
-                redis.Redis(host=t.address[0], port=t.address[1], health_check_interval=0.1)
+                redis.Redis(
+                    host=t.address[0], port=t.address[1], health_check_interval=0.1, **extra
+                )
                 for t in targets
             ]
             lock = Redlock(clients, name, ttl=10, node_timeout=0.5)
@@ -447,6 +458,12 @@ def test_health_check_interval_does_not_eat_a_straggler_reply(redis_binary: str)
             slow.set_latency(0.03)
             assert lock.acquire()
             time.sleep(0.2)  # the straggler's grant lands; the health check is due
+            assert held_on(servers, name) == [0, 1, 2]
+            lock.release()
+            time.sleep(0.1)
+            assert held_on(servers, name) == []
+            assert lock.acquire()  # master 2 was not suspended: granted there too
+            time.sleep(0.1)
             assert held_on(servers, name) == [0, 1, 2]
             lock.release()
             time.sleep(0.1)
