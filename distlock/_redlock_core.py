@@ -132,7 +132,9 @@ class RedlockCore(LockCore):
         super().clear()
 
     def _release_call(self, owner: str) -> Eval:
-        return Eval(RELEASE, self._release_keys(self.wake_prefix + owner), (owner, self.retention_ms, 1))
+        return Eval(
+            RELEASE, self._release_keys(self.wake_prefix + owner), (owner, self.retention_ms, 1)
+        )
 
     def acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
         """Take a quorum of leases within validity; retry after a random delay when blocking."""

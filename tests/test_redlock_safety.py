@@ -152,6 +152,37 @@ def test_default_fencing_orders_tokens_under_any_skew(
     assert token_b > token_a
 
 
+@pytest.mark.parametrize("fencing", ["clock", "quorum"])
+def test_async_twin_under_skew(masters: IndependentMasters, fencing: str) -> None:
+    """AsyncSkewedRedlock: the same scenario; clock mode reorders, quorum mode does not."""
+    servers = masters.servers[:3]
+    name = fresh(f"async-{fencing}")
+    clocks = MasterClocks(3)
+    clocks.set(0, 0.05)
+
+    async def scenario() -> tuple[int, int]:
+        def make() -> AsyncSkewedRedlock:
+            clients = _async_clients(masters, 3)
+            return AsyncSkewedRedlock(clients, name, ttl=5, clocks=clocks, fencing=fencing)
+
+        a, b = make(), make()
+        assert await a.acquire(blocking=False)
+        token_a = a.fencing_token
+        await a.release()
+        block(servers[0], name)
+        try:
+            assert await b.acquire(blocking=False)
+            token_b = b.fencing_token
+            await b.release()
+        finally:
+            unblock(servers[0], name)
+        assert token_a is not None and token_b is not None
+        return token_a, token_b
+
+    token_a, token_b = asyncio.run(scenario())
+    assert (token_b > token_a) is (fencing == "quorum")
+
+
 class _HookedDriver(SyncFanOutDriver):
     """Calls ``hook(n)`` before the n-th fan-out it runs (n = 0, 1, ...)."""
 
@@ -321,7 +352,12 @@ def test_one_stalled_renewal_round_does_not_lose_the_lock(redis_binary: str, kin
 
         async def scenario() -> None:
             lock = _handle(
-                kind, proxies, name, ttl=2.0, auto_renew=True, renew_interval=0.2,
+                kind,
+                proxies,
+                name,
+                ttl=2.0,
+                auto_renew=True,
+                renew_interval=0.2,
                 node_timeout=0.05,
             )
             assert await _maybe(lock.acquire(blocking=False))
@@ -353,7 +389,12 @@ def test_release_after_a_lost_renewal_still_releases_every_master(
 
         async def scenario() -> None:
             lock = _handle(
-                kind, proxies, name, ttl=5.0, auto_renew=True, renew_interval=0.1,
+                kind,
+                proxies,
+                name,
+                ttl=5.0,
+                auto_renew=True,
+                renew_interval=0.1,
                 node_timeout=0.05,
             )
             assert await _maybe(lock.acquire(blocking=False))
@@ -382,7 +423,12 @@ def test_acquire_after_a_lost_renewal_frees_the_old_leases(redis_binary: str, ki
 
         async def scenario() -> None:
             lock = _handle(
-                kind, proxies, name, ttl=5.0, auto_renew=True, renew_interval=0.1,
+                kind,
+                proxies,
+                name,
+                ttl=5.0,
+                auto_renew=True,
+                renew_interval=0.1,
                 node_timeout=0.05,
             )
             assert await _maybe(lock.acquire(blocking=False))
@@ -565,11 +611,7 @@ def test_forked_processes_hold_one_at_a_time_with_distinct_tokens(
 
 # -- cancellation at every await point of AsyncRedlock -------------------------------------------
 async def _leases(servers: list[RedisServer], name: str) -> set[str]:
-    return {
-        v.decode()
-        for v in (s.client().get(lease(name)) for s in servers)
-        if v is not None
-    }
+    return {v.decode() for v in (s.client().get(lease(name)) for s in servers) if v is not None}
 
 
 def _cancel_points(duration: float, steps: int = 12, spins: int = 12) -> list[tuple[int, float]]:
@@ -626,7 +668,7 @@ def _run_cancellation(masters: IndependentMasters, op: str, auto_renew: bool) ->
                     await asyncio.sleep(0.012 + 0.004 * (spins % 4))  # renewals in flight
                 started: list[bool] = []
 
-                async def run() -> None:
+                async def run(started: list[bool] = started) -> None:
                     started.append(True)  # the body runs from here: it must finish
                     await (lock.extend() if op == "extend" else lock.release())
 
