@@ -11,18 +11,27 @@ request ever lands, the abandon lands after it: nothing is left behind. A stragg
 waited for (the quorum decided without it) is settled before the next request to its node goes
 out: the sync driver reads its reply first on the same connection; the async driver's next task
 for that node waits for the straggler's task.
+
+Fork: the sync driver's dedicated connections belong to the process that opened them. A driver
+used in a forked child (a handle built before ``os.fork()``) notices the new pid and opens
+connections of its own, never writing to or reading from the parent's sockets. The async driver
+drops, in the child, the connections its clients' pools inherited (redis-py's asyncio pools do
+not check the pid themselves).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions as rex
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ._errors import ConnectionUnavailable, DistkitError, translate
 from ._protocol import _REDIS_ERRORS, TIMED_OUT, AsyncDriver, Cleanup, Eval, FanOut, SyncDriver
@@ -80,17 +89,32 @@ class SyncFanOutDriver(SyncDriver):
     or stalled minority does not slow every operation down.
     """
 
-    __slots__ = ("_conns", "_lock", "_suspended", "_unread", "clients")
+    __slots__ = ("_conns", "_lock", "_pid", "_suspended", "_unread", "clients")
 
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
         self.clients = list(clients)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
         self._conns: list[Any] = [None] * len(self.clients)
         # Replies still owed on each connection: once a quorum has decided, the stragglers are
         # not waited for; their replies are read (and dropped) before the next one there.
         self._unread: list[list[Script]] = [[] for _ in self.clients]
         self._suspended = [0.0] * len(self.clients)
-        self._lock = threading.Lock()  # the renewal thread shares the connections
+        # The renewal thread shares the connections. A new lock after a fork too: the parent's
+        # may have been held by a thread that does not exist in the child.
+        self._lock = threading.Lock()
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget the parent's sockets (closed here, never shut down)."""
+        inherited = self._conns
+        self._reset()
+        for conn in inherited:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.disconnect()  # redis-py shuts a socket down only in its own process
 
     def _step(self, step: Any) -> Any:
         if isinstance(step, FanOut):
@@ -110,6 +134,12 @@ class SyncFanOutDriver(SyncDriver):
             options = dict(pool.connection_kwargs)
             options["socket_timeout"] = timeout
             options["socket_connect_timeout"] = timeout
+            # No health-check PING: it would be sent before the straggler replies still owed on
+            # this connection are read, take one of them for its answer and drop the connection
+            # (and the request about to go out). Failures are detected by the fan-out itself.
+            options["health_check_interval"] = 0
+            # One connection attempt: redis-py's retries would multiply the per-node timeout.
+            options["retry"] = Retry(NoBackoff(), 0)
             conn = pool.connection_class(**options)
             self._conns[i] = conn
         return conn
@@ -155,6 +185,8 @@ class SyncFanOutDriver(SyncDriver):
             self._drop(i, time.monotonic(), timeout)
 
     def _fan_out(self, step: FanOut) -> list[Any]:
+        if self._pid != os.getpid():
+            self._after_fork()
         with self._lock:
             return self._fan_out_locked(step)
 
@@ -244,14 +276,26 @@ class AsyncFanOutDriver(AsyncDriver):
     straggler does lands before, say, the release that follows it.
     """
 
-    __slots__ = ("_loop", "_pending", "_suspended", "clients")
+    __slots__ = ("_loop", "_pending", "_pid", "_suspended", "clients")
 
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
         self.clients = list(clients)
+        self._pid = os.getpid()
         self._suspended = [0.0] * len(self.clients)
         self._pending: list[asyncio.Task[None] | None] = [None] * len(self.clients)
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _after_fork(self) -> None:
+        """In a forked child: drop the connections the clients' pools inherited from the parent."""
+        self._pid = os.getpid()
+        self._suspended = [0.0] * len(self.clients)
+        self._pending = [None] * len(self.clients)
+        self._loop = None
+        for client in self.clients:
+            reset = getattr(client.connection_pool, "reset", None)
+            if reset is not None:
+                reset()
 
     async def _step(self, step: Any) -> Any:
         if isinstance(step, FanOut):
@@ -268,6 +312,8 @@ class AsyncFanOutDriver(AsyncDriver):
         return await super()._step(step)
 
     async def _fan_out(self, step: FanOut) -> list[Any]:
+        if self._pid != os.getpid():
+            self._after_fork()
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             # Tasks of another (finished) event loop cannot be awaited here.

@@ -7,7 +7,7 @@ algorithm, the fencing argument across masters, and the timing assumptions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from distkit import ConfigError, RedlockConfig, RetryConfig, RetryPolicy, aconnect, connect
 from distkit._fanout import AsyncFanOutDriver, SyncFanOutDriver
@@ -66,13 +66,19 @@ class Redlock(_SyncLock):
         retry_delay: upper bound of the random delay between attempts (lower bound: half).
         drift_factor: clock drift allowance; validity = ttl - elapsed - (ttl * factor + 2 ms).
         node_timeout: per-master reply timeout (default ``min(0.5 s, ttl / 50)``).
-        fencing: ``"clock"`` (max of the granting masters' hybrid-clock tokens) or ``"quorum"``
-            (also written back to a quorum before ``acquire`` returns; no clock assumption).
+        fencing: ``"quorum"`` (default: the token is also written back to a quorum of masters
+            that still hold the lease before ``acquire`` returns; no clock assumption) or
+            ``"clock"`` (opt-in, one round trip less: the max of the granting masters'
+            hybrid-clock tokens; later holders get larger tokens only while the masters' clocks
+            differ by less than the shortest gap between two grants, which after a release is
+            the critical section plus a round trip; docs/redlock.md).
         Other arguments are those of ``Lock``.
 
     Raises:
         ConfigError: an argument is invalid.
     """
+
+    _core_class: ClassVar[type[RedlockCore]] = RedlockCore
 
     def __init__(
         self,
@@ -92,10 +98,10 @@ class Redlock(_SyncLock):
         retry_delay: Seconds = 0.2,
         drift_factor: float = 0.01,
         node_timeout: Seconds | None = None,
-        fencing: Fencing = "clock",
+        fencing: Fencing = "quorum",
     ) -> None:
         masters = _masters(clients, want_async=self._is_async, cls=type(self).__name__)
-        core = RedlockCore(
+        core = self._core_class(
             name,
             masters=len(masters),
             ttl=ttl,
@@ -131,6 +137,7 @@ class AsyncRedlock(_AsyncLock):
     """The asyncio twin of ``Redlock`` (same arguments; takes ``redis.asyncio`` clients)."""
 
     _is_async = True
+    _core_class: ClassVar[type[RedlockCore]] = RedlockCore
 
     __init__ = Redlock.__init__
     quorum = Redlock.quorum

@@ -8,10 +8,11 @@ It reuses the single-instance scripts on every master (``ACQUIRE`` with no queue
     validity = ttl - elapsed - drift          (elapsed on a monotonic clock; <= 0: not held)
 
 Fencing across masters: each master issues max(TIME_us, last + 1) in the grant script and the
-client takes the maximum over the masters that granted. With ``fencing="quorum"`` that maximum is
-also written back to a quorum (a max-register) before ``acquire`` returns, so the next holder's
-majority, which must intersect this one, already carries a value >= the token: no clock
-assumption remains (docs/redlock.md has the argument and a timeline).
+client takes the maximum over the masters that granted. With ``fencing="quorum"`` (the default)
+that maximum is also written back (a max-register) and ``acquire`` succeeds only once a quorum of
+masters acknowledged the write *while still holding this acquisition's lease*: a later holder's
+majority contains one of them, where its grant can only run after that lease ended, so after the
+write. No clock assumption remains (docs/redlock.md has the argument and a timeline).
 """
 
 from __future__ import annotations
@@ -20,16 +21,32 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from distkit import ConfigError, LockError, LockNotOwned
+from distkit import ConfigError, ConnectionUnavailable, LockError, LockNotOwned, Script
 from distkit._config import seconds
 from distkit._protocol import TIMED_OUT, Cleanup, Eval, FanOut, Protocol, Sleep
 
 from ._core import Clock, LockCore, Seconds
-from ._scripts import ACQUIRE, EXTEND, FENCE_MAX, PEEK, RELEASE
+from ._scripts import ACQUIRE, EXTEND, PEEK, RELEASE
 
 __all__ = ["Fencing", "RedlockCore"]
 
 Fencing = Literal["clock", "quorum"]
+
+# KEYS: lease, fence;  ARGV: owner, token, retention_ms
+# Raises the fence's last token to at least `token` (a max-register); returns 1 when `owner` still
+# holds the lease here (only such a write counts towards the quorum), 0 otherwise.
+FENCE_HELD = Script(
+    "distlock.redlock_fence_held",
+    """
+local last = tonumber(redis.call('GET', KEYS[2]))
+if not last or tonumber(ARGV[2]) > last then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] or holder == ARGV[1] .. '*' then return 1 end
+return 0
+""",
+)
 
 
 def _granted(outcome: Any) -> bool:
@@ -44,6 +61,7 @@ class RedlockCore(LockCore):
     """State and protocol steps of one Redlock handle over ``masters`` independent servers."""
 
     __slots__ = (
+        "_unreleased",
         "drift",
         "drift_factor",
         "fencing",
@@ -99,9 +117,24 @@ class RedlockCore(LockCore):
         if fencing not in ("clock", "quorum"):
             raise ConfigError(f"fencing must be 'clock' or 'quorum', got {fencing!r}")
         self.fencing: Fencing = fencing
+        # The owner of an acquisition this handle stopped believing in (renewal lost it) whose
+        # leases were not released yet: release() and the next acquire() still release them.
+        self._unreleased: str | None = None
 
     def _each(self, call: Eval) -> list[Eval]:
+        """One copy of ``call`` per master (a test build skews each master's clock here)."""
         return [call] * self.masters
+
+    def clear(self) -> None:
+        """Forget the current acquisition; remember its owner until its leases are released."""
+        if self.owner is not None:
+            self._unreleased = self.owner
+        super().clear()
+
+    def _release_call(self, owner: str) -> Eval:
+        return Eval(
+            RELEASE, self._release_keys(self.wake_prefix + owner), (owner, self.retention_ms, 1)
+        )
 
     def acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
         """Take a quorum of leases within validity; retry after a random delay when blocking."""
@@ -111,15 +144,18 @@ class RedlockCore(LockCore):
                 name=self.name,
             )
         deadline = None if timeout is None else self.clock() + timeout
+        stale = self._unreleased
+        if stale is not None:
+            # A lost acquisition's leases may still stand on some masters: free them first.
+            yield FanOut(self._each(self._release_call(stale)), self.node_timeout)
+            self._unreleased = None
         attempt = 0
         while True:
             owner = self.new_owner()
             wake_key = self.wake_prefix + owner
             keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
             grant = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, 0))
-            undo = self._each(
-                Eval(RELEASE, self._release_keys(wake_key), (owner, self.retention_ms, 1))
-            )
+            undo = self._each(self._release_call(owner))
             started = self.clock()
             try:
                 outcomes = yield FanOut(
@@ -130,7 +166,11 @@ class RedlockCore(LockCore):
                 if len(tokens) >= self.quorum and validity > 0:
                     token = max(tokens)
                     if self.fencing == "quorum":
-                        register = Eval(FENCE_MAX, (self.fence_key,), (token, self.retention_ms))
+                        register = Eval(
+                            FENCE_HELD,
+                            (self.lease_key, self.fence_key),
+                            (owner, token, self.retention_ms),
+                        )
                         acks = yield FanOut(
                             self._each(register),
                             self.node_timeout,
@@ -167,20 +207,30 @@ class RedlockCore(LockCore):
             yield Sleep(delay)
 
     def release(self) -> Protocol[None]:
-        """Release on every master (owner only); fine if a quorum confirms."""
+        """Release on every master, also after renewal lost the lock; fine if a quorum confirms.
+
+        Raises:
+            LockNotOwned: the handle holds nothing, its lock was lost (the leases that remained
+                are released all the same), or fewer than a quorum of masters still held it.
+        """
         owner = self.owner
+        lost = owner is None
         if owner is None:
-            raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
-        call = Eval(
-            RELEASE,
-            self._release_keys(self.wake_prefix + owner),
-            (owner, self.retention_ms, 1),
-        )
+            owner = self._unreleased
+            if owner is None:
+                raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
         try:
-            outcomes = yield FanOut(self._each(call), self.node_timeout)
+            outcomes = yield FanOut(self._each(self._release_call(owner)), self.node_timeout)
         finally:
             self.clear()
+            self._unreleased = None
         released = sum(1 for o in outcomes if o in (1, 2))
+        if lost:
+            raise LockNotOwned(
+                f"lock {self.name!r} was lost before release (renewal failed); the leases still "
+                f"standing on {released} of {self.masters} masters were released",
+                name=self.name,
+            )
         if released < self.quorum:
             raise LockNotOwned(
                 f"lock {self.name!r} was held by {released} of {self.masters} masters at release "
@@ -189,7 +239,14 @@ class RedlockCore(LockCore):
             )
 
     def extend(self, ttl: Seconds | None) -> Protocol[None]:
-        """Reset the lease on every master; succeeds only with a quorum within validity."""
+        """Reset the lease on every master; succeeds only with a quorum within validity.
+
+        Raises:
+            LockNotOwned: the handle holds nothing, a quorum of masters answered that it does not
+                hold the lease, or the local validity ran out (the lock is then lost).
+            ConnectionUnavailable: too few masters answered in time but the lock may still be
+                held and its validity has not run out: the handle keeps it (retry, or release).
+        """
         owner = self.owner
         if owner is None:
             raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
@@ -200,17 +257,28 @@ class RedlockCore(LockCore):
             self._each(call), self.node_timeout, quorum=self.quorum, granted=lambda o: o == 1
         )
         extended = sum(1 for o in outcomes if o == 1)
+        refused = sum(1 for o in outcomes if o == 0)
         drift = new_ttl * self.drift_factor + 0.002
         validity = new_ttl - (self.clock() - started) - drift
-        if extended < self.quorum or validity <= 0:
+        if extended >= self.quorum and validity > 0:
+            if self.owner == owner:
+                self.expires_at = started + new_ttl - drift
+            return
+        if self.owner != owner:
+            raise LockNotOwned(f"lock {self.name!r} was released meanwhile", name=self.name)
+        if self.masters - refused < self.quorum or self.remaining() <= 0:
             self.clear()
             raise LockNotOwned(
                 f"lock {self.name!r}: only {extended} of {self.masters} masters extended "
-                f"(quorum {self.quorum})",
+                f"({refused} no longer held it; quorum {self.quorum})",
                 name=self.name,
             )
-        if self.owner == owner:
-            self.expires_at = started + new_ttl - drift
+        # Timeouts or errors, not refusals: the lock may still be held and the old validity
+        # stands. Not a loss; the renewer retries until the validity runs out.
+        raise ConnectionUnavailable(
+            f"lock {self.name!r}: only {extended} of {self.masters} masters extended in time "
+            f"(quorum {self.quorum}); still held for {self.remaining():.3f}s by the old lease"
+        )
 
     def _peek(self, owner: str) -> Protocol[Sequence[Any]]:
         call = Eval(PEEK, (self.lease_key,), (owner,))

@@ -244,15 +244,20 @@ def test_ensure_held_and_validity(rig: Rig) -> None:
 
 
 # -- validity = ttl - elapsed - drift (L6) ------------------------------------------------------
+@pytest.mark.parametrize("fencing", ["clock", "quorum"])
 @pytest.mark.parametrize("drift_factor", [0.01, 0.1])
-def test_validity_is_ttl_minus_elapsed_minus_drift(rig: Rig, drift_factor: float) -> None:
-    """Each clock reading moves 1 s: elapsed = 1 s; the validity read then costs 1 s more."""
+def test_validity_is_ttl_minus_elapsed_minus_drift(
+    rig: Rig, drift_factor: float, fencing: str
+) -> None:
+    """Each clock reading moves 1 s: elapsed = 1 s (2 s with the quorum write-back, which reads
+    the clock once more); the validity read then costs 1 s more."""
     clock = StepClock(1.0)
-    a = rig.make(ttl=10, clock=clock, drift_factor=drift_factor)
+    a = rig.make(ttl=10, clock=clock, drift_factor=drift_factor, fencing=fencing)
     assert a.acquire(blocking=False)
     drift = 10 * drift_factor + 0.002
-    # expires_at = started + ttl - drift; validity reads the clock once more (started + 2 s)
-    assert a.validity == pytest.approx(10 - drift - 2.0, abs=1e-9)
+    # expires_at = started + ttl - drift; validity reads the clock once more
+    reads = 2.0 if fencing == "clock" else 3.0
+    assert a.validity == pytest.approx(10 - drift - reads, abs=1e-9)
     a.release()
 
 
