@@ -256,7 +256,9 @@ def lease(ms: float, owner: str | None, pttl: int, lock: str = "L") -> dict[str,
     return ev("sampler", "lease", "info", ms + 1, lock=lock, owner=owner, pttl=pttl, sent=ms * MS)
 
 
-def owned(process: str, start: float, end: float, owner: str, **fields: Any) -> list[dict[str, Any]]:
+def owned(
+    process: str, start: float, end: float, owner: str, **fields: Any
+) -> list[dict[str, Any]]:
     """A hold of ``owner`` on lock ``L``: acquire at ``start``, release completing at ``end``."""
     return [
         ev(process, "acquire", "invoke", start - 1, lock="L"),

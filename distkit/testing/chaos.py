@@ -11,6 +11,14 @@ nemesis in the coordinating process injects one fault at a time, from a seeded s
 - on the cache server: restart without data, pause, partition, latency;
 - on the protected resource (the fenced store's server): pause.
 
+The lock side also generates what broke distlock in issue 13: the workers are forked by one parent
+from lock handles it built before the fork; a single-instance ``Lock`` is contended by every
+worker (FIFO waiters blocked in BLPOP) while the nemesis cuts its connections under queued waiters,
+adds latency and stops whole workers; workers stall before BLPOP; asyncio workers cancel acquire,
+extend and release at their k-th await point, k counting up; the Redlock masters' clocks are
+skewed. ``check_orphans`` and ``check_validity`` judge the single lock's leases, sampled by the
+coordinator.
+
 Now and then a worker also stalls inside its critical section for longer than its lease and then
 writes anyway, as a paused process would: the fenced store must refuse the write when a newer
 holder has written since.
