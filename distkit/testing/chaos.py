@@ -178,7 +178,7 @@ class SoakReport:
             + (", ".join(f"{x * 1000:+.0f}ms" for x in self.skew) or "none (no C compiler)"),
         ]
         for check in self.checks:
-            lines.append(check.summary(limit=5))
+            lines.append(check.summary(limit=1))  # one screen; report.checks has them all
         lines.append(f"leaked locks: {len(self.leaked_locks)} {self.leaked_locks[:5]}")
         lines.append(f"stuck workers: {len(self.stuck_workers)} {self.stuck_workers}")
         if self.worker_errors:
