@@ -1,9 +1,13 @@
 """The chaos soak in CI (issue 9 point 3): a short, seeded run of ``distkit.testing.chaos``.
 
-Four worker processes mix Redlock sections (fenced writes; now and then a holder stalls past its
-lease and writes anyway) and cache traffic while the nemesis kills, pauses, restarts without data
-and partitions servers; the soak then requires 0 mutual exclusion violations, 0 stale fenced
-writes accepted, 0 stale cache reads, no leaked lock, no stuck process and bounded memory. Length
+Four worker processes, forked by one parent from lock handles it built (and used) before the
+fork, mix Redlock and single-instance Lock sections (fenced writes; now and then a holder stalls
+past its lease and writes anyway; async workers cancel acquire/extend/release at successive await
+points) and cache traffic while the nemesis kills, pauses, restarts without data and partitions
+servers, cuts the single lock's connections under queued FIFO waiters, stalls workers, and the
+Redlock masters run with skewed clocks; the soak then requires 0 mutual exclusion violations, 0
+stale fenced writes accepted, 0 orphaned leases, 0 late validities, 0 stale cache reads, no
+leaked lock, no stuck process and bounded memory. Length
 and seed: ``DISTKIT_CHAOS_SECONDS`` (default 25) and ``DISTKIT_CHAOS_SEED`` (default 1); a long
 soak runs from the command line::
 
@@ -37,7 +41,7 @@ def soak(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> SoakRep
 @pytest.mark.slow
 def test_soak_finds_no_violation(soak: SoakReport) -> None:
     assert soak.ok, soak.summary()
-    assert soak.violations == 0
+    assert soak.violations == 0  # mutex, fencing, orphans, validity, cache
     assert not soak.leaked_locks and not soak.stuck_workers and not soak.memory_problems
 
 
@@ -53,6 +57,15 @@ def test_soak_did_real_work_under_real_faults(soak: SoakReport) -> None:
     assert stats["mutex"]["holds"] == ops["acquire:ok"]
     assert stats["cache"]["hits"] > 0 and stats["cache"]["invalidations"] > 0
     assert len(soak.rss_mb) == soak.config.workers
+    # the lock faults of issue 13, each exercised at least once
+    assert ops["forked:info"] == soak.config.workers, soak.summary()  # all share pre-fork handles
+    for target in ("acquire", "extend", "release"):  # cancelled at successive await points
+        assert ops[f"cancel {target}:info"] >= 1, soak.summary()
+    assert ops["stall before BLPOP:info"] >= 1, soak.summary()
+    assert soak.faults["cut lock connections under queued waiters"] >= 1, soak.summary()
+    assert soak.faults["latency lock"] >= 1 and soak.faults["stall worker (SIGSTOP)"] >= 1
+    assert soak.skew and any(soak.skew), soak.summary()  # Redlock masters' clocks really skewed
+    assert stats["orphans"]["samples"] > 0 and stats["validity"]["samples"] > 0, soak.summary()
     text = soak.summary()
     assert len(text.splitlines()) <= 25  # one screen
     assert "faults injected" in text and "mutex: 0 violation" in text

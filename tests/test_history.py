@@ -22,6 +22,8 @@ from distkit.testing import (
     HistoryRecorder,
     check_fencing,
     check_mutex,
+    check_orphans,
+    check_validity,
     drain_queue,
     read_history,
     sort_events,
@@ -244,6 +246,129 @@ def test_fencing_checks_each_resource_and_lock_apart() -> None:
     result = check_fencing([*history, *write("p3", 4, 5, 6, resource="a")])
     assert kinds(result) == ["stale-write-accepted"]
     assert "to 'a'" in result.violations[0].description
+
+
+# -- leases observed on the server: orphans and late validity ------------------------------------
+
+
+def lease(ms: float, owner: str | None, pttl: int, lock: str = "L") -> dict[str, Any]:
+    """A coordinator's sample of the lease: requested at ``ms``, answered 1 ms later."""
+    return ev("sampler", "lease", "info", ms + 1, lock=lock, owner=owner, pttl=pttl, sent=ms * MS)
+
+
+def owned(
+    process: str, start: float, end: float, owner: str, **fields: Any
+) -> list[dict[str, Any]]:
+    """A hold of ``owner`` on lock ``L``: acquire at ``start``, release completing at ``end``."""
+    return [
+        ev(process, "acquire", "invoke", start - 1, lock="L"),
+        ev(process, "acquire", "ok", start, token=1, lock="L", owner=owner, **fields),
+        ev(process, "release", "invoke", end - 1, lock="L", owner=owner),
+        ev(process, "release", "ok", end, lock="L", owner=owner),
+    ]
+
+
+def test_orphans_passes_leases_that_end_with_their_holders() -> None:
+    history = [
+        *owned("p1", 10, 100, "a1"),
+        lease(5, None, -2),
+        lease(50, "a1", 1950),
+        lease(99, "a1*", 1900),  # "*": waiters queued behind the holder
+        lease(400, "a1", 1600),  # released, but the release's effect is within the bound
+        lease(700, None, -2),
+    ]
+    result = check_orphans(history, bound=0.5)
+    assert result.ok, result
+    assert result.stats["samples"] == 3
+
+
+def test_orphans_catches_a_lease_left_by_a_cancelled_release() -> None:
+    history = [
+        *owned("p1", 10, 100, "a1")[:3],
+        ev("p1", "release", "info", 100, lock="L", owner="a1", error="CancelledError"),
+        lease(400, "a1", 1600),
+        lease(700, "a1", 1300),
+        lease(900, "a1", 1100),
+    ]
+    result = check_orphans(history, bound=0.5)
+    assert kinds(result) == ["orphaned-lease"]  # one per lease, not one per sample
+    assert "release info CancelledError" in str(result.violations[0])
+    assert "600.0 ms before" in str(result.violations[0])
+
+
+def test_orphans_catches_a_grant_lost_by_a_failed_acquire() -> None:
+    """A handoff whose reply was lost: the attempt failed, its owner holds the lease."""
+    history = [
+        ev("p2", "acquire", "invoke", 0, lock="L", owner_prefix="bb"),
+        ev("p2", "acquire", "info", 300, lock="L", error="ConnectionUnavailable"),
+        lease(200, "bb7", 1800),  # while the attempt was running: accounted for
+        lease(1000, "bb7", 1000),
+    ]
+    result = check_orphans(history, bound=0.5)
+    assert kinds(result) == ["orphaned-lease"]
+    assert "acquire info ConnectionUnavailable" in str(result.violations[0])
+
+
+def test_orphans_unknown_owner_and_unfinished_attempts() -> None:
+    history = [
+        ev("p3", "acquire", "invoke", 0, lock="L", owner_prefix="cc"),  # never finished
+        lease(5000, "cc1", 100),
+        lease(5000, "zz1", 100),  # nobody's
+        lease(5000, "zz1", 100, lock="other"),  # locks without holders' events: still checked
+    ]
+    result = check_orphans(history, bound=0.5)
+    assert kinds(result) == ["orphaned-lease", "orphaned-lease"]
+    assert all("no recorded operation could own it" in str(v) for v in result.violations)
+
+
+def test_validity_passes_when_the_lease_outlasts_every_claim() -> None:
+    history = [
+        *owned("p1", 10, 1500, "a1", validity=2.0),
+        ev("p1", "held", "ok", 500, lock="L", owner="a1", validity=1.5),
+        lease(20, "a1", 1995),  # ends at 2016 ms >= 10 + 2000
+        lease(600, "a1*", 1420),  # 2021 ms
+        lease(1600, None, -2),  # gone after the release was invoked: fine
+    ]
+    result = check_validity(history, tolerance=0.005)
+    assert result.ok, result
+    assert result.stats == {"claims": 2, "samples": 3}
+
+
+def test_validity_catches_a_claim_later_than_the_server_pttl() -> None:
+    """The FIFO handoff case: validity 3 s reported while the server's PTTL said 1 s."""
+    history = [
+        *owned("p1", 10, 2500, "a1", validity=2.999),
+        lease(20, "a1", 999),
+    ]
+    result = check_validity(history, tolerance=0.005)
+    assert kinds(result) == ["validity-late"]
+    assert "1989.0 ms late" in str(result.violations[0])
+    assert check_validity(history, tolerance=2.0).ok  # the tolerance is honoured
+
+
+def test_validity_catches_a_lease_gone_while_ensure_held_passes() -> None:
+    history = [
+        *owned("p1", 10, 2500, "a1", validity=2.0),
+        ev("p1", "held", "ok", 1200, lock="L", owner="a1", validity=0.8),
+        lease(1300, None, -2),  # gone (or someone else's) before 2010 ms
+    ]
+    result = check_validity(history)
+    assert kinds(result) == ["validity-late", "validity-late"]  # both claims still stood
+    assert "the lease was gone" in str(result.violations[0])
+    other = [*history[:-1], lease(1300, "b1", 1900)]
+    assert "held by b1" in str(check_validity(other).violations[0])
+
+
+def test_validity_claim_stops_at_extend_or_release_invocation() -> None:
+    history = [
+        *owned("p1", 10, 2500, "a1", validity=2.0),
+        ev("p1", "extend", "invoke", 100, lock="L", owner="a1"),
+        ev("p1", "extend", "info", 120, lock="L", owner="a1", error="CancelledError"),
+        lease(200, "a1", 300),  # an extend with a shorter ttl may have landed: not late
+    ]
+    assert check_validity(history).ok
+    after = [*owned("p1", 10, 100, "a1", validity=2.0), lease(200, None, -2)]
+    assert check_validity(after).ok
 
 
 def test_result_counts_and_summary_limit() -> None:

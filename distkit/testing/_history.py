@@ -52,6 +52,8 @@ __all__ = [
     "check_cache",
     "check_fencing",
     "check_mutex",
+    "check_orphans",
+    "check_validity",
     "drain_queue",
     "read_history",
     "sort_events",
@@ -657,6 +659,241 @@ def check_fencing(
             "acquisitions": len(granted),
         },
     )
+
+
+# -- leases observed on the server ----------------------------------------------------------------
+#
+# A coordinator samples the server's leases and records them as ``lease`` events (``info``):
+# ``lock``, ``owner`` (the lease's owner id, None when the key is absent), ``pttl`` (ms) and
+# ``sent`` (monotonic ns when the sample was requested; the event's ``time`` is when the answer
+# arrived, so the server read the lease at some instant in between).
+
+
+@dataclass(frozen=True)
+class _Sample:
+    lock: Any
+    owner: str | None
+    pttl: int
+    sent: int
+    received: int
+    event: Event
+
+
+def _samples(history: Sequence[Event]) -> list[_Sample]:
+    out: list[_Sample] = []
+    for event in history:
+        if event.op != "lease":
+            continue
+        owner = event.get("owner")
+        pttl = event.get("pttl")
+        sent = event.get("sent")
+        out.append(
+            _Sample(
+                event.get("lock"),
+                None if owner is None else str(owner).rstrip("*"),
+                int(pttl) if isinstance(pttl, int) and not isinstance(pttl, bool) else -2,
+                int(sent) if isinstance(sent, int) and not isinstance(sent, bool) else event.time,
+                event.time,
+                event,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A lock operation of one process, during which a lease of ``owner`` is accounted for."""
+
+    process: str
+    lock: Any
+    owner: str | None  # the exact owner id, when known
+    prefix: str | None  # else: the owner-id prefix of the handle that made the attempt
+    start: int
+    end: float  # ns; inf while the history never shows the operation (or the hold) finishing
+    what: str
+
+    def covers(self, owner: str) -> bool:
+        if self.owner is not None:
+            return self.owner == owner
+        return self.prefix is not None and owner.startswith(self.prefix)
+
+
+def _ended(op: str, event: Event) -> str:
+    error = event.get("error")
+    return f"{op} {event.type}" + (f" {error}" if error else "")
+
+
+def _lock_claims(history: Sequence[Event]) -> list[_Claim]:
+    """When each owner's lease may exist: from an acquire's invocation until its attempt finished
+    (when it did not succeed) or until the holder's release / abandon finished (when it did)."""
+    claims: list[_Claim] = []
+    attempt: dict[tuple[str, Any], Event] = {}  # open acquire invocations
+    held: dict[tuple[str, Any], tuple[Event, str]] = {}  # (invocation or ok, owner) per holder
+    for event in history:
+        key = (event.process, event.get("lock"))
+        if event.op == "acquire":
+            if event.type == "invoke":
+                attempt[key] = event
+                continue
+            start = attempt.pop(key, event)
+            owner = event.get("owner")
+            if event.type == "ok" and owner is not None:
+                held[key] = (start, str(owner))
+            else:
+                claims.append(
+                    _Claim(
+                        event.process, key[1], None if owner is None else str(owner),
+                        event.get("owner_prefix") or start.get("owner_prefix"),
+                        start.time, event.time, _ended("acquire", event),
+                    )
+                )  # fmt: skip
+        elif event.op in ("release", "abandon") and event.type != "invoke" and key in held:
+            start, owner = held.pop(key)
+            claims.append(
+                _Claim(
+                    event.process,
+                    key[1],
+                    owner,
+                    None,
+                    start.time,
+                    event.time,
+                    "hold (" + _ended(event.op, event) + ")",
+                )
+            )
+    for key, start_event in attempt.items():
+        claims.append(
+            _Claim(
+                key[0], key[1], start_event.get("owner"), start_event.get("owner_prefix"),
+                start_event.time, math.inf, "acquire unfinished",
+            )
+        )  # fmt: skip
+    for key, (start_event, owner) in held.items():
+        claims.append(_Claim(key[0], key[1], owner, None, start_event.time, math.inf, "hold"))
+    return claims
+
+
+def check_orphans(
+    history: Iterable[Event | Mapping[str, Any]], *, bound: float = 0.5
+) -> CheckResult:
+    """Check that no lease outlives, by more than ``bound`` seconds, every operation that could
+    own it.
+
+    Lock operations carry ``owner`` (the owner id: on ``acquire`` ``ok``, and on any event when
+    known) or ``owner_prefix`` (the owner-id prefix of the handle, for attempts whose exact id is
+    unknown). A lease of owner ``o`` is accounted for from the ``invoke`` of an acquire that could
+    have been granted it until that attempt finished (``fail`` / ``info``), or, for a granted
+    one, until the holder's ``release`` (or ``abandon``: the holder gave the handle up) finished.
+    ``lease`` samples (see above) of an owner that no such interval covers, taken more than
+    ``bound`` after the last of them ended, are violations of kind ``orphaned-lease`` (one per
+    lease): the server keeps a lease nobody holds and nobody will release, so every other client
+    waits up to its TTL. Locks without samples are not checked.
+    """
+    events = sort_events(history)
+    slack = bound * 1e9
+    claims: dict[Any, list[_Claim]] = {}
+    for claim in _lock_claims(events):
+        claims.setdefault(claim.lock, []).append(claim)
+    violations: list[Violation] = []
+    reported: set[tuple[Any, str]] = set()
+    checked = 0
+    for sample in _samples(events):
+        if sample.owner is None:
+            continue
+        checked += 1
+        if (sample.lock, sample.owner) in reported:
+            continue
+        mine = [c for c in claims.get(sample.lock, ()) if c.covers(sample.owner)]
+        if any(c.start <= sample.received and sample.sent <= c.end + slack for c in mine):
+            continue
+        reported.add((sample.lock, sample.owner))
+        before = [c for c in mine if c.end < sample.sent]
+        last = max(before, key=lambda c: c.end, default=None)
+        if last is None:
+            why = "no recorded operation could own it"
+        else:
+            why = (
+                f"{last.process}'s {last.what} ended at {_t(last.end)}, "
+                f"{(sample.sent - last.end) / 1e6:.1f} ms before"
+            )
+        violations.append(
+            Violation(
+                "orphaned-lease",
+                f"lease of lock {sample.lock!r} owned by {sample.owner} still on the server at "
+                f"{_t(sample.sent)} (pttl {sample.pttl} ms): {why} (bound {bound:g} s)",
+                (sample.event,),
+            )
+        )
+    return CheckResult("orphans", tuple(violations), {"samples": checked})
+
+
+_CLAIM_OPS = frozenset(("acquire", "extend", "held"))
+
+
+def check_validity(
+    history: Iterable[Event | Mapping[str, Any]], *, tolerance: float = 0.005
+) -> CheckResult:
+    """Check that a holder's reported validity is never later than the lease's real end.
+
+    A claim is an ``ok`` event of ``acquire``, ``extend`` or ``held`` (e.g. ``ensure_held()``
+    passed) with ``owner`` and ``validity``: the holder believes its lease lasts until
+    ``time + validity``. The claim stands until the same process's next ``extend`` or ``release``
+    invocation (or ``abandon``) on that lock. A ``lease`` sample taken while it stands must show
+    (violations of kind ``validity-late``):
+
+    - the owner's lease with ``received + pttl >= time + validity - tolerance`` (the server's
+      lease ends no earlier than the holder thinks), and
+    - the lease present at all when it was read before ``time + validity - tolerance``.
+    """
+    events = sort_events(history)
+    tol = tolerance * 1e9
+    claims: list[tuple[Event, float]] = []  # (claim, when it stops standing)
+    standing: dict[tuple[str, Any], list[int]] = {}
+    for event in events:
+        key = (event.process, event.get("lock"))
+        if event.op in _CLAIM_OPS and event.type == "ok" and event.get("owner") is not None:
+            if _num(event.get("validity")) is not None:
+                standing.setdefault(key, []).append(len(claims))
+                claims.append((event, math.inf))
+        elif key in standing and (
+            (event.op in ("extend", "release") and event.type == "invoke") or event.op == "abandon"
+        ):
+            for index in standing.pop(key):
+                claims[index] = (claims[index][0], event.time)
+    by_lock: dict[Any, list[_Sample]] = {}
+    for sample in _samples(events):
+        by_lock.setdefault(sample.lock, []).append(sample)
+    violations: list[Violation] = []
+    checked = 0
+    for claim, until in claims:
+        owner = str(claim.get("owner"))
+        end = claim.time + max(0.0, float(claim.get("validity"))) * 1e9
+        samples = by_lock.get(claim.get("lock"), [])
+        i = bisect.bisect_left([s.sent for s in samples], claim.time)
+        for sample in samples[i:]:
+            if sample.received >= until or sample.received >= end - tol:
+                break
+            checked += 1
+            if sample.owner == owner:
+                real_end = sample.received + sample.pttl * 1e6
+                if sample.pttl >= 0 and end - tol <= real_end:
+                    continue
+                what = f"the server's pttl was {sample.pttl} ms"
+            else:
+                real_end = sample.received
+                what = "the lease was " + (
+                    "gone" if sample.owner is None else f"held by {sample.owner}"
+                )
+            violations.append(
+                Violation(
+                    "validity-late",
+                    f"{claim.process} ({claim.op}, owner {owner}) reported validity "
+                    f"{claim.get('validity'):.3f} s at {_t(claim.time)} (until {_t(end)}), but "
+                    f"at {_t(sample.sent)} {what}: {(end - real_end) / 1e6:.1f} ms late",
+                    (claim, sample.event),
+                )
+            )
+            break
+    return CheckResult("validity", tuple(violations), {"claims": len(claims), "samples": checked})
 
 
 # -- caches ---------------------------------------------------------------------------------------

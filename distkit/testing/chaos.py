@@ -11,6 +11,14 @@ nemesis in the coordinating process injects one fault at a time, from a seeded s
 - on the cache server: restart without data, pause, partition, latency;
 - on the protected resource (the fenced store's server): pause.
 
+The lock side also generates what broke distlock in issue 13: the workers are forked by one parent
+from lock handles it built before the fork; a single-instance ``Lock`` is contended by every
+worker (FIFO waiters blocked in BLPOP) while the nemesis cuts its connections under queued waiters,
+adds latency and stops whole workers; workers stall before BLPOP; asyncio workers cancel acquire,
+extend and release at their k-th await point, k counting up; the Redlock masters' clocks are
+skewed. ``check_orphans`` and ``check_validity`` judge the single lock's leases, sampled by the
+coordinator.
+
 Now and then a worker also stalls inside its critical section for longer than its lease and then
 writes anyway, as a paused process would: the fenced store must refuse the write when a newer
 holder has written since.
@@ -31,19 +39,27 @@ The exit status is 0 when every check passed. ``tests/test_chaos.py`` runs a sho
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import redis
+import redis.asyncio
 
 from distkit.testing._history import (
     CheckResult,
@@ -51,6 +67,8 @@ from distkit.testing._history import (
     check_cache,
     check_fencing,
     check_mutex,
+    check_orphans,
+    check_validity,
     read_history,
 )
 from distkit.testing._proxy import FaultProxy
@@ -60,6 +78,9 @@ __all__ = ["SoakConfig", "SoakReport", "main", "run_soak"]
 
 _MASTERS = 3
 _LOCK_NAMES = ("chaos-a", "chaos-b")
+_SINGLE = "chaos-s"  # one single-instance Lock that every worker contends for (FIFO handoffs)
+_CANCEL_TARGETS = ("acquire", "extend", "release")
+_NEW_FAULTS = 3  # the first entries of _faults(): the lock faults, injected every other turn
 _CACHE_KEYS = tuple(f"key{i}" for i in range(8))
 _MISS = "<miss>"
 _FILL_LOCK_TTL = 30.0  # distcache's default fill-lock lease (StampedePolicy.lock_ttl)
@@ -84,6 +105,13 @@ class SoakConfig:
             a near cache's settings; the hook for soaking cache variants.
         stale_bound: staleness the cache check allows every read, in seconds (a near cache's
             coherence bound; ``0`` for a plain cache).
+        master_skew: wall-clock offset of each Redlock master, seconds (a preload library
+            shifts the clock the server reads, so the ``TIME`` its scripts read is skewed;
+            needs a C compiler, else ignored and reported).
+        orphan_bound: how long a lease may outlive every operation that could own it, seconds
+            (``check_orphans``).
+        validity_tolerance: how much later than the server's lease end a holder's reported
+            validity may end, seconds (``check_validity``).
     """
 
     seconds: float = 30.0
@@ -97,6 +125,9 @@ class SoakConfig:
     directory: Path | None = None
     cache_options: Mapping[str, Any] = field(default_factory=dict)
     stale_bound: float = 0.0
+    master_skew: tuple[float, ...] = (0.0, 0.1, -0.1)
+    orphan_bound: float = 0.5
+    validity_tolerance: float = 0.005
 
 
 @dataclass
@@ -112,6 +143,7 @@ class SoakReport:
     worker_errors: list[str] = field(default_factory=list)
     rss_mb: dict[str, tuple[float, float]] = field(default_factory=dict)  # worker: (first, max)
     memory_problems: list[str] = field(default_factory=list)
+    skew: tuple[float, ...] = ()  # the masters' clock offsets really applied (empty: none)
     elapsed: float = 0.0
 
     @property
@@ -142,9 +174,11 @@ class SoakReport:
             f"-> {'PASS' if self.ok else 'FAIL'}",
             f"operations: {ops}",
             f"faults injected ({sum(self.faults.values())}): {faults}",
+            "master clock skew: "
+            + (", ".join(f"{x * 1000:+.0f}ms" for x in self.skew) or "none (no C compiler)"),
         ]
         for check in self.checks:
-            lines.append(check.summary(limit=5))
+            lines.append(check.summary(limit=1))  # one screen; report.checks has them all
         lines.append(f"leaked locks: {len(self.leaked_locks)} {self.leaked_locks[:5]}")
         lines.append(f"stuck workers: {len(self.stuck_workers)} {self.stuck_workers}")
         if self.worker_errors:
@@ -168,6 +202,134 @@ class _WorkerSpec:
     lock_ttl: float
     cache_ttl: float
     cache_options: Mapping[str, Any]
+    single: int = 0  # proxy port of the single-instance Lock's server
+    mode: str = "sync"  # "async": single-lock sections through AsyncLock / AsyncRedlock
+
+
+class _StallingRedis(redis.Redis):
+    """A client that may stall (as a GC pause or preemption would) right before each BLPOP:
+    between the reply that queued a waiter and its blocking wait for the handoff."""
+
+    stall: Callable[[], None] | None = None
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        """Stall first when the command is a BLPOP, then send it."""
+        if self.stall is not None and args and args[0] == "BLPOP":
+            self.stall()
+        return super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+class _AsyncStallingRedis(redis.asyncio.Redis):
+    """The asyncio twin of ``_StallingRedis``."""
+
+    stall: Callable[[], Awaitable[None]] | None = None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        """Stall first when the command is a BLPOP, then send it."""
+        if self.stall is not None and args and args[0] == "BLPOP":
+            await self.stall()
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+class _Handles:
+    """The lock handles of every worker, built once by the parent *before* it forks the workers
+    (a module-level lock in a pre-fork server): the workers share these very objects."""
+
+    def __init__(self, spec: _WorkerSpec) -> None:
+        from distkit import RedisConfig, aconnect, connect
+        from distlock import Lock, Redlock
+
+        def config(port: int) -> RedisConfig:
+            return RedisConfig(
+                host="127.0.0.1", port=port, connect_timeout=0.25, socket_timeout=0.25
+            )
+
+        self.spec = spec
+        masters = [connect(config(port)) for port in spec.masters]
+        self.redlocks = {
+            name: Redlock(masters, name, ttl=spec.lock_ttl, node_timeout=0.15, retry_delay=0.05)
+            for name in _LOCK_NAMES
+        }
+        self.client = _StallingRedis(
+            connection_pool=cast(redis.Redis, connect(config(spec.single))).connection_pool
+        )
+        self.single = Lock(self.client, _SINGLE, ttl=spec.lock_ttl)
+        self.aclient = _AsyncStallingRedis(
+            connection_pool=cast(redis.asyncio.Redis, aconnect(config(spec.single))).connection_pool
+        )
+        self._amasters = [aconnect(config(port)) for port in spec.masters]
+        self.asingle = self.new_async_single()
+        self.aredlock = self.new_async_redlock()
+
+    def new_async_single(self) -> Any:
+        """An ``AsyncLock`` on the single lock, renewing itself (a replacement after abandon)."""
+        from distlock import AsyncLock
+
+        ttl = self.spec.lock_ttl
+        return AsyncLock(self.aclient, _SINGLE, ttl=ttl, auto_renew=True, renew_interval=ttl / 4)
+
+    def new_async_redlock(self) -> Any:
+        """An ``AsyncRedlock`` on the first Redlock name, renewing itself."""
+        from distlock import AsyncRedlock
+
+        ttl = self.spec.lock_ttl
+        return AsyncRedlock(
+            self._amasters, _LOCK_NAMES[0], ttl=ttl, node_timeout=0.15, retry_delay=0.05,
+            auto_renew=True, renew_interval=ttl / 4,
+        )  # fmt: skip
+
+    def warm_up(self) -> None:
+        """Use the sync handles once, as a pre-fork parent may (opens their connections)."""
+        for lock in [*self.redlocks.values(), self.single]:
+            with contextlib.suppress(Exception):
+                if lock.acquire(timeout=0.5):
+                    lock.release()
+
+
+def _owner(lock: Any) -> str | None:
+    """The owner id of the handle's current acquisition (test tooling reads the core)."""
+    owner = getattr(getattr(lock, "_core", None), "owner", None)
+    return owner if isinstance(owner, str) else None
+
+
+def _owner_prefix(lock: Any) -> str | None:
+    """The handle's owner-id prefix: the owner of an attempt that never reported its id."""
+    prefix = getattr(getattr(lock, "_core", None), "_owner_prefix", None)
+    return prefix if isinstance(prefix, str) else None
+
+
+class _CancelAt:
+    """Await ``coro``, cancelling the awaiting task at its ``k``-th suspension (1-based): every
+    await point of an operation is reached by cycling ``k`` upwards until ``fired`` stays false."""
+
+    def __init__(self, coro: Awaitable[Any], k: int) -> None:
+        self._coro = coro
+        self._k = k
+        self.fired = False
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        inner = self._coro.__await__()
+        steps = 0
+        send: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                yielded = inner.send(send) if error is None else inner.throw(error)
+            except StopIteration as stop:
+                if self.fired:  # the operation swallowed the cancellation: absorb a pending one
+                    with contextlib.suppress(asyncio.CancelledError):
+                        yield None
+                return stop.value
+            steps += 1
+            if steps == self._k:
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()  # lands on the future just yielded: this very await point
+                self.fired = True
+            try:
+                send, error = (yield yielded), None
+            except BaseException as exc:  # thrown into the operation, as asyncio would
+                send, error = None, exc
 
 
 def _rss_bytes() -> int:
@@ -184,8 +346,11 @@ def _tag_of(key: str) -> str:
     return f"g{int(key[3:]) % 3}"
 
 
-def _worker(spec: _WorkerSpec) -> None:
-    """One worker process: lock sections and cache operations until ``stop_at_ns``."""
+def _worker(spec: _WorkerSpec, handles: _Handles | None = None) -> None:
+    """One worker process: lock sections and cache operations until ``stop_at_ns``.
+
+    ``handles``: the lock handles built by the parent before it forked this worker.
+    """
     import logging
 
     logging.basicConfig(  # the fail-open warnings go to the run's directory, not the screen
@@ -193,28 +358,194 @@ def _worker(spec: _WorkerSpec) -> None:
     )
     from distcache import Cache
     from distkit import DistkitError, RedisConfig, connect
-    from distlock import FencedStore, LockNotOwned, Redlock, StaleFencingToken
+    from distlock import FencedStore, LockNotOwned, StaleFencingToken
 
     rng = random.Random(spec.seed)
 
     def config(port: int) -> RedisConfig:
         return RedisConfig(host="127.0.0.1", port=port, connect_timeout=0.25, socket_timeout=0.25)
 
-    masters = [connect(config(port)) for port in spec.masters]
-    locks = {
-        name: Redlock(masters, name, ttl=spec.lock_ttl, node_timeout=0.15, retry_delay=0.05)
-        for name in _LOCK_NAMES
+    handles = handles if handles is not None else _Handles(spec)
+    locks = handles.redlocks
+    stores = {
+        name: FencedStore(connect(config(spec.resource)), name) for name in (*_LOCK_NAMES, _SINGLE)
     }
-    stores = {name: FencedStore(connect(config(spec.resource)), name) for name in _LOCK_NAMES}
     cache = Cache(
         connect(config(spec.cache)), namespace="chaos", ttl=spec.cache_ttl, **spec.cache_options
     )
     seq = 0
 
     with HistoryRecorder(spec.history, spec.name) as rec:
+        rec.info("forked", value=os.getpid(), parent=os.getppid())
+
+        def stall() -> None:
+            if rng.random() < 0.3:
+                pause = rng.uniform(0.01, 0.15)
+                rec.info("stall before BLPOP", value=pause)
+                time.sleep(pause)
+
+        async def astall() -> None:
+            if rng.random() < 0.3:
+                pause = rng.uniform(0.01, 0.15)
+                rec.info("stall before BLPOP", value=pause)
+                time.sleep(pause)  # noqa: ASYNC251 - the whole process stalls, as a GC pause does
+
+        handles.client.stall = stall
+        handles.aclient.stall = astall
+
+        def write_fenced(name: str, token: int) -> None:
+            nonlocal seq
+            seq += 1
+            value = f"{spec.name}-{seq}"
+            rec.invoke("write", token=token, resource=name, value=value)
+            try:
+                stores[name].write(token, value)
+            except StaleFencingToken as exc:
+                rec.fail("write", token=token, resource=name, highest=exc.highest)
+            except DistkitError as exc:
+                rec.info("write", token=token, resource=name, error=type(exc).__name__)
+            else:
+                rec.ok("write", token=token, resource=name, value=value)
+
+        def single_section() -> None:
+            # The single-instance Lock, contended by every worker: waiters queue for FIFO
+            # handoffs (blocked in BLPOP) while the nemesis cuts connections and adds latency.
+            lock = handles.single
+            rec.invoke("acquire", lock=_SINGLE, owner_prefix=_owner_prefix(lock))
+            try:
+                got = lock.acquire(timeout=rng.uniform(0.2, 1.0))
+            except DistkitError as exc:
+                rec.info("acquire", lock=_SINGLE, error=type(exc).__name__)
+                return
+            if not got:
+                rec.fail("acquire", lock=_SINGLE)
+                return
+            now = time.monotonic_ns()
+            validity = lock.validity
+            token, owner = lock.fencing_token, _owner(lock)
+            rec.record(
+                "acquire", "ok", token=token, time_ns=now, validity=validity,
+                ttl=spec.lock_ttl, lock=_SINGLE, owner=owner,
+            )  # fmt: skip
+            time.sleep(rng.uniform(0, 0.05))
+            now = time.monotonic_ns()
+            with contextlib.suppress(DistkitError):
+                lock.ensure_held()
+                rec.record(
+                    "held", "ok", time_ns=now, validity=lock.validity, lock=_SINGLE, owner=owner
+                )
+                if token is not None:
+                    write_fenced(_SINGLE, token)
+            rec.invoke("release", lock=_SINGLE, owner=owner)
+            try:
+                lock.release()
+            except LockNotOwned:
+                rec.fail("release", lock=_SINGLE, owner=owner)
+            except DistkitError as exc:
+                rec.info("release", lock=_SINGLE, owner=owner, error=type(exc).__name__)
+            else:
+                rec.ok("release", lock=_SINGLE, owner=owner)
+
+        loop = asyncio.new_event_loop() if spec.mode == "async" else None
+        cancel_k = dict.fromkeys(_CANCEL_TARGETS, 1)
+        cancel_turn = 0
+
+        async def cancellable(op: str, target: str, coro: Awaitable[Any], **fields: Any) -> Any:
+            """Await one lock operation; when it is this section's target, cancel it at the
+            k-th suspension (k cycles 1, 2, ... until the operation completes first)."""
+            if op != target:
+                return await coro
+            k = cancel_k[op]
+            wrapped = _CancelAt(coro, k)
+            try:
+                return await wrapped
+            finally:
+                cancel_k[op] = k + 1 if wrapped.fired else 1
+                if wrapped.fired:
+                    rec.info(f"cancel {op}", k=k, **fields)
+
+        async def async_section() -> None:
+            # AsyncLock / AsyncRedlock with auto-renew, cancelled systematically at every await
+            # point of acquire, extend and release (renewal runs, and is stopped, underneath).
+            nonlocal cancel_turn
+            redlock = rng.random() < 0.3
+            lock = handles.aredlock if redlock else handles.asingle
+            name = _LOCK_NAMES[0] if redlock else _SINGLE
+            target = _CANCEL_TARGETS[cancel_turn % len(_CANCEL_TARGETS)]
+            cancel_turn += 1
+            rec.invoke("acquire", lock=name, owner_prefix=_owner_prefix(lock))
+            try:
+                got = await cancellable(
+                    "acquire", target, lock.acquire(timeout=rng.uniform(0.2, 1.0)), lock=name
+                )
+            except asyncio.CancelledError:
+                rec.info("acquire", lock=name, error="CancelledError", owner=_owner(lock))
+                if lock.fencing_token is not None:  # the call raised, yet the handle holds
+                    rec.info("abandon", lock=name, owner=_owner(lock))
+                    replace(redlock)
+                return
+            except DistkitError as exc:
+                rec.info("acquire", lock=name, error=type(exc).__name__)
+                return
+            if not got:
+                rec.fail("acquire", lock=name)
+                return
+            now = time.monotonic_ns()
+            validity = lock.validity
+            token, owner = lock.fencing_token, _owner(lock)
+            rec.record(
+                "acquire", "ok", token=token, time_ns=now, validity=validity,
+                ttl=spec.lock_ttl, lock=name, owner=owner,
+            )  # fmt: skip
+            if token is not None and validity > 0.1:
+                write_fenced(name, token)
+            await asyncio.sleep(rng.uniform(0, 0.03))
+            if target == "extend" or rng.random() < 0.3:
+                rec.invoke("extend", lock=name, owner=owner)
+                try:
+                    await cancellable("extend", target, lock.extend(), lock=name)
+                except asyncio.CancelledError:
+                    rec.info("extend", lock=name, owner=owner, error="CancelledError")
+                except DistkitError as exc:
+                    rec.info("extend", lock=name, owner=owner, error=type(exc).__name__)
+                else:
+                    now = time.monotonic_ns()
+                    rec.record(
+                        "extend", "ok", time_ns=now, validity=lock.validity, lock=name,
+                        owner=owner,
+                    )  # fmt: skip
+            rec.invoke("release", lock=name, owner=owner)
+            try:
+                await cancellable("release", target, lock.release(), lock=name)
+            except asyncio.CancelledError:
+                rec.info("release", lock=name, owner=owner, error="CancelledError")
+            except LockNotOwned:
+                rec.fail("release", lock=name, owner=owner)
+            except DistkitError as exc:
+                rec.info("release", lock=name, owner=owner, error=type(exc).__name__)
+            else:
+                rec.ok("release", lock=name, owner=owner)
+            if lock.fencing_token is not None:
+                # The handle still believes it holds after its release finished: give it up
+                # (a fresh handle takes over); whatever it left on the server stays there.
+                rec.info("abandon", lock=name, owner=owner)
+                replace(redlock)
+
+        def replace(redlock: bool) -> None:
+            if redlock:
+                handles.aredlock = handles.new_async_redlock()
+            else:
+                handles.asingle = handles.new_async_single()
 
         def lock_section() -> None:
             nonlocal seq
+            roll = rng.random()
+            if loop is not None and roll < 0.5:
+                loop.run_until_complete(async_section())
+                return
+            if roll < 0.5:
+                single_section()
+                return
             name = rng.choice(_LOCK_NAMES)
             lock = locks[name]
             rec.invoke("acquire", lock=name)
@@ -231,7 +562,7 @@ def _worker(spec: _WorkerSpec) -> None:
             token = lock.fencing_token
             rec.record(
                 "acquire", "ok", token=token, time_ns=now, validity=validity,
-                ttl=spec.lock_ttl, lock=name,
+                ttl=spec.lock_ttl, lock=name, owner=_owner(lock),
             )  # fmt: skip
             if rng.random() < 0.02:
                 # A holder that stalls (a GC pause, a swapped-out process) past its lease, then
@@ -333,16 +664,177 @@ def _worker(spec: _WorkerSpec) -> None:
         rec.info("rss", value=_rss_bytes())
 
 
+def _forker(specs: Sequence[_WorkerSpec], status: str) -> None:
+    """The workers' parent: build the lock handles, use them once, then fork every worker with
+    them (``os.fork``), wait for the workers and write their fate to ``status`` (JSON)."""
+    handles = _Handles(specs[0])
+    handles.warm_up()
+    children: dict[int, str] = {}
+    for spec in specs:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child ends in os._exit
+            code = 1
+            try:
+                _worker(spec, handles)
+                code = 0
+            except BaseException:  # reported through the exit status
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        children[pid] = spec.name
+    with open(Path(status).with_suffix(".pids"), "w", encoding="ascii") as handle:
+        handle.write(json.dumps(children))
+    deadline = time.monotonic() + max(0.0, (specs[0].stop_at_ns - time.monotonic_ns()) / 1e9)
+    deadline += 15.0
+    errors: list[str] = []
+    while children and time.monotonic() < deadline:
+        pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        name = children.pop(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if code != 0:
+            errors.append(f"{name} exited with {code}")
+    stuck = sorted(children.values())
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    with open(status, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps({"stuck": stuck, "errors": errors}))
+
+
+# A preload library that offsets the wall clock redis-server reads (TIME, and its expiry clock
+# with it): libfaketime cannot be used, as it deadlocks with the jemalloc of Debian's redis-server
+# (wolfcw/libfaketime#130). It calls the kernel directly: no dlsym, no malloc, no recursion.
+_SKEW_SOURCE = r"""
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+static long long offset_ns;
+
+__attribute__((constructor)) static void skew_init(void) {
+    const char *value = getenv("DISTKIT_CLOCK_OFFSET_NS");
+    offset_ns = value ? atoll(value) : 0;
+}
+
+static void shift(struct timespec *ts) {
+    long long ns = (long long)ts->tv_sec * 1000000000LL + ts->tv_nsec + offset_ns;
+    ts->tv_sec = ns / 1000000000LL;
+    ts->tv_nsec = ns % 1000000000LL;
+}
+
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    int rc = (int)syscall(SYS_clock_gettime, id, ts);
+    if (rc == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) shift(ts);
+    return rc;
+}
+
+int gettimeofday(struct timeval *tv, void *tz) {
+    struct timespec ts;
+    (void)tz;
+    if (tv == NULL) return 0;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    tv->tv_sec = ts.tv_sec;
+    tv->tv_usec = ts.tv_nsec / 1000;
+    return 0;
+}
+
+time_t time(time_t *out) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    if (out) *out = ts.tv_sec;
+    return ts.tv_sec;
+}
+"""
+
+
+def _skew_library(directory: Path) -> Path | None:
+    """Build the clock-offset preload library (needs a C compiler); None when it cannot."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source, library = directory / "skew.c", directory / "libdistkitskew.so"
+    source.write_text(_SKEW_SOURCE, encoding="ascii")
+    import subprocess
+
+    built = subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O2", "-o", str(library), str(source)],
+        capture_output=True,
+        check=False,
+    )
+    return library if built.returncode == 0 else None
+
+
+def _skewed_binary(directory: Path, binary: str | None, offset: float) -> str | None:
+    """A wrapper that runs ``redis-server`` with its wall clock offset by ``offset`` seconds;
+    None when the preload library cannot be built."""
+    library = directory / "libdistkitskew.so"
+    if not library.exists() and _skew_library(directory) is None:
+        return None
+    from distkit.testing._server import find_redis_server
+
+    real = binary or find_redis_server()
+    script = directory / f"redis-server-skew{offset:+.3f}"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"LD_PRELOAD={library} DISTKIT_CLOCK_OFFSET_NS={round(offset * 1e9)} "
+        f'exec {real} "$@"\n',
+        encoding="ascii",
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def _sample_leases(rig: _Rig, path: Path, stop: threading.Event) -> None:
+    """Record the single lock's lease (owner, PTTL) every few ms as ``lease`` events."""
+    import redis
+
+    from distkit._keys import KeySpace
+
+    key = KeySpace("distkit").key("lock", _SINGLE)
+    script = "return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}"
+    client = redis.Redis(
+        host="127.0.0.1", port=rig.lock.port, socket_timeout=0.5, socket_connect_timeout=0.5
+    )
+    with HistoryRecorder(path, "sampler") as rec:
+        while not stop.wait(0.01):
+            sent = time.monotonic_ns()
+            try:
+                owner, pttl = client.eval(script, 1, key)
+            except redis.RedisError:
+                continue
+            rec.info(
+                "lease", lock=_SINGLE, owner=owner.decode() if owner else None, pttl=int(pttl),
+                sent=sent,
+            )  # fmt: skip
+    client.close()
+
+
 # -- the nemesis ----------------------------------------------------------------------------------
 
 
 class _Rig:
     """The servers and proxies of one soak."""
 
-    def __init__(self, directory: Path, binary: str | None) -> None:
+    def __init__(self, directory: Path, binary: str | None, skew: Sequence[float] = ()) -> None:
         self._stack = contextlib.ExitStack()
+        offsets = [skew[i] if i < len(skew) else 0.0 for i in range(_MASTERS)]
+        wrappers = [_skewed_binary(directory, binary, x) if x else binary for x in offsets]
+        skewed = all(w is not None for w, x in zip(wrappers, offsets, strict=True) if x)
+        self.skew = tuple(offsets) if any(offsets) and skewed else ()
         self.masters = [
-            self._stack.enter_context(RedisServer(directory=directory / f"m{i}", binary=binary))
+            self._stack.enter_context(
+                RedisServer(
+                    directory=directory / f"m{i}",
+                    binary=(wrappers[i] or binary) if self.skew else binary,
+                )
+            )
             for i in range(_MASTERS)
         ]
         self.master_proxies = [
@@ -355,16 +847,26 @@ class _Rig:
             RedisServer(directory=directory / "cache", binary=binary)
         )
         self.cache_proxy = self._stack.enter_context(FaultProxy(self.cache.address))
+        self.lock = self._stack.enter_context(
+            RedisServer(directory=directory / "lock", binary=binary)
+        )
+        self.lock_proxy = self._stack.enter_context(FaultProxy(self.lock.address))
+        self.worker_pids: list[int] = []
+        self.pids_file = directory / "workers.pids"
+        self.directory = directory
 
     def heal(self) -> None:
-        """Undo every fault: servers running and resumed, proxies clean."""
-        for server in [*self.masters, self.resource, self.cache]:
+        """Undo every fault: servers running and resumed, proxies clean, workers running."""
+        for server in [*self.masters, self.resource, self.cache, self.lock]:
             if not server.running:
                 server.restart(keep_data=False)
             elif server.paused:
                 server.resume()
-        for proxy in [*self.master_proxies, self.cache_proxy]:
+        for proxy in [*self.master_proxies, self.cache_proxy, self.lock_proxy]:
             proxy.reset()
+        for pid in self.worker_pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGCONT)
 
     def close(self) -> None:
         """Stop every server and proxy."""
@@ -390,15 +892,52 @@ def _faults(rig: _Rig, cfg: SoakConfig) -> list[tuple[str, Callable[[random.Rand
         time.sleep(rng.uniform(0.2, 1.2))
         proxy.blackhole(False)
 
-    def latency(proxy: FaultProxy, rng: random.Random) -> None:
-        proxy.set_latency(rng.uniform(0.01, 0.1))
+    def latency(proxy: FaultProxy, rng: random.Random, most: float = 0.1) -> None:
+        proxy.set_latency(rng.uniform(0.01, most))
         time.sleep(rng.uniform(0.3, 1.0))
         proxy.set_latency(0.0)
 
     def restart_cache(rng: random.Random) -> None:
         rig.cache.restart(keep_data=False)
 
+    def cut_under_waiters(rng: random.Random) -> None:
+        # Reset the single lock's connections while waiters are blocked in BLPOP for a handoff
+        # (the releaser's handoff pops the token into a reply that the reset loses).
+        from distkit._keys import KeySpace
+
+        queue = KeySpace("distkit").key("lock", _SINGLE, "queue")
+        cuts = 0
+        rig.lock_proxy.set_latency(rng.uniform(0.02, 0.05))  # handoff replies spend time in flight
+        with rig.lock.client(socket_timeout=0.5) as client:
+            deadline = time.monotonic() + 3.0
+            while cuts < 3 and time.monotonic() < deadline:
+                if int(client.zcard(queue)) > 0:
+                    time.sleep(rng.uniform(0, 0.06))
+                    rig.lock_proxy.cut()
+                    cuts += 1
+                    time.sleep(rng.uniform(0.05, 0.3))
+                else:
+                    time.sleep(0.002)
+        if not cuts:
+            rig.lock_proxy.cut()
+            raise _NoWaiter
+
+    def stall_worker(rng: random.Random) -> None:
+        # A whole worker process stops (GC, preemption, swapping) wherever it happens to be:
+        # between a queueing reply and its BLPOP, inside a section, in a renewal...
+        pids = rig.worker_pids or _read_pids(rig)
+        if not pids:
+            return
+        pid = rng.choice(pids)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(rng.uniform(0.05, 0.6))
+            os.kill(pid, signal.SIGCONT)
+
     return [
+        ("cut lock connections under queued waiters", cut_under_waiters),
+        ("latency lock", lambda rng: latency(rig.lock_proxy, rng, 0.06)),
+        ("stall worker (SIGSTOP)", stall_worker),
         ("kill+restart-empty master", on_master(kill_master)),
         ("pause master", on_master(lambda i, rng: pause(rig.masters[i], rng))),
         ("partition master", on_master(lambda i, rng: partition(rig.master_proxies[i], rng))),
@@ -411,18 +950,52 @@ def _faults(rig: _Rig, cfg: SoakConfig) -> list[tuple[str, Callable[[random.Rand
     ]
 
 
+class _NoWaiter(Exception):
+    """The lock cut found no queued waiter to cut under."""
+
+
+def _read_pids(rig: _Rig) -> list[int]:
+    try:
+        rig.worker_pids = [int(pid) for pid in json.loads(rig.pids_file.read_text())]
+    except (OSError, ValueError):
+        return []
+    return rig.worker_pids
+
+
 def _nemesis(rig: _Rig, cfg: SoakConfig, until_ns: int, report: SoakReport) -> None:
     rng = random.Random(cfg.seed)
     faults = _faults(rig, cfg)
+    new, old = faults[:_NEW_FAULTS], faults[_NEW_FAULTS:]
     time.sleep(min(1.0, cfg.seconds / 10))  # let the workers warm up
-    while time.monotonic_ns() < until_ns:
-        name, inject = rng.choice(faults)
-        report.faults[name] += 1
-        try:
-            inject(rng)
-        finally:
-            rig.heal()
-        time.sleep(rng.uniform(0.1, cfg.fault_gap))
+    turn = 0
+    with HistoryRecorder(rig.directory / "history" / "nemesis.jsonl", "nemesis") as rec:
+        while time.monotonic_ns() < until_ns:
+            turn = _inject(rig, rng, new, old, turn, report, rec)
+            time.sleep(rng.uniform(0.1, cfg.fault_gap))
+
+
+def _inject(
+    rig: _Rig,
+    rng: random.Random,
+    new: Sequence[tuple[str, Callable[[random.Random], None]]],
+    old: Sequence[tuple[str, Callable[[random.Random], None]]],
+    turn: int,
+    report: SoakReport,
+    rec: HistoryRecorder,
+) -> int:
+    """Inject one fault, record it in the history (``fault`` events) and in the report."""
+    # Every other fault is one of the lock faults, in turn, so a short soak injects each.
+    name, inject = new[(turn // 2) % len(new)] if turn % 2 == 0 else rng.choice(old)
+    rec.invoke("fault", value=name)
+    try:
+        inject(rng)
+    except _NoWaiter:
+        name += " (no waiter queued)"
+    finally:
+        rig.heal()
+    rec.ok("fault", value=name)
+    report.faults[name] += 1
+    return turn + 1
 
 
 def _leases(server: RedisServer) -> dict[str, int]:
@@ -441,7 +1014,7 @@ def _leaked_locks(rig: _Rig, cfg: SoakConfig) -> list[str]:
     workers stopped, and cache fill locks (lease ``_FILL_LOCK_TTL``) that would outlive theirs."""
     deadline = time.monotonic() + cfg.lock_ttl * 1.5 + 1.0
     while True:
-        leaked = [f"{m.port}/{key}" for m in rig.masters for key in _leases(m)]
+        leaked = [f"{m.port}/{key}" for m in [*rig.masters, rig.lock] for key in _leases(m)]
         if not leaked or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -493,7 +1066,8 @@ def run_soak(cfg: SoakConfig, *, binary: str | None = None) -> SoakReport:
     with _directory(cfg) as directory:
         histories = directory / "history"
         histories.mkdir(exist_ok=True)
-        rig = _Rig(directory, binary)
+        rig = _Rig(directory, binary, cfg.master_skew)
+        report.skew = rig.skew
         try:
             stop_at = time.monotonic_ns() + round(cfg.seconds * 1e9)
             ctx = mp.get_context("spawn")
@@ -510,35 +1084,51 @@ def run_soak(cfg: SoakConfig, *, binary: str | None = None) -> SoakReport:
                     lock_ttl=cfg.lock_ttl,
                     cache_ttl=cfg.cache_ttl,
                     cache_options=dict(cfg.cache_options),
+                    single=rig.lock_proxy.port,
+                    mode="async" if i % 2 else "sync",
                 )
                 for i in range(cfg.workers)
             ]
-            procs = [ctx.Process(target=_worker, args=(s,), name=s.name) for s in specs]
-            for proc in procs:
-                proc.start()
+            # One parent builds the lock handles and forks every worker with them.
+            status = directory / "workers.json"
+            forker = ctx.Process(target=_forker, args=(specs, str(status)), name="forker")
+            forker.start()
+            stop_sampling = threading.Event()
+            sampler = threading.Thread(
+                target=_sample_leases, args=(rig, histories / "sampler.jsonl", stop_sampling)
+            )
+            sampler.start()
             try:
                 _nemesis(rig, cfg, stop_at, report)
             finally:
                 rig.heal()
-                join_by = time.monotonic() + 20.0
-                for spec, proc in zip(specs, procs, strict=True):
-                    proc.join(max(0.1, join_by - time.monotonic()))
-                    if proc.is_alive():
-                        report.stuck_workers.append(spec.name)
-                        proc.kill()
-                        proc.join(5)
-                    elif proc.exitcode != 0:
-                        report.worker_errors.append(f"{spec.name} exited with {proc.exitcode}")
+                forker.join(max(0.1, (stop_at - time.monotonic_ns()) / 1e9) + 20.0)
+                if forker.is_alive():
+                    report.stuck_workers.append("forker")
+                    forker.kill()
+                    forker.join(5)
+                try:
+                    fate = json.loads(status.read_text())
+                except (OSError, ValueError):
+                    report.worker_errors.append(f"the forker exited with {forker.exitcode}")
+                else:
+                    report.stuck_workers.extend(fate["stuck"])
+                    report.worker_errors.extend(fate["errors"])
+                time.sleep(cfg.orphan_bound + cfg.lock_ttl)  # samples past the last holder
+                stop_sampling.set()
+                sampler.join(5)
             report.leaked_locks = _leaked_locks(rig, cfg)
         finally:
             rig.close()
         history = read_history(histories)
         for event in history:
-            if event.op != "rss" and event.type != "invoke":
+            if event.op not in ("rss", "lease", "fault") and event.type != "invoke":
                 report.operations[f"{event.op}:{event.type}"] += 1
         report.checks = [
             check_mutex(history),
             check_fencing(history),
+            check_orphans(history, bound=cfg.orphan_bound),
+            check_validity(history, tolerance=cfg.validity_tolerance),
             check_cache(history, bound=cfg.stale_bound),
         ]
         _memory(report, history, cfg)
