@@ -154,7 +154,7 @@ def test_a_delayed_write_after_the_tombstone_expired_is_refused(r: redis.Redis) 
     assert cache.get("k", MISSING) is MISSING
 
 
-# -- item 3: the epoch lost during a fill ------------------------------------------------------------
+# -- item 3: the epoch lost during a fill ----------------------------------------------------------
 LOSSES: dict[str, Callable[[redis.Redis], Any]] = {
     "epoch deleted": lambda r: r.delete(BASE + ":epoch"),
     "flushall": lambda r: r.flushall(),
@@ -228,7 +228,7 @@ def test_a_refused_fill_clears_the_failure_note(r: redis.Redis) -> None:
     assert r.get(note_key) is None  # a waiter now loads itself instead of raising LoaderError
 
 
-# -- item 2: the stale_if_error copy obeys local invalidations ---------------------------------------
+# -- item 2: the stale_if_error copy obeys local invalidations -------------------------------------
 @pytest.fixture
 def down(redis_server: RedisServer) -> Iterator[tuple[FaultProxy, redis.Redis]]:
     redis_server.client().flushall()
