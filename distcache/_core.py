@@ -861,7 +861,12 @@ class CacheCore:
     def delete(self, rkey: str) -> Protocol[bool]:
         """Replace the entry by a tombstone (refusing in-flight fills); ``True`` if one was live."""
         tombstone = TOMBSTONE + secrets.token_hex(8).encode()
-        args = [tombstone, self.fill_timeout_ms, secrets.token_hex(8), 2 * self.fill_timeout_ms]
+        args: list[Any] = [
+            tombstone,
+            self.fill_timeout_ms,
+            secrets.token_hex(8),
+            2 * self.fill_timeout_ms,
+        ]
         return bool((yield Eval(DELETE, [rkey, self.mark_key(rkey)], args)))
 
     def bump(self, record_keys: list[str]) -> Protocol[None]:
