@@ -167,7 +167,9 @@ class _CacheBase:
         return found.value
 
     def _forget(self, rkeys: list[str]) -> None:
-        """Drop this process's L1 copies of ``rkeys`` (after a local write or delete)."""
+        """Drop this process's copies of ``rkeys``: L1 and stale_if_error's (after a local
+        write, delete or fill)."""
+        self._policy.forget(rkeys)
         if self._near is not None:
             self._near.evict(rkeys)
 
@@ -445,6 +447,7 @@ class Cache(_CacheBase):
             try:
                 self._invalidate(self._core.bump(record_keys))
             finally:
+                self._policy.forget_tags(names)
                 if self._near is not None:
                     self._near.evict_tags(names)
 
@@ -457,6 +460,7 @@ class Cache(_CacheBase):
         try:
             self._invalidate(self._core.bump([self._core.ns_key]))
         finally:
+            self._policy.forget_all()
             if self._near is not None:
                 self._near.flush()
 
@@ -682,6 +686,7 @@ class AsyncCache(_CacheBase):
             try:
                 await self._invalidate(self._core.bump(record_keys))
             finally:
+                self._policy.forget_tags(names)
                 if self._near is not None:
                     self._near.evict_tags(names)
 
@@ -694,6 +699,7 @@ class AsyncCache(_CacheBase):
         try:
             await self._invalidate(self._core.bump([self._core.ns_key]))
         finally:
+            self._policy.forget_all()
             if self._near is not None:
                 self._near.flush()
 

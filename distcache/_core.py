@@ -13,7 +13,13 @@ Why a fill is checked at the Redis tier (a timeline; ``seen`` is the epoch the r
 
 Without the check, A would store the old row after B's invalidation returned, and every reader
 would see it until the TTL ran out. ``delete`` is covered the same way by a tombstone: A's read
-saw the key empty, the tombstone makes it non-empty, A's WRITE compares and refuses.
+saw the key empty, the tombstone makes it non-empty, A's WRITE compares and refuses. A's read
+also captures the key's write mark, which every ``set`` and ``delete`` replaces and which lives
+twice the fill timeout, so A is refused even when B's ``set`` entry is gone again by A's WRITE::
+
+    A: get_or_set(k): MGET -> empty, mark m0 ... loader (old row) ................... WRITE
+    B:                         set(k, new, ttl=1) -> mark m1 ... expires / evicted
+    WRITE(baseline empty, mark m0): the key is empty again, but the mark is m1 -> refused
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from distkit._retry import NO_RETRY
 from ._breaker import CircuitBreaker
 from ._keys import check_key, check_tag
 from ._metrics import CacheEvent, CacheMetrics
-from ._scripts import BUMP, DELETE, REVALIDATE, WRITE
+from ._scripts import BUMP, DELETE, LOOK, REVALIDATE, WRITE
 from ._serializers import JsonSerializer, Serializer
 
 __all__ = [
@@ -161,13 +167,15 @@ def retry_policy(retry: RetryConfig | RetryPolicy | None) -> RetryPolicy:
 
 
 class Miss:
-    """A read that found no usable entry; ``baseline`` and ``epoch`` are what a fill compares."""
+    """A read that found no usable entry; ``baseline``, ``epoch`` and ``mark`` are what a fill
+    compares (``mark``: the key's write mark as read, ``b""`` none, ``None`` not read)."""
 
-    __slots__ = ("baseline", "epoch")
+    __slots__ = ("baseline", "epoch", "mark")
 
-    def __init__(self, baseline: str, epoch: bytes | None) -> None:
+    def __init__(self, baseline: str, epoch: bytes | None, mark: bytes | None = None) -> None:
         self.baseline = baseline  # '' nothing, '<len>:<sha1>' these bytes, '!' unknown
         self.epoch = epoch
+        self.mark = mark
 
 
 class Entry:
@@ -225,6 +233,12 @@ class Prepared:
     tag_keys: list[str]
 
 
+def _refused() -> Protocol[bool]:
+    """A fill refused before any I/O (too slow, or a foreign epoch)."""
+    yield from ()
+    return False
+
+
 def _baseline(raw: bytes | None) -> str:
     if raw is None:
         return ""
@@ -235,6 +249,7 @@ class CacheCore:
     """State and protocol steps of one cache (no I/O; driven by a sync or async driver)."""
 
     __slots__ = (
+        "_base_len",
         "_bases",
         "_entry_prefixes",
         "_hashed_prefix",
@@ -351,6 +366,7 @@ class CacheCore:
         self._tag_prefix = base + ":t:"
         self.entry_prefix = base + ":k:"
         self._hashed_prefix = base + ":h:"
+        self._base_len = len(base) + 1
 
     # -- keys and arguments --------------------------------------------------------------------
     def entry_key(self, key: object) -> str:
@@ -371,6 +387,11 @@ class CacheCore:
         if self.shards == 1:
             return self.entry_prefix + key
         return self._entry_prefixes[zlib.crc32(key.encode()) % self.shards] + key
+
+    def mark_key(self, rkey: str) -> str:
+        """The write mark of entry key ``rkey``: ``P:cache:{NS}:mk:<key>`` (``:mh:<sha256>``)."""
+        cut = self._base_len if self.shards == 1 else rkey.index("}") + 2
+        return rkey[:cut] + "m" + rkey[cut:]
 
     def logical_key(self, rkey: str) -> str:
         """The cache key back from its Redis key (a hashed long key stays a hash), for messages."""
@@ -667,15 +688,42 @@ class CacheCore:
         return self._classify(raw, epoch)
 
     def read_entry(self, rkey: str, type_: Any, quiet: bool = False) -> Protocol[Any]:
-        """``read`` for the read-through: an ``Entry`` with its metadata, or a ``Miss``."""
-        raw, epoch = yield Command(("MGET", rkey, self.epoch_of(rkey)))
+        """``read`` for the read-through: an ``Entry`` with its metadata, or a ``Miss``.
+
+        One ``MGET`` of entry, epoch and write mark (what a fill compares)."""
+        raw, epoch, mark = yield Command(("MGET", rkey, self.epoch_of(rkey), self.mark_key(rkey)))
         found = self.entry(raw, epoch, type_, quiet)
+        if found.__class__ is Entry:
+            return found
+        return (yield from self.settle(rkey, found, mark, type_))
+
+    def settle(self, rkey: str, found: Any, mark: bytes | None, type_: Any) -> Protocol[Any]:
+        """Finish a read-through's look (``found``: not an ``Entry``; ``mark``: read with it).
+
+        A ``Check`` is revalidated; a ``Miss`` gets the write mark. A miss that found no epoch
+        looks again with ``LOOK``, which creates the epoch first: a fill never compares against
+        an absent epoch, which an invalidation could create and lose again during the load.
+        """
         if found.__class__ is Check:
-            found = yield from self.recheck_entry(rkey, found, type_)
+            found = yield from self.recheck_entry(rkey, found, type_, mark)
+        if found.__class__ is Miss:
+            if found.epoch is None:
+                raw, epoch, mark = yield Eval(
+                    LOOK, [rkey, self.epoch_of(rkey), self.mark_key(rkey)], []
+                )
+                found = self.entry(raw, epoch, type_, True)
+                if found.__class__ is Check:
+                    found = yield from self.recheck_entry(rkey, found, type_, mark)
+                if found.__class__ is not Miss:
+                    return found
+            found.mark = b"" if mark is None else mark
         return found
 
-    def recheck_entry(self, rkey: str, check: Check, type_: Any) -> Protocol[Any]:
-        """``recheck`` for the read-through: an ``Entry`` if still valid, else a ``Miss``."""
+    def recheck_entry(
+        self, rkey: str, check: Check, type_: Any, mark: bytes | None = None
+    ) -> Protocol[Any]:
+        """``recheck`` for the read-through: an ``Entry`` if still valid, else a ``Miss``
+        (with ``mark``, the write mark read with the entry)."""
         codes = yield self._revalidate_step([rkey], [check])
         if int(codes[0]) == 1:
             try:
@@ -684,7 +732,7 @@ class CacheCore:
             except Exception as exc:
                 return self._corrupt(check.raw, check.epoch, exc)
         self.emit(_MISS)
-        return Miss("" if int(codes[0]) == 0 else "!", check.epoch)
+        return Miss("" if int(codes[0]) == 0 else "!", check.epoch, mark)
 
     # -- writes --------------------------------------------------------------------------------
     def write(self, prepared: Prepared) -> Protocol[None]:
@@ -695,14 +743,18 @@ class CacheCore:
             self.grace_ms,
             len(prepared.tag_names),
             *prepared.tag_names,
+            secrets.token_hex(8),  # the new write mark: refuses the fills that read before
+            2 * self.fill_timeout_ms,
+            0,
         ]
         for base, group in self._groups(prepared.keys):
             args = list(head)
+            tag_keys = [base + ":t:" + name for name in prepared.tag_names]
+            keys = [base + ":epoch", base + ":ns", *tag_keys]
             for i in group:
                 flags, payload = prepared.entries[i]
-                args += ("*", flags, 0, payload)
-            tag_keys = [base + ":t:" + name for name in prepared.tag_names]
-            keys = [base + ":epoch", base + ":ns", *tag_keys, *(prepared.keys[i] for i in group)]
+                args += ("*", "*", flags, 0, payload)
+                keys += (prepared.keys[i], self.mark_key(prepared.keys[i]))
             yield Eval(WRITE, keys, args)
 
     def fill(
@@ -717,11 +769,14 @@ class CacheCore:
         type_: Any,
         started: float,
         compute: float,
+        note: str | None = None,
     ) -> Protocol[bool] | None:
-        """The write of a loader's result (``None``: nothing to store).
+        """The write of a loader's result (``None``: nothing to store, ``negative_ttl`` 0).
 
-        The write is refused by Redis if the key, one of the tags or the namespace changed
-        since the read. Encoding happens now, so a ``SerializationError`` reaches the caller.
+        The write is refused by Redis if the key (entry or write mark), one of the tags or the
+        namespace changed since the read; the protocol then returns ``False``. Encoding happens
+        now, so a ``SerializationError`` reaches the caller. ``note``: the key of the failed-load
+        note the write deletes (this load succeeded, refused or not).
         """
         negative = value is None and negative_ttl is not None
         if negative:
@@ -735,7 +790,7 @@ class CacheCore:
             # a tombstone lives fill_timeout: past it, a delete during the load could be missed
             log.info("cache %r: fill of %r took too long; not stored", self.namespace, key)
             self.emit(CacheEvent.STALE_FILL_REJECTED)
-            return None
+            return _refused()
         names, tag_keys = tags
         base = self.base_of(rkey)
         if self.shards > 1:
@@ -746,20 +801,33 @@ class CacheCore:
                 "cache %r: the namespace epoch is not distcache's; not stored", self.namespace
             )
             self.emit(CacheEvent.DECODE_ERROR)
-            return None
+            return _refused()
         seen = miss.epoch.decode() if miss.epoch is not None else "0"
         flags = self.serializer.id + (b"n" if negative else b"v")
         compute_us = max(0, round(compute * 1_000_000))
+        if miss.baseline:
+            seen_mark: bytes = b"*"  # the bytes compare: a set or delete since changed them
+        elif miss.mark is None:
+            seen_mark = b"!"  # a read that did not capture the mark: never stored
+        else:
+            seen_mark = b"=" + miss.mark
+        keys = [base + ":epoch", base + ":ns", *tag_keys, rkey, self.mark_key(rkey)]
+        if note is not None:
+            keys.append(note)
         step = Eval(
             WRITE,
-            [base + ":epoch", base + ":ns", *tag_keys, rkey],
+            keys,
             [
                 seen,
                 _ms(ttl),
                 self.grace_ms,
                 len(names),
                 *names,
+                "",
+                0,
+                0 if note is None else 1,
                 miss.baseline,
+                seen_mark,
                 flags,
                 compute_us,
                 payload,
@@ -799,7 +867,13 @@ class CacheCore:
     def delete(self, rkey: str) -> Protocol[bool]:
         """Replace the entry by a tombstone (refusing in-flight fills); ``True`` if one was live."""
         tombstone = TOMBSTONE + secrets.token_hex(8).encode()
-        return bool((yield Eval(DELETE, [rkey], [tombstone, self.fill_timeout_ms])))
+        args: list[Any] = [
+            tombstone,
+            self.fill_timeout_ms,
+            secrets.token_hex(8),
+            2 * self.fill_timeout_ms,
+        ]
+        return bool((yield Eval(DELETE, [rkey, self.mark_key(rkey)], args)))
 
     def bump(self, record_keys: list[str]) -> Protocol[None]:
         """Move the epoch and stamp it into ``record_keys``: their entries become misses.

@@ -7,8 +7,10 @@ Keys of namespace ``NS`` under prefix ``P`` with ``shards=1`` (all on one Cluste
     P:cache:{NS}:t:<tag>     STRING  generation of one tag (set by invalidate_tags)   PX >= entries
     P:cache:{NS}:k:<key>     STRING  an entry (envelope below), or a tombstone        PX ttl+grace
     P:cache:{NS}:h:<sha256>  STRING  the same, for keys longer than 200 characters    PX ttl
+    P:cache:{NS}:mk:<key>    STRING  write mark of a key (random; set by set/delete)  PX 2 x fill
+    P:cache:{NS}:mh:<sha256> STRING  the same, for a hashed key                          timeout
 
-With ``shards=N > 1`` each shard ``i`` has the same five kinds of keys under
+With ``shards=N > 1`` each shard ``i`` has the same kinds of keys under
 ``P:cache.N:{NS.i}:`` (its own epoch and records, on its entries' slot), so every script below
 still runs on one slot; an invalidation runs BUMP once per shard.
 
@@ -39,14 +41,18 @@ window), which makes the staleness bound hard: Redis deletes the entry when it r
 ``compute_us`` is the loader's measured time, the δ of early refresh (XFetch).
 
 A tombstone (``delete``) is ``"dc1~" + random``, kept for the fill timeout: a fill that read the
-key before the delete finds it changed and is refused.
+key before the delete finds it changed and is refused. ``set`` and ``delete`` also replace the
+key's write mark, which a fill's read captures and its WRITE compares: the mark outlives the entry
+or tombstone as far as fills are concerned (twice the fill timeout from the write), so a fill that
+read the key empty before a ``set`` is refused even after that entry expired, was deleted by a
+revalidation or was evicted. A fill whose read found no epoch is always refused (see ``LOOK``).
 """
 
 from __future__ import annotations
 
 from distkit import Script
 
-__all__ = ["BUMP", "DELETE", "NOW", "REVALIDATE", "WRITE"]
+__all__ = ["BUMP", "DELETE", "LOOK", "NOW", "REVALIDATE", "WRITE"]
 
 _HELPERS = """
 local function pad(n) return string.format('%016.0f', n) end
@@ -106,42 +112,53 @@ return s
 """,
 )
 
-# KEYS: epoch, namespace record, tag records (ntags), entries (n)
+# KEYS: epoch, namespace record, tag records (ntags), then per entry: the entry and its write
+#       mark (n pairs), then the failure note of a fill (nnote: 0 or 1, deleted by a fill)
 # ARGV: seen ('' for a plain set; else the epoch the fill's read saw, '0' when there was none),
 #       ttl_ms (the logical time to live, recorded in the metadata), grace_ms (kept this much
 #       longer for stale serving: the key's PX is ttl_ms + grace_ms), ntags, tag names (ntags),
-#       then for each entry: baseline, flags (serializer id + kind), compute_us, payload
+#       mark (a plain set's new write mark, random; '' for a fill), mark_ms (its life), nnote,
+#       then for each entry: baseline, mark seen, flags (serializer id + kind), compute_us, payload
 #       baseline: '*' no check; '' the read saw nothing; '<len>:<sha1>' the bytes it saw;
 #                 '!' unknown (never matches)
+#       mark seen: '*' no check; '=' .. the mark the read saw ('=' alone: none); '!' unknown
 # Returns one code per entry: 1 written; 0 refused, the key changed since the read (delete, set,
-#         another fill); -1 refused, the namespace or one of the tags was invalidated since.
+#         another fill); -1 refused, the namespace or one of the tags was invalidated since, or
+#         the epoch is gone (what happened since the read is unknown).
 # The compare-and-set of a fill (memcache leases, without a lease round trip): the read captured
 # the epoch; any invalidation since moved it, and then the namespace and tag records are checked
 # one by one: a record newer than `seen` (or gone) means this fill's value may predate it.
+# A set or delete also replaces the key's write mark (kept mark_ms = 2 x fill timeout), so a fill
+# whose read saw the key empty is refused even once the set's entry is gone again (expired,
+# revalidated away, evicted): its mark is not the one the read saw.
 WRITE = Script(
     "distcache.write",
     _HELPERS
     + """
 local seen_s, ntags = ARGV[1], tonumber(ARGV[4])
 local ttl_ms = tonumber(ARGV[2]) + tonumber(ARGV[3])  -- the physical life: ttl + grace
-local n = #KEYS - 2 - ntags
+local mark, mark_ms, nnote = ARGV[5 + ntags], ARGV[6 + ntags], tonumber(ARGV[7 + ntags])
+local n = (#KEYS - 2 - ntags - nnote) / 2
 local function refuse_all(code)
   local out = {}
   for j = 1, n do out[j] = code end
   return out
 end
+if nnote == 1 then redis.call('DEL', KEYS[#KEYS]) end  -- this load did not fail
 if seen_s ~= '' then
   local seen = tonumber(seen_s)
   local cur = redis.call('GET', KEYS[1])
-  if cur then
-    if tonumber(cur) ~= seen then
-      for i = 2, 2 + ntags do
-        local v = redis.call('GET', KEYS[i])
-        if not v or tonumber(v) > seen then return refuse_all(-1) end
-      end
+  if not cur then
+    -- The epoch is gone (or never was, seen == 0): an invalidation since the read may have
+    -- created it and lost it again. Refuse; the next read finds the epoch this creates.
+    current_epoch(KEYS[1])
+    return refuse_all(-1)
+  end
+  if tonumber(cur) ~= seen then
+    for i = 2, 2 + ntags do
+      local v = redis.call('GET', KEYS[i])
+      if not v or tonumber(v) > seen then return refuse_all(-1) end
     end
-  elseif seen ~= 0 then
-    return refuse_all(-1)  -- the epoch is gone: what happened since the read is unknown
   end
 end
 local _, epoch_s = current_epoch(KEYS[1])
@@ -154,11 +171,12 @@ local t = redis.call('TIME')
 local now_ms = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 local tail = ARGV[2] .. '|' .. ns_gen .. '|' .. table.concat(parts, ',')
 local out = {}
-local a = 4 + ntags
+local a = 7 + ntags
 for j = 1, n do
-  local key = KEYS[2 + ntags + j]
-  local baseline, flags, compute, payload = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  a = a + 4
+  local key, mkey = KEYS[1 + ntags + 2 * j], KEYS[2 + ntags + 2 * j]
+  local baseline, seen_mark = ARGV[a + 1], ARGV[a + 2]
+  local flags, compute, payload = ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+  a = a + 5
   local ok = true
   if baseline ~= '*' then
     local cur = redis.call('GET', key)
@@ -166,11 +184,15 @@ for j = 1, n do
     if cur then now = #cur .. ':' .. redis.sha1hex(cur) end
     ok = now == baseline
   end
+  if ok and seen_mark ~= '*' then
+    ok = '=' .. (redis.call('GET', mkey) or '') == seen_mark
+  end
   if ok then
     local meta = now_ms .. '|' .. compute .. '|' .. tail
     redis.call('SET', key,
       'dc1:' .. epoch_s .. flags .. string.format('%04x', #meta) .. meta .. payload,
       'PX', ttl_ms)
+    if mark ~= '' then redis.call('SET', mkey, mark, 'PX', mark_ms) end
     out[j] = 1
   else
     out[j] = 0
@@ -222,15 +244,29 @@ return out
 """,
 )
 
-# KEYS: entry;  ARGV: tombstone, ttl_ms (the fill timeout)
+# KEYS: entry, its write mark;  ARGV: tombstone, ttl_ms (the fill timeout), mark, mark_ms
 # Returns 1 if the key held an entry (valid or not), 0 if it held nothing or a tombstone.
 DELETE = Script(
     "distcache.delete",
     """
 local old = redis.call('GET', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 if old and string.sub(old, 1, 4) == 'dc1:' then return 1 end
 return 0
+""",
+)
+
+# KEYS: entry, epoch, write mark
+# ARGV: none
+# Returns {entry, epoch, mark} as one MGET would, after creating the epoch if it was absent: the
+# look of a read-through whose first read found no epoch (a fill never compares against none).
+LOOK = Script(
+    "distcache.look",
+    _HELPERS
+    + """
+local _, epoch_s = current_epoch(KEYS[2])
+return {redis.call('GET', KEYS[1]), epoch_s, redis.call('GET', KEYS[3])}
 """,
 )
 

@@ -32,7 +32,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,7 +43,7 @@ from distkit._errors import redact
 from distkit._protocol import Command, Eval, Protocol
 from distlock import AsyncLock, Lock
 
-from ._core import FAILED, FAILURES, CacheCore, Check, Clock, Entry, Miss, TagArgs
+from ._core import FAILED, FAILURES, CacheCore, Clock, Entry, Miss, TagArgs
 from ._metrics import CacheEvent
 from ._near import ABSENT
 from ._scripts import NOW
@@ -265,26 +265,73 @@ class Call:
         self.type_ = type_
 
 
+_Kept = tuple[Any, float, tuple[str, ...], bytes | None]  # value, expiry, tags, entry bytes
+
+
+def _entry_tags(raw: bytes) -> set[str] | None:
+    """The tag names recorded in an entry's metadata (``None``: unreadable)."""
+    try:
+        start = 26 + int(raw[22:26], 16)
+        text = raw[26:start].decode("ascii").split("|")[4]
+    except (ValueError, IndexError, UnicodeDecodeError):
+        return None
+    return {t.split("=", 1)[0] for t in text.split(",") if t}
+
+
 class _StaleStore:
-    """The last value of recently read keys, for ``stale_if_error`` while Redis is down (LRU)."""
+    """The last value of recently read keys, for ``stale_if_error`` while Redis is down (LRU).
+
+    It obeys this process's invalidations: ``drop`` (set, delete, a refused fill), ``drop_tags``
+    and ``clear``; an entry's tags are those of the entry read, or the caller's for a load.
+    """
 
     __slots__ = ("_data", "_guard", "_size")
 
     def __init__(self, size: int) -> None:
-        self._data: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+        self._data: OrderedDict[str, _Kept] = OrderedDict()
         self._guard = threading.Lock()
         self._size = size
 
-    def put(self, rkey: str, value: Any, expires_ms: float) -> None:
+    def put(
+        self,
+        rkey: str,
+        value: Any,
+        expires_ms: float,
+        tags: tuple[str, ...] = (),
+        raw: bytes | None = None,
+    ) -> None:
+        """Keep ``value`` (from entry bytes ``raw``, or a load tagged ``tags``)."""
         with self._guard:
-            self._data[rkey] = (value, expires_ms)
+            self._data[rkey] = (value, expires_ms, tags, raw)
             self._data.move_to_end(rkey)
             if len(self._data) > self._size:
                 self._data.popitem(last=False)
 
     def get(self, rkey: str) -> tuple[Any, float] | None:
+        """The kept value of ``rkey`` and its expiry (server clock, ms)."""
         with self._guard:
-            return self._data.get(rkey)
+            kept = self._data.get(rkey)
+        return None if kept is None else (kept[0], kept[1])
+
+    def drop(self, rkeys: Iterable[str]) -> None:
+        """Forget ``rkeys``."""
+        with self._guard:
+            for rkey in rkeys:
+                self._data.pop(rkey, None)
+
+    def drop_tags(self, names: Iterable[str]) -> None:
+        """Forget every value tagged with one of ``names`` (or whose tags cannot be read)."""
+        wanted = set(names)
+        with self._guard:
+            for rkey, (_, _, tags, raw) in list(self._data.items()):
+                found = _entry_tags(raw) if raw is not None else set(tags)
+                if found is None or not wanted.isdisjoint(found):
+                    del self._data[rkey]
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._guard:
+            self._data.clear()
 
 
 def _ms(value: float) -> int:
@@ -401,17 +448,51 @@ class ReadThrough:
     def relookup(self, rkey: str, type_: Any, since_ms: float) -> Protocol[Any]:
         """The second look, under the fill lock: the entry, and a failed load's note."""
         core = self.core
-        raw, epoch, note = yield Command(("MGET", rkey, core.epoch_of(rkey), self.error_key(rkey)))
+        raw, epoch, note, mark = yield Command(
+            ("MGET", rkey, core.epoch_of(rkey), self.error_key(rkey), core.mark_key(rkey))
+        )
         found = core.entry(raw, epoch, type_, True)  # counted by the first look
-        if found.__class__ is Check:
-            found = yield from core.recheck_entry(rkey, found, type_)
+        if found.__class__ is not Entry:
+            found = yield from core.settle(rkey, found, mark, type_)
         return found, _fresh_note(note, since_ms)
 
-    def _remember(self, rkey: str, value: Any, expires_ms: float) -> None:
+    def _remember(self, rkey: str, value: Any, expires_ms: float, raw: bytes) -> None:
         if self._store is not None:
-            self._store.put(rkey, value, expires_ms)
+            self._store.put(rkey, value, expires_ms, raw=raw)
 
-    def _fill(self, call: Call, miss: Miss, outcome: _Outcome, started: float) -> Flow:
+    def _loaded(self, call: Call, value: Any, stored: bool | None) -> None:
+        """Keep a loader's result for ``stale_if_error``, unless Redis refused it as stale."""
+        store = self._store
+        if store is None:
+            return
+        ttl = call.ttl
+        if value is None and call.negative_ttl is not None:
+            ttl = call.negative_ttl
+        if stored is False or ttl <= 0:
+            store.drop((call.rkey,))
+            return
+        store.put(call.rkey, value, self.clock.now_ms() + ttl * 1000, call.tags[0])
+
+    def forget(self, rkeys: Iterable[str]) -> None:
+        """Drop the ``stale_if_error`` copies of ``rkeys`` (a local set, delete or fill)."""
+        if self._store is not None:
+            self._store.drop(rkeys)
+
+    def forget_tags(self, names: Iterable[str]) -> None:
+        """Drop the ``stale_if_error`` copies tagged with any of ``names``."""
+        if self._store is not None:
+            self._store.drop_tags(names)
+
+    def forget_all(self) -> None:
+        """Drop every ``stale_if_error`` copy (a local ``clear``)."""
+        if self._store is not None:
+            self._store.clear()
+
+    def _fill(
+        self, call: Call, miss: Miss, outcome: _Outcome, started: float, held: bool = False
+    ) -> Flow:
+        """Store the loader's result; the flow's value: ``True`` stored, ``False`` refused,
+        ``None`` not attempted or Redis failed."""
         protocol = self.core.fill(
             call.rkey,
             miss,
@@ -422,9 +503,11 @@ class ReadThrough:
             type_=call.type_,
             started=started,
             compute=outcome.seconds,
+            note=self.error_key(call.rkey) if held else None,
         )
-        if protocol is not None:
-            yield _Fill(protocol)
+        if protocol is None:
+            return None
+        return (yield _Fill(protocol))
 
     # -- protocols -----------------------------------------------------------------------------
     def plain_hit(self, found: Entry, rkey: str) -> bool:
@@ -441,7 +524,7 @@ class ReadThrough:
         if scale > 0 and found.expires_ms - now <= scale * _FAR:
             return False
         self.core.emit(CacheEvent.HIT)
-        self._remember(rkey, found.value, found.expires_ms)
+        self._remember(rkey, found.value, found.expires_ms, found.raw)
         return True
 
     def run(self, call: Call, found: Any = LOOKUP, started: float | None = None) -> Flow:
@@ -461,7 +544,7 @@ class ReadThrough:
             late = now - found.expires_ms
             if late < 0 or not self.grace_ms:  # no stale window: Redis expired it if it was due
                 core.emit(CacheEvent.HIT)
-                self._remember(call.rkey, found.value, found.expires_ms)
+                self._remember(call.rkey, found.value, found.expires_ms, found.raw)
                 if self.beta and self.early(found, now):
                     yield _Spawn(found)
                 return found.value
@@ -515,7 +598,7 @@ class ReadThrough:
                         if not self.grace_ms or self.clock.now_ms() < again.expires_ms:
                             core.emit(CacheEvent.COALESCED)  # another process loaded it
                             outcome = _Outcome(again.value, None, 0.0)
-                            self._remember(call.rkey, again.value, again.expires_ms)
+                            self._remember(call.rkey, again.value, again.expires_ms, again.raw)
                             return again.value
                         miss = again.miss()
                     elif again is FAILED:
@@ -551,9 +634,10 @@ class ReadThrough:
                     core.emit(CacheEvent.STALE_SERVED)
                     return stale.value  # type: ignore[union-attr]
                 raise outcome.error
+            stored = None
             if miss is not None:
-                yield from self._fill(call, miss, outcome, started)
-            self._remember(call.rkey, outcome.value, self.clock.now_ms() + call.ttl * 1000)
+                stored = yield from self._fill(call, miss, outcome, started, held)
+            self._loaded(call, outcome.value, stored)
             return outcome.value
         finally:
             # The lock first: its next holder is another process, which still has to read the
@@ -570,9 +654,10 @@ class ReadThrough:
                 self.core.emit(CacheEvent.STALE_SERVED)
                 return stale.value  # type: ignore[union-attr]
             raise outcome.error
+        stored = None
         if miss is not None:
-            yield from self._fill(call, miss, outcome, started)
-        self._remember(call.rkey, outcome.value, self.clock.now_ms() + call.ttl * 1000)
+            stored = yield from self._fill(call, miss, outcome, started)
+        self._loaded(call, outcome.value, stored)
         return outcome.value
 
     def refresh(self, call: Call, seen: Entry) -> Flow:
@@ -606,7 +691,7 @@ class ReadThrough:
                     outcome.error,
                 )
                 return None
-            yield from self._fill(call, miss, outcome, started)
+            yield from self._fill(call, miss, outcome, started, held)
             return None
         finally:
             if held:
@@ -777,15 +862,20 @@ class SyncFlow:
         breaker = core.breaker
         clock = self.policy.clock
         if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
-            try:  # the hit path: one MGET, as get()
-                raw, epoch = self.cache._execute("MGET", rkey, core.epoch_of(rkey))
+            try:  # the hit path: one MGET, as get() (and the write mark a fill compares)
+                raw, epoch, mark = self.cache._execute(
+                    "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
+                )
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
             found = core.entry(raw, epoch, call.type_, quiet)
-            if found.__class__ is not Check:
+            if found.__class__ is Entry:
                 return found
-            protocol = core.recheck_entry(rkey, found, call.type_)
+            if found.__class__ is Miss and epoch is not None:
+                found.mark = b"" if mark is None else mark
+                return found
+            protocol = core.settle(rkey, found, mark, call.type_)
         else:
             protocol = core.read_entry(rkey, call.type_, quiet)
         if not core.allow():
@@ -871,14 +961,15 @@ class SyncFlow:
             if not core.allow():
                 step.protocol.close()
                 return None
+            stored = None
             try:
-                self.cache._driver.run(step.protocol)
+                stored = self.cache._driver.run(step.protocol)
             except FAILURES as exc:
                 core.failed(exc)
             else:
                 core.succeeded()
             self.cache._forget([call.rkey])  # this process's L1 copy, if any, is older
-            return None
+            return stored
         if cls is _Relookup:
             if not core.allow():
                 return FAILED, None
@@ -1000,15 +1091,20 @@ class AsyncFlow:
         breaker = core.breaker
         clock = self.policy.clock
         if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
-            try:  # the hit path: one MGET, as get()
-                raw, epoch = await self.cache._execute("MGET", rkey, core.epoch_of(rkey))
+            try:  # the hit path: one MGET, as get() (and the write mark a fill compares)
+                raw, epoch, mark = await self.cache._execute(
+                    "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
+                )
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
             found = core.entry(raw, epoch, call.type_, quiet)
-            if found.__class__ is not Check:
+            if found.__class__ is Entry:
                 return found
-            protocol = core.recheck_entry(rkey, found, call.type_)
+            if found.__class__ is Miss and epoch is not None:
+                found.mark = b"" if mark is None else mark
+                return found
+            protocol = core.settle(rkey, found, mark, call.type_)
         else:
             protocol = core.read_entry(rkey, call.type_, quiet)
         if not core.allow():
@@ -1098,14 +1194,15 @@ class AsyncFlow:
             if not core.allow():
                 step.protocol.close()
                 return None
+            stored = None
             try:
-                await self.cache._driver.run(step.protocol)
+                stored = await self.cache._driver.run(step.protocol)
             except FAILURES as exc:
                 core.failed(exc)
             else:
                 core.succeeded()
             self.cache._forget([call.rkey])  # this process's L1 copy, if any, is older
-            return None
+            return stored
         if cls is _Relookup:
             if not core.allow():
                 return FAILED, None

@@ -302,11 +302,14 @@ def test_one_key_layout_with_the_namespace_hash_tag(twin: Twin, r: redis.Redis) 
         f"{long}:h:{digest}",
         *(b + suffix for b in (user, brace, long) for suffix in (":epoch", ":ns")),
     }
+    marks = {user + ":mk:user:1", f"{long}:mh:{digest}"}  # set()'s write marks, short-lived
+    expected |= marks
     found = sorted(k.decode() for k in r.keys("*") if isinstance(k, bytes))
     # the read-through's fill lock (distlock) leaves its fencing record, which expires
     fill_lock = [k for k in found if k.startswith("app:cache:lock:{cache.fill.lay.out-1.")]
     assert fill_lock and all(0 < r.pttl(k) <= 30_000 for k in fill_lock)
     assert sorted(set(found) - set(fill_lock)) == sorted(expected)
+    assert all(0 < r.pttl(k) <= 2 * 60_000 for k in marks)
     if cache.shards == 1:  # one slot: every key under the namespace's hash tag
         assert user == "app:cache:{lay.out-1}"
     assert cache.get(long_key) == 2

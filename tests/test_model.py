@@ -37,8 +37,9 @@ from hypothesis.stateful import (
 )
 
 from distcache import Cache, NearCache
-from distkit import ConnectionUnavailable, LockError
-from distkit.testing import RedisServer
+from distcache._core import Miss
+from distkit import ConnectionUnavailable, LockError, connect
+from distkit.testing import FaultProxy, RedisServer
 from distlock import FencedStore, Lock, LockNotOwned, StaleFencingToken
 from tests._adversarial import examples, fuzz_settings
 
@@ -118,8 +119,28 @@ class CacheModel:
             self.records[name] = self.epoch
 
 
+@dataclass
+class Pending:
+    """A fill split in two (issue 14): its read happened; its write is a later rule."""
+
+    key: str
+    value: Any
+    tags: frozenset[str]
+    miss: Miss
+    forbidden: list[str] = field(default_factory=list)  # what since the read must refuse it
+    quiet: bool = True  # nothing at all happened since the read: the write must land
+
+
 class CacheMachine(RuleBasedStateMachine):
-    """Two ``Cache`` handles (two clients, as two processes) on one namespace vs ``CacheModel``."""
+    """Two ``Cache`` handles (two clients, as two processes) on one namespace vs ``CacheModel``.
+
+    Issue 14's rules: a fill split into its read and its write with any rules between
+    (``fill_read`` / ``fill_write``), short TTLs and expiry (``set`` / ``advance``), the loss of
+    the epoch, the records and the write marks at any step (``evict_*``, ``flushall``), and a
+    third handle with ``stale_if_error`` behind a proxy that an outage rule cuts (``sie_*``):
+    no fill whose read preceded a set, delete or invalidation of its key, tags or namespace is
+    ever stored, and the stale copy never serves what this handle invalidated.
+    """
 
     server: ClassVar[RedisServer]
     near_bound: ClassVar[float | None] = None  # a near-cache subclass sets its bound
@@ -147,10 +168,38 @@ class CacheMachine(RuleBasedStateMachine):
             for name, c in zip(HANDLES, self.clients, strict=True)
         }
         self.core = self.caches["h0"]._core  # key layout only: never used for I/O
+        self.pending: list[Pending] = []
+        self.proxy = FaultProxy(self.server.address)
+        self.proxy.start()
+        self.sie_client = connect(
+            {"port": self.proxy.port, "socket_timeout": 0.5, "connect_timeout": 0.5}
+        )
+        self.sie = Cache(
+            self.sie_client,
+            namespace="model",
+            ttl=5 * TTL_SCALE,
+            negative_ttl=self.negative_ttl * TTL_SCALE,
+            stale_if_error=10 * TTL_SCALE,
+            breaker=False,
+        )
+        self.down = False
+        self.kept: dict[str, tuple[Any, frozenset[str]]] = {}  # the sie handle's copies
 
     def teardown(self) -> None:
-        for c in [self.admin, *self.clients]:
+        for c in [self.admin, *self.clients, self.sie_client]:
             c.close()
+        self.proxy.close()
+
+    def _touch(self, key: str | None = None, names: list[str] | None = None) -> None:
+        """Something happened: pending fills are no longer sure to land; a set or delete of
+        ``key``, or a bump of ``names``, forbids the ones it concerns."""
+        for p in self.pending:
+            p.quiet = False
+            if key is not None and p.key == key:
+                p.forbidden.append(f"write of {key!r}")
+            for name in names or ():
+                if name == "ns" or name[2:] in p.tags:
+                    p.forbidden.append(f"bump of {name}")
 
     # -- helpers -----------------------------------------------------------------------------
     def _rkey(self, key: str) -> str:
@@ -169,6 +218,7 @@ class CacheMachine(RuleBasedStateMachine):
         ttl=st.integers(1, 5),
     )
     def set(self, handle: str, key: str, value: Any, tags: frozenset[str], ttl: int) -> None:
+        self._touch(key)
         assert self.caches[handle].set(key, value, ttl=ttl * TTL_SCALE, tags=sorted(tags))
         self.model.write(key, value, tags, ttl)
 
@@ -179,6 +229,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     @rule(handle=st.sampled_from(HANDLES), key=st.sampled_from(KEYS))
     def get(self, handle: str, key: str) -> None:
+        self._touch()
         self.settle()
         got = self.caches[handle].get(key, MISSING)
         want = self.model.read(key)
@@ -186,6 +237,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     @rule(handle=st.sampled_from(HANDLES), keys=st.lists(st.sampled_from(KEYS), max_size=3))
     def get_many(self, handle: str, keys: list[str]) -> None:
+        self._touch()
         self.settle()
         got = self.caches[handle].get_many(keys)
         want = {k: v for k in dict.fromkeys(keys) if (v := self.model.read(k)) != MISSING}
@@ -198,6 +250,10 @@ class CacheMachine(RuleBasedStateMachine):
         tags=st.frozensets(st.sampled_from(TAGS), max_size=2),
     )
     def get_or_set(self, handle: str, key: str, loaded: Any, tags: frozenset[str]) -> None:
+        self._touch()
+        self._get_or_set(self.caches[handle], key, loaded, tags)
+
+    def _get_or_set(self, cache: Cache, key: str, loaded: Any, tags: frozenset[str]) -> Any:
         calls: list[Any] = []
 
         def loader() -> Any:
@@ -205,34 +261,39 @@ class CacheMachine(RuleBasedStateMachine):
             return loaded
 
         self.settle()
-        got = self.caches[handle].get_or_set(key, loader, ttl=3 * TTL_SCALE, tags=sorted(tags))
+        got = cache.get_or_set(key, loader, ttl=3 * TTL_SCALE, tags=sorted(tags))
         cached = self.model.read(key)
         if cached != MISSING:
             assert got == cached and not calls, "a hit must not call the loader"
-        else:
-            assert got == loaded and len(calls) == 1
-            # a loader's None is a negative entry, with its own ttl
-            self.model.write(key, loaded, tags, 3 if loaded is not None else self.negative_ttl)
+            return self.model.entries[key].tags
+        assert got == loaded and len(calls) == 1
+        # a loader's None is a negative entry, with its own ttl
+        self.model.write(key, loaded, tags, 3 if loaded is not None else self.negative_ttl)
+        return tags
 
     @rule(handle=st.sampled_from(HANDLES), key=st.sampled_from(KEYS))
     def delete(self, handle: str, key: str) -> None:
+        self._touch(key)
         was = self.caches[handle].delete(key)
         assert was == (key in self.model.entries)
         self.model.entries.pop(key, None)
 
     @rule(handle=st.sampled_from(HANDLES), tags=st.lists(st.sampled_from(TAGS), min_size=1))
     def invalidate_tags(self, handle: str, tags: list[str]) -> None:
+        self._touch(names=["t:" + t for t in tags])
         self.caches[handle].invalidate_tags(*tags)
         self.model.bump(sorted({"t:" + t for t in tags}))
 
     @rule(handle=st.sampled_from(HANDLES))
     def clear(self, handle: str) -> None:
+        self._touch(names=["ns"])
         self.caches[handle].clear()
         self.model.bump(["ns"])
 
     # -- time and the server's own behaviour -------------------------------------------------
     @rule(seconds=st.integers(1, 4))
     def advance(self, seconds: int) -> None:
+        self._touch()
         self.model.now += seconds
         for key, entry in list(self.model.entries.items()):
             if entry.deadline <= self.model.now:
@@ -242,20 +303,162 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(key=st.sampled_from(KEYS))
     def evict_entry(self, key: str) -> None:
         """Redis evicted (or lost) one entry."""
+        self._touch()
         self.admin.delete(self._rkey(key))
         self.model.entries.pop(key, None)
 
     @rule(record=st.sampled_from(["ns", *("t:" + t for t in TAGS)]))
     def evict_record(self, record: str) -> None:
         """Redis evicted a namespace or tag record: it reads as absent from now on."""
+        self._touch()
         self.admin.delete(self._record(record))
         self.model.records[record] = None
 
     @rule()
     def evict_epoch(self) -> None:
         """A lost epoch comes back as a fresh value: every entry gets revalidated."""
+        self._touch()
         if self.admin.delete(self._record("epoch")):
             self.model.epoch += 1
+
+    @rule(key=st.sampled_from(KEYS))
+    def evict_mark(self, key: str) -> None:
+        """Redis evicted a key's write mark: pending fills of that key become misses."""
+        self._touch()
+        rkey = self._rkey(key)
+        cut = rkey.index("}") + 2  # P:cache:{model}:mk:<key> (or :mh:<sha256>)
+        self.admin.delete(rkey[:cut] + "m" + rkey[cut:])
+
+    @rule()
+    def flushall(self) -> None:
+        """Everything is lost at once (FLUSHALL, a restart without persistence)."""
+        self._touch()
+        self.admin.flushall()
+        self.model.entries.clear()
+        self.model.records = dict.fromkeys(self.model.records)
+        self.model.epoch += 1
+
+    # -- a fill in two steps ---------------------------------------------------------------
+    @precondition(lambda self: len(self.pending) < 3)
+    @rule(
+        handle=st.sampled_from(HANDLES),
+        key=st.sampled_from(KEYS),
+        value=VALUES,
+        tags=st.frozensets(st.sampled_from(TAGS), max_size=2),
+    )
+    def fill_read(self, handle: str, key: str, value: Any, tags: frozenset[str]) -> None:
+        """The read of a read-through's miss; the loader then runs across later rules."""
+        self._touch()
+        cache = self.caches[handle]
+        found = cache._driver.run(cache._core.read_entry(self._rkey(key), None))
+        want = self.model.read(key)
+        if isinstance(found, Miss):
+            assert want == MISSING, f"read({key!r}) missed, model {want!r}"
+            self.pending.append(Pending(key, value, tags, found))
+        else:
+            assert found.value == want, f"read({key!r}) = {found.value!r}, model {want!r}"
+
+    @precondition(lambda self: bool(self.pending))
+    @rule(handle=st.sampled_from(HANDLES), which=st.integers(0, 2))
+    def fill_write(self, handle: str, which: int) -> None:
+        """The write of a split fill: refused if anything it must not outlive happened."""
+        # the draw does not depend on Redis's answers (hypothesis replays must draw alike)
+        p = self.pending.pop(which % len(self.pending))
+        self._touch()
+        cache = self.caches[handle]
+        core = cache._core
+        rkey = self._rkey(p.key)
+        negative = p.value is None
+        protocol = core.fill(
+            rkey,
+            p.miss,
+            p.value,
+            ttl=3 * TTL_SCALE,
+            negative_ttl=self.negative_ttl * TTL_SCALE,
+            tags=core.tag_args(sorted(p.tags)),
+            type_=None,
+            started=core.clock(),
+            compute=0.0,
+        )
+        assert protocol is not None
+        stored = cache._driver.run(protocol)
+        cache._forget([rkey])
+        if p.forbidden:
+            assert stored is False, f"a fill of {p.key!r} landed after: {p.forbidden}"
+        if p.quiet:
+            assert stored is True, f"a fill of {p.key!r} with nothing since its read: refused"
+        if stored:
+            ttl = self.negative_ttl if negative else 3
+            self.model.write(p.key, p.value, p.tags, ttl)
+
+    # -- a handle with stale_if_error, and Redis outages -------------------------------------
+    @rule(on=st.booleans())
+    def sie_outage(self, on: bool) -> None:
+        """The sie handle loses Redis (every connection refused) or gets it back."""
+        self._touch()
+        self.proxy.refuse(on)
+        if on:
+            self.proxy.cut()
+        self.down = on
+
+    @rule(
+        key=st.sampled_from(KEYS),
+        loaded=VALUES,
+        tags=st.frozensets(st.sampled_from(TAGS), max_size=2),
+    )
+    def sie_get_or_set(self, key: str, loaded: Any, tags: frozenset[str]) -> None:
+        self._touch()
+        if not self.down:
+            kept_tags = self._get_or_set(self.sie, key, loaded, tags)
+            self.kept[key] = (self.model.entries[key].value, kept_tags)
+            return
+        got = self.sie.get_or_set(key, lambda: loaded, ttl=3 * TTL_SCALE, tags=sorted(tags))
+        if key in self.kept:
+            assert got == self.kept[key][0], f"{got!r}: not the kept copy {self.kept[key]!r}"
+        else:  # dropped by this handle's invalidation: never served from memory
+            assert got == loaded, f"{got!r} served from memory for {key!r}: it was invalidated"
+            self.kept[key] = (loaded, tags)
+
+    def _sie_invalidate(self, act: Any, model: Any) -> None:
+        if self.down:
+            with pytest.raises(ConnectionUnavailable):
+                act()
+        else:
+            act()
+            model()
+
+    @rule(key=st.sampled_from(KEYS), value=VALUES)
+    def sie_set(self, key: str, value: Any) -> None:
+        self.kept.pop(key, None)
+        self._touch(None if self.down else key)
+        if self.down:
+            assert self.sie.set(key, value, ttl=TTL_SCALE) is False  # fail-open: not stored
+            return
+        assert self.sie.set(key, value, ttl=TTL_SCALE)
+        self.model.write(key, value, frozenset(), 1)
+
+    @rule(key=st.sampled_from(KEYS))
+    def sie_delete(self, key: str) -> None:
+        self.kept.pop(key, None)
+        self._touch(None if self.down else key)
+        self._sie_invalidate(
+            lambda: self.sie.delete(key), lambda: self.model.entries.pop(key, None)
+        )
+
+    @rule(tags=st.lists(st.sampled_from(TAGS), min_size=1))
+    def sie_invalidate_tags(self, tags: list[str]) -> None:
+        self.kept = {k: v for k, v in self.kept.items() if v[1].isdisjoint(tags)}
+        self._touch(names=None if self.down else ["t:" + t for t in tags])
+        self._sie_invalidate(
+            lambda: self.sie.invalidate_tags(*tags),
+            lambda: self.model.bump(sorted({"t:" + t for t in tags})),
+        )
+
+    @rule()
+    def sie_clear(self) -> None:
+        self.kept.clear()
+        self._touch(names=None if self.down else ["ns"])
+        self._sie_invalidate(self.sie.clear, lambda: self.model.bump(["ns"]))
 
     @invariant()
     def nothing_outside_the_prefix(self) -> None:
