@@ -159,6 +159,10 @@ def _canon(value: Any, typed: bool, out: list[str]) -> None:
         for i, name in enumerate(cls.model_fields):
             out.append(("," if i else "") + name + "=")
             _canon(getattr(value, name), typed, out)
+        extra = value.__pydantic_extra__  # extra="allow": part of the model's equality too
+        if extra:
+            items = sorted(repr(str(k)) + "=" + _text(v, typed) for k, v in extra.items())
+            out.append(";" + ",".join(items))
         out.append(")")
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         out.append(f"D{_qualified(cls)}(")
