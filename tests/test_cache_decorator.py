@@ -687,3 +687,90 @@ def test_keys_are_canonical_whatever_the_call_order(
                 assert _python_equal(keys[key], x, typed), (keys[key], x, key)
             keys[key] = x
     assert stored[0] == stored[1]
+
+
+def _no_wraps(fn: Any) -> Any:
+    """A decorator without functools.wraps: everything it wraps is ``_no_wraps.<locals>.inner``."""
+
+    def inner(*args: Any) -> Any:
+        return fn(*args)
+
+    return inner
+
+
+def _ano_wraps(fn: Any) -> Any:
+    async def inner(*args: Any) -> Any:
+        return await fn(*args)
+
+    return inner
+
+
+def _twin_pairs(is_async: bool) -> dict[str, Any]:
+    """Ways to make two different functions whose derived ``module.qualname`` is the same."""
+
+    def factory(n: int) -> Any:
+        if is_async:
+
+            async def amul(x: int) -> int:
+                return n * x
+
+            return amul
+
+        def mul(x: int) -> int:
+            return n * x
+
+        return mul
+
+    async def adouble(x: int) -> int:
+        return 2 * x
+
+    async def asquare(x: int) -> int:
+        return x * x
+
+    wrap = _ano_wraps if is_async else _no_wraps
+    return {
+        "lambdas": None if is_async else (lambda x: 2 * x, lambda x: x * x),
+        "factory-closures": (factory(2), factory(3)),
+        "decorator-without-wraps": (
+            (wrap(adouble), wrap(asquare))
+            if is_async
+            else (wrap(lambda x: 2 * x), wrap(lambda x: x * x))
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("how", "is_async"),
+    [
+        ("lambdas", False),  # a lambda is never a coroutine function
+        ("factory-closures", False),
+        ("factory-closures", True),
+        ("decorator-without-wraps", False),
+        ("decorator-without-wraps", True),
+    ],
+)
+def test_functions_sharing_a_derived_name_are_refused_never_mixed(
+    r: redis.Redis, redis_server: RedisServer, how: str, is_async: bool
+) -> None:
+    """Every way two functions get one ``module.qualname``: the second (or, for a lambda, the
+    first) is refused with ConfigError; with distinct ``name=`` each gets its own entries."""
+    first, second = _twin_pairs(is_async)[how]
+    aclient = redis_server.async_client() if is_async else None
+    cache: Any = AsyncCache(aclient, namespace="twins") if is_async else Cache(r, namespace="twins")
+    with pytest.raises(ConfigError, match="name="):
+        cached(cache)(first)
+        cached(cache)(second)
+    one = cached(cache, name=f"{how}.one")(first)
+    two = cached(cache, name=f"{how}.two")(second)
+    if is_async:
+
+        async def both() -> tuple[int, int]:
+            try:
+                return await one(5), await two(5)
+            finally:
+                await cache.aclose()
+                await aclient.aclose()  # type: ignore[union-attr]
+
+        assert asyncio.run(both()) in ((10, 15), (10, 25))
+    else:
+        assert (one(5), two(5)) in ((10, 15), (10, 25))
