@@ -5,7 +5,8 @@ the bound arguments with defaults applied. For a method (first parameter named `
 ``cls``) that first argument is not part of the key: every instance shares the entries, and
 ``invalidate`` / ``key_for`` take the method's arguments with or without the instance
 (``repo.get.invalidate(7)``, ``Repo.get.invalidate(repo, 7)`` and ``Repo.get.invalidate(7)``
-are the same). Results that depend on the instance need ``key=``.
+are the same). Results that depend on the instance need ``key=``. A name shared by different
+functions (lambdas, closures of one factory) is refused: ``name=`` gives each its own.
 """
 
 from __future__ import annotations
