@@ -231,9 +231,11 @@ class _Keyer(Generic[_P]):
         # Types first: an IntEnum / Decimal / numpy scalar equal to a remembered int must not
         # get that int's key (its own key differs; the memo would make keys depend on history).
         # Within _MEMO_TYPES, equal values have equal canonical text (1 == 1.0 == True: "n1").
-        for a in part:
-            if type(a) not in _MEMO_TYPES:
+        if len(part) == 1:  # the hot case, without a loop
+            if type(part[0]) not in _MEMO_TYPES:
                 return self.core.entry_key(self.call(args, kwargs))
+        elif not _MEMO_TYPES.issuperset(map(type, part)):
+            return self.core.entry_key(self.call(args, kwargs))
         try:
             return memo[part]
         except KeyError:
