@@ -245,6 +245,36 @@ def _baseline(raw: bytes | None) -> str:
     return f"{len(raw)}:{hashlib.sha1(raw).hexdigest()}"  # an identity, not a secret
 
 
+def _number(field: str) -> bool:
+    # 1-19 ASCII digits: int() would also take signs, spaces, "_" and 4300-digit numbers
+    return 0 < len(field) < 20 and field.isascii() and field.isdigit()
+
+
+def _metadata(raw: bytes) -> tuple[int, str, list[tuple[str, str]]] | None:
+    """``(payload start, ns_gen, [(tag, gen)])`` of an envelope, ``None`` if malformed.
+
+    Every field is checked as the writer formats it, so a planted entry never reaches a
+    conversion that could raise later (``Entry``, ``expired``, REVALIDATE's arguments).
+    """
+    size = raw[22:26]
+    if len(size) != 4 or not size.isalnum() or not size.isascii():
+        return None
+    try:
+        start = _HEAD + int(size, 16)
+        fields = raw[_HEAD:start].decode("ascii").split("|")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if len(raw) < start or len(fields) != 5 or not all(_number(f) for f in fields[:4]):
+        return None
+    tags: list[tuple[str, str]] = []
+    for item in fields[4].split(",") if fields[4] else ():
+        name, sep, gen = item.partition("=")
+        if not sep or not name or not _number(gen):
+            return None
+        tags.append((name, gen))
+    return start, fields[3], tags
+
+
 class CacheCore:
     """State and protocol steps of one cache (no I/O; driven by a sync or async driver)."""
 
@@ -556,6 +586,8 @@ class CacheCore:
             try:
                 if raw[20] == self._ser_byte:
                     start = _HEAD + int(raw[22:26], 16)
+                    if len(raw) - start > self.max_value_size:
+                        return self._oversized(raw, epoch, start)
                     if self.grace_ms and self.expired(raw, start):
                         self.emit(_MISS)
                         return Miss(_baseline(raw), epoch)
@@ -580,22 +612,24 @@ class CacheCore:
             return self._corrupt(raw, epoch, "not a distcache entry")
         if raw[20:21] != self.serializer.id:
             return self._corrupt(raw, epoch, f"written by serializer {raw[20:21]!r}")
-        try:
-            start = _HEAD + int(raw[22:26], 16)
-            fields = raw[_HEAD:start].decode("ascii").split("|")
-            ns_gen, tag_text = fields[3], fields[4]
-            tags = [tuple(t.split("=")) for t in tag_text.split(",")] if tag_text else []
-            if len(raw) < start or len(fields) != 5 or any(len(t) != 2 for t in tags):
-                raise ValueError("malformed metadata")
-        except (ValueError, IndexError, UnicodeDecodeError) as exc:
-            return self._corrupt(raw, epoch, exc)
-        return Check(raw, start, ns_gen, tags, epoch)  # type: ignore[arg-type]
+        parsed = _metadata(raw)
+        if parsed is None:
+            return self._corrupt(raw, epoch, "malformed metadata")
+        start, ns_gen, tags = parsed
+        if len(raw) - start > self.max_value_size:
+            return self._oversized(raw, epoch, start)
+        return Check(raw, start, ns_gen, tags, epoch)
 
     def _corrupt(self, raw: bytes, epoch: bytes | None, why: object) -> Miss:
         log.warning("cache %r: an undecodable entry counts as a miss (%.200s)", self.namespace, why)
         self.emit(CacheEvent.DECODE_ERROR)
         self.emit(_MISS)
         return Miss(_baseline(raw), epoch)
+
+    def _oversized(self, raw: bytes, epoch: bytes | None, start: int) -> Miss:
+        # never decoded: a foreign payload this large could expand into millions of objects
+        why = f"a {len(raw) - start}-byte payload exceeds max_value_size={self.max_value_size}"
+        return self._corrupt(raw, epoch, why)
 
     def _checked(self, check: Check, code: int, type_: Any) -> Any:
         if code == 1:
@@ -675,6 +709,10 @@ class CacheCore:
         if raw[4:20] == epoch and raw[:4] == MAGIC and raw[20:21] == self.serializer.id:
             try:
                 start = _HEAD + int(raw[22:26], 16)
+                if len(raw) - start > self.max_value_size:
+                    if quiet:
+                        return Miss(_baseline(raw), epoch)
+                    return self._oversized(raw, epoch, start)
                 plain = self._plain
                 if plain is not None and type_ is None:
                     return Entry(plain(raw[start:]), raw, start, epoch)

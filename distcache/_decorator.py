@@ -5,7 +5,8 @@ the bound arguments with defaults applied. For a method (first parameter named `
 ``cls``) that first argument is not part of the key: every instance shares the entries, and
 ``invalidate`` / ``key_for`` take the method's arguments with or without the instance
 (``repo.get.invalidate(7)``, ``Repo.get.invalidate(repo, 7)`` and ``Repo.get.invalidate(7)``
-are the same). Results that depend on the instance need ``key=``.
+are the same). Results that depend on the instance need ``key=``. A name shared by different
+functions (lambdas, closures of one factory) is refused: ``name=`` gives each its own.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 import typing
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar, overload
 
@@ -41,6 +44,11 @@ _MEMO_SIZE = 4096
 # Immutable, and hashed by value: the only arguments whose key may be remembered. (A mutable
 # object hashed by identity, e.g. a dataclass(eq=False), could change after its key was stored.)
 _MEMO_TYPES = frozenset({str, int, float, bool, bytes, type(None)})
+_NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,200}")
+# Per cache: the function that owns each derived name (see _claim).
+_OWNERS: weakref.WeakKeyDictionary[Any, dict[str, tuple[weakref.ref[Any], Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class CachedFunction(Protocol[_P, _R_co]):
@@ -151,10 +159,11 @@ class _Keyer(Generic[_P]):
         typed: bool,
         version: str | None,
         core: CacheCore,
+        name: str,
     ) -> None:
         self.fn = fn
         self.core = core
-        self.name = f"{fn.__module__}.{fn.__qualname__}"
+        self.name = name
         self.signature = inspect.signature(fn)
         params = list(self.signature.parameters.values())
         self.method = (
@@ -219,15 +228,21 @@ class _Keyer(Generic[_P]):
         if memo is None or kwargs:
             return self.core.entry_key(self.call(args, kwargs))
         part = args[self.skip :]
+        # Types first: an IntEnum / Decimal / numpy scalar equal to a remembered int must not
+        # get that int's key (its own key differs; the memo would make keys depend on history).
+        # Within _MEMO_TYPES, equal values have equal canonical text (1 == 1.0 == True: "n1").
+        if len(part) == 1:  # the hot case, without a loop
+            if type(part[0]) not in _MEMO_TYPES:
+                return self.core.entry_key(self.call(args, kwargs))
+        elif not _MEMO_TYPES.issuperset(map(type, part)):
+            return self.core.entry_key(self.call(args, kwargs))
         try:
             return memo[part]
         except KeyError:
             pass
-        except TypeError:  # unhashable arguments: no memo
-            return self.core.entry_key(self.call(args, kwargs))
         key = self.call(args, kwargs)
         rkey = self.core.entry_key(key)
-        if len(key) <= PLAIN_KEY_MAX and all(type(a) in _MEMO_TYPES for a in part):
+        if len(key) <= PLAIN_KEY_MAX:
             if len(memo) >= _MEMO_SIZE:
                 memo.clear()
             memo[part] = rkey
@@ -257,6 +272,55 @@ class _Keyer(Generic[_P]):
         return self.core.tag_args(tags(*args, **kwargs)) if callable(tags) else tags
 
 
+def _claim(cache: Cache | AsyncCache, fn: Callable[..., Any], *, explicit_key: bool) -> str:
+    """The derived name ``module.qualname`` of ``fn``, refused where it would be shared.
+
+    A lambda's qualname is ``<lambda>``; closures made by one factory (or by a decorator that
+    does not use ``functools.wraps``) share theirs, and their captured values are not part of a
+    key. Two such functions would read each other's entries, so ``@cached`` refuses a lambda,
+    and a second function under a name another function of this cache already holds.
+    """
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if not isinstance(qualname, str):
+        raise ConfigError(f"@cached {fn!r:.80} has no __qualname__: pass name= or key=")
+    name = f"{module}.{qualname}"
+    if explicit_key:  # key= names every entry itself; the name only appears in messages
+        return name
+    if "<lambda>" in qualname:
+        raise ConfigError(
+            f"@cached {name}: every lambda of a module has this name, so their entries would "
+            "collide; pass name= (or key=), or use a def"
+        )
+    owners = _OWNERS.setdefault(cache, {})
+    code = getattr(fn, "__code__", None)
+    held = owners.get(name)
+    if held is not None:
+        ref, held_code = held
+        other = ref()
+        if other is fn:
+            return name
+        # a module-level name may pass to its module's reloaded copy; a closure's never does
+        if "<locals>" in qualname or (other is not None and not _same_source(held_code, code)):
+            raise ConfigError(
+                f"@cached {name}: another function of this cache already has this name (closures "
+                "made by one factory, or functions wrapped by a decorator without "
+                "functools.wraps, share a name, and what they capture is not part of the key); "
+                "pass a distinct name= (or key=)"
+            )
+    owners[name] = (weakref.ref(fn), code)
+    return name
+
+
+def _same_source(a: Any, b: Any) -> bool:
+    """Whether two code objects come from one place in one file (a module reloaded)."""
+    return (
+        a is not None
+        and b is not None
+        and (a.co_filename, a.co_firstlineno) == (b.co_filename, b.co_firstlineno)
+    )
+
+
 def _checked_key(value: object, name: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"the key= function of @cached {name} returned {type(value).__name__}")
@@ -281,6 +345,7 @@ class _Cached:
         version: str | int | None,
         negative_ttl: Seconds | None,
         value_type: Any,
+        name: str | None,
     ) -> None:
         if not isinstance(cache, (Cache, AsyncCache)):
             raise ConfigError(f"@cached needs a Cache or AsyncCache, got {type(cache).__name__}")
@@ -301,6 +366,9 @@ class _Cached:
         self.typed = typed
         self.version = check_version(version)
         self.value_type = value_type
+        if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise ConfigError(f"name must match [A-Za-z0-9_.:/-]{{1,200}}, got {name!r:.80}")
+        self.name = name
 
     @overload
     def __call__(  # type: ignore[overload-overlap]  # coroutine functions first, on purpose
@@ -327,6 +395,7 @@ class _Cached:
             typed=self.typed,
             version=self.version,
             core=cache._core,
+            name=self.name or _claim(cache, fn, explicit_key=self.key is not None),
         )
         ttl, negative_ttl = self.ttl, self.negative_ttl
         static_tags = self.tags if not callable(self.tags) else ((), [])
@@ -410,6 +479,7 @@ def cached(
     version: str | int | None = None,
     negative_ttl: Seconds | None = _FROM_CACHE,
     value_type: Any = _FROM_CACHE,
+    name: str | None = None,
 ) -> _Cached:
     """Cache a function's results in ``cache``, keyed by its canonical bound arguments.
 
@@ -428,9 +498,14 @@ def cached(
         version: part of every key: change it when the function's results change meaning.
         negative_ttl: time to live of a ``None`` result (default: the cache's).
         value_type: the type results decode to (default: the return annotation).
+        name: replaces ``module.qualname`` in every key (``[A-Za-z0-9_.:/-]{1,200}``); needed for
+            a lambda, and for a second function whose qualified name another function of this
+            cache already holds (closures made by one factory).
 
     Raises:
-        ConfigError: an option is invalid, or the cache does not match the function's kind.
+        ConfigError: an option is invalid, the cache does not match the function's kind, or
+            the function's derived name is not its own (a lambda, a second closure of one
+            factory): pass ``name=`` or ``key=``.
     """
     return _Cached(
         cache,
@@ -441,4 +516,5 @@ def cached(
         version=version,
         negative_ttl=negative_ttl,
         value_type=value_type,
+        name=name,
     )

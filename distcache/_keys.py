@@ -5,7 +5,9 @@ applied), so ``f(1, b=2)``, ``f(a=1, b=2)`` and ``f(1)`` with ``b=2`` as default
 Each value is written in a tagged, self-delimiting form that is injective: two argument values
 get the same text only if they are equal (and, with ``typed=True``, of the same type). Values
 without a canonical form (arbitrary objects, whose repr would show a memory address) are refused
-with ``SerializationError`` rather than risk two calls sharing an entry.
+with ``SerializationError`` rather than risk two calls sharing an entry. The text is a function of
+each value's type and value only (equal values of different types, ``IntEnum`` ``1`` and ``1``,
+may get different texts; never the other way round).
 """
 
 from __future__ import annotations
@@ -159,6 +161,10 @@ def _canon(value: Any, typed: bool, out: list[str]) -> None:
         for i, name in enumerate(cls.model_fields):
             out.append(("," if i else "") + name + "=")
             _canon(getattr(value, name), typed, out)
+        extra = value.__pydantic_extra__  # extra="allow": part of the model's equality too
+        if extra:
+            items = sorted(repr(str(k)) + "=" + _text(v, typed) for k, v in extra.items())
+            out.append(";" + ",".join(items))
         out.append(")")
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         out.append(f"D{_qualified(cls)}(")

@@ -10,8 +10,10 @@ import datetime as dt
 import enum
 import hashlib
 import inspect
+import itertools
 from collections import OrderedDict, namedtuple
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any, ClassVar
 
 import pytest
@@ -483,3 +485,292 @@ def test_collision_cases_reported_by_other_libraries() -> None:
         assert call_key("f", None, {"x": text}, False) != call_key("f", None, {"x": number}, False)
         assert call_key("f", None, {"x": text}, True) != call_key("f", None, {"x": number}, True)
     assert len({key(1, typed=True), key(1.0, typed=True), key(True, typed=True)}) == 3
+
+
+# -- issue 14 item 4: keys never collide, never depend on call history -----------------------------
+def test_lambdas_need_a_name(cache: Cache) -> None:
+    """Every lambda of a module is ``module.<lambda>``: double(5) once returned square(5)."""
+    with pytest.raises(ConfigError, match="name="):
+        cached(cache)(lambda x: 2 * x)
+    double = cached(cache, name="test.double")(lambda x: 2 * x)
+    square = cached(cache, name="test.square")(lambda x: x * x)
+    assert (square(5), double(5)) == (25, 10)
+    assert cached(cache, key=lambda x: f"k{x}")(lambda x: 3 * x)(5) == 15
+
+
+def _multiplier(cache: Cache, n: int, name: str | None = None) -> Any:
+    @cached(cache, name=name)
+    def mul(x: int) -> int:
+        return n * x
+
+    return mul
+
+
+def test_closures_of_one_factory_need_a_name(cache: Cache) -> None:
+    """``factory.<locals>.mul`` is one name for every closure; what they capture is no key."""
+    times2 = _multiplier(cache, 2)
+    assert times2(5) == 10
+    with pytest.raises(ConfigError, match="another function of this cache"):
+        _multiplier(cache, 3)
+    del times2  # even once the first closure is gone: its entries are still in Redis
+    with pytest.raises(ConfigError, match="another function of this cache"):
+        _multiplier(cache, 3)
+    assert _multiplier(cache, 3, name="times3")(5) == 15
+    assert _multiplier(cache, 4, name="times4")(5) == 20
+
+
+def test_one_function_decorated_twice_or_on_two_caches_is_fine(r: redis.Redis) -> None:
+    def f(x: int) -> int:
+        return x
+
+    one, two = Cache(r, namespace="one"), Cache(r, namespace="two")
+    assert cached(one)(f)(1) == cached(one)(f)(1) == cached(two)(f)(1) == 1
+
+
+class _Open(BaseModel, extra="allow"):
+    id: int
+
+
+def test_pydantic_extra_fields_are_part_of_the_key(cache: Cache) -> None:
+    @cached(cache)
+    def echo(m: _Open) -> Any:
+        return m.model_dump()
+
+    a, b = _Open(id=1, role="admin"), _Open(id=1, role="guest")
+    assert a != b and echo.key_for(a) != echo.key_for(b)
+    assert echo(a) == {"id": 1, "role": "admin"}
+    assert echo(b) == {"id": 1, "role": "guest"}
+    assert echo.key_for(_Open(id=1, x=1, y=2)) == echo.key_for(_Open(id=1, y=2, x=1))
+    assert echo.key_for(_Open(id=1)) != echo.key_for(_Open(id=1, x=None))
+
+
+class _Level(enum.IntEnum):
+    ONE = 1
+
+
+class _Word(str, enum.Enum):
+    A = "a"
+
+
+@pytest.mark.parametrize(
+    ("plain", "twin"),
+    [(1, _Level.ONE), ("a", _Word.A), (1, Decimal(1)), (0.5, Decimal("0.5"))],
+    ids=["IntEnum", "str-Enum", "Decimal", "Decimal-float"],
+)
+def test_the_memo_never_gives_an_equal_value_of_another_type_its_key(
+    cache: Cache, r: redis.Redis, plain: Any, twin: Any
+) -> None:
+    """The call key is a function of the argument's type and value, never of call history."""
+    calls: list[Any] = []
+
+    @cached(cache)
+    def ident(x: Any) -> str:
+        calls.append(x)
+        return type(x).__name__
+
+    assert ident(plain) == type(plain).__name__  # remembered by the memo
+    assert ident(twin) == type(twin).__name__  # equal, but another type: its own key
+    assert cache.get(ident.key_for(twin), MISSING) == type(twin).__name__
+    assert ident.invalidate(twin) is True
+    assert ident.invalidate(plain) is True
+
+
+# -- the generator: canonical keys over many argument types ---------------------------------------
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is optional
+    np = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pt:
+    x: Any
+
+
+def _scalars() -> st.SearchStrategy[Any]:
+    options = [
+        st.integers(-(2**70), 2**70),
+        st.integers(-2, 2),
+        st.booleans(),
+        st.none(),
+        st.sampled_from([*_Level, *_Word, -0.0, 0.0, 1.0, 0.5, "a", "", 1, 0]),
+        st.floats(allow_nan=False),
+        st.decimals(allow_nan=False, allow_infinity=False),
+        st.sampled_from([Decimal(1), Decimal("1.0"), Decimal("0.5"), Decimal(-0)]),
+        st.fractions(max_denominator=4),
+        st.text(max_size=3),
+        st.binary(max_size=2),
+    ]
+    if np is not None:
+        options.append(st.integers(-3, 3).map(np.int64))
+        options.append(st.sampled_from([0.5, 1.0, -0.0]).map(np.float64))
+        options.append(st.booleans().map(np.bool_))
+    return st.one_of(options)
+
+
+ARGUMENTS = st.recursive(
+    _scalars(),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.tuples(inner, inner),
+        st.dictionaries(st.text(max_size=2), inner, max_size=3),
+        inner.map(_Pt),
+        st.dictionaries(st.sampled_from(["p", "q"]), inner, max_size=2).map(
+            lambda extra: _Open(id=1, **extra)
+        ),
+    ),
+    max_leaves=6,
+)
+
+
+# Equal in Python, of different types: what a memo keyed by value alone would mix up.
+TWINS: list[Any] = [1, True, 1.0, _Level.ONE, Decimal(1), Fraction(1), "a", _Word.A, 0.5,
+                    Decimal("0.5"), Fraction(1, 2), 0, False, -0.0, Decimal(0)]  # fmt: skip
+if np is not None:
+    TWINS += [np.int64(1), np.float64(0.5), np.bool_(True), np.float64(-0.0)]
+CALLS = st.one_of(
+    st.lists(ARGUMENTS, min_size=1, max_size=6),
+    st.lists(st.sampled_from(TWINS), min_size=2, max_size=6),
+    st.lists(st.one_of(st.sampled_from(TWINS), ARGUMENTS), min_size=2, max_size=6),
+)
+
+
+def _python_equal(x: Any, y: Any, typed: bool) -> bool:
+    """What two arguments that share a key must be: equal (and, typed, of one type)."""
+    try:
+        return bool(x == y) and (not typed or type(x) is type(y))
+    except Exception:  # e.g. numpy's elementwise comparisons
+        return False
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(values=CALLS, typed=st.booleans())
+def test_keys_are_canonical_whatever_the_call_order(
+    r: redis.Redis, values: list[Any], typed: bool
+) -> None:
+    """A key is a function of the argument's type and value: ``key_for(x)`` is the key the call
+    used, two orders of the same calls (memo warmed differently) store the same keys, and two
+    arguments share a key only if they are equal (``1``, ``1.0``, ``True``: documented)."""
+    r.flushall()
+    stored: list[set[str]] = []
+    for order, ns in ((values, "canon-a"), (values[::-1], "canon-b")):
+        cache = Cache(r, namespace=ns)
+        count = itertools.count(1)
+
+        @cached(cache, typed=typed)
+        def f(x: Any) -> int:
+            return next(count)  # noqa: B023 - called only within this iteration
+
+        for x in order:
+            try:
+                got = f(x)
+            except SerializationError:
+                with pytest.raises(SerializationError):
+                    f.key_for(x)  # refused by the call and by key_for alike
+                continue
+            assert cache.get(f.key_for(x), MISSING) == got, (x, f.key_for(x))
+        prefix = f"distkit:cache:{{{ns}}}:"
+        stored.append({k.decode()[len(prefix) :] for k in r.scan_iter(prefix + "k:*")})
+        keys: dict[str, Any] = {}
+        for x in order:
+            try:
+                key = f.key_for(x)
+            except SerializationError:
+                continue
+            if key in keys:
+                assert _python_equal(keys[key], x, typed), (keys[key], x, key)
+            keys[key] = x
+    assert stored[0] == stored[1]
+
+
+def _no_wraps(fn: Any) -> Any:
+    """A decorator without functools.wraps: everything it wraps is ``_no_wraps.<locals>.inner``."""
+
+    def inner(*args: Any) -> Any:
+        return fn(*args)
+
+    return inner
+
+
+def _ano_wraps(fn: Any) -> Any:
+    async def inner(*args: Any) -> Any:
+        return await fn(*args)
+
+    return inner
+
+
+def _twin_pairs(is_async: bool) -> dict[str, Any]:
+    """Ways to make two different functions whose derived ``module.qualname`` is the same."""
+
+    def factory(n: int) -> Any:
+        if is_async:
+
+            async def amul(x: int) -> int:
+                return n * x
+
+            return amul
+
+        def mul(x: int) -> int:
+            return n * x
+
+        return mul
+
+    async def adouble(x: int) -> int:
+        return 2 * x
+
+    async def asquare(x: int) -> int:
+        return x * x
+
+    wrap = _ano_wraps if is_async else _no_wraps
+    return {
+        "lambdas": None if is_async else (lambda x: 2 * x, lambda x: x * x),
+        "factory-closures": (factory(2), factory(3)),
+        "decorator-without-wraps": (
+            (wrap(adouble), wrap(asquare))
+            if is_async
+            else (wrap(lambda x: 2 * x), wrap(lambda x: x * x))
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    ("how", "is_async"),
+    [
+        ("lambdas", False),  # a lambda is never a coroutine function
+        ("factory-closures", False),
+        ("factory-closures", True),
+        ("decorator-without-wraps", False),
+        ("decorator-without-wraps", True),
+    ],
+)
+def test_functions_sharing_a_derived_name_are_refused_never_mixed(
+    r: redis.Redis, redis_server: RedisServer, how: str, is_async: bool
+) -> None:
+    """Every way two functions get one ``module.qualname``: the second (or, for a lambda, the
+    first) is refused with ConfigError; with distinct ``name=`` each gets its own entries."""
+    first, second = _twin_pairs(is_async)[how]
+    aclient = redis_server.async_client() if is_async else None
+    cache: Any = AsyncCache(aclient, namespace="twins") if is_async else Cache(r, namespace="twins")
+    with pytest.raises(ConfigError, match="name="):
+        cached(cache)(first)
+        cached(cache)(second)
+    one = cached(cache, name=f"{how}.one")(first)
+    two = cached(cache, name=f"{how}.two")(second)
+    if is_async:
+
+        async def both() -> tuple[int, int]:
+            try:
+                return await one(5), await two(5)
+            finally:
+                await cache.aclose()
+                await aclient.aclose()  # type: ignore[union-attr]
+
+        assert asyncio.run(both()) in ((10, 15), (10, 25))
+    else:
+        assert (one(5), two(5)) in ((10, 15), (10, 25))

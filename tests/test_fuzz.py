@@ -24,8 +24,18 @@ import pytest
 import redis
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
-from distcache import AsyncCache, Cache, CacheEvent, CounterMetrics, PickleSerializer, cached
+from distcache import (
+    AsyncCache,
+    Cache,
+    CacheEvent,
+    CounterMetrics,
+    JsonSerializer,
+    NearCache,
+    PickleSerializer,
+    cached,
+)
 from distkit import ConfigError, DistkitError, SerializationError
 from distkit.testing import RedisServer
 from distlock import AsyncLock, FencedStore, Lock, LockNotOwned, Redlock
@@ -363,10 +373,21 @@ def test_cached_arguments_are_keyed_or_refused(client: redis.Redis, args: list[A
 
 
 # -- bytes planted under distkit's keys ----------------------------------------------------------
-LOCK_KEYS = ["{p}:lock:{{n}}", "{p}:lock:{{n}}:fence", "{p}:lock:{{n}}:rel", "{p}:lock:{{n}}:queue",
-             "{p}:lock:{{n}}:qexp", "{p}:fenced:{{n}}"]  # fmt: skip
-CACHE_KEYS = ["{p}:cache:{{n}}:epoch", "{p}:cache:{{n}}:ns", "{p}:cache:{{n}}:t:tag",
-              "{p}:cache:{{n}}:k:key", "{p}:cache:{{n}}:k:other"]  # fmt: skip
+LOCK_KEYS = [
+    "{p}:lock:{{n}}",
+    "{p}:lock:{{n}}:fence",
+    "{p}:lock:{{n}}:rel",
+    "{p}:lock:{{n}}:queue",
+    "{p}:lock:{{n}}:qexp",
+    "{p}:fenced:{{n}}",
+]
+CACHE_KEYS = [
+    "{p}:cache:{{n}}:epoch",
+    "{p}:cache:{{n}}:ns",
+    "{p}:cache:{{n}}:t:tag",
+    "{p}:cache:{{n}}:k:key",
+    "{p}:cache:{{n}}:k:other",
+]
 SPECIAL_BYTES = st.sampled_from(
     [
         b"",
@@ -543,3 +564,269 @@ def test_an_invalidation_repairs_a_foreign_epoch(client: redis.Redis, junk: byte
     assert cache.get("a") == 3
     cache.invalidate_tags("t")
     assert cache.get("a", MISSING) is MISSING
+
+
+# -- real entries, mutated, under every option set (issue 14 items 6 and 10) ----------------------
+class _Typed(BaseModel):
+    id: int
+    name: str
+
+
+_PICKLE = PickleSerializer([b"k" * 32])
+_LIMIT = 4096  # max_value_size of every fuzzed cache
+OPTION_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "stale-while-revalidate": {"stale_while_revalidate": 5},
+    "stale-if-error": {"stale_if_error": 5},
+    "early-refresh": {"early_refresh": 50.0},
+    "near-cache": {"near_cache": NearCache()},
+    "typed": {"value_type": _Typed},
+    "signed-pickle": {"serializer": _PICKLE},
+    "negative": {"negative_ttl": 30},
+    "everything": {
+        "stale_while_revalidate": 5,
+        "stale_if_error": 5,
+        "early_refresh": 50.0,
+        "near_cache": NearCache(),
+        "negative_ttl": 30,
+        "serializer": _PICKLE,
+    },
+}
+FIELD_JUNK = st.one_of(
+    st.sampled_from(
+        [
+            "",
+            "-1",
+            "+1",
+            " 1",
+            "1 ",
+            "1_0",
+            "9" * 25,
+            "9" * 5000,
+            "x",
+            "1e3",
+            "٣",
+            "=",
+            ",",
+            "t=",
+            "=1",
+            "t=x",
+            "t=1,",
+            "t=1=2",
+            "0x10",
+            "nan",
+        ]
+    ),
+    st.text(st.characters(codec="ascii"), max_size=8),
+    st.text(max_size=4),
+)
+MUTATIONS = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(0, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**6)),
+    st.tuples(st.just("insert"), st.integers(0, 10**6), st.binary(min_size=1, max_size=8)),
+    st.tuples(st.just("field"), st.integers(0, 5), FIELD_JUNK),
+    st.tuples(
+        st.just("length"),
+        st.binary(min_size=4, max_size=4)
+        | st.sampled_from([b"0000", b"ffff", b"FFFF", b"-001", b" 1f ", b"1_00", b"0x1f"]),
+    ),
+    st.tuples(
+        st.just("head"),
+        st.integers(0, 21),
+        st.sampled_from([b"dc2:", b"dc1~", b"DC1:", b"j", b"p", b"m", b"n", b"v", b"x", b"0" * 16]),
+    ),
+    st.tuples(
+        st.just("payload"),
+        st.binary(max_size=40)
+        | st.sampled_from(
+            [b"null", b"[]", b"{}", b'{"id": "x"}', b"1e999", b"[" * 100_000, b"\x80\x04N."]
+        ),
+    ),
+    st.tuples(st.just("oversize")),
+)
+
+
+def _mutate(raw: bytes, mutation: tuple[Any, ...], serializer: Any) -> bytes:
+    kind = mutation[0]
+    start = 26 + int(raw[22:26], 16)
+    meta, payload = raw[26:start], raw[start:]
+    if kind == "flip":
+        i = mutation[1] % len(raw)
+        return raw[:i] + bytes([mutation[2]]) + raw[i + 1 :]
+    if kind == "truncate":
+        return raw[: mutation[1] % len(raw)]
+    if kind == "insert":
+        i = mutation[1] % (len(raw) + 1)
+        return raw[:i] + mutation[2] + raw[i:]
+    if kind == "field":  # one metadata field replaced, the length header kept consistent
+        fields = meta.decode().split("|")
+        fields[mutation[1] % len(fields)] = mutation[2]
+        new = "|".join(fields).encode("utf-8", "surrogatepass")[:0xFFFF]
+        return raw[:22] + b"%04x" % len(new) + new + payload
+    if kind == "length":
+        return raw[:22] + mutation[1] + raw[26:]
+    if kind == "head":
+        i = mutation[1]
+        return raw[:i] + mutation[2] + raw[i + len(mutation[2]) :]
+    if kind == "payload":
+        return raw[:start] + mutation[1]
+    # oversize: a valid payload, larger than max_value_size (a foreign writer with no limit)
+    return raw[:start] + serializer.dumps(list(range(2 * _LIMIT)))
+
+
+def _fuzz_cache(cls: Any, client: Any, options: dict[str, Any], **extra: Any) -> Any:
+    return cls(client, namespace="fz", max_value_size=_LIMIT, **options, **extra)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("option_set", list(OPTION_SETS))
+@fuzz_settings(12)
+@given(mutation=MUTATIONS, bump=st.booleans())
+def test_mutated_real_entries_are_misses_never_exceptions(
+    redis_server: RedisServer,
+    client: redis.Redis,
+    option_set: str,
+    kind: str,
+    mutation: tuple[Any, ...],
+    bump: bool,
+) -> None:
+    """Entries written by a real Cache with these options, mutated (bytes, metadata fields,
+    lengths, envelope versions, an oversized payload), are read by get / get_many /
+    get_or_set / @cached: each returns (a miss or a value), never raises; an oversized entry is
+    a miss and a ``decode_error``, never decoded."""
+    client.flushall()
+    options = OPTION_SETS[option_set]
+    typed = options.get("value_type") is _Typed
+    value: Any = _Typed(id=1, name="a") if typed else {"id": 1, "name": "a"}
+    writer = _fuzz_cache(Cache, client, {k: v for k, v in options.items() if k != "near_cache"})
+
+    @cached(writer, name="fuzz.load", negative_ttl=30)
+    def load(i: int) -> Any:
+        return value
+
+    writer.set("a", value, tags=["t1", "t2"])
+    writer.get_or_set("n", lambda: None)
+    load(1)
+    keys = ["a", "n", load.key_for(1)]
+    serializer = options.get("serializer", JsonSerializer())
+    for key in keys:
+        rkey = f"distkit:cache:{{fz}}:k:{key}"
+        raw = client.get(rkey)
+        assert isinstance(raw, bytes), key
+        client.set(rkey, _mutate(raw, mutation, serializer), px=60_000)
+    if bump:  # the epoch moves on: every entry takes the revalidation path
+        writer.invalidate_tags("unrelated")
+    writer.close()
+    metrics = CounterMetrics()
+    if kind == "sync":
+        results = _read_all_sync(client, options, metrics, keys, value)
+    else:
+        results = asyncio.run(_read_all_async(redis_server, options, metrics, keys, value))
+    if mutation[0] == "oversize":
+        assert results["get"] is MISSING, results
+        assert metrics.count(CacheEvent.DECODE_ERROR) >= 1
+
+
+def _read_all_sync(
+    client: redis.Redis,
+    options: dict[str, Any],
+    metrics: CounterMetrics,
+    keys: list[str],
+    value: Any,
+) -> dict[str, Any]:
+    cache = _fuzz_cache(Cache, client, options, metrics=metrics)
+
+    @cached(cache, name="fuzz.load", negative_ttl=30)
+    def load(i: int) -> Any:
+        return None
+
+    results: dict[str, Any] = {}
+    try:
+        for what, op in [
+            ("get", lambda: cache.get("a", MISSING)),
+            ("get-negative", lambda: cache.get("n", MISSING)),
+            ("get_many", lambda: cache.get_many(keys)),
+            ("get_or_set", lambda: cache.get_or_set("a", lambda: value)),
+            ("get_or_set-negative", lambda: cache.get_or_set("n", lambda: value)),
+            ("cached", lambda: load(1)),
+        ]:
+            ok, results[what] = outcome(op, what)
+            assert ok, f"{what} raised {results[what]!r}"
+    finally:
+        cache.close()
+    return results
+
+
+async def _read_all_async(
+    redis_server: RedisServer,
+    options: dict[str, Any],
+    metrics: CounterMetrics,
+    keys: list[str],
+    value: Any,
+) -> dict[str, Any]:
+    client = redis_server.async_client()
+    cache = _fuzz_cache(AsyncCache, client, options, metrics=metrics)
+
+    @cached(cache, name="fuzz.aload", negative_ttl=30)
+    async def load(i: int) -> Any:
+        return None
+
+    async def fresh() -> Any:
+        return value
+
+    results: dict[str, Any] = {}
+    try:
+        for what, op in [
+            ("get", lambda: cache.get("a", MISSING)),
+            ("get-negative", lambda: cache.get("n", MISSING)),
+            ("get_many", lambda: cache.get_many(keys)),
+            ("get_or_set", lambda: cache.get_or_set("a", fresh)),
+            ("get_or_set-negative", lambda: cache.get_or_set("n", fresh)),
+            ("cached", lambda: load(1)),
+        ]:
+            try:
+                results[what] = await asyncio.wait_for(op(), OP_LIMIT)
+            except DistkitError as exc:
+                raise AssertionError(f"{what} raised {exc!r}") from exc
+    finally:
+        await cache.aclose()
+        await client.aclose()
+    return results
+
+
+def test_a_planted_metadata_field_with_a_stale_window_is_a_miss(client: redis.Redis) -> None:
+    """Issue 14 item 6: a re-stamped entry whose ``computed_at`` is not a number raised
+    ``ValueError`` from get() once a stale window was configured."""
+    metrics = CounterMetrics()
+    cache = Cache(client, namespace="pm", stale_while_revalidate=5, metrics=metrics)
+    cache.set("a", 1)
+    rkey = "distkit:cache:{pm}:k:a"
+    raw = client.get(rkey)
+    assert isinstance(raw, bytes)
+    fields = raw[26 : 26 + int(raw[22:26], 16)].split(b"|")
+    meta = b"|".join([b"12x4", *fields[1:]])
+    client.set(rkey, raw[:4] + b"0" * 16 + raw[20:22] + b"%04x" % len(meta) + meta + b"1")
+    assert cache.get("a", MISSING) is MISSING
+    assert cache.get_many(["a"]) == {}
+    assert metrics.count(CacheEvent.DECODE_ERROR) == 2
+
+
+@pytest.mark.parametrize("restamp", [False, True], ids=["current-epoch", "old-epoch"])
+def test_an_oversized_foreign_entry_is_never_decoded(client: redis.Redis, restamp: bool) -> None:
+    """Issue 14 item 10: ``max_value_size`` holds on reads too (a 30 MiB entry under a 1 MiB
+    limit decoded into 15 M objects); checked on the raw length, before any decoding."""
+    metrics = CounterMetrics()
+    cache = Cache(client, namespace="big2", max_value_size=1024, metrics=metrics)
+    cache.set("a", 1)
+    rkey = "distkit:cache:{big2}:k:a"
+    raw = client.get(rkey)
+    assert isinstance(raw, bytes)
+    head = raw[:4] + b"0" * 16 + raw[20:] if restamp else raw
+    start = 26 + int(raw[22:26], 16)
+    client.set(rkey, head[:start] + b"[" + b"0," * 600 + b"0]")  # 1203 bytes of valid JSON
+    assert cache.get("a", MISSING) is MISSING
+    assert cache.get_many(["a"]) == {}
+    assert cache.get_or_set("a", lambda: 2) == 2
+    assert metrics.count(CacheEvent.DECODE_ERROR) >= 3
+    client.set(rkey, head[:start] + b"[" + b"0," * 500 + b"0]")  # 1003 bytes: within the limit
+    assert cache.get("a", MISSING) == [0] * 501 or restamp
