@@ -97,7 +97,7 @@ class NearCache:
 
     Args:
         max_entries: most entries held; the least recently used go first.
-        max_bytes: most bytes held (keys, decoded values as estimated, and per-entry overhead).
+        max_bytes: most bytes held (keys, raw and decoded values as measured, per-entry overhead).
         ttl: longest time an entry stays in L1 (never longer than its Redis TTL).
         health_check_interval: the listener pings Redis this often; after two intervals without
             a word from Redis, L1 is bypassed (a silent partition cannot keep stale entries).
