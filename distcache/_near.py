@@ -32,12 +32,16 @@ A's listener thread runs: the coherence bound is that thread's scheduling delay.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
+import random
 import select
+import selectors
 import sys
 import threading
 import time
+import types
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -64,10 +68,17 @@ CHANNEL = "__redis__:invalidate"
 # numbers. Measured with tracemalloc: 484 bytes with one tag (Python 3.11, 64-bit)
 # (tests/test_near_cache.py::test_the_accounted_overhead_covers_what_an_entry_costs).
 ENTRY_OVERHEAD = 512
+# Bytes added per object of a value to what ``sys.getsizeof`` reports: what it does not see
+# (a dict's shared-key table growth, allocator rounding). With it the accounted size of a decoded
+# value is at least what tracemalloc measures (tests/test_near_stress.py::test_accounted_*).
+PER_OBJECT = 16
 _STRIPES = 256
 _POLL = 0.0005  # seconds between two checks of the listener sockets on the hit path
-_MAX_WALK = 4096  # objects visited to size one value; beyond, the encoded size is extrapolated
-_SCALAR = (int, float, bool, type(None), complex)
+# Not part of a value's data even when it refers to them (a model's class, an enum's module).
+_SHARED = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+_BACKOFF = (0.02, 2.0)  # a failing listener reconnects after 20 ms, doubling up to 2 s (jittered)
+_STEADY = 1.0  # seconds a link must have served for its next failure to restart the backoff
+_REPORT_EVERY = 60.0  # seconds between two warnings of a listener that keeps failing
 
 
 class _Absent:
@@ -86,7 +97,7 @@ class NearCache:
 
     Args:
         max_entries: most entries held; the least recently used go first.
-        max_bytes: most bytes held (keys, decoded values as estimated, and per-entry overhead).
+        max_bytes: most bytes held (keys, raw and decoded values as measured, per-entry overhead).
         ttl: longest time an entry stays in L1 (never longer than its Redis TTL).
         health_check_interval: the listener pings Redis this often; after two intervals without
             a word from Redis, L1 is bypassed (a silent partition cannot keep stale entries).
@@ -128,38 +139,48 @@ class _Slot:
         self.tags = tags
 
 
-def deep_size(value: Any, encoded: int) -> int:
-    """An estimate of the memory held by ``value`` (``encoded``: its serialized length)."""
+def deep_size(value: Any, limit: int = sys.maxsize) -> int:
+    """The memory held by ``value``'s object graph, in bytes (stops early once above ``limit``).
+
+    Every object reachable from ``value`` counts once (``sys.getsizeof`` plus ``PER_OBJECT``),
+    shared ones too (interned strings, small ints): an over-estimate, never an under-estimate of
+    what tracemalloc sees for a decoded value. Classes, modules and functions are not followed.
+    """
     total = 0
     seen: set[int] = set()
-    stack = [value]
-    walked = 0
+    level: list[Any] = [value]
     getsizeof = sys.getsizeof
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        walked += 1
-        if walked > _MAX_WALK:
-            return max(total, 8 * encoded)
-        total += getsizeof(obj)
-        cls = obj.__class__
-        if cls is str or cls is bytes or isinstance(obj, _SCALAR):
-            continue
-        if isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            stack.extend(obj)
-        else:
-            attrs = getattr(obj, "__dict__", None)
-            if attrs is not None:
-                stack.append(attrs)
-            for name in getattr(cls, "__slots__", ()):
-                if isinstance(name, str) and hasattr(obj, name):
-                    stack.append(getattr(obj, name))
+    while level:
+        fresh = []
+        keys: list[Any] = []
+        for obj in level:
+            if id(obj) not in seen and not isinstance(obj, _SHARED):
+                seen.add(id(obj))
+                fresh.append(obj)
+                if isinstance(obj, dict):
+                    keys += obj  # a dict with str keys shows the GC its values only
+        total += sum(map(getsizeof, fresh)) + PER_OBJECT * len(fresh)
+        if total > limit:
+            return total
+        level = gc.get_referents(*fresh)
+        level += keys
     return total
+
+
+def readable(socks: list[Any], timeout: float) -> bool:
+    """Whether a socket of ``socks`` has bytes to read or is closed (``poll``: any fd number)."""
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            for sock in socks:
+                poller.register(sock, select.POLLIN)
+            return bool(poller.poll(math.ceil(timeout * 1000)))
+        with selectors.DefaultSelector() as selector:  # pragma: no cover - no poll (Windows)
+            for sock in socks:
+                selector.register(sock, selectors.EVENT_READ)
+            return bool(selector.select(timeout))
+    except (OSError, ValueError):  # closed by its listener meanwhile: the link is going
+        return True
 
 
 def parse_tags(raw: bytes) -> tuple[str, ...] | None:
@@ -206,6 +227,8 @@ class NearStore:
         self._offset = 0.0  # server clock minus local clock, seconds
         self._up: dict[int, float] = {}  # listener id -> its heard-until deadline
         self._expected = 1
+        self._next_report = -math.inf
+        self._unreported = 0  # listener failures logged at debug level since the last warning
         self.prefixes = core.shard_prefixes()  # ``P:cache:{NS}:``, one per shard
         self._listeners: list[_Listener] = []
         self._stop = threading.Event()
@@ -250,10 +273,7 @@ class NearStore:
         socks = self._socks
         if not socks:
             return False
-        try:
-            return bool(select.select(socks, [], [], 0)[0])
-        except (OSError, ValueError):  # closed by its listener meanwhile: the link is going
-            return True
+        return readable(socks, 0.0)
 
     def stamp(self, rkey: str) -> tuple[int, int] | None:
         """Taken before a Redis read: ``put`` refuses the result if anything moved since."""
@@ -273,12 +293,8 @@ class NearStore:
         expires = min(now + self._ttl, entry.expires_ms / 1000.0 - self._offset)
         if expires <= now:
             return False
-        size = (
-            ENTRY_OVERHEAD
-            + sys.getsizeof(rkey)
-            + sys.getsizeof(raw)
-            + deep_size(entry.value, len(raw))
-        )
+        size = ENTRY_OVERHEAD + sys.getsizeof(rkey) + sys.getsizeof(raw)
+        size += deep_size(entry.value, self._max_bytes - size)
         if size > self._max_bytes:
             return False
         with self._lock:
@@ -294,14 +310,19 @@ class NearStore:
             for tag in tags:
                 self._by_tag.setdefault(tag, set()).add(rkey)
             while len(self._data) > self._max_entries or self._bytes > self._max_bytes:
-                self._drop(next(iter(self._data)))
+                # popitem, not next(iter(...)): the hit path's unlocked move_to_end between
+                # the two would make the iterator raise "OrderedDict mutated during iteration".
+                self._forget(*self._data.popitem(last=False))
         return True
 
     def _drop(self, rkey: str) -> None:
         # under the lock
         slot = self._data.pop(rkey, None)
-        if slot is None:
-            return
+        if slot is not None:
+            self._forget(rkey, slot)
+
+    def _forget(self, rkey: str, slot: _Slot) -> None:
+        # under the lock: the bookkeeping of an entry just removed from _data
         self._bytes -= slot.size
         for tag in slot.tags:
             keys = self._by_tag.get(tag)
@@ -399,6 +420,7 @@ class NearStore:
             self._gen += 1
             self._offset = offset
             self._up[ident] = self._clock() + 2 * self._interval
+            self._next_poll = -math.inf
             self._up_changed()
 
     def listener_heard(self, ident: int) -> None:
@@ -408,14 +430,35 @@ class NearStore:
                 self._up[ident] = self._clock() + 2 * self._interval
                 self._up_changed()
 
-    def listener_down(self, ident: int) -> None:
-        """A listener lost its connection: flush and bypass L1 until it is back."""
+    def listener_down(self, ident: int, error: Exception | None = None) -> None:
+        """A listener lost its connection (or failed to make one): flush and bypass L1."""
         with self._lock:
             was = self._up.pop(ident, None)
             self._up_changed()
+        why = f" ({error})" if error is not None else ""
         if was is not None:
-            log.warning("cache %r: near cache invalidation link lost; L1 flushed", self.namespace)
+            self.report(f"near cache invalidation link lost{why}; L1 flushed")
             self.flush()
+        elif error is not None and not self._stop.is_set():
+            self.report(f"near cache listener cannot subscribe{why}")
+
+    def report(self, what: str) -> None:
+        """Log a listener failure: a warning at most once a minute, the others at debug level."""
+        now = time.monotonic()
+        with self._lock:
+            due = now >= self._next_report
+            if due:
+                self._next_report = now + _REPORT_EVERY
+                unreported, self._unreported = self._unreported, 0
+            else:
+                self._unreported += 1
+        if not due:
+            log.debug("cache %r: %s", self.namespace, what)
+        elif unreported:
+            log.warning("cache %r: %s (and %d listener failures in the last minute)",
+                        self.namespace, what, unreported)  # fmt: skip
+        else:
+            log.warning("cache %r: %s", self.namespace, what)
 
     @property
     def namespace(self) -> str:
@@ -436,9 +479,9 @@ class NearStore:
             try:
                 endpoints = _endpoints(self._client, self._interval, self.namespace)
             except Exception as exc:
-                log.warning("cache %r: near cache cannot find Redis: %s", self.namespace, exc)
-                self._stop.wait(backoff)
-                backoff = min(2 * backoff, 1.0)
+                self.report(f"near cache cannot find Redis: {exc}")
+                self._stop.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(2 * backoff, _BACKOFF[1])
                 continue
             backoff = 0.05
             self._follow(current, endpoints)
@@ -616,26 +659,32 @@ class _Listener(threading.Thread):
         store = self._store
         stop = store._stop
         ident = id(self)
-        backoff = 0.02
+        backoff = _BACKOFF[0]
         while not stop.is_set() and not self.retired.is_set():
             conn = None
+            began = time.monotonic()
+            error: Exception | None = None
             try:
                 conn = self._make()  # may ask the sentinels, which may have no master yet
-                self._subscribe(conn)
-                backoff = 0.02
-                self._serve(conn)
+                offset = self._subscribe(conn)
+                began = time.monotonic()
+                self._serve(conn, offset)
             except Exception as exc:
-                if not stop.is_set():
-                    log.info("cache %r: near cache listener: %s", store.namespace, exc)
+                error = exc
             finally:
-                store.listener_down(ident)
+                store.listener_down(ident, error)
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.disconnect()
-            stop.wait(backoff)
-            backoff = min(2 * backoff, 1.0)
+            # A link that served a while restarts the backoff; one that fails at once (every
+            # attempt the same way) keeps doubling it, so a stuck listener cannot storm Redis.
+            if time.monotonic() - began >= _STEADY:
+                backoff = _BACKOFF[0]
+            stop.wait(backoff * random.uniform(0.5, 1.0))
+            backoff = min(2 * backoff, _BACKOFF[1])
 
-    def _subscribe(self, conn: Any) -> None:
+    def _subscribe(self, conn: Any) -> float:
+        """Connect, turn tracking on and subscribe; the server clock's offset to the local one."""
         store = self._store
         conn.connect()
         conn.send_command("CLIENT", "ID")
@@ -654,11 +703,9 @@ class _Listener(threading.Thread):
         reply = conn.read_response()
         if not (isinstance(reply, list) and reply[0] == b"subscribe"):
             raise ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r:.100}")
-        # Only now: every read that starts after this line is tracked (a fill that read
-        # before it is refused by the generation bump in listener_up).
-        store.listener_up(id(self), offset)
+        return offset
 
-    def _serve(self, conn: Any) -> None:
+    def _serve(self, conn: Any, offset: float) -> None:
         store = self._store
         stop = store._stop
         ident = id(self)
@@ -666,29 +713,42 @@ class _Listener(threading.Thread):
         next_ping = time.monotonic() + interval
         awaiting_pong = False
         sock = conn._sock
+        # The hit path polls the socket from before L1 goes live: an invalidation that arrives
+        # before this thread reaches its loop (it may wait for the GIL) already bypasses L1.
         store.watch(sock, True)
         try:
+            self._apply(conn)  # messages read with the SUBSCRIBE reply: older than the gen bump
+            # Only now: every read that starts after this line is tracked (a fill that read
+            # before it is refused by the generation bump in listener_up).
+            store.listener_up(ident, offset)
             while not stop.is_set() and not self.retired.is_set():
                 wait = min(0.2, max(0.0, next_ping - time.monotonic()))
                 # Wait without consuming: until this thread has the GIL back and has applied the
                 # bytes, readers see them pending in the socket (NearStore.get bypasses L1).
-                readable, _, _ = select.select([sock], [], [], wait)
-                if readable:
-                    store.pending += 1
-                    try:
-                        while conn.can_read(timeout=0):
-                            message = conn.read_response()
-                            if isinstance(message, list) and message:
-                                if message[0] == b"message":
-                                    store.invalidated(message[2])
-                                elif message[0] == b"pong":
-                                    awaiting_pong = False
-                    finally:
-                        store.pending -= 1
+                if readable([sock], wait):
+                    if self._apply(conn):
+                        awaiting_pong = False
                     store.listener_heard(ident)
                 next_ping, awaiting_pong = self._ping(conn, next_ping, awaiting_pong)
         finally:
             store.watch(sock, False)
+
+    def _apply(self, conn: Any) -> bool:
+        """Apply every message received; whether a PONG was among them."""
+        store = self._store
+        pong = False
+        store.pending += 1
+        try:
+            while conn.can_read(timeout=0):
+                message = conn.read_response()
+                if isinstance(message, list) and message:
+                    if message[0] == b"message":
+                        store.invalidated(message[2])
+                    elif message[0] == b"pong":
+                        pong = True
+        finally:
+            store.pending -= 1
+        return pong
 
     def _ping(self, conn: Any, next_ping: float, awaiting_pong: bool) -> tuple[float, bool]:
         """Ping when due; a PING left unanswered for a whole interval breaks the link."""

@@ -682,6 +682,37 @@ class NearCacheMachine(CacheMachine):
             cache.close()
         super().teardown()
 
+    # -- admin operations and broken links (docs/cache.md, "Near cache") ----------------------
+    def _flushed(self) -> None:
+        """The model after every key of the namespace is gone (records and epoch included)."""
+        self.model.entries.clear()
+        self.model.records.clear()
+        self.model.epoch += 1
+
+    @rule(command=st.sampled_from(["FLUSHDB", "FLUSHALL"]))
+    def flush(self, command: str) -> None:
+        """Redis pushes a null invalidation: every L1 empties."""
+        self.admin.execute_command(command)
+        self._flushed()
+
+    @rule(handle=st.sampled_from(HANDLES))
+    def swapdb_then_clear(self, handle: str) -> None:
+        """SWAPDB sends no invalidation; documented: run ``clear()`` (from any process) after."""
+        self.admin.swapdb(0, 1)
+        other = redis.Redis(host=self.server.host, port=self.server.port, db=1)
+        other.flushdb()  # the swapped-out data, so that a later swap cannot bring it back
+        other.close()
+        self._flushed()
+        self.caches[handle].clear()
+        self.model.bump(["ns"])
+
+    @rule(which=st.integers(0, 1))
+    def kill_listener(self, which: int) -> None:
+        """A listener's connection drops (``CLIENT KILL``): L1 flushed, bypassed, back later."""
+        listeners = [c for c in self.admin.client_list() if c.get("name") == "distcache-near:model"]
+        if listeners:
+            self.admin.client_kill_filter(_id=listeners[which % len(listeners)]["id"])
+
 
 @pytest.mark.parametrize(
     "machine",

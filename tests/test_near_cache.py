@@ -209,7 +209,7 @@ def test_the_accounted_overhead_covers_what_an_entry_costs(clock: FakeClock) -> 
     print(f"near cache overhead: {per_entry:.0f} bytes per entry (accounted {ENTRY_OVERHEAD})")
     assert per_entry <= ENTRY_OVERHEAD
     accounted = store.stats()["bytes"] / n
-    assert accounted >= per_entry + deep_size(items[0][1].value, 20)
+    assert accounted >= per_entry + deep_size(items[0][1].value)
 
 
 # -- against a real server ---------------------------------------------------------------------
