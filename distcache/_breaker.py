@@ -1,4 +1,5 @@
-"""A circuit breaker: after repeated connection failures, stop calling Redis for a while.
+"""A circuit breaker: after repeated connection failures (or slow calls), stop calling Redis for
+a while.
 
 ::
 
@@ -7,7 +8,9 @@
       └───────────────(the probe succeeds)────────────────┴────(the probe fails)───────┘
 
 In the half-open state one caller at a time is let through as a probe; the others are refused
-as in the open state. Time comes from an injectable clock, so tests tick instead of sleeping.
+as in the open state. A read-through's Redis call slower than ``slow_call`` counts as a failure,
+and so does a read-through that runs out of its ``miss_deadline``: a slow Redis opens the circuit
+as a dead one does. Time comes from an injectable clock, so tests tick instead of sleeping.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ class CircuitBreaker:
     Args:
         failure_threshold: consecutive failures that open the circuit.
         reset_timeout: seconds (or ``timedelta``) the circuit stays open before a probe.
+        slow_call: a read-through's Redis call (one round trip, or the few of one step) that
+            takes longer than this (seconds or ``timedelta``) counts as a failure; ``None``: a
+            quarter of the cache's ``miss_deadline`` (half the socket timeout by default).
         clock: monotonic clock in seconds (injectable for tests).
 
     Raises:
@@ -47,6 +53,7 @@ class CircuitBreaker:
         "_state",
         "healthy",
         "reset_timeout",
+        "slow_call",
         "threshold",
     )
 
@@ -55,6 +62,7 @@ class CircuitBreaker:
         *,
         failure_threshold: int = 5,
         reset_timeout: float | timedelta = 5.0,
+        slow_call: float | timedelta | None = None,
         clock: Callable[[], float] = monotonic,
     ) -> None:
         if (
@@ -67,6 +75,7 @@ class CircuitBreaker:
             raise ConfigError(f"clock must be a callable returning seconds, got {clock!r}")
         self.threshold = failure_threshold
         self.reset_timeout = seconds(reset_timeout, field="reset_timeout")
+        self.slow_call = None if slow_call is None else seconds(slow_call, field="slow_call")
         self._clock = clock
         self._lock = threading.Lock()
         self._state: str = _CLOSED

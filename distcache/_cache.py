@@ -37,6 +37,7 @@ from ._metrics import CacheEvent, CacheMetrics
 from ._near import ABSENT, NearCache, NearStore, finalizer
 from ._serializers import Serializer
 from ._stampede import AsyncFlow, Call, ReadThrough, Stampede, SyncFlow
+from ._stampede import miss_deadline as miss_deadline_of
 
 __all__ = ["AsyncCache", "Cache"]
 
@@ -73,6 +74,7 @@ class _CacheBase:
         max_background: int = 4,
         random: Callable[[], float] = _random.random,
         near_cache: NearCache | None = None,
+        miss_deadline: Seconds | None = None,
     ) -> None:
         check_client(client, want_async=self._is_async, cls=type(self).__name__)
         self._core = CacheCore(
@@ -104,6 +106,7 @@ class _CacheBase:
             random=random,
             clock=self._core.clock,
             prefix=prefix,
+            miss_deadline=miss_deadline_of(miss_deadline, client),
         )
         self._execute = client.execute_command
         self._setup_io()
@@ -241,6 +244,10 @@ class Cache(_CacheBase):
             window in Redis: no value is ever served later than that.
         max_background: background refreshes running at once, at most (one per key).
         random: uniform ``[0, 1)`` source for XFetch (injectable: a seeded ``Random().random``).
+        miss_deadline: the longest a read-through miss spends on Redis, not counting its
+            loader or its wait for another caller's load (seconds or ``timedelta``); then the
+            remaining Redis steps are skipped (fail-open: the loader's result, not stored).
+            ``None``: twice the client's socket timeout (10 s if it has none).
 
     Raises:
         ConfigError: an argument is invalid.

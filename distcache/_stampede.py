@@ -32,7 +32,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -64,6 +64,7 @@ _STALE_STORE = 1024  # last values kept in memory for stale_if_error while Redis
 _MAX_ERROR_TEXT = 300  # characters of a failed load's note
 _NOTE_MARGIN_MS = 5.0  # clock estimates of two processes differ by their errors, plus this
 _IDLE = 5.0  # seconds the sync fill-lock renewer waits for work before its thread exits
+_DEFAULT_SOCKET_TIMEOUT = 5.0  # distkit's RedisConfig default, for clients that set none
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,11 +357,13 @@ class ReadThrough:
         "beta",
         "clock",
         "core",
+        "deadline",
         "grace_ms",
         "max_background",
         "prefix",
         "random",
         "sie_ms",
+        "slow",
         "stampede",
         "swr_ms",
     )
@@ -377,6 +380,7 @@ class ReadThrough:
         random: Random,
         clock: Clock,
         prefix: str,
+        miss_deadline: float = math.inf,
     ) -> None:
         if stampede is not None and not isinstance(stampede, Stampede):
             raise ConfigError(f"stampede must be a Stampede or None, got {stampede!r}")
@@ -409,6 +413,37 @@ class ReadThrough:
         self._store = _StaleStore(_STALE_STORE) if self.sie_ms else None
         core.grace_ms = self.grace_ms
         core.now_ms = self.clock.now_ms
+        self.deadline = miss_deadline
+        breaker = core.breaker
+        slow = None if breaker is None else breaker.slow_call
+        self.slow = miss_deadline / 4 if slow is None else slow
+
+    # -- the miss path's deadline (C5) ---------------------------------------------------------
+    def succeeded(self, took: float) -> None:
+        """A Redis step answered after ``took`` seconds: slower than ``slow``, a breaker failure."""
+        if took <= self.slow:
+            self.core.succeeded()
+            return
+        breaker = self.core.breaker
+        if breaker is not None:
+            breaker.record_failure()
+
+    def out_of_time(self, state: _RunState) -> bool:
+        """Whether the call has used up its Redis time (the first time: a breaker failure)."""
+        if state.spent < state.deadline:
+            return False
+        if not state.late:
+            state.late = True
+            breaker = self.core.breaker
+            if breaker is not None:
+                breaker.record_failure()
+            log.warning(
+                "cache %r: a read-through spent its %gs deadline on Redis; skipping the rest "
+                "(failing open)",
+                self.core.namespace,
+                state.deadline,
+            )
+        return True
 
     # -- decisions -----------------------------------------------------------------------------
     def early(self, entry: Entry, now_ms: float) -> bool:
@@ -763,11 +798,32 @@ class _SyncFlight:
 
 
 class _RunState:
-    __slots__ = ("flight", "lock")
+    """One call's flight and fill lock, and the Redis time it has spent against its deadline."""
 
-    def __init__(self) -> None:
+    __slots__ = ("deadline", "flight", "late", "lock", "spent")
+
+    def __init__(self, deadline: float = math.inf, spent: float = 0.0) -> None:
         self.flight: Any = None
         self.lock: Any = None
+        self.deadline = deadline
+        self.spent = spent
+        self.late = False  # the deadline has passed (reported once)
+
+
+def miss_deadline(value: Seconds | None, client: Any) -> float:
+    """``miss_deadline`` in seconds; ``None``: twice the client's socket timeout."""
+    if value is not None:
+        return seconds(value, field="miss_deadline")
+    timeout: Any = None
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        timeout = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+    else:  # RedisCluster keeps the connection kwargs on its nodes manager
+        manager = getattr(client, "nodes_manager", None)
+        timeout = (getattr(manager, "connection_kwargs", None) or {}).get("socket_timeout")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        timeout = _DEFAULT_SOCKET_TIMEOUT
+    return 2 * float(timeout)
 
 
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (DistkitError, *FAILURES)
@@ -786,8 +842,35 @@ def _fresh_note(raw: Any, since_ms: float) -> str | None:
     return text.decode("utf-8", "replace")
 
 
+_timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+; wait_for before
+
+
+async def _within(limit: float, step: Callable[[], Awaitable[Any]]) -> Any:
+    """``await step()``, cancelled after ``limit`` seconds (``asyncio.TimeoutError``)."""
+    if _timeout is None:  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(step(), limit)
+    async with _timeout(limit):
+        return await step()
+
+
 def _log_release_error(core: CacheCore, exc: BaseException) -> None:
     log.warning("cache %r: releasing a fill lock failed: %s", core.namespace, exc)
+
+
+def _release_quietly(lock: Lock, core: CacheCore) -> None:
+    """Release a fill lock after its caller has returned (its deadline had passed)."""
+    try:
+        lock.release()
+    except _RELEASE_ERRORS as exc:
+        _log_release_error(core, exc)
+
+
+async def _arelease_quietly(lock: AsyncLock, core: CacheCore) -> None:
+    """``_release_quietly`` for ``AsyncLock``."""
+    try:
+        await lock.release()
+    except _RELEASE_ERRORS as exc:
+        _log_release_error(core, exc)
 
 
 class SyncFlow:
@@ -807,11 +890,13 @@ class SyncFlow:
 
     def get_or_set(self, call: Call) -> Any:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
-        started = self.core.clock()
+        clock = self.core.clock
+        started = clock()
         found = self._read(call, False)
         if found.__class__ is Entry and self.policy.plain_hit(found, call.rkey):
             return found.value
-        return self._drive(self.policy.run(call, found, started), call)
+        state = _RunState(self.policy.deadline, clock() - started)
+        return self._drive(self.policy.run(call, found, started), call, state)
 
     def drain(self, timeout: float | None) -> bool:
         """Wait for background refreshes to finish; ``False`` if some still run at ``timeout``."""
@@ -827,8 +912,9 @@ class SyncFlow:
                 if thread.is_alive():
                     return False
 
-    def _drive(self, flow: Flow, call: Call) -> Any:
-        state = _RunState()
+    def _drive(self, flow: Flow, call: Call, state: _RunState | None = None) -> Any:
+        if state is None:
+            state = _RunState()
         send: Any = None
         error: BaseException | None = None
         while True:
@@ -862,6 +948,7 @@ class SyncFlow:
         breaker = core.breaker
         clock = self.policy.clock
         if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
+            begun = core.clock()
             try:  # the hit path: one MGET, as get() (and the write mark a fill compares)
                 raw, epoch, mark = self.cache._execute(
                     "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
@@ -869,6 +956,9 @@ class SyncFlow:
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
+            took = core.clock() - begun
+            if took > self.policy.slow:
+                self.policy.succeeded(took)
             found = core.entry(raw, epoch, call.type_, quiet)
             if found.__class__ is Entry:
                 return found
@@ -882,6 +972,7 @@ class SyncFlow:
             protocol.close()
             return FAILED
         driver = self.cache._driver
+        begun = core.clock()
         try:
             if clock.due():
                 driver.run(clock.sync(core.epoch_of(rkey)))
@@ -889,13 +980,33 @@ class SyncFlow:
         except FAILURES as exc:
             core.failed(exc)
             return FAILED
-        core.succeeded()
+        self.policy.succeeded(core.clock() - begun)
         return found
+
+    def _timed(self, state: _RunState, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (one Redis step), its time charged to the call; ``FAILED`` if it failed."""
+        clock = self.core.clock
+        begun = clock()
+        try:
+            out = fn()
+        except FAILURES as exc:
+            state.spent += clock() - begun
+            self.core.failed(exc)
+            return FAILED
+        took = clock() - begun
+        state.spent += took
+        self.policy.succeeded(took)
+        return out
 
     def _step(self, step: Step, call: Call, state: _RunState) -> Any:
         core = self.core
         if step is LOOKUP:
-            return self._read(call, False)
+            if self.policy.out_of_time(state):
+                return FAILED
+            begun = core.clock()
+            found = self._read(call, False)
+            state.spent += core.clock() - begun
+            return found
         if step is LOAD:
             begun = core.clock()
             try:
@@ -923,7 +1034,7 @@ class SyncFlow:
                 flight.done.set()
             return None
         if cls is _Acquire:
-            if not core.allow():
+            if self.policy.out_of_time(state) or not core.allow():
                 return FAILED
             policy = self.policy.stampede
             assert policy is not None
@@ -936,15 +1047,17 @@ class SyncFlow:
                 fence_retention=policy.lock_ttl,  # no fencing needed: the WRITE compares
                 retry=self.cache._retry,
             )
-            try:
-                got = lock.acquire(
-                    blocking=step.blocking, timeout=step.timeout if step.blocking else None
-                )
-            except FAILURES as exc:
-                core.failed(exc)
-                return FAILED
-            core.succeeded()
-            if got:
+            got = self._timed(state, lambda: lock.acquire(blocking=False))
+            if got is False and step.blocking:
+                # Queued behind another caller's load: that wait is bounded by Stampede.wait,
+                # not by the deadline (which bounds this caller's own Redis round trips).
+                try:
+                    got = lock.acquire(blocking=True, timeout=step.timeout)
+                except FAILURES as exc:
+                    core.failed(exc)
+                    return FAILED
+                core.succeeded()
+            if got is True:
                 state.lock = lock
                 self._renewer.add(lock)
             return got
@@ -952,38 +1065,44 @@ class SyncFlow:
             lock, state.lock = state.lock, None
             if lock is not None:
                 self._renewer.remove(lock)
+                if self.policy.out_of_time(state):
+                    # The caller's time is up: release behind its back (the lease would expire
+                    # anyway, but other processes' fills would wait for it meanwhile).
+                    threading.Thread(
+                        target=_release_quietly,
+                        args=(lock, core),
+                        name=f"distcache-fill-release-{core.namespace}",
+                        daemon=True,
+                    ).start()
+                    return None
                 try:
                     lock.release()
                 except _RELEASE_ERRORS as exc:
                     _log_release_error(core, exc)
             return None
         if cls is _Fill:
-            if not core.allow():
+            if self.policy.out_of_time(state) or not core.allow():
                 step.protocol.close()
                 return None
-            stored = None
-            try:
-                stored = self.cache._driver.run(step.protocol)
-            except FAILURES as exc:
-                core.failed(exc)
-            else:
-                core.succeeded()
+            stored = self._timed(state, lambda: self.cache._driver.run(step.protocol))
+            if stored is FAILED:
+                stored = None
             self.cache._forget([call.rkey])  # this process's L1 copy, if any, is older
             return stored
         if cls is _Relookup:
-            if not core.allow():
+            if self.policy.out_of_time(state) or not core.allow():
                 return FAILED, None
-            try:
-                again = self.cache._driver.run(
+            again = self._timed(
+                state,
+                lambda: self.cache._driver.run(
                     self.policy.relookup(call.rkey, call.type_, step.since_ms)
-                )
-            except FAILURES as exc:
-                core.failed(exc)
-                return FAILED, None
-            core.succeeded()
-            return again
+                ),
+            )
+            return (FAILED, None) if again is FAILED else again
         if cls is _MarkFailed:
-            return self._mark_failed(step, call)
+            if self.policy.out_of_time(state):
+                return None
+            return self._timed(state, lambda: self._mark_failed(step, call))
         if cls is _Spawn:
             self._spawn(call, step.entry)
             return None
@@ -1039,14 +1158,17 @@ class AsyncFlow:
         self._seen: dict[str, tuple[str, bytes | None] | None] = {}  # by flight: its leader's read
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._releases: set[asyncio.Task[Any]] = set()  # fill-lock work left behind by a deadline
 
     async def get_or_set(self, call: Call) -> Any:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
-        started = self.core.clock()
-        found = await self._read(call, False)
+        clock = self.core.clock
+        started = clock()
+        state = _RunState(self.policy.deadline)
+        found = await self._timed(state, lambda: self._read(call, False), accounted=True)
         if found.__class__ is Entry and self.policy.plain_hit(found, call.rkey):
             return found.value
-        return await self._drive(self.policy.run(call, found, started), call)
+        return await self._drive(self.policy.run(call, found, started), call, state)
 
     async def drain(self, timeout: float | None) -> bool:
         """Wait for background refreshes to finish; ``False`` if some still run at ``timeout``."""
@@ -1056,8 +1178,9 @@ class AsyncFlow:
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         return not pending and not self._tasks
 
-    async def _drive(self, flow: Flow, call: Call) -> Any:
-        state = _RunState()
+    async def _drive(self, flow: Flow, call: Call, state: _RunState | None = None) -> Any:
+        if state is None:
+            state = _RunState()
         send: Any = None
         error: BaseException | None = None
         while True:
@@ -1091,6 +1214,7 @@ class AsyncFlow:
         breaker = core.breaker
         clock = self.policy.clock
         if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
+            begun = core.clock()
             try:  # the hit path: one MGET, as get() (and the write mark a fill compares)
                 raw, epoch, mark = await self.cache._execute(
                     "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
@@ -1098,6 +1222,9 @@ class AsyncFlow:
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
+            took = core.clock() - begun
+            if took > self.policy.slow:
+                self.policy.succeeded(took)
             found = core.entry(raw, epoch, call.type_, quiet)
             if found.__class__ is Entry:
                 return found
@@ -1111,6 +1238,7 @@ class AsyncFlow:
             protocol.close()
             return FAILED
         driver = self.cache._driver
+        begun = core.clock()
         try:
             if clock.due():
                 await driver.run(clock.sync(core.epoch_of(rkey)))
@@ -1118,13 +1246,45 @@ class AsyncFlow:
         except FAILURES as exc:
             core.failed(exc)
             return FAILED
-        core.succeeded()
+        self.policy.succeeded(core.clock() - begun)
         return found
+
+    async def _timed(
+        self, state: _RunState, step: Callable[[], Awaitable[Any]], accounted: bool = False
+    ) -> Any:
+        """``await step()`` (Redis round trips) within what is left of the call's deadline.
+
+        Its time is charged to the call; ``FAILED`` if it failed or ran out of time (then
+        cancelled: every step is safe to cancel; a fill lock's acquire leaves nothing behind).
+        ``accounted``: the step reports to the breaker itself.
+        """
+        clock = self.core.clock
+        left = state.deadline - state.spent
+        begun = clock()
+        try:
+            out = await (step() if left == math.inf else _within(max(0.0, left), step))
+        except asyncio.TimeoutError:  # the deadline (a Redis timeout is redis-py's own class)
+            state.spent = max(state.deadline, state.spent + clock() - begun)
+            self.policy.out_of_time(state)
+            return FAILED
+        except FAILURES as exc:
+            state.spent += clock() - begun
+            if accounted:
+                raise
+            self.core.failed(exc)
+            return FAILED
+        took = clock() - begun
+        state.spent += took
+        if not accounted:
+            self.policy.succeeded(took)
+        return out
 
     async def _step(self, step: Step, call: Call, state: _RunState) -> Any:
         core = self.core
         if step is LOOKUP:
-            return await self._read(call, False)
+            if self.policy.out_of_time(state):
+                return FAILED
+            return await self._timed(state, lambda: self._read(call, False), accounted=True)
         if step is LOAD:
             begun = core.clock()
             try:
@@ -1158,7 +1318,7 @@ class AsyncFlow:
                     flight.set_result(step.outcome)
             return None
         if cls is _Acquire:
-            if not core.allow():
+            if self.policy.out_of_time(state) or not core.allow():
                 return FAILED
             policy = self.policy.stampede
             assert policy is not None
@@ -1171,56 +1331,89 @@ class AsyncFlow:
                 fence_retention=policy.lock_ttl,  # no fencing needed: the WRITE compares
                 retry=self.cache._retry,
             )
-            try:
-                got = await lock.acquire(
-                    blocking=step.blocking, timeout=step.timeout if step.blocking else None
-                )
-            except FAILURES as exc:
-                core.failed(exc)
-                return FAILED
-            core.succeeded()
-            if got:
+            got = await self._timed(state, lambda: self._acquire(lock))
+            if got is False and step.blocking:
+                # Queued behind another caller's load: that wait is bounded by Stampede.wait,
+                # not by the deadline (which bounds this caller's own Redis round trips).
+                try:
+                    got = await lock.acquire(blocking=True, timeout=step.timeout)
+                except FAILURES as exc:
+                    core.failed(exc)
+                    return FAILED
+                core.succeeded()
+            if got is True:
                 state.lock = lock
             return got
         if step is RELEASE:
             lock, state.lock = state.lock, None
             if lock is not None:
+                if self.policy.out_of_time(state):
+                    # The caller's time is up: release behind its back (the lease would expire
+                    # anyway, but other processes' fills would wait for it meanwhile).
+                    task = asyncio.get_running_loop().create_task(_arelease_quietly(lock, core))
+                    self._releases.add(task)
+                    task.add_done_callback(self._releases.discard)
+                    return None
                 try:
                     await lock.release()
                 except _RELEASE_ERRORS as exc:
                     _log_release_error(core, exc)
             return None
         if cls is _Fill:
-            if not core.allow():
+            if self.policy.out_of_time(state) or not core.allow():
                 step.protocol.close()
                 return None
-            stored = None
-            try:
-                stored = await self.cache._driver.run(step.protocol)
-            except FAILURES as exc:
-                core.failed(exc)
-            else:
-                core.succeeded()
+            stored = await self._timed(state, lambda: self.cache._driver.run(step.protocol))
+            if stored is FAILED:
+                stored = None
             self.cache._forget([call.rkey])  # this process's L1 copy, if any, is older
             return stored
         if cls is _Relookup:
-            if not core.allow():
+            if self.policy.out_of_time(state) or not core.allow():
                 return FAILED, None
-            try:
-                again = await self.cache._driver.run(
+            again = await self._timed(
+                state,
+                lambda: self.cache._driver.run(
                     self.policy.relookup(call.rkey, call.type_, step.since_ms)
-                )
-            except FAILURES as exc:
-                core.failed(exc)
-                return FAILED, None
-            core.succeeded()
-            return again
+                ),
+            )
+            return (FAILED, None) if again is FAILED else again
         if cls is _MarkFailed:
-            return await self._mark_failed(step, call)
+            if self.policy.out_of_time(state):
+                return None
+            return await self._timed(state, lambda: self._mark_failed(step, call))
         if cls is _Spawn:
             self._spawn(call, step.entry)
             return None
         raise TypeError(f"unknown read-through step {step!r}")  # pragma: no cover
+
+    async def _acquire(self, lock: AsyncLock) -> bool:
+        """``lock.acquire(blocking=False)``; if the caller's deadline cancels it, the acquire is
+        left to finish in the background instead of being awaited.
+
+        distlock's ``AsyncLock.acquire`` is cancellation-safe: a cancelled acquire removes any
+        lease it may have been granted, but that clean-up is one more round trip on a slow
+        server, and the caller's time is up. A lease granted just before the cancel arrived
+        (the acquire returned ``True`` unseen) is released here too.
+        """
+        task = asyncio.ensure_future(lock.acquire(blocking=False))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            self._releases.add(task)
+            core = self.core
+
+            def settled(done: asyncio.Task[bool]) -> None:
+                self._releases.discard(done)
+                if done.cancelled() or done.exception() is not None or not done.result():
+                    return
+                late = done.get_loop().create_task(_arelease_quietly(lock, core))
+                self._releases.add(late)
+                late.add_done_callback(self._releases.discard)
+
+            task.add_done_callback(settled)
+            raise
 
     async def _mark_failed(self, step: _MarkFailed, call: Call) -> None:
         """Note a failed load for the processes queued on the fill lock (best effort)."""

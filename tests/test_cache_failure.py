@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -290,3 +291,189 @@ def test_breaker_arguments_are_validated() -> None:
         CircuitBreaker(clock="now")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         Cache(dead_client(), breaker="yes")  # type: ignore[arg-type]
+
+
+# -- a slow (not dead) Redis: the miss path's deadline, and slowness opening the breaker (C5) ----
+RTT = 0.2  # round trip through the proxy: its latency is applied once each way
+STEPS = ("read", "fill lock", "second look", "fill", "release")  # a warm miss, one RTT each
+
+
+def fill_leases(r: redis.Redis, namespace: str) -> list[bytes]:
+    """The namespace's fill-lock leases still on the server (companion keys end otherwise)."""
+    return [k for k in r.keys(f"distkit:cache:lock:{{cache.fill.{namespace}.*") if k.endswith(b"}")]
+
+
+def run_miss(cache: Any, kind: str, key: str, value: str, load_s: float) -> tuple[Any, float]:
+    """One ``get_or_set`` of ``key`` (a loader taking ``load_s``); its time minus the loader's."""
+    if kind == "sync":
+
+        def load() -> str:
+            time.sleep(load_s)
+            return value
+
+        out, took = timed(lambda: cache.get_or_set(key, load))
+        return out, took - load_s
+
+    async def aload() -> str:
+        await asyncio.sleep(load_s)
+        return value
+
+    async def go() -> Any:
+        return await cache.get_or_set(key, aload)
+
+    loop = cache._loop
+    out, took = timed(lambda: loop.run_until_complete(go()))
+    return out, took - load_s
+
+
+def make_cache(kind: str, proxy: FaultProxy, socket_timeout: float, **options: Any) -> Any:
+    """A ``Cache`` or an ``AsyncCache`` (with its own loop in ``_loop``) behind ``proxy``."""
+    config = proxy.config(socket_timeout=socket_timeout, connect_timeout=socket_timeout)
+    if kind == "sync":
+        return Cache(connect(config), **options)
+    loop = asyncio.new_event_loop()
+    cache = AsyncCache(aconnect(config), **options)
+    cache._loop = loop  # type: ignore[attr-defined]
+    return cache
+
+
+def pause(cache: Any, kind: str, seconds: float) -> None:
+    if kind == "sync":
+        time.sleep(seconds)
+    else:
+        cache._loop.run_until_complete(asyncio.sleep(seconds))
+
+
+def close_cache(cache: Any, kind: str) -> None:
+    if kind == "async":
+        loop = cache._loop
+        loop.run_until_complete(asyncio.sleep(RTT * 3))  # background releases finish
+        loop.run_until_complete(cache._client.aclose())
+        loop.close()
+
+
+def warm_up(cache: Any, kind: str) -> None:
+    """Scripts loaded, clock synced, connections pooled: every later step is one round trip."""
+    for i in range(2):
+        assert run_miss(cache, kind, f"warm{i}", "w", 0.0)[0] == "w"
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("cut", range(len(STEPS)), ids=lambda i: f"in-{STEPS[i]}")
+def test_a_slow_server_costs_a_miss_at_most_its_deadline(
+    proxy: FaultProxy, r: redis.Redis, kind: str, cut: int
+) -> None:
+    """The deadline runs out inside each Redis step of a miss in turn (the generator over every
+    await point): the caller gets the loader's value within the deadline (sync: plus the round
+    trip in flight), no fill lock is left behind, and nothing but the loader's value is stored."""
+    deadline = (cut + 0.5) * RTT
+    ns = f"dl-{kind}-{cut}"
+    cache = make_cache(kind, proxy, 2.0, namespace=ns, breaker=False, miss_deadline=deadline)
+    try:
+        warm_up(cache, kind)
+        proxy.set_latency(RTT / 2)
+        value, spent = run_miss(cache, kind, "k", "loaded", 0.1)
+        assert value == "loaded"
+        slack = 0.15 + (RTT if kind == "sync" else 0.0)
+        assert spent <= deadline + slack, f"{spent:.3f}s on Redis, deadline {deadline:.3f}s"
+        proxy.set_latency(0)
+        limit = time.monotonic() + 2.0
+        while fill_leases(r, ns) and time.monotonic() < limit:
+            pause(cache, kind, 0.02)  # (an event loop must run for background releases)
+        assert fill_leases(r, ns) == []  # released behind the caller's back, not orphaned
+        value, took = run_miss(cache, kind, "k", "again", 0.0)
+        assert value in ("loaded", "again")  # stored by the first call's fill, or loaded now
+        assert took < 1.0  # no orphaned fill lock to wait for
+    finally:
+        proxy.reset()
+        close_cache(cache, kind)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_the_default_deadline_is_twice_the_socket_timeout(proxy: FaultProxy, kind: str) -> None:
+    """issue 14 item 11: 0.24 s round trips under a 0.3 s socket timeout took a miss 1.2-1.45 s."""
+    timeout, rtt = 0.3, 0.24
+    cache = make_cache(kind, proxy, timeout, namespace=f"dd-{kind}", breaker=False)
+    assert cache._policy.deadline == 2 * timeout
+    try:
+        warm_up(cache, kind)
+        proxy.set_latency(rtt / 2)
+        value, spent = run_miss(cache, kind, "k", "loaded", 0.1)
+        assert value == "loaded"
+        assert spent <= 2 * timeout + rtt + 0.15, f"{spent:.3f}s on Redis"
+    finally:
+        proxy.reset()
+        close_cache(cache, kind)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_slow_calls_open_the_breaker_until_it_half_opens(proxy: FaultProxy, kind: str) -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=30, slow_call=0.05, clock=clock)
+    metrics = CounterMetrics()
+    cache = make_cache(kind, proxy, 2.0, namespace=f"slow-{kind}", breaker=breaker, metrics=metrics)
+    try:
+        warm_up(cache, kind)
+        assert run_miss(cache, kind, "k", "cached", 0.0)[0] == "cached"
+        proxy.set_latency(0.05)  # a 0.1 s round trip: slower than slow_call, far from a timeout
+        for _ in range(3):
+            assert state(breaker) == "closed"
+            assert run_miss(cache, kind, "k", "loader", 0.0)[0] == "cached"  # slow hits
+        assert state(breaker) == "open"  # three slow calls in a row
+        sent, connections = proxy.bytes_forwarded, proxy.connections_accepted
+        for _ in range(5):
+            value, took = run_miss(cache, kind, "k", "loader", 0.0)
+            assert value == "loader"  # Redis skipped: the loader's value (fail-open)
+            assert took < 0.05
+        assert (proxy.bytes_forwarded, proxy.connections_accepted) == (sent, connections)
+        assert metrics.count(CacheEvent.SHORT_CIRCUIT) == 5
+        proxy.set_latency(0)
+        clock.advance(30)
+        assert state(breaker) == "half-open"
+        assert run_miss(cache, kind, "k", "loader", 0.0)[0] == "cached"  # the probe: a hit
+        assert state(breaker) == "closed"
+    finally:
+        proxy.reset()
+        close_cache(cache, kind)
+
+
+def test_a_cancelled_fill_lock_acquire_leaves_no_lease(proxy: FaultProxy, r: redis.Redis) -> None:
+    """The deadline cancels an AsyncLock acquire in flight: distlock's clean-up (run in the
+    background, not awaited by the caller) removes the lease the server may have granted."""
+
+    async def run() -> None:
+        config = proxy.config(socket_timeout=2.0, connect_timeout=2.0)
+        cache = AsyncCache(aconnect(config), namespace="cancel", breaker=False, miss_deadline=0.3)
+
+        async def load() -> str:
+            return "v"
+
+        for i in range(2):
+            await cache.get_or_set(f"warm{i}", load)
+        proxy.set_latency(0.1)  # the read takes 0.2 s; the acquire is cancelled 0.1 s in
+        # (its request has reached the server by then: the lease is granted, its reply lost)
+        started = time.monotonic()
+        assert await cache.get_or_set("k", load) == "v"
+        assert time.monotonic() - started < 0.3 + 0.15
+        assert cache._flow._releases  # the acquire's clean-up still runs
+        proxy.set_latency(0)
+        for _ in range(150):  # up to 3 s
+            if not (cache._flow._releases or fill_leases(r, "cancel")):
+                break
+            await asyncio.sleep(0.02)
+        assert fill_leases(r, "cancel") == []
+        await cache._client.aclose()
+
+    asyncio.run(run())
+
+
+def test_deadline_options_are_validated() -> None:
+    with pytest.raises(ConfigError):
+        Cache(dead_client(), miss_deadline=0)
+    with pytest.raises(ConfigError):
+        Cache(dead_client(), miss_deadline=-1)
+    with pytest.raises(ConfigError):
+        CircuitBreaker(slow_call=0)
+    assert Cache(dead_client(), miss_deadline=timedelta(seconds=1.5))._policy.deadline == 1.5
+    assert Cache(redis.Redis(port=free_port()))._policy.deadline == 10.0  # no socket timeout
+    assert Cache(dead_client())._policy.slow == 2 * TIMEOUT / 4

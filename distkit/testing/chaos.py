@@ -102,9 +102,12 @@ class SoakConfig:
         rss_growth_mb: no worker may grow more than this after its warm-up.
         directory: where histories and server files go (default: a temporary directory).
         cache_options: extra keyword arguments for every worker's ``Cache`` (picklable), e.g.
-            a near cache's settings; the hook for soaking cache variants.
-        stale_bound: staleness the cache check allows every read, in seconds (a near cache's
-            coherence bound; ``0`` for a plain cache).
+            a near cache's settings; they override the variant each worker draws from its seed
+            (stale windows, early refresh, a near cache: see ``_cache_variant``).
+        stale_bound: staleness the cache check allows every read, in seconds (``0``: none).
+        near_bound: staleness allowed to reads served by a worker's near cache: its coherence
+            bound, two ``health_check_interval`` of the soak's near caches when a partition
+            silences the listener (docs/cache.md, "Near cache"), plus the largest latency fault.
         master_skew: wall-clock offset of each Redlock master, seconds (a preload library
             shifts the clock the server reads, so the ``TIME`` its scripts read is skewed;
             needs a C compiler, else ignored and reported).
@@ -128,6 +131,7 @@ class SoakConfig:
     master_skew: tuple[float, ...] = (0.0, 0.1, -0.1)
     orphan_bound: float = 0.5
     validity_tolerance: float = 0.005
+    near_bound: float = 2 * 0.25 + 0.1
 
 
 @dataclass
@@ -346,6 +350,29 @@ def _tag_of(key: str) -> str:
     return f"g{int(key[3:]) % 3}"
 
 
+def _cache_variant(seed: int) -> dict[str, Any]:
+    """A worker's cache options, drawn from its seed: stale windows, early refresh, a near cache.
+
+    A stream of its own, so the worker's choice of operations does not change with it. Early
+    refresh needs a loader that takes time (XFetch scales with it): ``load_s`` is the chaos
+    loader's own option, not the cache's.
+    """
+    from distcache import NearCache
+
+    rng = random.Random(f"cache-variant-{seed}")
+    options: dict[str, Any] = {}
+    if rng.random() < 0.5:
+        options["stale_while_revalidate"] = 1.0
+    if rng.random() < 0.5:
+        options["stale_if_error"] = 3.0
+    beta = rng.choice([0.0, 1.0, 30.0])
+    options["early_refresh"] = beta
+    options["load_s"] = 0.01 if beta else 0.0
+    if rng.random() < 0.5:
+        options["near_cache"] = NearCache(health_check_interval=0.25)
+    return options
+
+
 def _worker(spec: _WorkerSpec, handles: _Handles | None = None) -> None:
     """One worker process: lock sections and cache operations until ``stop_at_ns``.
 
@@ -356,7 +383,9 @@ def _worker(spec: _WorkerSpec, handles: _Handles | None = None) -> None:
     logging.basicConfig(  # the fail-open warnings go to the run's directory, not the screen
         filename=spec.log, level=logging.INFO, format="%(asctime)s %(name)s %(message)s"
     )
-    from distcache import Cache
+    import threading
+
+    from distcache import Cache, CacheEvent, CounterMetrics
     from distkit import DistkitError, RedisConfig, connect
     from distlock import FencedStore, LockNotOwned, StaleFencingToken
 
@@ -370,12 +399,46 @@ def _worker(spec: _WorkerSpec, handles: _Handles | None = None) -> None:
     stores = {
         name: FencedStore(connect(config(spec.resource)), name) for name in (*_LOCK_NAMES, _SINGLE)
     }
-    cache = Cache(
-        connect(config(spec.cache)), namespace="chaos", ttl=spec.cache_ttl, **spec.cache_options
-    )
+    options = {**_cache_variant(spec.seed), **spec.cache_options}
+    load_s = float(options.pop("load_s", 0.0))
+    metrics = options.setdefault("metrics", CounterMetrics())
+    cache = Cache(connect(config(spec.cache)), namespace="chaos", ttl=spec.cache_ttl, **options)
+    # An entry lives ttl + the larger stale window in Redis (its hard bound), and any worker's
+    # read may return it until then (a read-through within its window, a cache without one as
+    # a hit): that is the expiry the checker holds this worker's writes to.
+    grace = max(float(options.get(w, 0.0)) for w in ("stale_while_revalidate", "stale_if_error"))
+    write_ttl = spec.cache_ttl + grace
     seq = 0
+    foreground = threading.get_ident()
+    background = threading.Lock()  # a background fill's two events stay adjacent
+    seen: dict[tuple[str, str], int] = {}  # (key, value): when this worker first got it
+    local: list[tuple[int, int, str, str]] = []  # its completed invalidations: start, end, scope
 
-    with HistoryRecorder(spec.history, spec.name) as rec:
+    def counts() -> tuple[int, int, int]:
+        if not isinstance(metrics, CounterMetrics):
+            return 0, 0, 0
+        return (
+            metrics.count(CacheEvent.STALE_SERVED),
+            metrics.count(CacheEvent.ERROR) + metrics.count(CacheEvent.SHORT_CIRCUIT),
+            metrics.count(CacheEvent.NEAR_HIT),
+        )
+
+    def locally_invalidated(key: str, value: Any, start: int) -> bool:
+        """Whether this worker invalidated ``key`` after it first got ``value`` and before
+        ``start``: its stale-if-error copy must not survive that (C8)."""
+        first = seen.get((key, str(value)))
+        if first is None:
+            return False
+        return any(
+            s > first and e < start and target in (key, _tag_of(key), "")
+            for s, e, _, target in local
+        )
+
+    with (
+        HistoryRecorder(spec.history, spec.name) as rec,
+        HistoryRecorder(spec.history.replace(".jsonl", "-bg.jsonl"), f"{spec.name}-bg") as bg,
+    ):
+        rec.info("cache-options", value=repr(sorted(options.items())))
         rec.info("forked", value=os.getpid(), parent=os.getppid())
 
         def stall() -> None:
@@ -601,36 +664,61 @@ def _worker(spec: _WorkerSpec, handles: _Handles | None = None) -> None:
             seq += 1
             value = f"{spec.name}-{seq}"
             if roll < 0.40:
+                before = counts()
                 rec.invoke("read", key=key)
                 got = cache.get(key, _MISS)
                 if got == _MISS:
                     rec.ok("read", key=key, hit=False)
                 else:
-                    rec.ok("read", key=key, value=got)
+                    seen.setdefault((key, str(got)), time.monotonic_ns())
+                    near = {"tier": "near"} if counts()[2] > before[2] else {}
+                    rec.ok("read", key=key, value=got, **near)
             elif roll < 0.75:
                 born: list[int] = []
 
                 def loader() -> str:
-                    born.append(time.monotonic_ns())
+                    now = time.monotonic_ns()
+                    if load_s:
+                        time.sleep(load_s)
+                    if threading.get_ident() == foreground:
+                        born.append(now)
+                        return value
+                    # a background refresh (early refresh, stale-while-revalidate): its fill
+                    with background:
+                        bg.record(
+                            "fill", "invoke", key=key, value=value, tags=[tag],
+                            ttl=write_ttl, born=now, time_ns=now,
+                        )  # fmt: skip
+                        bg.info("fill", key=key, value=value, tags=[tag], born=now)
                     return value
 
+                before = counts()
                 start = time.monotonic_ns()
                 rec.record("read", "invoke", key=key, time_ns=start)
                 got = cache.get_or_set(key, loader, tags=[tag])
-                if not born:
-                    rec.ok("read", key=key, value=got)
-                else:  # a miss: the loader ran, and its result may have been stored
+                after = counts()
+                if born:  # a miss: the loader ran, and its result may have been stored
                     rec.fail("read", key=key)
                     rec.record(
                         "fill", "invoke", key=key, value=value, tags=[tag],
-                        ttl=spec.cache_ttl, born=born[0], time_ns=born[0],
+                        ttl=write_ttl, born=born[0], time_ns=born[0],
                     )  # fmt: skip
                     rec.info("fill", key=key, value=value, tags=[tag], born=born[0])
+                elif after[0] > before[0] and after[1] > before[1]:
+                    # stale_if_error with Redis failing: this process's last copy, which may
+                    # predate another process's invalidation (documented), never its own (C8):
+                    # a read the checker sees only if this worker invalidated it since
+                    flagged = locally_invalidated(key, got, start)
+                    (rec.ok if flagged else rec.info)("read", key=key, value=got, stale=True)
+                else:
+                    near = {"tier": "near"} if after[2] > before[2] else {}
+                    rec.ok("read", key=key, value=got, **near)
+                seen.setdefault((key, str(got)), time.monotonic_ns())
             elif roll < 0.85:
-                rec.invoke("write", key=key, value=value, tags=[tag], ttl=spec.cache_ttl)
+                rec.invoke("write", key=key, value=value, tags=[tag], ttl=write_ttl)
                 stored = cache.set(key, value, tags=[tag])
                 outcome = rec.ok if stored else rec.info
-                outcome("write", key=key, value=value, tags=[tag], ttl=spec.cache_ttl)
+                outcome("write", key=key, value=value, tags=[tag], ttl=write_ttl)
             else:
                 fields: dict[str, Any]
                 if roll < 0.93:
@@ -639,7 +727,7 @@ def _worker(spec: _WorkerSpec, handles: _Handles | None = None) -> None:
                     op, fields = "invalidate", {"tag": tag}
                 else:
                     op, fields = "invalidate", {}
-                rec.invoke(op, **fields)
+                begun = rec.invoke(op, **fields).time
                 try:
                     if op == "delete":
                         cache.delete(key)
@@ -650,7 +738,8 @@ def _worker(spec: _WorkerSpec, handles: _Handles | None = None) -> None:
                 except DistkitError as exc:
                     rec.info(op, error=type(exc).__name__, **fields)
                 else:
-                    rec.ok(op, **fields)
+                    done = rec.ok(op, **fields).time
+                    local.append((begun, done, op, str(next(iter(fields.values()), ""))))
 
         ops = 0
         while time.monotonic_ns() < spec.stop_at_ns:
@@ -662,6 +751,8 @@ def _worker(spec: _WorkerSpec, handles: _Handles | None = None) -> None:
             if ops % 25 == 1:
                 rec.info("rss", value=_rss_bytes())
         rec.info("rss", value=_rss_bytes())
+        cache.drain(5.0)  # background refreshes record into ``bg``: let them finish first
+        cache.close()
 
 
 def _forker(specs: Sequence[_WorkerSpec], status: str) -> None:
@@ -1129,7 +1220,7 @@ def run_soak(cfg: SoakConfig, *, binary: str | None = None) -> SoakReport:
             check_fencing(history),
             check_orphans(history, bound=cfg.orphan_bound),
             check_validity(history, tolerance=cfg.validity_tolerance),
-            check_cache(history, bound=cfg.stale_bound),
+            check_cache(history, bound=cfg.stale_bound, near_bound=cfg.near_bound),
         ]
         _memory(report, history, cfg)
     report.elapsed = time.monotonic() - started
