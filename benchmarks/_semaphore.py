@@ -307,8 +307,6 @@ SCENARIO = Scenario(
     ),
     targets=(
         Target("distlock", "p99_us", "<=", 2000.0, "distlock semaphore handoff p99 <= 2 ms", "us"),
-        Target(
-            "distlock", "utilisation", ">=", 0.7, "distlock permit utilisation >= 0.7", "share"
-        ),
+        Target("distlock", "utilisation", ">=", 0.7, "distlock permit utilisation >= 0.7", "share"),
     ),
 )
