@@ -234,7 +234,7 @@ class SemaphoreCore(LockCore):
             )
         new_ttl = self.ttl if ttl is None else seconds(ttl, field="ttl")
         sent_at = self.clock()
-        keys = (self.holders_key, self.tokens_key)
+        keys = (self.holders_key, self.tokens_key, self.limit_key)
         args = (owner, _ms(new_ttl), max(self.retention_ms, _ms(new_ttl)))
         result = yield Eval(EXTEND, keys, args)
         if result != 1:

@@ -183,8 +183,9 @@ return result
 """,
 )
 
-# KEYS: holders, tokens;  ARGV: owner, ttl_ms, retention_ms
-# Returns 1 when owner's lease was reset to ttl_ms from now, 0 when owner holds no live permit.
+# KEYS: holders, tokens, limit;  ARGV: owner, ttl_ms, retention_ms
+# Returns 1 when owner's lease was reset to ttl_ms from now (the stored limit is kept as long),
+#         0 when owner holds no live permit.
 EXTEND = Script(
     "distlock.sem_extend",
     _HELPERS
@@ -195,6 +196,8 @@ local score = tonumber(redis.call('ZSCORE', holders, owner))
 if not score or score <= now then return 0 end
 redis.call('ZADD', holders, 'XX', now + tonumber(ARGV[2]), owner)
 keep_alive(holders, tokens, now, tonumber(ARGV[3]))
+-- a renewed hold may outlast fence_retention: the limit must not expire under its holders
+redis.call('PEXPIRE', KEYS[3], math.max(tonumber(ARGV[3]), redis.call('PTTL', KEYS[3])))
 return 1
 """,
 )

@@ -125,6 +125,46 @@ def test_another_limit_for_the_same_name_is_a_config_error(twin: Twin, r: Any) -
     b.release()
 
 
+def test_the_stored_limit_outlives_fence_retention_while_renewed(twin: Twin) -> None:
+    """A hold renewed past fence_retention keeps its limit: no second limit sneaks in."""
+    a = twin.make("kept", 1, ttl=0.2, fence_retention=0.2)
+    assert a.acquire()
+    for _ in range(5):
+        time.sleep(0.1)
+        a.extend()
+    with pytest.raises(ConfigError):
+        twin.make("kept", 5, ttl=10).acquire(blocking=False)
+    a.release()
+
+
+def test_one_release_wakes_one_waiter(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    r.flushall()
+    holder = Semaphore(r, "one", 1, ttl=30)
+    assert holder.acquire()
+    got: list[Semaphore] = []
+    waiters = [Semaphore(redis_server.client(), "one", 1, ttl=30) for _ in range(3)]
+
+    def run(w: Semaphore) -> None:
+        if w.acquire(timeout=1.5):
+            got.append(w)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in waiters]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while r.zcard(key("one", "queue")) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    holder.release()
+    time.sleep(0.3)
+    assert len(got) == 1 and r.zcard(key("one", "queue")) == 2
+    for t in threads:
+        t.join(5)
+    assert len(got) == 1  # the permit was never released again: nobody else got in
+    got[0].release()
+
+
 def test_a_release_hands_the_permit_to_a_waiter_by_push(twin: Twin) -> None:
     """The waiter wakes within a round trip of the release, not at its next poll (1 s)."""
     a = twin.make("push", 1, ttl=30)
