@@ -282,7 +282,11 @@ def _init(
     replica_timeout: Seconds,
 ) -> SemaphoreCore:
     cls = type(self).__name__
-    check_client(client, want_async=self._is_async, cls=cls)
+    try:
+        check_client(client, want_async=self._is_async, cls=cls)
+    except ConfigError as exc:  # the shared check names the lock twins
+        text = str(exc).replace("use AsyncLock", "use AsyncSemaphore")
+        raise ConfigError(text.replace("use Lock", "use Semaphore")) from None
     wait_timeout = check_replicas(client, wait_for_replicas, replica_timeout, cls=cls)
     core = SemaphoreCore(
         name,

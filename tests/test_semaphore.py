@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 import redis
+import redis.asyncio
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -108,6 +109,13 @@ def test_misuse_is_refused(twin: Twin) -> None:
             twin.make("misuse", bad, ttl=10)
     with pytest.raises(ConfigError):
         twin.make("bad{name}", 1)
+
+
+def test_a_client_of_the_wrong_kind_names_the_right_twin() -> None:
+    with pytest.raises(ConfigError, match="use Semaphore"):
+        AsyncSemaphore(redis.Redis(), "x", 1)
+    with pytest.raises(ConfigError, match="use AsyncSemaphore"):
+        Semaphore(redis.asyncio.Redis(), "x", 1)
 
 
 def test_another_limit_for_the_same_name_is_a_config_error(twin: Twin, r: Any) -> None:
@@ -355,20 +363,36 @@ def _steps() -> Iterator[int]:
         k *= 2
 
 
-@pytest.mark.parametrize("contended", [False, True], ids=["free", "queued"])
+@pytest.mark.parametrize(
+    ("contended", "slow_reply"),
+    [(False, False), (False, True), (True, False), (True, True)],
+    ids=["free", "free-slow-reply", "queued", "queued-slow-reply"],
+)
 def test_cancelled_acquire_at_every_await_point_leaves_nothing(
-    redis_server: RedisServer, contended: bool
+    redis_server: RedisServer, contended: bool, slow_reply: bool
 ) -> None:
     """Cancel ``acquire`` after k event-loop steps for k = 0, 1, ... until it completes first.
 
     Queued: the holder's lease (50 ms) runs out while the waiter blocks, so the waiter's acquire
     completes through the expiry path after its BLPOP, its queue entry and its wake list.
+    Slow reply: every script's reply is held back 20 ms after the server ran it (a reply still on
+    the wire), so the cancellations land after the grant or the queueing took effect.
     """
     admin = redis_server.client()
 
     async def once(k: int) -> bool:
         admin.flushall()
         client = redis_server.async_client()
+        if slow_reply:
+            original = client.execute_command
+
+            async def delayed(*args: Any, **kwargs: Any) -> Any:
+                result = await original(*args, **kwargs)
+                if args[0] in ("EVALSHA", "EVAL"):
+                    await asyncio.sleep(0.02)
+                return result
+
+            client.execute_command = delayed  # type: ignore[method-assign]
         holder = AsyncSemaphore(client, "cxl", 1, ttl=0.05)
         if contended:
             assert await holder.acquire()
@@ -593,3 +617,27 @@ def test_the_guarantees_table_names_real_tests() -> None:
         for m in re.findall(r"^def (test_\w+)", (here / f).read_text(), flags=re.M)
     }
     assert named <= defined, sorted(named - defined)
+
+
+def test_twins_have_identical_public_surfaces() -> None:
+    """Semaphore and AsyncSemaphore: the same names and parameters; I/O methods are coroutines."""
+    import inspect
+
+    def public(cls: type) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, member in inspect.getmembers(cls):
+            if name.startswith("_") and name != "__init__":
+                continue
+            if isinstance(inspect.getattr_static(cls, name), property):
+                out[name] = "property"
+            elif callable(member):
+                out[name] = str(inspect.signature(member))
+        return out
+
+    s, a = public(Semaphore), public(AsyncSemaphore)
+    assert s == a
+    io = {"acquire", "release", "extend", "locked", "owned", "holders"}
+    for name in s:
+        if s[name] != "property" and name != "__init__":
+            assert not inspect.iscoroutinefunction(getattr(Semaphore, name)), name
+            assert inspect.iscoroutinefunction(getattr(AsyncSemaphore, name)) == (name in io), name
