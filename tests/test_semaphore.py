@@ -641,3 +641,16 @@ def test_twins_have_identical_public_surfaces() -> None:
         if s[name] != "property" and name != "__init__":
             assert not inspect.iscoroutinefunction(getattr(Semaphore, name)), name
             assert inspect.iscoroutinefunction(getattr(AsyncSemaphore, name)) == (name in io), name
+
+
+def test_an_unacknowledged_grant_is_released_not_reported(redis_server: RedisServer) -> None:
+    """wait_for_replicas on a server without replicas: the WAIT times out, the permit goes back."""
+    r = redis_server.client()
+    r.flushall()
+    sem = Semaphore(r, "rep", 2, ttl=10, wait_for_replicas=1, replica_timeout=0.05)
+    with pytest.raises(LockNotAcquired, match="replica"):
+        sem.acquire()
+    assert sem.fencing_token is None
+    assert r.zcard(key("rep", "holders")) == 0
+    assert Semaphore(r, "rep", 2, ttl=10).acquire(blocking=False)
+    r.close()
