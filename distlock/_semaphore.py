@@ -25,13 +25,23 @@ from distkit import (
 )
 from distkit._config import seconds
 from distkit._keys import validate_name
-from distkit._protocol import AsyncDriver, Cleanup, Eval, Pop, Protocol, SyncDriver, monotonic
+from distkit._protocol import (
+    AsyncDriver,
+    Cleanup,
+    Eval,
+    Pop,
+    Protocol,
+    Replicated,
+    SyncDriver,
+    monotonic,
+)
 
 from ._core import (
     Clock,
     LockCore,
     Seconds,
     _is_grant,
+    _is_one,
     _is_token,
     _ms,
     check_client,
@@ -236,11 +246,24 @@ class SemaphoreCore(LockCore):
         sent_at = self.clock()
         keys = (self.holders_key, self.tokens_key, self.limit_key)
         args = (owner, _ms(new_ttl), max(self.retention_ms, _ms(new_ttl)))
-        result = yield Eval(EXTEND, keys, args)
+        call = Eval(EXTEND, keys, args)
+        acks = None
+        if self.replicas:
+            result, acks = yield Replicated(call, self.replicas, self.replica_timeout, _is_one)
+        else:
+            result = yield call
         if result != 1:
             self.clear()
             raise LockNotOwned(
                 f"semaphore {self.name!r}: the permit of this handle had expired", name=self.name
+            )
+        if acks is not None and acks < self.replicas:
+            # after a failover the lease ends at its old expiry: the local estimate keeps it
+            raise LockError(
+                f"extending semaphore {self.name!r}: only {acks} of {self.replicas} replica(s) "
+                f"acknowledged within {self.replica_timeout}s; the permit is still held, "
+                "but only until its previous expiry",
+                name=self.name,
             )
         if self.owner == owner:
             self.expires_at = sent_at + new_ttl

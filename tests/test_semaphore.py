@@ -654,3 +654,17 @@ def test_an_unacknowledged_grant_is_released_not_reported(redis_server: RedisSer
     assert r.zcard(key("rep", "holders")) == 0
     assert Semaphore(r, "rep", 2, ttl=10).acquire(blocking=False)
     r.close()
+
+
+def test_an_unacknowledged_extension_says_so(redis_server: RedisServer) -> None:
+    r = redis_server.client()
+    r.flushall()
+    sem = Semaphore(r, "rep-ext", 2, ttl=10)
+    assert sem.acquire()
+    sem._sem.replicas, sem._sem.replica_timeout = 1, 0.05  # as if configured with a replica
+    before = sem.validity
+    with pytest.raises(LockError, match="replica"):
+        sem.extend(ttl=20)
+    assert sem.owned() and sem.validity <= before  # the local estimate keeps the old expiry
+    sem.release()
+    r.close()
