@@ -596,11 +596,6 @@ def test_forked_processes_do_not_share_the_handles_sockets(
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs LockCore's owner ids re-seeded after fork (distlock/_core.py, the "
-    "single-instance engineer's fix for issue 13 item 1); the lead flips this at merge",
-)
 def test_forked_processes_hold_one_at_a_time_with_distinct_tokens(
     masters: IndependentMasters, redis_server: RedisServer
 ) -> None:
@@ -708,12 +703,6 @@ def test_cancelling_async_redlock_with_renewal_leaves_no_orphan(
     assert _run_cancellation(masters, op, auto_renew=True) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs _AsyncLock.release to finish once started (shielded renewer shutdown; "
-    "distlock/_lock.py, the single-instance engineer's fix for issue 13 item 3); the lead "
-    "flips this at merge",
-)
 def test_cancelling_async_redlock_release_with_renewal_releases_every_master(
     masters: IndependentMasters,
 ) -> None:
