@@ -93,7 +93,7 @@ class _CacheBase:
             shards=shard_count(shards, client),
         )
         self._client = client
-        self._retry = retry_policy(retry)
+        self._retry = retry_policy(retry, client)
         # The hit path sends its MGET itself; with retries configured, the drivers do it all.
         self._fast = self._retry.attempts == 1
         self._policy = ReadThrough(

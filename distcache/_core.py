@@ -49,6 +49,7 @@ from distkit import (
     ServerError,
     validate_name,
 )
+from distkit._clients import client_retry, decodes_responses
 from distkit._config import seconds
 from distkit._protocol import _REDIS_ERRORS, Command, Eval, Protocol, _translated, monotonic
 from distkit._retry import NO_RETRY
@@ -137,6 +138,13 @@ def check_client(client: Any, *, want_async: bool, cls: str) -> None:
         kind = "a sync" if want_async else "an asyncio"
         raise ConfigError(f"{cls} was given {kind} client; use {other} with it")
 
+    if decodes_responses(client):
+        raise ConfigError(
+            f"{cls} needs a client that returns bytes, but this one was built with "
+            "decode_responses=True; build a second client for distkit without it, e.g. "
+            "distkit.connect(url) or redis.Redis.from_url(url)"
+        )
+
 
 def is_cluster_client(client: Any) -> bool:
     """Whether ``client`` is a redis-py Cluster client (sync or asyncio)."""
@@ -155,10 +163,11 @@ def shard_count(shards: int | None, client: Any) -> int:
     return shards
 
 
-def retry_policy(retry: RetryConfig | RetryPolicy | None) -> RetryPolicy:
+def retry_policy(retry: RetryConfig | RetryPolicy | None, client: Any = None) -> RetryPolicy:
     """Normalise ``retry=``: a cache does not retry by default (fail-open must be fast)."""
     if retry is None:
-        return NO_RETRY
+        given = client_retry(client)  # connect()'s RetryConfig, when one was given
+        return NO_RETRY if given is None else RetryPolicy(given)
     if isinstance(retry, RetryPolicy):
         return retry
     if isinstance(retry, RetryConfig):

@@ -7,7 +7,6 @@ repeat, so one dead server costs ``attempts x timeout`` and never more.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from typing import Any, TypeAlias, TypeVar
 
@@ -19,10 +18,19 @@ import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ._config import RedisConfig, RetryConfig, validate_config
+from ._clients import _RETRY, client_retry, decodes_responses
+from ._config import RedisConfig, validate_config
 from ._errors import ConfigError, translating
 
-__all__ = ["AsyncClient", "ConfigLike", "SyncClient", "aconnect", "client_retry", "connect"]
+__all__ = [
+    "AsyncClient",
+    "ConfigLike",
+    "SyncClient",
+    "aconnect",
+    "client_retry",
+    "connect",
+    "decodes_responses",
+]
 
 # Real unions, not strings: usable at run time too (isinstance, get_type_hints, pydantic).
 SyncClient: TypeAlias = redis.Redis | redis.RedisCluster
@@ -84,22 +92,12 @@ def _sentinel_kwargs(cfg: RedisConfig, no_retry: Any) -> dict[str, Any]:
     return kw
 
 
-# The RetryConfig each client of connect()/aconnect() was built with: the default retry of every
-# Lock and Cache on that client (weak: the entry goes with the client).
 _C = TypeVar("_C")
-_RETRY: weakref.WeakKeyDictionary[Any, RetryConfig] = weakref.WeakKeyDictionary()
-
-
-def client_retry(client: Any) -> RetryConfig | None:
-    """The ``RetryConfig`` that ``connect``/``aconnect`` built ``client`` with, else ``None``."""
-    try:
-        return _RETRY.get(client)
-    except TypeError:  # not weak-referenceable: not a client of ours
-        return None
 
 
 def _remember(client: _C, cfg: RedisConfig) -> _C:
-    _RETRY[client] = cfg.retry
+    if "retry" in cfg.model_fields_set:  # given (keyword, URL or DISTKIT_RETRY__*): the default
+        _RETRY[client] = cfg.retry
     return client
 
 

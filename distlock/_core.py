@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distkit import (
     ConfigError,
@@ -29,11 +29,15 @@ from distkit import (
     LockNotOwned,
     RetryPolicy,
 )
-from distkit._config import RetryConfig, seconds
+from distkit._clients import client_retry, decodes_responses, is_config
 from distkit._keys import validate_name
 from distkit._protocol import Cleanup, Command, Eval, Pop, Protocol, Replicated
+from distkit._units import seconds
 
 from ._scripts import ACQUIRE, EXTEND, RELEASE
+
+if TYPE_CHECKING:
+    from distkit import RetryConfig
 
 __all__ = ["Clock", "LockCore", "Seconds"]
 
@@ -95,14 +99,22 @@ def check_client(client: Any, *, want_async: bool, cls: str) -> None:
         kind = "an asyncio" if is_async else "a sync"
         raise ConfigError(f"{cls} was given {kind} client; use {other} with it")
 
+    if decodes_responses(client):
+        raise ConfigError(
+            f"{cls} needs a client that returns bytes, but this one was built with "
+            "decode_responses=True; build a second client for distkit without it, e.g. "
+            "distkit.connect(url) or redis.Redis.from_url(url)"
+        )
 
-def retry_policy(retry: RetryConfig | RetryPolicy | None) -> RetryPolicy:
+
+def retry_policy(retry: RetryConfig | RetryPolicy | None, client: Any = None) -> RetryPolicy:
     """Normalise the ``retry=`` argument of a lock or cache."""
     if retry is None:
-        return RetryPolicy()
+        given = client_retry(client)
+        return RetryPolicy() if given is None else RetryPolicy(given)
     if isinstance(retry, RetryPolicy):
         return retry
-    if isinstance(retry, RetryConfig):
+    if is_config(retry, "RetryConfig"):
         return RetryPolicy(retry)
     raise ConfigError(f"retry must be a RetryConfig or RetryPolicy, got {type(retry).__name__}")
 

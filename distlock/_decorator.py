@@ -8,7 +8,8 @@ import string
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
-from distkit import ConfigError, RedlockConfig, aconnect, connect
+from distkit import ConfigError
+from distkit._clients import is_config
 
 from ._core import check_client
 from ._lock import AsyncLock, Lock
@@ -90,11 +91,13 @@ class _Locked:
         namer = _namer(self.name, fn)
         # a fixed name, or a placeholder that validates everything but the name now
         name = "locked-template" if namer is not None else self.name
-        redlock = isinstance(self.client, (list, tuple, RedlockConfig))
+        redlock = isinstance(self.client, (list, tuple)) or is_config(self.client, "RedlockConfig")
         if inspect.iscoroutinefunction(fn):
             async_cls: Any = AsyncRedlock if redlock else AsyncLock
             client = self.client
-            if isinstance(client, RedlockConfig):
+            if is_config(client, "RedlockConfig"):
+                from distkit import aconnect
+
                 client = [aconnect(master) for master in client.masters]
             elif not redlock:
                 check_client(client, want_async=True, cls="@locked (coroutine function)")
@@ -109,7 +112,9 @@ class _Locked:
             return async_wrapper
         sync_cls: Any = Redlock if redlock else Lock
         client = self.client
-        if isinstance(client, RedlockConfig):
+        if is_config(client, "RedlockConfig"):
+            from distkit import connect
+
             client = [connect(master) for master in client.masters]
         elif not redlock:
             check_client(client, want_async=False, cls="@locked")

@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from typing_extensions import Self
 
@@ -27,13 +27,15 @@ from distkit import (
     LockLost,
     LockNotAcquired,
     LockNotOwned,
-    RetryConfig,
     RetryPolicy,
 )
-from distkit._config import seconds
 from distkit._protocol import AsyncDriver, SyncDriver, monotonic, settled
+from distkit._units import seconds
 
 from ._core import Clock, LockCore, Seconds, check_client, check_replicas, retry_policy
+
+if TYPE_CHECKING:
+    from distkit import RetryConfig
 
 __all__ = ["AsyncLock", "Lock"]
 
@@ -426,6 +428,8 @@ class Lock(_SyncLock):
             on_lost=on_lost,
             retry=retry,
         )
+        if retry is None:  # connect()'s RetryConfig, when one was given
+            self._retry = retry_policy(None, client)
         self._setup_io(self._make_driver(client))
 
     def _make_driver(self, client: Any) -> Any:

@@ -7,9 +7,13 @@ algorithm, the fencing argument across masters, and the timing assumptions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
-from distkit import ConfigError, RedlockConfig, RetryConfig, RetryPolicy, aconnect, connect
+from distkit import ConfigError, RetryPolicy
+from distkit._clients import is_config
+
+if TYPE_CHECKING:
+    from distkit import RedlockConfig, RetryConfig
 from distkit._fanout import AsyncFanOutDriver, SyncFanOutDriver
 from distkit._protocol import monotonic
 
@@ -19,7 +23,7 @@ from ._redlock_core import Fencing, RedlockCore
 
 __all__ = ["AsyncRedlock", "Redlock"]
 
-Clients = Sequence[Any] | RedlockConfig
+Clients = Union[Sequence[Any], "RedlockConfig"]
 
 
 def _target(client: Any) -> tuple[Any, ...]:
@@ -30,9 +34,11 @@ def _target(client: Any) -> tuple[Any, ...]:
 
 
 def _masters(clients: Clients, *, want_async: bool, cls: str) -> list[Any]:
-    if isinstance(clients, RedlockConfig):
+    if is_config(clients, "RedlockConfig"):
+        from distkit import aconnect, connect
+
         make = aconnect if want_async else connect
-        return [make(master) for master in clients.masters]
+        return [make(master) for master in clients.masters]  # type: ignore[union-attr]
     if isinstance(clients, (str, bytes)) or not isinstance(clients, Sequence):
         raise ConfigError(
             f"{cls} needs a sequence of clients (one per independent master) or a "

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from distkit import ConfigError, ConnectionUnavailable, LockError, LockNotOwned, Script
-from distkit._config import seconds
 from distkit._protocol import TIMED_OUT, Cleanup, Eval, FanOut, Protocol, Sleep
+from distkit._units import seconds
 
 from ._core import Clock, LockCore, Seconds
 from ._scripts import ACQUIRE, EXTEND, PEEK, RELEASE

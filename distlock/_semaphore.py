@@ -12,7 +12,7 @@ import itertools
 import os
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distkit import (
     ConfigError,
@@ -20,10 +20,8 @@ from distkit import (
     KeySpace,
     LockError,
     LockNotOwned,
-    RetryConfig,
     RetryPolicy,
 )
-from distkit._config import seconds
 from distkit._keys import validate_name
 from distkit._protocol import (
     AsyncDriver,
@@ -35,6 +33,7 @@ from distkit._protocol import (
     SyncDriver,
     monotonic,
 )
+from distkit._units import seconds
 
 from ._core import (
     Clock,
@@ -46,9 +45,13 @@ from ._core import (
     _ms,
     check_client,
     check_replicas,
+    retry_policy,
 )
 from ._lock import _AsyncLock, _SyncLock
 from ._semaphore_scripts import ACQUIRE, EXTEND, PEEK, RELEASE
+
+if TYPE_CHECKING:
+    from distkit import RetryConfig
 
 __all__ = ["AsyncSemaphore", "Semaphore", "SemaphoreCore"]
 
@@ -329,6 +332,8 @@ def _init(
         on_lost=on_lost,
         retry=retry,
     )
+    if retry is None:  # connect()'s RetryConfig, when one was given
+        self._retry = retry_policy(None, client)
     return core
 
 

@@ -199,3 +199,70 @@ def test_tooling_and_redlock_variables_are_not_misspellings(
     monkeypatch.setenv("DISTKIT_REDLOCK_MASTER", "redis://a:1")
     with pytest.raises(ConfigError, match="DISTKIT_REDLOCK_MASTERS"):
         RedlockConfig.from_env()
+
+
+def test_locks_and_caches_on_connects_client_use_its_retry_config(
+    redis_server: RedisServer,
+) -> None:
+    retry = RetryConfig(attempts=6, backoff_initial=0.001)
+    client = connect(redis_server.config(retry=retry))
+    plain = connect(redis_server.config())  # no retry given: the library defaults stay
+    try:
+        assert Lock(client, "r", ttl=5)._retry.config == retry
+        assert Cache(client, namespace="r")._retry.config == retry
+        explicit = RetryConfig(attempts=2)
+        assert Lock(client, "r", ttl=5, retry=explicit)._retry.config == explicit
+        assert Lock(plain, "r", ttl=5)._retry.config == RetryConfig()
+        assert Cache(plain, namespace="r")._retry.attempts == 1  # a cache fails open fast
+    finally:
+        client.close()
+        plain.close()
+
+
+def test_a_client_that_decodes_responses_is_refused_with_a_how_to(
+    redis_server: RedisServer,
+) -> None:
+    import redis
+    import redis.asyncio
+
+    text = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    atext = redis.asyncio.Redis.from_url(redis_server.url, decode_responses=True)
+    from distlock import FencedStore
+
+    for make in (
+        lambda: Lock(text, "d", ttl=5),
+        lambda: Cache(text, namespace="d"),
+        lambda: FencedStore(text, "d"),
+        lambda: AsyncLock(atext, "d", ttl=5),
+        lambda: AsyncCache(atext, namespace="d"),
+    ):
+        with pytest.raises(ConfigError, match="decode_responses=True"):
+            make()
+    text.close()
+
+
+def test_importing_distlock_costs_little_more_than_importing_redis() -> None:
+    import subprocess
+    import sys
+
+    def cost(module: str) -> float:
+        code = (
+            f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+        )
+        runs = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", code], capture_output=True, text=True, check=True
+                ).stdout
+            )
+            for _ in range(3)
+        ]
+        return min(runs)
+
+    # generous: the budget is 0.05 s; pydantic alone costs ~0.15 s
+    assert cost("distlock") - cost("redis") < 0.1
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, distlock; print('pydantic' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert loaded.stdout.strip() == "False"
