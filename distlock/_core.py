@@ -34,7 +34,7 @@ from distkit._keys import validate_name
 from distkit._protocol import Cleanup, Command, Eval, Pop, Protocol, Replicated
 from distkit._units import seconds
 
-from ._scripts import ACQUIRE, EXTEND, RELEASE
+from ._scripts import ACQUIRE, EXTEND, FORCE_RELEASE, RELEASE
 
 if TYPE_CHECKING:
     from distkit import RetryConfig
@@ -456,3 +456,26 @@ class LockCore:
 
 if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
     os.register_at_fork(after_in_child=_after_fork)
+
+
+def force_release(name: str, *, prefix: str, fence_retention: Seconds) -> Protocol[list[Any]]:
+    """Free lock ``name`` whoever holds it, handing it to the next waiter; the fence is kept.
+
+    Result: the script's reply, ``[0]`` free, ``[1, holder]`` freed, ``[2, holder, next]``
+    handed over (owner ids as ``bytes``).
+    """
+    name = validate_name(name, what="lock name")
+    keys = KeySpace(prefix)
+    retention = _ms(seconds(fence_retention, field="fence_retention"))
+    reply = yield Eval(
+        FORCE_RELEASE,
+        (
+            keys.key("lock", name),
+            keys.key("lock", name, "fence"),
+            keys.key("lock", name, "queue"),
+            keys.key("lock", name, "qexp"),
+            keys.key("lock", name, "wake") + ":",
+        ),
+        (retention,),
+    )
+    return list(reply)

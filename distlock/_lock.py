@@ -32,7 +32,15 @@ from distkit import (
 from distkit._protocol import AsyncDriver, SyncDriver, monotonic, settled
 from distkit._units import seconds
 
-from ._core import Clock, LockCore, Seconds, check_client, check_replicas, retry_policy
+from ._core import (
+    Clock,
+    LockCore,
+    Seconds,
+    check_client,
+    check_replicas,
+    force_release,
+    retry_policy,
+)
 
 if TYPE_CHECKING:
     from distkit import RetryConfig
@@ -435,6 +443,21 @@ class Lock(_SyncLock):
     def _make_driver(self, client: Any) -> Any:
         return SyncDriver(client, self._retry, f"lock {self.name!r}")
 
+    @staticmethod
+    def force_release(
+        client: Any, name: str, *, prefix: str = "distkit", fence_retention: Seconds = 3600.0
+    ) -> bool:
+        """Free a stuck lock whoever holds it (an operator's repair); ``True`` if it was held.
+
+        The next waiter, if any, gets it at once (as on a release); the fence is kept, so the next
+        fencing token is still higher than every earlier one, and the former holder's later
+        ``release()``/``extend()`` raise ``LockNotOwned``.
+        """
+        check_client(client, want_async=False, cls="Lock.force_release")
+        driver = SyncDriver(client, retry_policy(None, client), f"lock {name!r}")
+        reply = driver.run(force_release(name, prefix=prefix, fence_retention=fence_retention))
+        return bool(reply[0])
+
 
 class AsyncLock(_AsyncLock):
     """The asyncio twin of ``Lock`` (same arguments; takes a ``redis.asyncio`` client).
@@ -450,3 +473,14 @@ class AsyncLock(_AsyncLock):
 
     def _make_driver(self, client: Any) -> Any:
         return AsyncDriver(client, self._retry, f"lock {self.name!r}")
+
+    @staticmethod
+    async def force_release(
+        client: Any, name: str, *, prefix: str = "distkit", fence_retention: Seconds = 3600.0
+    ) -> bool:
+        """The asyncio twin of ``Lock.force_release``; ``True`` if the lock was held."""
+        check_client(client, want_async=True, cls="AsyncLock.force_release")
+        driver = AsyncDriver(client, retry_policy(None, client), f"lock {name!r}")
+        protocol = force_release(name, prefix=prefix, fence_retention=fence_retention)
+        reply = await driver.run(protocol)
+        return bool(reply[0])

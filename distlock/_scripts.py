@@ -252,3 +252,41 @@ end
 return 1
 """,
 )
+
+
+# KEYS: lease, fence, queue, qexp, wake-list prefix ("P:lock:{N}:wake:")
+# ARGV: retention_ms
+# Frees the lease whoever holds it (an operator's repair), handing it to the oldest live waiter as
+# a release does; the fence is kept, so the next token is still higher than every earlier one.
+# Returns {0} when nobody held it; {1, former holder} freed; {2, former holder, next owner}
+# handed over.
+FORCE_RELEASE = Script(
+    "distlock.force_release",
+    _NEXT_TOKEN
+    + _FIRST_LIVE
+    + """
+local lease, fence, queue, qexp, wake_prefix = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local holder = redis.call('GET', lease)
+if not holder then return {0} end
+if string.sub(holder, -1) == '*' then holder = string.sub(holder, 1, -2) end
+local first = first_live(queue, qexp)
+if first then
+  local sep = string.find(first, ':', 1, true)
+  local next_ttl = string.sub(first, 1, sep - 1)
+  local next_owner = string.sub(first, sep + 1)
+  redis.call('ZREM', queue, first)
+  redis.call('HDEL', qexp, first)
+  local value = next_owner
+  if redis.call('EXISTS', queue) == 1 then value = next_owner .. '*' end
+  local token = next_token(fence)
+  redis.call('SET', lease, value, 'PX', next_ttl)
+  redis.call('SET', fence, token, 'PX', math.max(tonumber(ARGV[1]), tonumber(next_ttl)))
+  local next_wake = wake_prefix .. next_owner
+  redis.call('RPUSH', next_wake, token)
+  redis.call('PEXPIRE', next_wake, next_ttl)
+  return {2, holder, next_owner}
+end
+redis.call('DEL', lease)
+return {1, holder}
+""",
+)
