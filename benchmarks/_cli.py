@@ -45,7 +45,7 @@ class _ExpectedShutdownNoise(logging.Filter):
         self.dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "link lost" in str(record.msg):
+        if "link lost" in record.getMessage():
             self.dropped += 1
             return False
         return True

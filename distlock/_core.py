@@ -378,10 +378,9 @@ class LockCore:
         return reply
 
     def _release_keys(self, wake_key: str) -> tuple[str, ...]:
-        owner = wake_key[len(self.wake_prefix) :]
         return (
             self.lease_key,
-            f"{self.rel_key}:{owner}",
+            self.rel_key,
             self.fence_key,
             self.queue_key,
             self.qexp_key,

@@ -4,7 +4,7 @@ Keys of lock ``N`` under prefix ``P``::
 
     P:lock:{N}             STRING owner-id ["*"], PX ttl          the lease ("*": waiters queued)
     P:lock:{N}:fence       STRING last token issued, PX retention fencing state
-    P:lock:{N}:rel:<own>   STRING "1", PX ttl (per releaser)     recognises a retried release
+    P:lock:{N}:rel         LIST the last 64 releasers, PX ttl    recognises a retried release
     P:lock:{N}:queue       ZSET "<ttl_ms>:<owner>" -> arrival ms  FIFO of blocked waiters
     P:lock:{N}:qexp        HASH "<ttl_ms>:<owner>" -> expiry ms   waiters' keep-alive
     P:lock:{N}:wake:<own>  LIST [token]                           handoff to one waiter
@@ -136,12 +136,13 @@ return {0, redis.call('PTTL', lease)}
 """,
 )
 
-# KEYS: lease, my release marker, fence, queue, qexp, wake-list prefix ("P:lock:{N}:wake:"),
+# KEYS: lease, release markers, fence, queue, qexp, wake-list prefix ("P:lock:{N}:wake:"),
 #       my wake list
 # ARGV: owner, retention_ms, abandon (1: also leave the queue when not the holder),
 #       [marker_ms: how long the release marker lasts; default 60000]
-# The marker is per owner, so a retried release is recognised even after other holders released
-# in between (one marker per release: the same single SET as a shared marker would cost).
+# The markers keep the last 64 releasers, so a retried release is recognised even after other
+# holders released in between. One key for all (not one per owner): a key that does not exist
+# yet would make every release of a slot in mid-migration answer TRYAGAIN on a Cluster.
 # Returns 1 released (handed to the next live waiter if any); 2 already released by this owner
 #         (a retry after a lost reply); 0 not the holder (expired or taken over).
 RELEASE = Script(
@@ -150,7 +151,9 @@ RELEASE = Script(
 local lease, rel, owner = KEYS[1], KEYS[2], ARGV[1]
 local holder = redis.call('GET', lease)
 if holder == owner then  -- the common case: nobody waits
-  redis.call('SET', rel, 1, 'PX', ARGV[4] or 60000)
+  redis.call('LPUSH', rel, owner)
+  redis.call('LTRIM', rel, 0, 63)
+  redis.call('PEXPIRE', rel, ARGV[4] or 60000)
   redis.call('DEL', lease)
   if ARGV[3] == '1' then redis.call('DEL', KEYS[7]) end
   return 1
@@ -167,14 +170,16 @@ if holder ~= owner .. '*' then
     end
     redis.call('DEL', wake)
   end
-  if redis.call('EXISTS', rel) == 1 then return 2 end
+  if redis.call('LPOS', rel, owner) then return 2 end
   return 0
 end
 """
     + _NEXT_TOKEN
     + _FIRST_LIVE
     + """
-redis.call('SET', rel, 1, 'PX', ARGV[4] or 60000)
+redis.call('LPUSH', rel, owner)
+redis.call('LTRIM', rel, 0, 63)
+redis.call('PEXPIRE', rel, ARGV[4] or 60000)
 if ARGV[3] == '1' then redis.call('DEL', wake) end
 local first = first_live(queue, qexp)
 if first then

@@ -35,5 +35,5 @@ def test_the_examples_run(
 
 def test_the_key_layout_is_documented_as_stored() -> None:
     text = (DOCS / "locks.md").read_text()
-    assert ":rel:<owner>" in text and ":fence" in text
+    assert "`P:lock:{N}:rel`" in text and ":fence" in text
     assert "fence is a hash" not in text.lower()
