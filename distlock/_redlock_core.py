@@ -125,6 +125,12 @@ class RedlockCore(LockCore):
         """One copy of ``call`` per master (a test build skews each master's clock here)."""
         return [call] * self.masters
 
+    def _reseed(self) -> None:
+        """In a forked child: nothing held and nothing left to release (the leases are the
+        parent's; releasing them from the child would let two processes hold the lock)."""
+        super()._reseed()
+        self._unreleased = None
+
     def clear(self) -> None:
         """Forget the current acquisition; remember its owner until its leases are released."""
         if self.owner is not None:

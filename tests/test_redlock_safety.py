@@ -707,3 +707,35 @@ def test_cancelling_async_redlock_release_with_renewal_releases_every_master(
     masters: IndependentMasters,
 ) -> None:
     assert _run_cancellation(masters, "release", auto_renew=True) == []
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_forked_copy_of_a_held_redlock_neither_releases_nor_takes_the_parents_lock(
+    masters: IndependentMasters,
+) -> None:
+    """A child's copy of a held handle is "not held": its acquire must not release the parent's
+    leases first (the hostile review's finding after the renewal fix), nor its release."""
+    import os
+
+    clients = [server.client() for server in masters.servers[:3]]
+    for name, action in (("fork-acquire", "acquire"), ("fork-release", "release")):
+        lock = Redlock(clients, name, ttl=30)
+        assert lock.acquire()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                if action == "acquire":
+                    out = f"acquired={lock.acquire(blocking=False)}"
+                else:
+                    lock.release()
+                    out = "released"
+            except Exception as exc:
+                out = type(exc).__name__
+            os.write(write, out.encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        said = os.read(read, 200).decode()
+        assert said in ("acquired=False", "LockNotOwned"), said
+        assert lock.owned()  # every master still holds the parent's lease
+        lock.release()
