@@ -371,7 +371,8 @@ class Cache(_CacheBase):
 
     def _write(self, prepared: Any) -> bool:
         core = self._core
-        if not core.allow():
+        if not core.allow():  # circuit open: nothing written, yet this process's copies go (C8)
+            self._forget(prepared.keys)
             return False
         try:
             self._driver.run(core.write(prepared))
@@ -610,7 +611,8 @@ class AsyncCache(_CacheBase):
 
     async def _write(self, prepared: Any) -> bool:
         core = self._core
-        if not core.allow():
+        if not core.allow():  # circuit open: nothing written, yet this process's copies go (C8)
+            self._forget(prepared.keys)
             return False
         try:
             await self._driver.run(core.write(prepared))

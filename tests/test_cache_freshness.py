@@ -319,3 +319,50 @@ def test_sie_keeps_none_for_negative_ttl(down: tuple[FaultProxy, redis.Redis]) -
     assert cache.get_or_set("k", lambda: "x") is None  # within negative_ttl + the window
     now[0] += 7  # past negative_ttl (1 s) + stale_if_error (5 s); within ttl (30 s)
     assert cache.get_or_set("k", lambda: "x") == "x"
+
+
+def test_sie_copy_is_dropped_by_a_set_while_the_circuit_is_open(
+    redis_server: RedisServer,
+) -> None:
+    """Hostile review: with the breaker open, set() returned before dropping this process's
+    stale_if_error copy, so the value it replaced kept being served."""
+    import asyncio
+
+    from distcache import AsyncCache, CircuitBreaker
+    from distkit.testing import FaultProxy
+
+    with FaultProxy(redis_server.address) as proxy:
+        client = proxy.client(socket_timeout=0.2)
+        cache = Cache(client, namespace="sie-open", ttl=60, stale_if_error=60,
+                      breaker=CircuitBreaker(failure_threshold=1, reset_timeout=30))  # fmt: skip
+        assert cache.get_or_set("k", lambda: "old") == "old"
+        proxy.refuse(True)
+        proxy.cut()
+        cache.get("x")  # a failure: the circuit opens
+        assert cache.set("k", "new") is False
+        assert cache.get_or_set("k", lambda: "new") == "new"
+        client.close()
+        proxy.refuse(False)
+
+        async def main() -> None:
+            aclient = proxy.async_client(socket_timeout=0.2)
+            breaker = CircuitBreaker(failure_threshold=1, reset_timeout=30)
+            acache = AsyncCache(
+                aclient, namespace="sie-open-a", ttl=60, stale_if_error=60, breaker=breaker
+            )
+
+            async def old() -> str:
+                return "old"
+
+            async def new() -> str:
+                return "new"
+
+            assert await acache.get_or_set("k", old) == "old"
+            proxy.refuse(True)
+            proxy.cut()
+            await acache.get("x")
+            assert await acache.set("k", "new") is False
+            assert await acache.get_or_set("k", new) == "new"
+            await aclient.aclose()
+
+        asyncio.run(main())
