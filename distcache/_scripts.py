@@ -95,8 +95,10 @@ BUMP = Script(
     + """
 local e = now_us()
 local cur = redis.call('GET', KEYS[1])
--- an epoch that is not a number (foreign bytes) is replaced: its entries then read as misses
-if cur and (tonumber(cur) or 0) >= e then e = tonumber(cur) + 1 end
+-- an epoch that is not one of ours (foreign bytes, a wrong length, a number past 2^53 that would
+-- exhaust the space) is replaced: its entries then read as misses, and invalidations go on
+local n = cur and #cur == 16 and tonumber(cur)
+if n and n >= e and n + 1 < 9007199254740992 then e = n + 1 end
 if e >= 9007199254740992 then error('DISTCACHE epoch space exhausted at ' .. KEYS[1]) end
 local s = pad(e)
 redis.call('SET', KEYS[1], s)

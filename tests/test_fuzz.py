@@ -547,7 +547,10 @@ def test_decode_errors_are_counted_not_raised(client: redis.Redis, tmp_path: Pat
     assert metrics.count(CacheEvent.DECODE_ERROR) == 1
 
 
-@pytest.mark.parametrize("junk", [b"garbage", b"\xff\xfe", b"", b"-5", b"1.5e3x"])
+@pytest.mark.parametrize(
+    "junk",
+    [b"garbage", b"\xff\xfe", b"", b"-5", b"1.5e3x", b"99999999999999999999", b"9007199254740993"],
+)
 def test_an_invalidation_repairs_a_foreign_epoch(client: redis.Redis, junk: bytes) -> None:
     """Foreign bytes under the epoch: reads never fail, fills are skipped, and the next
     invalidation replaces the epoch, after which the cache works normally again."""
