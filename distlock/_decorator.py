@@ -24,6 +24,17 @@ _R = TypeVar("_R")
 _NameFn = Callable[..., str]
 
 
+def _fields(template: str) -> list[str]:
+    """Every replacement field of ``template``, those nested in format specs included."""
+    out = []
+    for _, field, spec, _ in string.Formatter().parse(template):
+        if field is not None:
+            out.append(field)
+        if spec:
+            out.extend(_fields(spec))
+    return out
+
+
 def _namer(name: str | _NameFn, fn: Callable[..., Any]) -> Callable[..., str] | None:
     """``None`` for a fixed name; else a function of the call's arguments that builds the name.
 
@@ -44,7 +55,7 @@ def _namer(name: str | _NameFn, fn: Callable[..., Any]) -> Callable[..., str] | 
     if not isinstance(name, str):
         raise ConfigError(f"@locked name must be a str, a template or a callable, got {name!r}")
     try:
-        fields = [f for _, f, _, _ in string.Formatter().parse(name) if f is not None]
+        fields = _fields(name)
     except ValueError as exc:
         raise ConfigError(f"@locked name template {name!r} is malformed: {exc}") from None
     if not fields:
@@ -69,7 +80,21 @@ def _namer(name: str | _NameFn, fn: Callable[..., Any]) -> Callable[..., str] | 
     def from_template(*args: Any, **kwargs: Any) -> str:
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        return name.format_map(bound.arguments)
+        for value in bound.arguments.values():
+            kind = type(value)
+            if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
+                raise ConfigError(
+                    f"@locked name template {name!r}: a {kind.__name__} has no stable text "
+                    "(its str() is a memory address, different in every process); name one of "
+                    "its attributes ('{order.id}') or pass a callable"
+                )
+        try:
+            return name.format_map(bound.arguments)
+        except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"@locked name template {name!r} cannot be formatted with this call's "
+                f"arguments: {type(exc).__name__}: {exc}"
+            ) from exc
 
     return from_template
 

@@ -154,3 +154,31 @@ def test_processes_calling_with_the_same_argument_exclude_each_other(
         spans = [tuple(map(float, item.decode().split(":"))) for item in raw]
         assert len(spans) == 10
         assert not _overlaps(spans)  # type: ignore[arg-type]
+
+
+def test_template_failures_at_call_time_are_config_errors(redis_server: RedisServer) -> None:
+    """Hostile review: nested fields, empty attributes, missing attributes or indexes, and objects
+    whose str() is a memory address (no mutual exclusion across calls) raised raw or passed."""
+    client = connect(redis_server.config())
+
+    with pytest.raises(ConfigError, match="not a parameter"):
+        locked(client, "a:{x:{w}}", ttl=5)(lambda x: None)  # nested field names no parameter
+
+    @locked(client, "a:{x.nope}", ttl=5)
+    def attr(x: Any) -> None: ...
+
+    @locked(client, "a:{x[0]}", ttl=5)
+    def index(x: Any) -> None: ...
+
+    @locked(client, "a:{x}", ttl=5)
+    def plain(x: Any) -> None: ...
+
+    with pytest.raises(ConfigError, match="cannot be formatted"):
+        attr(1)
+    with pytest.raises(ConfigError, match="cannot be formatted"):
+        index(1)
+    with pytest.raises(ConfigError, match="no stable text"):
+        plain(object())
+    empty = locked(client, "a:{x.}", ttl=5)(lambda x: None)
+    with pytest.raises(ConfigError, match="cannot be formatted"):
+        empty(1)
