@@ -93,6 +93,8 @@ PLAIN_KEY_MAX = 200
 _META_MAX = 0xFFFF
 _MAX_TAGS = 64
 DEFAULT_MAX_VALUE_SIZE = 1 << 20
+# The shortest life of a tombstone, write mark or new tag record: the default fill_timeout.
+GUARD_FLOOR_MS = 60_000
 # Hash slots per namespace on a Redis Cluster when ``shards`` is not given (standalone: 1).
 CLUSTER_SHARDS = 16
 MAX_SHARDS = 1024
@@ -303,6 +305,7 @@ class CacheCore:
         "epoch_key",
         "fill_timeout",
         "fill_timeout_ms",
+        "guard_ms",
         "grace_ms",
         "max_value_size",
         "metrics",
@@ -366,6 +369,10 @@ class CacheCore:
         self.max_value_size = max_value_size
         self.fill_timeout = seconds(fill_timeout, field="fill_timeout")
         self.fill_timeout_ms = _ms(self.fill_timeout)
+        # How long what refuses fills (write marks, new tag records) lasts: at least
+        # the default fill timeout, so that a handle with a shorter fill_timeout than another
+        # handle's of the same namespace cannot shorten the other's protection (hostile review).
+        self.guard_ms = max(self.fill_timeout_ms, GUARD_FLOOR_MS)
         if not isinstance(strict, bool):
             raise ConfigError(f"strict must be a bool, got {strict!r}")
         self.strict = strict
@@ -791,7 +798,7 @@ class CacheCore:
             len(prepared.tag_names),
             *prepared.tag_names,
             secrets.token_hex(8),  # the new write mark: refuses the fills that read before
-            2 * self.fill_timeout_ms,
+            2 * self.guard_ms,
             0,
         ]
         for base, group in self._groups(prepared.keys):
@@ -916,9 +923,9 @@ class CacheCore:
         tombstone = TOMBSTONE + secrets.token_hex(8).encode()
         args: list[Any] = [
             tombstone,
-            self.fill_timeout_ms,
+            self.fill_timeout_ms,  # the write mark (below) outlives it and refuses older fills
             secrets.token_hex(8),
-            2 * self.fill_timeout_ms,
+            2 * self.guard_ms,
         ]
         return bool((yield Eval(DELETE, [rkey, self.mark_key(rkey)], args)))
 
@@ -933,4 +940,4 @@ class CacheCore:
         suffixes = [k[len(base0) :] for k in record_keys]
         for base in self._bases:
             keys = [base + ":epoch", *(base + s for s in suffixes)]
-            yield Eval(BUMP, keys, [self.fill_timeout_ms])
+            yield Eval(BUMP, keys, [self.guard_ms])

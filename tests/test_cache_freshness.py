@@ -366,3 +366,34 @@ def test_sie_copy_is_dropped_by_a_set_while_the_circuit_is_open(
             await aclient.aclose()
 
         asyncio.run(main())
+
+
+@pytest.mark.parametrize("op", ["set", "delete"])
+def test_a_writer_with_a_shorter_fill_timeout_still_refuses_older_fills(
+    redis_server: RedisServer, op: str
+) -> None:
+    """Hostile review: a tombstone or write mark lived the *writer's* fill_timeout, so another
+    service with a shorter one let a reader's (longer, still allowed) fill land after it."""
+    client = connect(redis_server.config())
+    reader = Cache(client, namespace=f"mixed-{op}", ttl=60)  # fill_timeout 60 s (default)
+    writer = Cache(client, namespace=f"mixed-{op}", ttl=60, fill_timeout=0.5)
+    reader.get("warm")
+    writer.get("warm")
+    done = threading.Event()
+
+    def load() -> str:
+        done.wait(5)
+        time.sleep(1.2)  # past the writer's fill_timeout, well inside the reader's
+        return "old"
+
+    thread = threading.Thread(target=lambda: reader.get_or_set("k", load))
+    thread.start()
+    time.sleep(0.2)
+    if op == "set":
+        writer.set("k", "new", ttl=0.3)  # gone again before the fill lands
+    else:
+        writer.delete("k")
+    done.set()
+    thread.join(10)
+    assert reader.get("k", "<miss>") == "<miss>"
+    client.close()
