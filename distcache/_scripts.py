@@ -43,9 +43,10 @@ window), which makes the staleness bound hard: Redis deletes the entry when it r
 A tombstone (``delete``) is ``"dc1~" + random``, kept for the fill timeout: a fill that read the
 key before the delete finds it changed and is refused. ``set`` and ``delete`` also replace the
 key's write mark, which a fill's read captures and its WRITE compares: the mark outlives the entry
-or tombstone as far as fills are concerned (twice the larger of the fill timeout and 60 s, from the write), so a fill that
-read the key empty before a ``set`` is refused even after that entry expired, was deleted by a
-revalidation or was evicted. A fill whose read found no epoch is always refused (see ``LOOK``).
+or tombstone as far as fills are concerned (twice the larger of the fill timeout and 60 s, from
+the write), so a fill that read the key empty before a ``set`` is refused even after that entry
+expired, was deleted by a revalidation or was evicted. A fill whose read found no epoch is always
+refused (see ``LOOK``).
 """
 
 from __future__ import annotations

@@ -64,6 +64,29 @@ local function first_live(queue, qexp)
 end
 """
 
+# Hand the lease to the oldest live waiter (a new token, pushed onto its wake list); return its
+# owner id, or nil when nobody waits. retention_ms: the fence's minimum lifetime.
+_HAND_OFF = """
+local function hand_off(lease, fence, queue, qexp, wake_prefix, retention_ms)
+  local first = first_live(queue, qexp)
+  if not first then return nil end
+  local sep = string.find(first, ':', 1, true)
+  local next_ttl = string.sub(first, 1, sep - 1)
+  local next_owner = string.sub(first, sep + 1)
+  redis.call('ZREM', queue, first)
+  redis.call('HDEL', qexp, first)
+  local value = next_owner
+  if redis.call('EXISTS', queue) == 1 then value = next_owner .. '*' end
+  local token = next_token(fence)
+  redis.call('SET', lease, value, 'PX', next_ttl)
+  redis.call('SET', fence, token, 'PX', math.max(tonumber(retention_ms), tonumber(next_ttl)))
+  local next_wake = wake_prefix .. next_owner
+  redis.call('RPUSH', next_wake, token)
+  redis.call('PEXPIRE', next_wake, next_ttl)
+  return next_owner
+end
+"""
+
 # KEYS: lease, fence, queue, qexp, my wake list
 # ARGV: owner, ttl_ms, fence_px (>= ttl_ms),
 #       wait_ms (0: try only; > 0: join/refresh the queue; -1: try, else leave the queue)
@@ -176,28 +199,13 @@ end
 """
     + _NEXT_TOKEN
     + _FIRST_LIVE
+    + _HAND_OFF
     + """
 redis.call('LPUSH', rel, owner)
 redis.call('LTRIM', rel, 0, 63)
 redis.call('PEXPIRE', rel, ARGV[4] or 60000)
 if ARGV[3] == '1' then redis.call('DEL', wake) end
-local first = first_live(queue, qexp)
-if first then
-  local sep = string.find(first, ':', 1, true)
-  local next_ttl = string.sub(first, 1, sep - 1)
-  local next_owner = string.sub(first, sep + 1)
-  redis.call('ZREM', queue, first)
-  redis.call('HDEL', qexp, first)
-  local value = next_owner
-  if redis.call('EXISTS', queue) == 1 then value = next_owner .. '*' end
-  local token = next_token(fence)
-  redis.call('SET', lease, value, 'PX', next_ttl)
-  redis.call('SET', fence, token, 'PX', math.max(tonumber(ARGV[2]), tonumber(next_ttl)))
-  local next_wake = wake_prefix .. next_owner
-  redis.call('RPUSH', next_wake, token)
-  redis.call('PEXPIRE', next_wake, next_ttl)
-  return 1
-end
+if hand_off(lease, fence, queue, qexp, wake_prefix, ARGV[2]) then return 1 end
 redis.call('DEL', lease)
 return 1
 """,
@@ -269,28 +277,14 @@ FORCE_RELEASE = Script(
     "distlock.force_release",
     _NEXT_TOKEN
     + _FIRST_LIVE
+    + _HAND_OFF
     + """
 local lease, fence, queue, qexp, wake_prefix = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local holder = redis.call('GET', lease)
 if not holder then return {0} end
 if string.sub(holder, -1) == '*' then holder = string.sub(holder, 1, -2) end
-local first = first_live(queue, qexp)
-if first then
-  local sep = string.find(first, ':', 1, true)
-  local next_ttl = string.sub(first, 1, sep - 1)
-  local next_owner = string.sub(first, sep + 1)
-  redis.call('ZREM', queue, first)
-  redis.call('HDEL', qexp, first)
-  local value = next_owner
-  if redis.call('EXISTS', queue) == 1 then value = next_owner .. '*' end
-  local token = next_token(fence)
-  redis.call('SET', lease, value, 'PX', next_ttl)
-  redis.call('SET', fence, token, 'PX', math.max(tonumber(ARGV[1]), tonumber(next_ttl)))
-  local next_wake = wake_prefix .. next_owner
-  redis.call('RPUSH', next_wake, token)
-  redis.call('PEXPIRE', next_wake, next_ttl)
-  return {2, holder, next_owner}
-end
+local next_owner = hand_off(lease, fence, queue, qexp, wake_prefix, ARGV[1])
+if next_owner then return {2, holder, next_owner} end
 redis.call('DEL', lease)
 return {1, holder}
 """,
