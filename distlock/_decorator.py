@@ -81,7 +81,7 @@ def _namer(name: str | _NameFn, fn: Callable[..., Any]) -> Callable[..., str] | 
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         for value in bound.arguments.values():
-            kind = type(value)
+            kind: Any = type(value)
             if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
                 raise ConfigError(
                     f"@locked name template {name!r}: a {kind.__name__} has no stable text "
