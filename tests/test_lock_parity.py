@@ -37,7 +37,16 @@ def test_twins_have_identical_public_surfaces(sync: type, async_: type) -> None:
         if s[name] != "property" and name != "__init__":
             is_coro = inspect.iscoroutinefunction(getattr(async_, name))
             assert not inspect.iscoroutinefunction(getattr(sync, name))
-            io = name in ("acquire", "release", "extend", "locked", "owned", "read", "write")
+            io = name in (
+                "acquire",
+                "release",
+                "extend",
+                "locked",
+                "owned",
+                "read",
+                "write",
+                "force_release",
+            )
             assert is_coro == io, name
 
 
@@ -140,5 +149,6 @@ def test_locked_decorator_with_a_redlock(masters: Any) -> None:
 @pytest.mark.parametrize(("sync", "async_"), [(Redlock, AsyncRedlock)])
 def test_redlock_twins_match(sync: type, async_: type) -> None:
     test_twins_have_identical_public_surfaces(sync, async_)
-    lock_names = set(_public(Lock)) - {"__init__"}
+    # force_release repairs one Redis's lock; a Redlock has no such operator tool (yet)
+    lock_names = set(_public(Lock)) - {"__init__", "force_release"}
     assert lock_names <= set(_public(Redlock))
