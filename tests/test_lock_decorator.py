@@ -182,3 +182,22 @@ def test_template_failures_at_call_time_are_config_errors(redis_server: RedisSer
     empty = locked(client, "a:{x.}", ttl=5)(lambda x: None)
     with pytest.raises(ConfigError, match="cannot be formatted"):
         empty(1)
+
+
+def test_names_follow_str_of_the_arguments_as_documented(redis_server: RedisServer) -> None:
+    """docs/locks.md: ``pay(5)`` and ``pay(5.0)`` lock different names; so do ``1`` and ``True``."""
+    client = connect(redis_server.config())
+    seen: list[str] = []
+
+    @locked(client, "invoice:{invoice_id}", ttl=5)
+    def pay(invoice_id: object) -> None:
+        seen.extend(k.decode() for k in redis_server.client().keys("distkit:lock:{invoice:*}"))
+
+    for value in (5, 5.0, 1, True):
+        pay(value)
+    assert seen == [
+        "distkit:lock:{invoice:5}",
+        "distkit:lock:{invoice:5.0}",
+        "distkit:lock:{invoice:1}",
+        "distkit:lock:{invoice:True}",
+    ]
