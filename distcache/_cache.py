@@ -526,7 +526,7 @@ class AsyncCache(_CacheBase):
         breaker = core.breaker
         if self._fast and (breaker is None or breaker.healthy):
             try:
-                raw, epoch = await self._execute("MGET", rkey, core.epoch_of(rkey))
+                raw, epoch = await self._driver.execute("MGET", rkey, core.epoch_of(rkey))
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
