@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import random as _random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+from typing_extensions import TypeVar as DefaultTypeVar
 
 from distkit import ConfigError, RetryConfig, RetryPolicy
 from distkit._config import seconds
@@ -39,19 +41,28 @@ from ._serializers import Serializer
 from ._stampede import AsyncFlow, Call, ReadThrough, Stampede, SyncFlow
 from ._stampede import miss_deadline as miss_deadline_of
 
+if TYPE_CHECKING:
+    from distkit import AsyncClient, SyncClient
+
 __all__ = ["AsyncCache", "Cache"]
 
 _T = TypeVar("_T")
+_D = TypeVar("_D")
+# The type of the cache's values, for type checkers only: ``cache: Cache[User] = Cache(...)``
+# (unannotated: ``Cache[Any]``). The decoding type at run time is ``value_type=``.
+_V = DefaultTypeVar("_V", default=Any)
+_C = TypeVar("_C", bound="SyncClient | AsyncClient")
 
 
-class _CacheBase:
+class _CacheBase(Generic[_C, _V]):
     """What both twins share: construction, validation and read-only state."""
 
     _is_async = False
+    _execute: Any  # the client's execute_command, sync or async
 
     def __init__(
         self,
-        client: Any,
+        client: _C,
         *,
         namespace: str = "default",
         ttl: Seconds = 300.0,
@@ -207,7 +218,7 @@ class _CacheBase:
         return f"<{type(self).__name__} namespace={self.namespace!r} ttl={self.ttl}s>"
 
 
-class Cache(_CacheBase):
+class Cache(_CacheBase["SyncClient", _V]):
     """A Redis cache: TTLs, read-through, tag and namespace invalidation, safe serialization.
 
     Args:
@@ -307,6 +318,10 @@ class Cache(_CacheBase):
         core.succeeded()
         return value
 
+    @overload
+    def get(self, key: str) -> _V | None: ...
+    @overload
+    def get(self, key: str, default: _D) -> _V | _D: ...
     def get(self, key: str, default: Any = None) -> Any:
         """The cached value of ``key``, or ``default`` on a miss (or when Redis fails).
 
@@ -317,7 +332,7 @@ class Cache(_CacheBase):
         value = self._lookup(core.entry_key(key), core.value_type)
         return default if value.__class__ is Miss or value is FAILED else value
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+    def get_many(self, keys: Iterable[str]) -> dict[str, _V]:
         """The hits among ``keys``, by key: from L1 first, then one round trip per shard.
 
         Raises:
@@ -338,7 +353,7 @@ class Cache(_CacheBase):
         return self._merged(found, keys, values)
 
     def set(
-        self, key: str, value: Any, *, ttl: Seconds | None = None, tags: Iterable[str] = ()
+        self, key: str, value: _V, *, ttl: Seconds | None = None, tags: Iterable[str] = ()
     ) -> bool:
         """Store ``value`` under ``key`` for ``ttl`` (default: the cache's), tagged with ``tags``.
 
@@ -353,7 +368,7 @@ class Cache(_CacheBase):
 
     def set_many(
         self,
-        mapping: Mapping[str, Any],
+        mapping: Mapping[str, _V],
         *,
         ttl: Seconds | None = None,
         tags: Iterable[str] = (),
@@ -488,7 +503,7 @@ class Cache(_CacheBase):
         return out
 
 
-class AsyncCache(_CacheBase):
+class AsyncCache(_CacheBase["AsyncClient", _V]):
     """The asyncio twin of ``Cache`` (same arguments; takes a ``redis.asyncio`` client)."""
 
     _is_async = True
@@ -526,7 +541,7 @@ class AsyncCache(_CacheBase):
         breaker = core.breaker
         if self._fast and (breaker is None or breaker.healthy):
             try:
-                raw, epoch = await self._execute("MGET", rkey, core.epoch_of(rkey))
+                raw, epoch = await self._driver.execute("MGET", rkey, core.epoch_of(rkey))
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
@@ -547,6 +562,10 @@ class AsyncCache(_CacheBase):
         core.succeeded()
         return value
 
+    @overload
+    async def get(self, key: str) -> _V | None: ...
+    @overload
+    async def get(self, key: str, default: _D) -> _V | _D: ...
     async def get(self, key: str, default: Any = None) -> Any:
         """The cached value of ``key``, or ``default`` on a miss (or when Redis fails).
 
@@ -557,7 +576,7 @@ class AsyncCache(_CacheBase):
         value = await self._lookup(core.entry_key(key), core.value_type)
         return default if value.__class__ is Miss or value is FAILED else value
 
-    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+    async def get_many(self, keys: Iterable[str]) -> dict[str, _V]:
         """The hits among ``keys``, by key: from L1 first, then one round trip per shard.
 
         Raises:
@@ -578,7 +597,7 @@ class AsyncCache(_CacheBase):
         return self._merged(found, keys, values)
 
     async def set(
-        self, key: str, value: Any, *, ttl: Seconds | None = None, tags: Iterable[str] = ()
+        self, key: str, value: _V, *, ttl: Seconds | None = None, tags: Iterable[str] = ()
     ) -> bool:
         """Store ``value`` under ``key`` for ``ttl`` (default: the cache's), tagged with ``tags``.
 
@@ -593,7 +612,7 @@ class AsyncCache(_CacheBase):
 
     async def set_many(
         self,
-        mapping: Mapping[str, Any],
+        mapping: Mapping[str, _V],
         *,
         ttl: Seconds | None = None,
         tags: Iterable[str] = (),

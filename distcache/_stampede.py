@@ -1216,7 +1216,7 @@ class AsyncFlow:
         if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
             begun = core.clock()
             try:  # the hit path: one MGET, as get() (and the write mark a fill compares)
-                raw, epoch, mark = await self.cache._execute(
+                raw, epoch, mark = await self.cache._driver.execute(
                     "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
                 )
             except FAILURES as exc:
@@ -1422,7 +1422,7 @@ class AsyncFlow:
         px = max(1, _ms(float(policy.stampede.wait)))  # type: ignore[arg-type]
         note = f"{int(policy.clock.now_ms())}|{step.text}"
         try:
-            await self.cache._execute("SET", policy.error_key(call.rkey), note, "PX", px)
+            await self.cache._driver.execute("SET", policy.error_key(call.rkey), note, "PX", px)
         except FAILURES as exc:
             log.warning("cache %r: noting a failed load: %s", self.core.namespace, exc)
 

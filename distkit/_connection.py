@@ -18,7 +18,7 @@ import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ._clients import _RETRY, client_retry, decodes_responses
+from ._clients import _RETRY, client_retry, decodes_responses, remember_recipe
 from ._config import RedisConfig, validate_config
 from ._errors import ConfigError, translating
 
@@ -145,10 +145,19 @@ def connect(config: ConfigLike) -> SyncClient:
 def aconnect(config: ConfigLike) -> AsyncClient:
     """Build the asyncio twin of ``connect(config)`` (no I/O happens until the first command).
 
+    distkit's async classes use the client on the event loop they first run on, and a twin of it
+    (same config, own connections) on any other loop: ``asyncio.run()`` twice, per-test loops.
+
     Raises:
         ConfigError: ``config`` is not valid.
     """
     cfg = _config(config)
+    client = _aconnect(cfg)
+    remember_recipe(client, lambda: _aconnect(cfg))
+    return client
+
+
+def _aconnect(cfg: RedisConfig) -> AsyncClient:
     no_retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
     if cfg.mode == "cluster":
         acluster = redis.asyncio.RedisCluster(

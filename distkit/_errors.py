@@ -6,6 +6,7 @@
      ├── ConfigError (also ValueError)       bad configuration or argument
      ├── ConnectionUnavailable               server unreachable, refused, or too slow
      ├── AuthenticationFailed                wrong password or ACL denial: never retried
+     ├── EventLoopMismatch                   an asyncio client used outside its event loop
      ├── ServerError                         Redis answered with an error we did not expect
      │    └── ForeignDataError               a key holds data that distkit did not write
      ├── LockError                           (carries .name)
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "ConnectionUnavailable",
     "DistkitError",
+    "EventLoopMismatch",
     "ForeignDataError",
     "LockError",
     "LockLost",
@@ -77,6 +79,14 @@ class AuthenticationFailed(DistkitError):
 
     A misconfiguration, not an outage: raised at once by every operation (cache reads included),
     never retried and never failed open.
+    """
+
+
+class EventLoopMismatch(DistkitError):
+    """An asyncio client opened on one event loop was used on another (never retried).
+
+    redis-py's asyncio connections belong to the loop that opened them. Clients built by
+    ``distkit.aconnect()`` get a twin per loop instead; a client of your own raises this.
     """
 
 

@@ -33,6 +33,7 @@ import redis.exceptions as rex
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ._clients import for_loop
 from ._errors import ConnectionUnavailable, DistkitError, translate
 from ._protocol import _REDIS_ERRORS, TIMED_OUT, AsyncDriver, Cleanup, Eval, FanOut, SyncDriver
 from ._retry import RetryPolicy
@@ -276,11 +277,12 @@ class AsyncFanOutDriver(AsyncDriver):
     straggler does lands before, say, the release that follows it.
     """
 
-    __slots__ = ("_loop", "_pending", "_pid", "_suspended", "clients")
+    __slots__ = ("_live", "_loop", "_pending", "_pid", "_suspended", "clients")
 
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
         self.clients = list(clients)
+        self._live = list(clients)  # each client, or its twin for the running loop (for_loop)
         self._pid = os.getpid()
         self._suspended = [0.0] * len(self.clients)
         self._pending: list[asyncio.Task[None] | None] = [None] * len(self.clients)
@@ -292,7 +294,7 @@ class AsyncFanOutDriver(AsyncDriver):
         self._suspended = [0.0] * len(self.clients)
         self._pending = [None] * len(self.clients)
         self._loop = None
-        for client in self.clients:
+        for client in self._live:
             reset = getattr(client.connection_pool, "reset", None)
             if reset is not None:
                 reset()
@@ -316,7 +318,9 @@ class AsyncFanOutDriver(AsyncDriver):
             self._after_fork()
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            # Tasks of another (finished) event loop cannot be awaited here.
+            # Tasks of another (finished) event loop cannot be awaited here, nor its connections
+            # used: each master's client for this loop (a twin, for aconnect()'s clients).
+            self._live = [for_loop(client, loop, self.what) for client in self.clients]
             self._loop = loop
             self._pending = [None] * len(self.clients)
         n = len(self.clients)
@@ -362,7 +366,7 @@ class AsyncFanOutDriver(AsyncDriver):
         if self._suspended[i] > time.monotonic():
             settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
             return
-        pool = self.clients[i].connection_pool
+        pool = self._live[i].connection_pool
         call = step.calls[i]
         conn = None
         sent = False

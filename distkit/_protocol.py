@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import redis.exceptions as rex
 
+from ._clients import for_loop
 from ._errors import ConnectionUnavailable, DistkitError, translate
 from ._retry import NO_RETRY, RetryPolicy
 from ._scripts import Script, ScriptArg
@@ -269,17 +270,38 @@ class SyncDriver:
 class AsyncDriver:
     """Runs protocols on an asyncio redis-py client; shielded steps survive cancellation."""
 
-    __slots__ = ("_execute", "client", "max_block", "retry", "what")
+    __slots__ = ("_bound_loop", "_execute", "_given", "client", "max_block", "retry", "what")
 
     def __init__(self, client: Any, retry: RetryPolicy, what: str) -> None:
-        self.client = client
+        self.client = self._given = client
         self.retry = retry
         self.what = what
         self.max_block = _max_block(client)
         self._execute = client.execute_command
+        self._bound_loop: asyncio.AbstractEventLoop | None = None
+
+    def _on_running_loop(self) -> None:
+        """Use the given client, or its twin for this loop (``distkit._clients.for_loop``)."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._bound_loop:
+            self.client = for_loop(self._given, loop, self.what)
+            self._execute = self.client.execute_command
+            self._bound_loop = loop
+
+    async def execute(self, *args: ScriptArg) -> Any:
+        """One command, once, on the client for the running loop; redis-py errors unchanged."""
+        if asyncio.get_running_loop() is not self._bound_loop:
+            self._on_running_loop()
+        return await self._execute(*args)
 
     async def run(self, protocol: Protocol[_T]) -> _T:
         """Drive ``protocol`` to completion and return its value."""
+        if asyncio.get_running_loop() is not self._bound_loop:
+            try:
+                self._on_running_loop()
+            except BaseException:
+                protocol.close()
+                raise
         send: Any = None
         error: BaseException | None = None
         while True:

@@ -43,7 +43,7 @@ from ._core import (
 )
 
 if TYPE_CHECKING:
-    from distkit import RetryConfig
+    from distkit import AsyncClient, RetryConfig, SyncClient
 
 __all__ = ["AsyncLock", "Lock"]
 
@@ -401,7 +401,7 @@ class Lock(_SyncLock):
 
     def __init__(
         self,
-        client: Any,
+        client: SyncClient,
         name: str,
         *,
         ttl: Seconds = 30.0,
@@ -445,7 +445,11 @@ class Lock(_SyncLock):
 
     @staticmethod
     def force_release(
-        client: Any, name: str, *, prefix: str = "distkit", fence_retention: Seconds = 3600.0
+        client: SyncClient,
+        name: str,
+        *,
+        prefix: str = "distkit",
+        fence_retention: Seconds = 3600.0,
     ) -> bool:
         """Free a stuck lock whoever holds it (an operator's repair); ``True`` if it was held.
 
@@ -469,14 +473,39 @@ class AsyncLock(_AsyncLock):
 
     _is_async = True
 
-    __init__ = Lock.__init__
+    if TYPE_CHECKING:  # Lock's __init__ with an asyncio client (tests/test_typing.py: in step)
+
+        def __init__(
+            self,
+            client: AsyncClient,
+            name: str,
+            *,
+            ttl: Seconds = 30.0,
+            blocking_timeout: Seconds | None = None,
+            auto_renew: bool = False,
+            renew_interval: Seconds | None = None,
+            on_lost: Callable[[Any], None] | None = None,
+            prefix: str = "distkit",
+            fence_retention: Seconds = 3600.0,
+            retry: RetryConfig | RetryPolicy | None = None,
+            clock: Clock = monotonic,
+            wait_for_replicas: int = 0,
+            replica_timeout: Seconds = 1.0,
+        ) -> None: ...
+
+    else:
+        __init__ = Lock.__init__
 
     def _make_driver(self, client: Any) -> Any:
         return AsyncDriver(client, self._retry, f"lock {self.name!r}")
 
     @staticmethod
     async def force_release(
-        client: Any, name: str, *, prefix: str = "distkit", fence_retention: Seconds = 3600.0
+        client: AsyncClient,
+        name: str,
+        *,
+        prefix: str = "distkit",
+        fence_retention: Seconds = 3600.0,
     ) -> bool:
         """The asyncio twin of ``Lock.force_release``; ``True`` if the lock was held."""
         check_client(client, want_async=True, cls="AsyncLock.force_release")

@@ -13,7 +13,7 @@ from distkit import ConfigError, RetryPolicy
 from distkit._clients import is_config
 
 if TYPE_CHECKING:
-    from distkit import RedlockConfig, RetryConfig
+    from distkit import AsyncClient, RedlockConfig, RetryConfig, SyncClient
 from distkit._fanout import AsyncFanOutDriver, SyncFanOutDriver
 from distkit._protocol import monotonic
 
@@ -24,6 +24,8 @@ from ._redlock_core import Fencing, RedlockCore
 __all__ = ["AsyncRedlock", "Redlock"]
 
 Clients = Union[Sequence[Any], "RedlockConfig"]
+SyncClients = Union[Sequence["SyncClient"], "RedlockConfig"]
+AsyncClients = Union[Sequence["AsyncClient"], "RedlockConfig"]
 
 
 def _target(client: Any) -> tuple[Any, ...]:
@@ -88,7 +90,7 @@ class Redlock(_SyncLock):
 
     def __init__(
         self,
-        clients: Clients,
+        clients: SyncClients,
         name: str,
         *,
         ttl: Seconds = 30.0,
@@ -145,7 +147,31 @@ class AsyncRedlock(_AsyncLock):
     _is_async = True
     _core_class: ClassVar[type[RedlockCore]] = RedlockCore
 
-    __init__ = Redlock.__init__
+    if TYPE_CHECKING:  # Redlock's __init__ with asyncio clients (tests/test_typing.py: in step)
+
+        def __init__(
+            self,
+            clients: AsyncClients,
+            name: str,
+            *,
+            ttl: Seconds = 30.0,
+            blocking_timeout: Seconds | None = None,
+            auto_renew: bool = False,
+            renew_interval: Seconds | None = None,
+            on_lost: Callable[[Any], None] | None = None,
+            prefix: str = "distkit",
+            fence_retention: Seconds = 3600.0,
+            retry: RetryConfig | RetryPolicy | None = None,
+            clock: Clock = monotonic,
+            retry_count: int | None = None,
+            retry_delay: Seconds = 0.2,
+            drift_factor: float = 0.01,
+            node_timeout: Seconds | None = None,
+            fencing: Fencing = "quorum",
+        ) -> None: ...
+
+    else:
+        __init__ = Redlock.__init__
     quorum = Redlock.quorum
 
     def _make_driver(self, masters: list[Any]) -> Any:

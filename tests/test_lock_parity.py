@@ -33,7 +33,8 @@ def test_twins_have_identical_public_surfaces(sync: type, async_: type) -> None:
     s, a = _public(sync), _public(async_)
     assert s.keys() == a.keys()
     for name in s:
-        assert str(s[name]) == str(a[name]), name
+        # the twins differ in the kind of client they take, and only there
+        assert str(s[name]) == str(a[name]).replace("AsyncClient", "SyncClient"), name
         if s[name] != "property" and name != "__init__":
             is_coro = inspect.iscoroutinefunction(getattr(async_, name))
             assert not inspect.iscoroutinefunction(getattr(sync, name))

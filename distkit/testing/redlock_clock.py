@@ -116,5 +116,5 @@ class AsyncSkewedRedlock(AsyncRedlock):
     _core_class = _SkewedCore
 
     def __init__(self, clients: Any, name: str, *, clocks: MasterClocks, **kwargs: Any) -> None:
-        super().__init__(clients, name, **kwargs)  # type: ignore[misc]
+        super().__init__(clients, name, **kwargs)
         _attach(self, clocks)

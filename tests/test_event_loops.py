@@ -1,0 +1,318 @@
+"""Async objects used from one event loop after another (issue 15, item 10).
+
+redis-py's asyncio connections belong to the loop that opened them. ``asyncio.run()`` twice,
+pytest-asyncio's per-test loops and reloaders all reuse objects built once: with a client built by
+``aconnect()`` each loop gets a twin of the client; with a client of the user's that still holds
+another loop's connections, every operation raises ``EventLoopMismatch``, never a raw
+``RuntimeError`` (and ``AsyncCache`` does not fail open on it: it is a misconfiguration).
+
+The generator: every public coroutine method of every async class has a recipe below (a test fails
+when a method without one appears), and each recipe runs on a second loop after a first loop
+opened connections, for ``aconnect()`` clients (works) and for the user's clients (typed error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import inspect
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+from distcache import AsyncCache, NearCache
+from distkit import EventLoopMismatch, aconnect
+from distkit._clients import _TWINS
+from distkit.testing import IndependentMasters, RedisCluster, RedisServer
+from distlock import AsyncLock, AsyncRedlock
+
+
+@dataclass
+class Setup:
+    """One async object and what built it."""
+
+    obj: Any
+    clients: list[Any]
+    name: str = "loops"
+    seen: dict[str, Any] = field(default_factory=dict)
+
+
+Step = Callable[[Setup], Awaitable[Any]]
+
+
+async def _nothing(s: Setup) -> None:
+    return None
+
+
+async def _loader() -> int:
+    return 7
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """``before`` runs on the first loop (opening connections), ``call`` on the next one."""
+
+    call: Step
+    before: Step = _nothing
+    io: bool = True  # False: the method needs no Redis, so it works with any client
+    check: Callable[[Any], bool] = lambda result: True
+
+
+async def _acquire(s: Setup) -> None:
+    assert await s.obj.acquire(blocking=False)
+
+
+async def _hold_with(s: Setup) -> None:
+    async with s.obj:
+        assert await s.obj.owned()
+
+
+async def _enter_exit(s: Setup) -> bool:
+    await s.obj.__aenter__()
+    await s.obj.__aexit__(None, None, None)
+    return True
+
+
+async def _force_release(s: Setup) -> bool:
+    return bool(await type(s.obj).force_release(s.clients[0], s.name))
+
+
+LOCK_RECIPES: dict[str, Recipe] = {
+    "acquire": Recipe(lambda s: s.obj.acquire(blocking=False), check=lambda got: got is True),
+    "release": Recipe(lambda s: s.obj.release(), before=_acquire),
+    "extend": Recipe(lambda s: s.obj.extend(), before=_acquire),
+    "locked": Recipe(lambda s: s.obj.locked(), before=_acquire, check=lambda got: got is True),
+    "owned": Recipe(lambda s: s.obj.owned(), before=_acquire, check=lambda got: got is True),
+    "__aenter__": Recipe(_hold_with),
+    "__aexit__": Recipe(_enter_exit),
+    "force_release": Recipe(_force_release, before=_acquire, check=lambda got: got is True),
+    "aclose": Recipe(lambda s: s.obj.aclose(), io=False),
+}
+
+
+async def _set(s: Setup) -> None:
+    await s.obj.set("k", 1, tags=["t"])
+
+
+CACHE_RECIPES: dict[str, Recipe] = {
+    "get": Recipe(lambda s: s.obj.get("k"), before=_set, check=lambda got: got == 1),
+    "get_many": Recipe(
+        lambda s: s.obj.get_many(["k", "absent"]), before=_set, check=lambda got: got == {"k": 1}
+    ),
+    "set": Recipe(lambda s: s.obj.set("k", 2), before=_set, check=lambda got: got is True),
+    "set_many": Recipe(lambda s: s.obj.set_many({"a": 1, "b": 2}), before=_set),
+    "get_or_set": Recipe(
+        lambda s: s.obj.get_or_set("loaded", _loader), before=_set, check=lambda got: got == 7
+    ),
+    "delete": Recipe(lambda s: s.obj.delete("k"), before=_set, check=lambda got: got is True),
+    "invalidate_tags": Recipe(lambda s: s.obj.invalidate_tags("t"), before=_set),
+    "clear": Recipe(lambda s: s.obj.clear(), before=_set),
+    "drain": Recipe(lambda s: s.obj.drain(1.0), before=_set, io=False),
+    "aclose": Recipe(lambda s: s.obj.aclose(), before=_set, io=False),
+}
+
+RECIPES: dict[type, dict[str, Recipe]] = {
+    AsyncLock: LOCK_RECIPES,
+    AsyncRedlock: LOCK_RECIPES,
+    AsyncCache: CACHE_RECIPES,
+}
+
+
+def _coroutine_methods(cls: type) -> set[str]:
+    return {
+        name
+        for name, member in inspect.getmembers(cls)
+        if inspect.iscoroutinefunction(member)
+        and (not name.startswith("_") or name in ("__aenter__", "__aexit__"))
+    }
+
+
+@pytest.mark.parametrize("cls", list(RECIPES), ids=lambda c: c.__name__)
+def test_every_coroutine_method_has_a_recipe(cls: type) -> None:
+    """A public coroutine method added without a cross-loop recipe fails here."""
+    assert _coroutine_methods(cls) <= set(RECIPES[cls])
+
+
+def _cases() -> Iterator[Any]:
+    for cls, recipes in RECIPES.items():
+        for method in sorted(_coroutine_methods(cls)):
+            yield pytest.param(cls, method, recipes[method], id=f"{cls.__name__}.{method}")
+
+
+Maker = Callable[[str], Any]
+
+
+def _build(cls: type, make: Maker, server: RedisServer, masters: IndependentMasters) -> Setup:
+    if cls is AsyncRedlock:
+        clients = [make(url) for url in masters.urls[:3]]
+        return Setup(AsyncRedlock(clients, "loops", ttl=10), clients)
+    client = make(server.url)
+    if cls is AsyncLock:
+        return Setup(AsyncLock(client, "loops", ttl=10), [client])
+    return Setup(AsyncCache(client, namespace="loops", breaker=False), [client])
+
+
+@pytest.fixture
+def clean(redis_server: RedisServer, masters: IndependentMasters) -> None:
+    for client in [redis_server.client(), *masters.clients()]:
+        client.flushall()
+        client.close()
+
+
+async def _before_and_touch(recipe: Recipe, s: Setup) -> None:
+    await recipe.before(s)
+    for client in s.clients:  # the application's own use opens a connection on this loop too
+        await client.ping()
+
+
+@pytest.mark.usefixtures("clean")
+@pytest.mark.parametrize(("cls", "method", "recipe"), list(_cases()))
+def test_aconnect_clients_work_on_every_new_loop(
+    cls: type, method: str, recipe: Recipe, redis_server: RedisServer, masters: IndependentMasters
+) -> None:
+    """Built once, outside any loop; connections opened on loop 1; the method runs on loop 2."""
+    s = _build(cls, aconnect, redis_server, masters)
+    asyncio.run(_before_and_touch(recipe, s))
+    got = asyncio.run(recipe.call(s))
+    assert recipe.check(got), got
+    asyncio.run(_nothing(s))
+
+
+@pytest.mark.usefixtures("clean")
+@pytest.mark.parametrize(("cls", "method", "recipe"), list(_cases()))
+def test_user_clients_raise_event_loop_mismatch(
+    cls: type, method: str, recipe: Recipe, redis_server: RedisServer, masters: IndependentMasters
+) -> None:
+    """A user's client with loop 1's connections: loop 2 gets the typed error naming the fix."""
+    s = _build(cls, redis.asyncio.Redis.from_url, redis_server, masters)
+    asyncio.run(_before_and_touch(recipe, s))
+    if not recipe.io:
+        asyncio.run(recipe.call(s))
+        return
+    with pytest.raises(EventLoopMismatch) as info:
+        asyncio.run(recipe.call(s))
+    text = str(info.value)
+    assert "has been closed" in text
+    assert "distkit.aconnect()" in text
+    assert "aclose()" in text
+
+
+@pytest.mark.usefixtures("clean")
+@pytest.mark.parametrize("cls", list(RECIPES), ids=lambda c: c.__name__)
+def test_user_clients_closed_at_loop_end_move_to_the_next_loop(
+    cls: type, redis_server: RedisServer, masters: IndependentMasters
+) -> None:
+    """No false alarm: a client closed with ``aclose()`` before its loop ended holds nothing."""
+    s = _build(cls, redis.asyncio.Redis.from_url, redis_server, masters)
+    recipe = RECIPES[cls]["get" if cls is AsyncCache else "acquire"]
+
+    async def use_and_close(s: Setup) -> Any:
+        await recipe.before(s)
+        got = await recipe.call(s)
+        if cls is not AsyncCache:
+            await s.obj.release()
+        for client in s.clients:
+            await client.aclose()
+        return got
+
+    for _ in range(3):
+        assert recipe.check(asyncio.run(use_and_close(s)))
+
+
+def test_a_cache_does_not_fail_open_on_a_loop_mismatch(redis_server: RedisServer) -> None:
+    """``get`` is fail-open for outages, not for a client that cannot work on this loop."""
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    cache = AsyncCache(client, namespace="loops-open")
+    asyncio.run(cache.set("k", 1))
+    for call in (lambda: cache.get("k", "default"), lambda: cache.get_or_set("k", _loader)):
+        with pytest.raises(EventLoopMismatch):
+            asyncio.run(call())  # type: ignore[arg-type]
+
+
+def test_a_loop_still_running_elsewhere_is_named(redis_server: RedisServer) -> None:
+    """Two live loops (threads) sharing a user's client: the message says which case it is."""
+    client = redis.asyncio.Redis.from_url(redis_server.url)
+    lock = AsyncLock(client, "loops-live", ttl=5)
+    first = asyncio.new_event_loop()
+    try:
+        assert first.run_until_complete(lock.acquire())
+        first.run_until_complete(lock.release())
+        with pytest.raises(EventLoopMismatch, match="is another loop"):
+            asyncio.run(lock.acquire())
+    finally:
+        first.run_until_complete(client.aclose())
+        first.close()
+
+
+def test_twins_of_finished_loops_are_dropped(redis_server: RedisServer) -> None:
+    """One twin per live loop: twenty ``asyncio.run()`` calls do not keep twenty clients."""
+    client = aconnect(redis_server.url)
+    lock = AsyncLock(client, "loops-twins", ttl=5)
+
+    async def cycle() -> None:
+        async with lock:
+            pass
+
+    for _ in range(20):
+        asyncio.run(cycle())
+    assert len(_TWINS[client]) == 1
+    gc.collect()
+
+
+def test_near_cache_keeps_invalidating_across_loops(redis_server: RedisServer) -> None:
+    """The near cache's listener is a thread of its own: a write seen on loop 3 evicts L1."""
+    client = aconnect(redis_server.url)
+    other = redis.Redis.from_url(redis_server.url)
+    cache = AsyncCache(client, namespace="loops-near", near_cache=NearCache())
+    writer = AsyncCache(aconnect(redis_server.url), namespace="loops-near")
+    try:
+        asyncio.run(cache.set("k", 1))
+        assert asyncio.run(cache.get("k")) == 1
+        assert asyncio.run(cache.get("k")) == 1  # an L1 hit on another loop
+
+        async def write_then_read() -> Any:
+            await writer.set("k", 2)
+            for _ in range(200):
+                got = await cache.get("k")
+                if got == 2:
+                    return got
+                await asyncio.sleep(0.01)
+            return got
+
+        assert asyncio.run(write_then_read()) == 2
+    finally:
+        asyncio.run(cache.aclose())
+        other.close()
+
+
+def test_cluster_aconnect_clients_work_on_every_new_loop(cluster: RedisCluster) -> None:
+    """Cluster clients from ``aconnect()`` get a twin per loop as well."""
+    client = aconnect(cluster.config())
+    lock = AsyncLock(client, "loops-cluster", ttl=5)
+    cache = AsyncCache(client, namespace="loops-cluster")
+
+    async def use(i: int) -> Any:
+        async with lock:
+            await cache.set(f"k{i}", i)
+        return await cache.get(f"k{i}")
+
+    assert [asyncio.run(use(i)) for i in range(3)] == [0, 1, 2]
+
+
+def test_cluster_user_clients_raise_event_loop_mismatch(cluster: RedisCluster) -> None:
+    """A user's ``RedisCluster`` with another loop's connections: the typed error."""
+    nodes = [redis.asyncio.cluster.ClusterNode(h, p) for h, p in cluster.startup_nodes]
+    client = redis.asyncio.RedisCluster(startup_nodes=nodes)
+    lock = AsyncLock(client, "loops-cluster-user", ttl=5)
+
+    async def cycle() -> None:
+        async with lock:
+            pass
+
+    asyncio.run(cycle())
+    with pytest.raises(EventLoopMismatch):
+        asyncio.run(cycle())
