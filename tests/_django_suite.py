@@ -39,10 +39,9 @@ def main(tests_dir: str, url: str, which: str, out: str) -> int:
         TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates"}],
     )
     django.setup()
+    import cache.tests as dj  # the sdist's module (tests_dir is on sys.path)
     from django.test import TestCase, override_settings
     from django.test.runner import DiscoverRunner
-
-    import cache.tests as dj  # the sdist's module (tests_dir is on sys.path)
 
     if which == "distcache":
 
