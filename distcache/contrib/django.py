@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import pickle
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -170,9 +169,10 @@ def _shared(location: Any, options: Mapping[str, Any]) -> _Shared:
 
 
 def _unpickled(exc: SerializationError) -> BaseException:
-    """Django's callers expect the pickle module's own error for an unpicklable value."""
+    """Django's callers expect the serializer's own error (``pickle.PickleError``...) for a
+    value it cannot encode; a too large value stays a ``SerializationError``."""
     cause = exc.__cause__
-    return cause if isinstance(cause, pickle.PickleError) else exc
+    return cause if isinstance(cause, Exception) else exc
 
 
 class DistCache(BaseCache):  # type: ignore[misc]
