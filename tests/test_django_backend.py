@@ -247,3 +247,18 @@ def test_location_forms() -> None:
         None, {"mode": "sentinel", "sentinels": ["s1:26379"], "sentinel_service": "mymaster"}
     )
     assert isinstance(sentinel, RedisConfig) and sentinel.mode == "sentinel"
+
+
+def test_a_location_list_is_a_redis_cluster(cluster: Any) -> None:
+    nodes = [f"{host}:{port}" for host, port in cluster.startup_nodes]
+    cache = DistCache(nodes, {"OPTIONS": {"namespace": f"djc{next(_count)}"}})
+    assert cache.cache.shards == 16  # entries spread over the Cluster's slots
+    keys = [f"k{i}" for i in range(20)]
+    assert cache.set_many(dict.fromkeys(keys, 1)) == []
+    assert cache.get_many(keys) == dict.fromkeys(keys, 1)
+    assert cache.add("k0", 2) is False
+    assert cache.incr("k1", 4) == 5
+    cache.delete_many(keys[:10])
+    assert cache.get_many(keys) == {**dict.fromkeys(keys[10:], 1)}
+    cache.clear()
+    assert cache.get_many(keys) == {}
