@@ -10,18 +10,20 @@ read-through fill that read the key before it is refused (C1)::
     B:                     add(k, v): read -> empty; WRITE(baseline empty) -> mark m1
     WRITE(A, mark m0): the mark is m1 -> refused; B's value stays
 
-A refused write (another writer got in between) is retried after a fresh read; a write whose
+A refused write (another writer got in between) is retried after a fresh read (and a short
+random pause that grows with each lost round); a write whose
 reply was lost and that the driver retried is recognised by its own write mark.
 """
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Iterable
 from typing import Any
 
 from distkit import CacheError
-from distkit._protocol import Command, Eval, Protocol
+from distkit._protocol import Command, Eval, Protocol, Sleep
 
 from ._core import CacheCore, Entry, _baseline, _metadata, _ms
 from ._scripts import DELETE_MANY, WRITE
@@ -29,7 +31,13 @@ from ._scripts import DELETE_MANY, WRITE
 __all__ = ["ATTEMPTS", "add", "delete_many", "incr", "touch", "ttl_of"]
 
 # Compare-and-set rounds before giving up: each lost round means another writer's write landed.
-ATTEMPTS = 16
+ATTEMPTS = 32
+
+
+def _backoff(attempt: int) -> Protocol[None]:
+    """After a lost round: a short random pause, growing, so contenders stop colliding."""
+    if attempt:
+        yield Sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
 
 
 def _live(core: CacheCore, found: Any) -> Entry | None:
@@ -80,7 +88,8 @@ def add(
 ) -> Protocol[bool]:
     """Store ``payload`` under ``rkey`` unless a live entry is there; ``True`` if stored."""
     flags = core.serializer.id + b"v"
-    for _ in range(ATTEMPTS):
+    for attempt in range(ATTEMPTS):
+        yield from _backoff(attempt)
         found = yield from core.read_entry(rkey, type_, quiet=True)
         if _live(core, found) is not None:
             return False
@@ -96,7 +105,8 @@ def incr(core: CacheCore, rkey: str, delta: int, type_: Any) -> Protocol[int]:
     Raises ``KeyError`` if no live entry is there, ``TypeError`` if it is not an int.
     """
     key = core.logical_key(rkey)
-    for _ in range(ATTEMPTS):
+    for attempt in range(ATTEMPTS):
+        yield from _backoff(attempt)
         found = _live(core, (yield from core.read_entry(rkey, type_, quiet=True)))
         if found is None:
             raise KeyError(key)
@@ -114,7 +124,8 @@ def incr(core: CacheCore, rkey: str, delta: int, type_: Any) -> Protocol[int]:
 
 def touch(core: CacheCore, rkey: str, ttl_ms: int, type_: Any) -> Protocol[bool]:
     """Give the live entry under ``rkey`` a new time to live; ``False`` if there is none."""
-    for _ in range(ATTEMPTS):
+    for attempt in range(ATTEMPTS):
+        yield from _backoff(attempt)
         found = _live(core, (yield from core.read_entry(rkey, type_, quiet=True)))
         if found is None:
             return False

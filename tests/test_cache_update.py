@@ -162,15 +162,21 @@ def test_concurrent_increments_are_never_lost(twin: Twin, redis_server: RedisSer
     if twin.kind == "sync":
         caches = [Cache(redis_server.client(), namespace=NS) for _ in range(4)]
 
+        errors: list[BaseException] = []
+
         def run(c: Cache) -> None:
-            for _ in range(25):
-                c.incr("n")
+            try:
+                for _ in range(25):
+                    c.incr("n")
+            except BaseException as exc:  # a thread's error must fail the test, not vanish
+                errors.append(exc)
 
         threads = [threading.Thread(target=run, args=(c,)) for c in caches]
         for t in threads:
             t.start()
         for t in threads:
             t.join(30)
+        assert not errors
     else:
         assert twin.loop is not None
         handles = [AsyncCache(twin.new_client(), namespace=NS) for _ in range(4)]
