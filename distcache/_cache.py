@@ -19,6 +19,7 @@ from distkit import ConfigError, RetryConfig, RetryPolicy
 from distkit._config import seconds
 from distkit._protocol import AsyncDriver, SyncDriver, monotonic
 
+from . import _update
 from ._breaker import CircuitBreaker
 from ._core import (
     DEFAULT_MAX_VALUE_SIZE,
@@ -31,6 +32,7 @@ from ._core import (
     Miss,
     Seconds,
     TagArgs,
+    _ms,
     check_client,
     retry_policy,
     shard_count,
@@ -52,6 +54,13 @@ _D = TypeVar("_D")
 # (unannotated: ``Cache[Any]``). The decoding type at run time is ``value_type=``.
 _V = DefaultTypeVar("_V", default=Any)
 _C = TypeVar("_C", bound="SyncClient | AsyncClient")
+
+
+def _delta(delta: object) -> int:
+    """``incr``'s ``delta``: an int (``ConfigError`` otherwise: a bool or float is a bug)."""
+    if type(delta) is not int:
+        raise ConfigError(f"delta must be an int, got {delta!r:.80}")
+    return delta
 
 
 class _CacheBase(Generic[_C, _V]):
@@ -502,6 +511,100 @@ class Cache(_CacheBase["SyncClient", _V]):
         core.succeeded()
         return out
 
+    # -- conditional updates (``_update.py``): every write refuses the fills that read before --
+    def _apply(self, protocol: Any, rkeys: list[str], *, fail_open: bool, failed: Any) -> Any:
+        """Run an update protocol; Redis failures return ``failed`` (``fail_open``) or raise."""
+        core = self._core
+        if fail_open and not core.allow():
+            protocol.close()
+            self._forget(rkeys)
+            return failed
+        try:
+            out = self._driver.run(protocol)
+        except FAILURES as exc:
+            core.failed(exc, fail_open=fail_open)
+            return failed
+        finally:
+            self._forget(rkeys)
+        core.succeeded()
+        return out
+
+    def add(
+        self, key: str, value: _V, *, ttl: Seconds | None = None, tags: Iterable[str] = ()
+    ) -> bool:
+        """Store ``value`` under ``key`` only if no live entry is there; ``True`` if stored.
+
+        Like ``set``, a stored value refuses the read-through fills that read the key before.
+        Returns ``False`` if Redis could not be reached (``strict``: raises instead).
+
+        Raises:
+            ConfigError: invalid key, ttl or tag.
+            SerializationError: ``value`` cannot be encoded, or exceeds ``max_value_size``.
+        """
+        core = self._core
+        p = core.prepare([(key, value)], ttl, tags, core.value_type)
+        protocol = _update.add(
+            core, p.keys[0], p.entries[0][1], p.ttl_ms, p.tag_names, core.value_type
+        )
+        return bool(self._apply(protocol, p.keys, fail_open=True, failed=False))
+
+    def incr(self, key: str, delta: int = 1) -> int:
+        """Add ``delta`` to the int stored under ``key`` (expiry and tags kept); the new value.
+
+        Raises:
+            KeyError: no live entry under ``key``.
+            TypeError: the value is not an int.
+            ConfigError: ``key`` is not a valid key.
+            ConnectionUnavailable: Redis could not be reached (a count never fails open).
+        """
+        core = self._core
+        rkey = core.entry_key(key)
+        protocol = _update.incr(core, rkey, _delta(delta), core.value_type)
+        return int(self._apply(protocol, [rkey], fail_open=False, failed=None))
+
+    def decr(self, key: str, delta: int = 1) -> int:
+        """``incr(key, -delta)``."""
+        return self.incr(key, -_delta(delta))
+
+    def touch(self, key: str, ttl: Seconds | None = None) -> bool:
+        """Give the live entry under ``key`` a new ``ttl`` (default: the cache's), from now;
+        ``False`` if there is none or Redis could not be reached (``strict``: raises).
+
+        Raises:
+            ConfigError: invalid key or ttl.
+        """
+        core = self._core
+        rkey = core.entry_key(key)
+        protocol = _update.touch(core, rkey, _ms(core.ttl_for(ttl)), core.value_type)
+        return bool(self._apply(protocol, [rkey], fail_open=True, failed=False))
+
+    def ttl_of(self, key: str) -> float | None:
+        """Seconds left before the entry under ``key`` expires; ``None`` if none is live (or
+        Redis could not be reached).
+
+        Raises:
+            ConfigError: ``key`` is not a valid key.
+        """
+        core = self._core
+        rkey = core.entry_key(key)
+        protocol = _update.ttl_of(core, rkey, core.value_type)
+        out: float | None = self._apply(protocol, [], fail_open=True, failed=None)
+        return out
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove every key in ``keys`` as ``delete`` does (one script per shard); how many
+        were cached.
+
+        Raises:
+            ConfigError: a key is not valid.
+            ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
+        """
+        core = self._core
+        rkeys = [core.entry_key(k) for k in keys]
+        if not rkeys:
+            return 0
+        return int(self._apply(_update.delete_many(core, rkeys), rkeys, fail_open=False, failed=0))
+
 
 class AsyncCache(_CacheBase["AsyncClient", _V]):
     """The asyncio twin of ``Cache`` (same arguments; takes a ``redis.asyncio`` client)."""
@@ -745,3 +848,99 @@ class AsyncCache(_CacheBase["AsyncClient", _V]):
             raise  # pragma: no cover - failed() raises when fail_open is false
         core.succeeded()
         return out
+
+    # -- conditional updates (``_update.py``): every write refuses the fills that read before --
+    async def _apply(self, protocol: Any, rkeys: list[str], *, fail_open: bool, failed: Any) -> Any:
+        """Run an update protocol; Redis failures return ``failed`` (``fail_open``) or raise."""
+        core = self._core
+        if fail_open and not core.allow():
+            protocol.close()
+            self._forget(rkeys)
+            return failed
+        try:
+            out = await self._driver.run(protocol)
+        except FAILURES as exc:
+            core.failed(exc, fail_open=fail_open)
+            return failed
+        finally:
+            self._forget(rkeys)
+        core.succeeded()
+        return out
+
+    async def add(
+        self, key: str, value: _V, *, ttl: Seconds | None = None, tags: Iterable[str] = ()
+    ) -> bool:
+        """Store ``value`` under ``key`` only if no live entry is there; ``True`` if stored.
+
+        Like ``set``, a stored value refuses the read-through fills that read the key before.
+        Returns ``False`` if Redis could not be reached (``strict``: raises instead).
+
+        Raises:
+            ConfigError: invalid key, ttl or tag.
+            SerializationError: ``value`` cannot be encoded, or exceeds ``max_value_size``.
+        """
+        core = self._core
+        p = core.prepare([(key, value)], ttl, tags, core.value_type)
+        protocol = _update.add(
+            core, p.keys[0], p.entries[0][1], p.ttl_ms, p.tag_names, core.value_type
+        )
+        return bool(await self._apply(protocol, p.keys, fail_open=True, failed=False))
+
+    async def incr(self, key: str, delta: int = 1) -> int:
+        """Add ``delta`` to the int stored under ``key`` (expiry and tags kept); the new value.
+
+        Raises:
+            KeyError: no live entry under ``key``.
+            TypeError: the value is not an int.
+            ConfigError: ``key`` is not a valid key.
+            ConnectionUnavailable: Redis could not be reached (a count never fails open).
+        """
+        core = self._core
+        rkey = core.entry_key(key)
+        protocol = _update.incr(core, rkey, _delta(delta), core.value_type)
+        return int(await self._apply(protocol, [rkey], fail_open=False, failed=None))
+
+    async def decr(self, key: str, delta: int = 1) -> int:
+        """``incr(key, -delta)``."""
+        return await self.incr(key, -_delta(delta))
+
+    async def touch(self, key: str, ttl: Seconds | None = None) -> bool:
+        """Give the live entry under ``key`` a new ``ttl`` (default: the cache's), from now;
+        ``False`` if there is none or Redis could not be reached (``strict``: raises).
+
+        Raises:
+            ConfigError: invalid key or ttl.
+        """
+        core = self._core
+        rkey = core.entry_key(key)
+        protocol = _update.touch(core, rkey, _ms(core.ttl_for(ttl)), core.value_type)
+        return bool(await self._apply(protocol, [rkey], fail_open=True, failed=False))
+
+    async def ttl_of(self, key: str) -> float | None:
+        """Seconds left before the entry under ``key`` expires; ``None`` if none is live (or
+        Redis could not be reached).
+
+        Raises:
+            ConfigError: ``key`` is not a valid key.
+        """
+        core = self._core
+        rkey = core.entry_key(key)
+        protocol = _update.ttl_of(core, rkey, core.value_type)
+        out: float | None = await self._apply(protocol, [], fail_open=True, failed=None)
+        return out
+
+    async def delete_many(self, keys: Iterable[str]) -> int:
+        """Remove every key in ``keys`` as ``delete`` does (one script per shard); how many
+        were cached.
+
+        Raises:
+            ConfigError: a key is not valid.
+            ConnectionUnavailable: Redis could not be reached (invalidations never fail open).
+        """
+        core = self._core
+        rkeys = [core.entry_key(k) for k in keys]
+        if not rkeys:
+            return 0
+        return int(
+            await self._apply(_update.delete_many(core, rkeys), rkeys, fail_open=False, failed=0)
+        )

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 from distkit import Script
 
-__all__ = ["BUMP", "DELETE", "LOOK", "NOW", "REVALIDATE", "WRITE"]
+__all__ = ["BUMP", "DELETE", "DELETE_MANY", "LOOK", "NOW", "REVALIDATE", "WRITE"]
 
 _HELPERS = """
 local function pad(n) return string.format('%016.0f', n) end
@@ -281,5 +281,24 @@ NOW = Script(
     """
 local t = redis.call('TIME')
 return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+""",
+)
+
+# KEYS: per key: the entry and its write mark (pairs, all on one slot)
+# ARGV: ttl_ms (tombstone life: the fill timeout), mark_ms, then per key: tombstone, mark
+# Returns how many keys held an entry (valid or not); each key now holds a tombstone and a new
+# write mark, exactly as DELETE leaves one key.
+DELETE_MANY = Script(
+    "distcache.delete_many",
+    """
+local n = 0
+for j = 1, #KEYS / 2 do
+  local key, mkey = KEYS[2 * j - 1], KEYS[2 * j]
+  local old = redis.call('GET', key)
+  redis.call('SET', key, ARGV[1 + 2 * j], 'PX', ARGV[1])
+  redis.call('SET', mkey, ARGV[2 + 2 * j], 'PX', ARGV[2])
+  if old and string.sub(old, 1, 4) == 'dc1:' then n = n + 1 end
+end
+return n
 """,
 )

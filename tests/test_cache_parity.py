@@ -25,6 +25,12 @@ IO_METHODS = {
     "invalidate_tags",
     "clear",
     "drain",
+    "add",
+    "incr",
+    "decr",
+    "touch",
+    "ttl_of",
+    "delete_many",
 }
 
 

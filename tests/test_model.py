@@ -290,6 +290,84 @@ class CacheMachine(RuleBasedStateMachine):
         self.caches[handle].clear()
         self.model.bump(["ns"])
 
+    # -- conditional updates (distcache/_update.py): each write refuses older fills -----------
+    @rule(
+        handle=st.sampled_from(HANDLES),
+        key=st.sampled_from(KEYS),
+        value=VALUES,
+        tags=st.frozensets(st.sampled_from(TAGS), max_size=2),
+        ttl=st.integers(1, 5),
+    )
+    def add(self, handle: str, key: str, value: Any, tags: frozenset[str], ttl: int) -> None:
+        self.settle()
+        stored = self.caches[handle].add(key, value, ttl=ttl * TTL_SCALE, tags=sorted(tags))
+        want = self.model.read(key) == MISSING
+        assert stored is want, f"add({key!r}) = {stored}, model has {self.model.read(key)!r}"
+        self._touch(key if stored else None)
+        if stored:
+            self.model.write(key, value, tags, ttl)
+
+    @rule(handle=st.sampled_from(HANDLES), key=st.sampled_from(KEYS), delta=st.integers(-3, 3))
+    def incr(self, handle: str, key: str, delta: int) -> None:
+        self.settle()
+        want = self.model.read(key)
+        if want == MISSING:
+            with pytest.raises(KeyError):
+                self.caches[handle].incr(key, delta)
+            self._touch()
+            return
+        if type(want) is not int:
+            with pytest.raises(TypeError):
+                self.caches[handle].incr(key, delta)
+            self._touch()
+            return
+        self._touch(key)
+        assert self.caches[handle].incr(key, delta) == want + delta
+        entry = self.model.entries[key]  # the expiry and the tags stay
+        self.model.write(key, want + delta, entry.tags, entry.deadline - self.model.now)
+
+    @rule(handle=st.sampled_from(HANDLES), key=st.sampled_from(KEYS), ttl=st.integers(1, 5))
+    def touch(self, handle: str, key: str, ttl: int) -> None:
+        self.settle()
+        want = self.model.read(key)
+        done = self.caches[handle].touch(key, ttl * TTL_SCALE)
+        assert done is (want != MISSING)
+        self._touch(key if done else None)
+        if done:
+            self.model.write(key, want, self.model.entries[key].tags, ttl)
+
+    @rule(handle=st.sampled_from(HANDLES), keys=st.lists(st.sampled_from(KEYS), max_size=3))
+    def delete_many(self, handle: str, keys: list[str]) -> None:
+        for key in keys:
+            self._touch(key)
+        count = self.caches[handle].delete_many(keys)
+        assert count == sum(k in self.model.entries for k in dict.fromkeys(keys))
+        for key in keys:
+            self.model.entries.pop(key, None)
+
+    @precondition(lambda self: bool(self.pending))
+    @rule(
+        handle=st.sampled_from(HANDLES),
+        which=st.integers(0, 2),
+        op=st.sampled_from(["add", "incr", "touch", "delete_many"]),
+        value=st.integers(-5, 5),
+        evict=st.booleans(),
+    )
+    def update_pending_key(self, handle: str, which: int, op: str, value: int, evict: bool) -> None:
+        """An update of a key whose fill is loading, its entry then maybe evicted: only the
+        write mark the update left can still refuse that fill."""
+        key = self.pending[which % len(self.pending)].key
+        if op == "add":
+            self.add(handle, key, value, frozenset(), 5)
+        elif op == "incr":
+            self.incr(handle, key, value)
+        elif op == "touch":
+            self.touch(handle, key, 5)
+        else:
+            self.delete_many(handle, [key])
+        if evict:
+            self.evict_entry(key)
+
     # -- time and the server's own behaviour -------------------------------------------------
     @rule(seconds=st.integers(1, 4))
     def advance(self, seconds: int) -> None:
