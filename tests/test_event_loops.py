@@ -111,6 +111,16 @@ CACHE_RECIPES: dict[str, Recipe] = {
     "delete": Recipe(lambda s: s.obj.delete("k"), before=_set, check=lambda got: got is True),
     "invalidate_tags": Recipe(lambda s: s.obj.invalidate_tags("t"), before=_set),
     "clear": Recipe(lambda s: s.obj.clear(), before=_set),
+    "add": Recipe(lambda s: s.obj.add("new", 3), before=_set, check=lambda got: got is True),
+    "incr": Recipe(lambda s: s.obj.incr("k", 2), before=_set, check=lambda got: got == 3),
+    "decr": Recipe(lambda s: s.obj.decr("k"), before=_set, check=lambda got: got == 0),
+    "touch": Recipe(lambda s: s.obj.touch("k", 60), before=_set, check=lambda got: got is True),
+    "ttl_of": Recipe(
+        lambda s: s.obj.ttl_of("k"), before=_set, check=lambda got: got is not None and got > 0
+    ),
+    "delete_many": Recipe(
+        lambda s: s.obj.delete_many(["k", "absent"]), before=_set, check=lambda got: got == 1
+    ),
     "drain": Recipe(lambda s: s.obj.drain(1.0), before=_set, io=False),
     "aclose": Recipe(lambda s: s.obj.aclose(), before=_set, io=False),
 }
