@@ -43,7 +43,7 @@ from distkit._errors import redact
 from distkit._protocol import Command, Eval, Protocol
 from distlock import AsyncLock, Lock
 
-from ._core import FAILED, FAILURES, CacheCore, Clock, Entry, Miss, TagArgs
+from ._core import FAILED, FAILURES, GUARD_FLOOR_MS, CacheCore, Clock, Entry, Miss, TagArgs
 from ._metrics import CacheEvent
 from ._near import ABSENT
 from ._scripts import NOW
@@ -65,6 +65,9 @@ _MAX_ERROR_TEXT = 300  # characters of a failed load's note
 _NOTE_MARGIN_MS = 5.0  # clock estimates of two processes differ by their errors, plus this
 _IDLE = 5.0  # seconds the sync fill-lock renewer waits for work before its thread exits
 _DEFAULT_SOCKET_TIMEOUT = 5.0  # distkit's RedisConfig default, for clients that set none
+# A flight is joined only while every write mark set since it started still lives (a mark lives
+# at least twice GUARD_FLOOR_MS, whichever handle wrote it).
+_JOIN_MAX_AGE = 2 * GUARD_FLOOR_MS / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,22 +165,29 @@ RELEASE = _Marker("RELEASE")
 class _Join:
     """Join the key's in-process flight: ``LEADER``, the leader's ``_Outcome``, or ``TIMED_OUT``.
 
-    ``seen`` is what this caller's read found (the entry's baseline and the epoch). Only a flight
-    whose leader read the same joins: otherwise an invalidation landed between the two reads, and
-    the flight's loader may have read the source before it (a timeline)::
+    ``seen`` is what this caller's read found (the entry's baseline, the epoch and the write
+    mark). Only a flight whose leader read the same joins: otherwise a write or an invalidation
+    landed between the two reads, and the flight's loader may have read the source before it (a
+    timeline)::
 
         t1: MGET miss (epoch 7) -> leader -> loader reads the old row ............ value v1
         t2:                          invalidate_tags(...) returns (epoch 8)
         t3:                                              MGET miss (epoch 8) -> join? no: leads
 
     Had t3 joined, it would return v1 although its call began after the invalidation returned.
+    The write mark covers a ``set()`` whose entry is gone again by t3 (expired, evicted, or
+    revalidated away): the key reads empty as at t1, but the mark differs. A mark outlives
+    ``_JOIN_MAX_AGE``; an older flight is never joined.
     """
 
     __slots__ = ("seen", "wait")
 
-    def __init__(self, wait: float, seen: tuple[str, bytes | None] | None) -> None:
+    def __init__(self, wait: float, seen: Seen) -> None:
         self.wait = wait
         self.seen = seen
+
+
+Seen = tuple[str, bytes | None, bytes | None] | None  # a read: baseline, epoch, write mark
 
 
 class _Acquire:
@@ -602,7 +612,9 @@ class ReadThrough:
         if policy is None:
             return (yield from self._load(call, miss, stale, started))
         wait = float(policy.wait)  # type: ignore[arg-type]
-        joined = yield _Join(wait, None if miss is None else (miss.baseline, miss.epoch))
+        joined = yield _Join(
+            wait, None if miss is None else (miss.baseline, miss.epoch, miss.mark)
+        )
         if joined is not LEADER:
             if joined.__class__ is _Outcome:
                 core.emit(CacheEvent.COALESCED)
@@ -789,12 +801,13 @@ class _Renewer:
 
 
 class _SyncFlight:
-    __slots__ = ("done", "outcome", "seen")
+    __slots__ = ("done", "outcome", "seen", "started")
 
-    def __init__(self, seen: tuple[str, bytes | None] | None) -> None:
+    def __init__(self, seen: Seen, started: float) -> None:
         self.done = threading.Event()
         self.outcome: _Outcome | None = None
         self.seen = seen
+        self.started = started
 
 
 class _RunState:
@@ -1018,8 +1031,13 @@ class SyncFlow:
         if cls is _Join:
             with self._guard:
                 flight = self._flights.get(call.rkey)
-                if flight is None or flight.seen != step.seen:
-                    state.flight = self._flights[call.rkey] = _SyncFlight(step.seen)
+                now = core.clock()
+                if (
+                    flight is None
+                    or flight.seen != step.seen
+                    or now - flight.started >= _JOIN_MAX_AGE
+                ):
+                    state.flight = self._flights[call.rkey] = _SyncFlight(step.seen, now)
                     return LEADER
             if flight.done.wait(step.wait) and flight.outcome is not None:
                 return flight.outcome
@@ -1155,7 +1173,7 @@ class AsyncFlow:
         self.policy = policy
         self.core = policy.core
         self._flights: dict[str, asyncio.Future[_Outcome | None]] = {}
-        self._seen: dict[str, tuple[str, bytes | None] | None] = {}  # by flight: its leader's read
+        self._seen: dict[str, tuple[Seen, float]] = {}  # by flight: its leader's read, start
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._releases: set[asyncio.Task[Any]] = set()  # fill-lock work left behind by a deadline
@@ -1295,13 +1313,16 @@ class AsyncFlow:
         cls = step.__class__
         if cls is _Join:
             flight = self._flights.get(call.rkey)
+            now = core.clock()
+            seen, started = self._seen.get(call.rkey, (None, -math.inf))
             if (
                 flight is None
                 or flight.get_loop() is not asyncio.get_running_loop()
-                or self._seen.get(call.rkey) != step.seen
+                or seen != step.seen
+                or now - started >= _JOIN_MAX_AGE
             ):
                 state.flight = self._flights[call.rkey] = asyncio.get_running_loop().create_future()
-                self._seen[call.rkey] = step.seen
+                self._seen[call.rkey] = (step.seen, now)
                 return LEADER
             try:
                 outcome = await asyncio.wait_for(asyncio.shield(flight), step.wait)
