@@ -31,6 +31,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ Random = Callable[[], float]
 _RESYNC = 60.0  # seconds between two measurements of the server clock's offset
 _FAR = 40.0  # XFetch: farther than 40 δβ from expiry, P(refresh) < 5e-18; skip the draw
 _STALE_STORE = 1024  # last values kept in memory for stale_if_error while Redis is down
+_DROPS_KEPT = 4096  # per namespace: recent key invalidations a stale copy is checked against
 _MAX_ERROR_TEXT = 300  # characters of a failed load's note
 _NOTE_MARGIN_MS = 5.0  # clock estimates of two processes differ by their errors, plus this
 _IDLE = 5.0  # seconds the sync fill-lock renewer waits for work before its thread exits
@@ -253,7 +255,17 @@ Flow = Generator[Step, Any, Any]
 class Call:
     """One read-through call: the key, the loader and its arguments, the fill's options."""
 
-    __slots__ = ("args", "kwargs", "loader", "negative_ttl", "rkey", "tags", "ttl", "type_")
+    __slots__ = (
+        "args",
+        "kwargs",
+        "loader",
+        "negative_ttl",
+        "rkey",
+        "since",
+        "tags",
+        "ttl",
+        "type_",
+    )
 
     def __init__(
         self,
@@ -274,6 +286,7 @@ class Call:
         self.negative_ttl = negative_ttl
         self.tags = tags
         self.type_ = type_
+        self.since = 0  # this process's invalidation count before the call's first read
 
 
 _Kept = tuple[Any, float, tuple[str, ...], bytes | None]  # value, expiry, tags, entry bytes
@@ -289,30 +302,88 @@ def _entry_tags(raw: bytes) -> set[str] | None:
     return {t.split("=", 1)[0] for t in text.split(",") if t}
 
 
+class _Forgotten:
+    """This process's invalidations of one namespace, shared by all its handles' stale stores.
+
+    Every invalidation moves ``seq``; a copy is kept only if no invalidation that could concern
+    it happened since its call began (``since``): a key's own drop, or any tag invalidation or
+    clear (``wide``, coarse: a copy not kept only costs a load while Redis is down).
+    """
+
+    __slots__ = ("floor", "guard", "keys", "seq", "stores", "wide")
+
+    def __init__(self) -> None:
+        self.guard = threading.Lock()
+        self.seq = 0
+        self.wide = 0  # the last tag invalidation or clear
+        self.keys: OrderedDict[str, int] = OrderedDict()  # recent key drops (LRU)
+        self.floor = 0  # the latest drop no longer in ``keys``
+        self.stores: weakref.WeakSet[_StaleStore] = weakref.WeakSet()
+
+    def dropped_since(self, rkey: str, since: int) -> bool:
+        """Whether ``rkey`` may have been invalidated after ``since`` (call under ``guard``)."""
+        return self.wide > since or self.keys.get(rkey, self.floor) > since
+
+    def note(self, rkeys: Iterable[str]) -> None:
+        """Record drops of ``rkeys`` (call under ``guard``)."""
+        self.seq += 1
+        keys = self.keys
+        for rkey in rkeys:
+            keys[rkey] = self.seq
+            keys.move_to_end(rkey)
+        while len(keys) > _DROPS_KEPT:
+            self.floor = max(self.floor, keys.popitem(last=False)[1])
+
+
+_FORGOTTEN: dict[str, _Forgotten] = {}  # by namespace (its epoch key): one per process
+_FORGOTTEN_GUARD = threading.Lock()
+
+
+def _forgotten(namespace_key: str) -> _Forgotten:
+    with _FORGOTTEN_GUARD:
+        group = _FORGOTTEN.get(namespace_key)
+        if group is None:
+            group = _FORGOTTEN[namespace_key] = _Forgotten()
+        return group
+
+
 class _StaleStore:
     """The last value of recently read keys, for ``stale_if_error`` while Redis is down (LRU).
 
-    It obeys this process's invalidations: ``drop`` (set, delete, a refused fill), ``drop_tags``
-    and ``clear``; an entry's tags are those of the entry read, or the caller's for a load.
+    It obeys every invalidation of its namespace made in this process, through any handle:
+    ``drop`` (set, delete, a refused fill), ``drop_tags`` and ``clear`` reach every store of the
+    namespace, and ``put`` refuses a value whose call began before such an invalidation. An
+    entry's tags are those of the entry read, or the caller's for a load.
     """
 
-    __slots__ = ("_data", "_guard", "_size")
+    __slots__ = ("__weakref__", "_data", "_group", "_size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, namespace_key: str) -> None:
         self._data: OrderedDict[str, _Kept] = OrderedDict()
-        self._guard = threading.Lock()
         self._size = size
+        self._group = _forgotten(namespace_key)
+        with self._group.guard:
+            self._group.stores.add(self)
+
+    def sequence(self) -> int:
+        """The invalidation count now: what a call notes before its read (``put``'s ``since``)."""
+        return self._group.seq
 
     def put(
         self,
         rkey: str,
         value: Any,
         expires_ms: float,
+        since: int,
         tags: tuple[str, ...] = (),
         raw: bytes | None = None,
     ) -> None:
-        """Keep ``value`` (from entry bytes ``raw``, or a load tagged ``tags``)."""
-        with self._guard:
+        """Keep ``value`` (from entry bytes ``raw``, or a load tagged ``tags``), unless the key
+        may have been invalidated in this process after ``since``."""
+        group = self._group
+        with group.guard:
+            if group.dropped_since(rkey, since):
+                return
             self._data[rkey] = (value, expires_ms, tags, raw)
             self._data.move_to_end(rkey)
             if len(self._data) > self._size:
@@ -320,29 +391,42 @@ class _StaleStore:
 
     def get(self, rkey: str) -> tuple[Any, float] | None:
         """The kept value of ``rkey`` and its expiry (server clock, ms)."""
-        with self._guard:
+        with self._group.guard:
             kept = self._data.get(rkey)
         return None if kept is None else (kept[0], kept[1])
 
     def drop(self, rkeys: Iterable[str]) -> None:
-        """Forget ``rkeys``."""
-        with self._guard:
-            for rkey in rkeys:
-                self._data.pop(rkey, None)
+        """Forget ``rkeys`` (in every store of the namespace)."""
+        rkeys = list(rkeys)
+        group = self._group
+        with group.guard:
+            group.note(rkeys)
+            for store in group.stores:
+                for rkey in rkeys:
+                    store._data.pop(rkey, None)
 
     def drop_tags(self, names: Iterable[str]) -> None:
         """Forget every value tagged with one of ``names`` (or whose tags cannot be read)."""
         wanted = set(names)
-        with self._guard:
-            for rkey, (_, _, tags, raw) in list(self._data.items()):
-                found = _entry_tags(raw) if raw is not None else set(tags)
-                if found is None or not wanted.isdisjoint(found):
-                    del self._data[rkey]
+        group = self._group
+        with group.guard:
+            group.seq += 1
+            group.wide = group.seq
+            for store in group.stores:
+                data = store._data
+                for rkey, (_, _, tags, raw) in list(data.items()):
+                    found = _entry_tags(raw) if raw is not None else set(tags)
+                    if found is None or not wanted.isdisjoint(found):
+                        del data[rkey]
 
     def clear(self) -> None:
-        """Forget everything."""
-        with self._guard:
-            self._data.clear()
+        """Forget everything (in every store of the namespace)."""
+        group = self._group
+        with group.guard:
+            group.seq += 1
+            group.wide = group.seq
+            for store in group.stores:
+                store._data.clear()
 
 
 def _ms(value: float) -> int:
@@ -420,7 +504,7 @@ class ReadThrough:
         self.max_background = max_background
         self.random = random
         self.clock = ServerClock(clock)
-        self._store = _StaleStore(_STALE_STORE) if self.sie_ms else None
+        self._store = _StaleStore(_STALE_STORE, core.epoch_key) if self.sie_ms else None
         core.grace_ms = self.grace_ms
         core.now_ms = self.clock.now_ms
         self.deadline = miss_deadline
@@ -501,9 +585,13 @@ class ReadThrough:
             found = yield from core.settle(rkey, found, mark, type_)
         return found, _fresh_note(note, since_ms)
 
-    def _remember(self, rkey: str, value: Any, expires_ms: float, raw: bytes) -> None:
+    def sequence(self) -> int:
+        """This process's invalidation count of the namespace (a call notes it before reading)."""
+        return 0 if self._store is None else self._store.sequence()
+
+    def _remember(self, call: Call, value: Any, expires_ms: float, raw: bytes) -> None:
         if self._store is not None:
-            self._store.put(rkey, value, expires_ms, raw=raw)
+            self._store.put(call.rkey, value, expires_ms, call.since, raw=raw)
 
     def _loaded(self, call: Call, value: Any, stored: bool | None) -> None:
         """Keep a loader's result for ``stale_if_error``, unless Redis refused it as stale."""
@@ -516,7 +604,7 @@ class ReadThrough:
         if stored is False or ttl <= 0:
             store.drop((call.rkey,))
             return
-        store.put(call.rkey, value, self.clock.now_ms() + ttl * 1000, call.tags[0])
+        store.put(call.rkey, value, self.clock.now_ms() + ttl * 1000, call.since, call.tags[0])
 
     def forget(self, rkeys: Iterable[str]) -> None:
         """Drop the ``stale_if_error`` copies of ``rkeys`` (a local set, delete or fill)."""
@@ -555,7 +643,7 @@ class ReadThrough:
         return (yield _Fill(protocol))
 
     # -- protocols -----------------------------------------------------------------------------
-    def plain_hit(self, found: Entry, rkey: str) -> bool:
+    def plain_hit(self, found: Entry, call: Call) -> bool:
         """Whether ``found`` is a hit that needs no step at all (the drivers' fast path).
 
         Fresh (or no stale window to consider) and too far from its expiry for XFetch to draw:
@@ -569,7 +657,7 @@ class ReadThrough:
         if scale > 0 and found.expires_ms - now <= scale * _FAR:
             return False
         self.core.emit(CacheEvent.HIT)
-        self._remember(rkey, found.value, found.expires_ms, found.raw)
+        self._remember(call, found.value, found.expires_ms, found.raw)
         return True
 
     def run(self, call: Call, found: Any = LOOKUP, started: float | None = None) -> Flow:
@@ -589,7 +677,7 @@ class ReadThrough:
             late = now - found.expires_ms
             if late < 0 or not self.grace_ms:  # no stale window: Redis expired it if it was due
                 core.emit(CacheEvent.HIT)
-                self._remember(call.rkey, found.value, found.expires_ms, found.raw)
+                self._remember(call, found.value, found.expires_ms, found.raw)
                 if self.beta and self.early(found, now):
                     yield _Spawn(found)
                 return found.value
@@ -645,7 +733,7 @@ class ReadThrough:
                         if not self.grace_ms or self.clock.now_ms() < again.expires_ms:
                             core.emit(CacheEvent.COALESCED)  # another process loaded it
                             outcome = _Outcome(again.value, None, 0.0)
-                            self._remember(call.rkey, again.value, again.expires_ms, again.raw)
+                            self._remember(call, again.value, again.expires_ms, again.raw)
                             return again.value
                         miss = again.miss()
                     elif again is FAILED:
@@ -905,8 +993,9 @@ class SyncFlow:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
         clock = self.core.clock
         started = clock()
+        call.since = self.policy.sequence()
         found = self._read(call, False)
-        if found.__class__ is Entry and self.policy.plain_hit(found, call.rkey):
+        if found.__class__ is Entry and self.policy.plain_hit(found, call):
             return found.value
         state = _RunState(self.policy.deadline, clock() - started)
         return self._drive(self.policy.run(call, found, started), call, state)
@@ -1182,9 +1271,10 @@ class AsyncFlow:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
         clock = self.core.clock
         started = clock()
+        call.since = self.policy.sequence()
         state = _RunState(self.policy.deadline)
         found = await self._timed(state, lambda: self._read(call, False), accounted=True)
-        if found.__class__ is Entry and self.policy.plain_hit(found, call.rkey):
+        if found.__class__ is Entry and self.policy.plain_hit(found, call):
             return found.value
         return await self._drive(self.policy.run(call, found, started), call, state)
 
