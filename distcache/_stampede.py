@@ -826,7 +826,8 @@ class ReadThrough:
                     outcome.error,
                 )
                 return None
-            yield from self._fill(call, miss, outcome, started, held)
+            if (yield from self._fill(call, miss, outcome, started, held)) is False:
+                self.forget((call.rkey,))  # Redis refused it: the key changed since the read
             return None
         finally:
             if held:
@@ -1194,7 +1195,9 @@ class SyncFlow:
             stored = self._timed(state, lambda: self.cache._driver.run(step.protocol))
             if stored is FAILED:
                 stored = None
-            self.cache._forget([call.rkey])  # this process's L1 copy, if any, is older
+            near = self.cache._near
+            if near is not None:  # this process's L1 copy, if any, is older (the stale copy:
+                near.evict([call.rkey])  # _loaded replaces it, or drops it if refused)
             return stored
         if cls is _Relookup:
             if self.policy.out_of_time(state) or not core.allow():
@@ -1477,7 +1480,9 @@ class AsyncFlow:
             stored = await self._timed(state, lambda: self.cache._driver.run(step.protocol))
             if stored is FAILED:
                 stored = None
-            self.cache._forget([call.rkey])  # this process's L1 copy, if any, is older
+            near = self.cache._near
+            if near is not None:  # this process's L1 copy, if any, is older (the stale copy:
+                near.evict([call.rkey])  # _loaded replaces it, or drops it if refused)
             return stored
         if cls is _Relookup:
             if self.policy.out_of_time(state) or not core.allow():
