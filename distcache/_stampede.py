@@ -33,10 +33,12 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import redis.exceptions as rex
 
 from distkit import ConfigError, DistkitError, LoaderError
 from distkit._config import seconds
@@ -700,9 +702,7 @@ class ReadThrough:
         if policy is None:
             return (yield from self._load(call, miss, stale, started))
         wait = float(policy.wait)  # type: ignore[arg-type]
-        joined = yield _Join(
-            wait, None if miss is None else (miss.baseline, miss.epoch, miss.mark)
-        )
+        joined = yield _Join(wait, None if miss is None else (miss.baseline, miss.epoch, miss.mark))
         if joined is not LEADER:
             if joined.__class__ is _Outcome:
                 core.emit(CacheEvent.COALESCED)
@@ -931,6 +931,58 @@ def miss_deadline(value: Seconds | None, client: Any) -> float:
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (DistkitError, *FAILURES)
 
 
+class _OutOfTime(Exception):
+    """A sync read-through's deadline passed before the next round trip of a step was sent."""
+
+
+class _ReloadWithin:
+    """``script``, whose NOSCRIPT fallback (a second round trip) is sent only if time is left.
+
+    A cold script cache (restart, failover, ``SCRIPT FLUSH``) turns every script call into two
+    round trips; on a slow server the second could overrun the miss deadline by a whole trip.
+    """
+
+    __slots__ = ("_expired", "_script")
+
+    def __init__(self, script: Any, expired: Callable[[], bool]) -> None:
+        self._script = script
+        self._expired = expired
+
+    def __call__(self, client: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        script = self._script
+        try:
+            return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except rex.NoScriptError:
+            if self._expired():
+                raise _OutOfTime from None
+            return client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+
+
+def _bounded(protocol: Protocol[Any], expired: Callable[[], bool]) -> Protocol[Any]:
+    """``protocol``, stopped with ``_OutOfTime`` before any round trip once ``expired()``.
+
+    Only for protocols that leave nothing behind when stopped between two steps (the cache's
+    reads and writes; a lock's non-blocking acquire, which has one step).
+    """
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = protocol.throw(error) if error is not None else protocol.send(send)
+        except StopIteration as stop:
+            return stop.value
+        if expired():
+            protocol.close()
+            raise _OutOfTime
+        if type(step) is Eval:
+            step = step._replace(script=cast(Any, _ReloadWithin(step.script, expired)))
+        error = None
+        try:
+            send = yield step
+        except BaseException as exc:
+            send, error = None, exc
+
+
 def _fresh_note(raw: Any, since_ms: float) -> str | None:
     """The text of a failure note written after ``since_ms`` (server clock), else ``None``."""
     if not isinstance(raw, bytes):
@@ -995,10 +1047,11 @@ class SyncFlow:
         clock = self.core.clock
         started = clock()
         call.since = self.policy.sequence()
-        found = self._read(call, False)
+        state = _RunState(self.policy.deadline)
+        found = self._read(call, False, state, started)
         if found.__class__ is Entry and self.policy.plain_hit(found, call):
             return found.value
-        state = _RunState(self.policy.deadline, clock() - started)
+        state.spent = max(state.spent, clock() - started)
         return self._drive(self.policy.run(call, found, started), call, state)
 
     def drain(self, timeout: float | None) -> bool:
@@ -1031,21 +1084,22 @@ class SyncFlow:
             except BaseException as exc:
                 error = exc
 
-    def _read(self, call: Call, quiet: bool) -> Any:
-        """LOOKUP through the near cache, if any (the look under the fill lock asks Redis)."""
+    def _read(self, call: Call, quiet: bool, state: _RunState, begun: float) -> Any:
+        """LOOKUP through the near cache, if any (the look under the fill lock asks Redis);
+        ``begun``: when ``state.spent`` was last brought up to date."""
         near = self.cache._near
         if near is None or quiet:
-            return self._read_redis(call, quiet)
+            return self._read_redis(call, quiet, state, begun)
         found = near.get(call.rkey, call.type_)
         if found is not ABSENT:
             return found
         stamp = near.stamp(call.rkey)  # before the read: put() refuses it if overtaken
-        found = self._read_redis(call, quiet)
+        found = self._read_redis(call, quiet, state, begun)
         if found.__class__ is Entry and found.expires_ms > self.policy.clock.now_ms():
             near.put(call.rkey, call.type_, found, stamp)
         return found
 
-    def _read_redis(self, call: Call, quiet: bool) -> Any:
+    def _read_redis(self, call: Call, quiet: bool, state: _RunState, begun: float) -> Any:
         core = self.core
         rkey = call.rkey
         breaker = core.breaker
@@ -1075,23 +1129,41 @@ class SyncFlow:
             protocol.close()
             return FAILED
         driver = self.cache._driver
-        begun = core.clock()
+        expired = self._expiry(state, begun)
+        started = core.clock()
         try:
             if clock.due():
-                driver.run(clock.sync(core.epoch_of(rkey)))
-            found = driver.run(protocol)
+                driver.run(_bounded(clock.sync(core.epoch_of(rkey)), expired))
+            found = driver.run(_bounded(protocol, expired))
+        except _OutOfTime:
+            self._overran(state)
+            return FAILED
         except FAILURES as exc:
             core.failed(exc)
             return FAILED
-        self.policy.succeeded(core.clock() - begun)
+        self.policy.succeeded(core.clock() - started)
         return found
 
-    def _timed(self, state: _RunState, fn: Callable[[], Any]) -> Any:
-        """``fn()`` (one Redis step), its time charged to the call; ``FAILED`` if it failed."""
+    def _expiry(self, state: _RunState, begun: float) -> Callable[[], bool]:
+        """Whether the call's deadline has passed (``state.spent`` as of ``begun``)."""
+        clock = self.core.clock
+        until = begun + state.deadline - state.spent
+        return lambda: clock() >= until
+
+    def _overran(self, state: _RunState) -> None:
+        state.spent = max(state.spent, state.deadline)
+        self.policy.out_of_time(state)
+
+    def _timed(self, state: _RunState, fn: Callable[[Callable[[], bool]], Any]) -> Any:
+        """``fn(expired)`` (one Redis step, to stop once ``expired()``), its time charged to
+        the call; ``FAILED`` if it failed or ran out of time."""
         clock = self.core.clock
         begun = clock()
         try:
-            out = fn()
+            out = fn(self._expiry(state, begun))
+        except _OutOfTime:
+            self._overran(state)
+            return FAILED
         except FAILURES as exc:
             state.spent += clock() - begun
             self.core.failed(exc)
@@ -1107,7 +1179,7 @@ class SyncFlow:
             if self.policy.out_of_time(state):
                 return FAILED
             begun = core.clock()
-            found = self._read(call, False)
+            found = self._read(call, False, state, begun)
             state.spent += core.clock() - begun
             return found
         if step is LOAD:
@@ -1155,7 +1227,13 @@ class SyncFlow:
                 fence_retention=policy.lock_ttl,  # no fencing needed: the WRITE compares
                 retry=self.cache._retry,
             )
-            got = self._timed(state, lambda: lock.acquire(blocking=False))
+            # driven here, not by lock.acquire(): a NOSCRIPT reload must not overrun the deadline
+            got = self._timed(
+                state,
+                lambda expired: lock._driver.run(
+                    _bounded(lock._core.acquire(False, None, lock._driver.max_block), expired)
+                ),
+            )
             if got is False and step.blocking:
                 # Queued behind another caller's load: that wait is bounded by Stampede.wait,
                 # not by the deadline (which bounds this caller's own Redis round trips).
@@ -1192,7 +1270,9 @@ class SyncFlow:
             if self.policy.out_of_time(state) or not core.allow():
                 step.protocol.close()
                 return None
-            stored = self._timed(state, lambda: self.cache._driver.run(step.protocol))
+            stored = self._timed(
+                state, lambda expired: self.cache._driver.run(_bounded(step.protocol, expired))
+            )
             if stored is FAILED:
                 stored = None
             near = self.cache._near
@@ -1204,15 +1284,15 @@ class SyncFlow:
                 return FAILED, None
             again = self._timed(
                 state,
-                lambda: self.cache._driver.run(
-                    self.policy.relookup(call.rkey, call.type_, step.since_ms)
+                lambda expired: self.cache._driver.run(
+                    _bounded(self.policy.relookup(call.rkey, call.type_, step.since_ms), expired)
                 ),
             )
             return (FAILED, None) if again is FAILED else again
         if cls is _MarkFailed:
             if self.policy.out_of_time(state):
                 return None
-            return self._timed(state, lambda: self._mark_failed(step, call))
+            return self._timed(state, lambda expired: self._mark_failed(step, call))
         if cls is _Spawn:
             self._spawn(call, step.entry)
             return None
@@ -1468,10 +1548,22 @@ class AsyncFlow:
                     self._releases.add(task)
                     task.add_done_callback(self._releases.discard)
                     return None
+                # within what is left of the deadline (a NOSCRIPT reload is a second round
+                # trip); past it, the release finishes behind the caller's back
+                task = asyncio.get_running_loop().create_task(_arelease_quietly(lock, core))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
+                left = state.deadline - state.spent
+                begun = core.clock()
                 try:
-                    await lock.release()
-                except _RELEASE_ERRORS as exc:
-                    _log_release_error(core, exc)
+                    await (
+                        task if left == math.inf else _within(left, lambda: asyncio.shield(task))
+                    )
+                except asyncio.TimeoutError:
+                    state.spent = max(state.deadline, state.spent + core.clock() - begun)
+                    self.policy.out_of_time(state)
+                    return None
+                state.spent += core.clock() - begun
             return None
         if cls is _Fill:
             if self.policy.out_of_time(state) or not core.allow():

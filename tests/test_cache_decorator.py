@@ -819,7 +819,11 @@ def test_a_name_is_refused_across_every_handle_of_the_namespace(
     """Every way two different functions can end up with one name in one namespace within a
     process is a ConfigError at decoration time, whichever handle each was decorated on."""
     ns = f"claim-{next(_FRESH)}"
-    handles = [Cache(r, namespace=ns), Cache(r, namespace=ns), Cache(redis_server.client(), namespace=ns)]
+    handles = [
+        Cache(r, namespace=ns),
+        Cache(r, namespace=ns),
+        Cache(redis_server.client(), namespace=ns),
+    ]
     (h1, f1, n1), (h2, f2, n2) = COLLISIONS[case]
     kept = cached(handles[h1], name=n1)(f1)  # kept alive: the name stays taken
     with pytest.raises(ConfigError, match="another function of this namespace"):

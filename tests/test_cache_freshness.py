@@ -433,7 +433,9 @@ def test_sie_copy_obeys_every_invalidation_of_this_process(
     prx, client = down
     options: dict[str, Any] = {"ttl": 30, "stale_if_error": 60, "breaker": False}
     cache = Cache(client, namespace=NS, value_type=_Row, **options)
-    other = Cache(client, namespace=NS, value_type=_Row, **options) if who == "other_handle" else cache
+    other = (
+        Cache(client, namespace=NS, value_type=_Row, **options) if who == "other_handle" else cache
+    )
     cache.get("warm")
     tags = ["t"]
     if when == "before":
@@ -454,7 +456,9 @@ def test_sie_copy_obeys_every_invalidation_of_this_process(
                 return _Row(v="v1")
 
         out: list[_Row] = []
-        thread = threading.Thread(target=lambda: out.append(cache.get_or_set("k", loader, tags=tags)))
+        thread = threading.Thread(
+            target=lambda: out.append(cache.get_or_set("k", loader, tags=tags))
+        )
         thread.start()
         assert started.wait(10)
         ROW_INVALIDATIONS[how](other)
