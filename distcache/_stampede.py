@@ -194,6 +194,11 @@ class _Join:
 Seen = tuple[str, bytes | None, bytes | None] | None  # a read: baseline, epoch, write mark
 
 
+def seen_of(miss: Miss | None) -> Seen:
+    """What a read that found ``miss`` saw, as a join compares it (``None``: Redis failed)."""
+    return None if miss is None else (miss.baseline, miss.epoch, miss.mark)
+
+
 class _Acquire:
     """Take the fill lock: ``True``, ``False`` (not within ``timeout``) or ``FAILED``."""
 
@@ -702,7 +707,7 @@ class ReadThrough:
         if policy is None:
             return (yield from self._load(call, miss, stale, started))
         wait = float(policy.wait)  # type: ignore[arg-type]
-        joined = yield _Join(wait, None if miss is None else (miss.baseline, miss.epoch, miss.mark))
+        joined = yield _Join(wait, seen_of(miss))
         if joined is not LEADER:
             if joined.__class__ is _Outcome:
                 core.emit(CacheEvent.COALESCED)
