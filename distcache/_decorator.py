@@ -15,6 +15,7 @@ import contextlib
 import functools
 import inspect
 import re
+import threading
 import typing
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -45,10 +46,10 @@ _MEMO_SIZE = 4096
 # object hashed by identity, e.g. a dataclass(eq=False), could change after its key was stored.)
 _MEMO_TYPES = frozenset({str, int, float, bool, bytes, type(None)})
 _NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,200}")
-# Per cache: the function that owns each derived name (see _claim).
-_OWNERS: weakref.WeakKeyDictionary[Any, dict[str, tuple[weakref.ref[Any], Any]]] = (
-    weakref.WeakKeyDictionary()
-)
+# The function that owns each name, by namespace and server, for the life of the process (see
+# _claim): shared by every cache handle, and independent of when handles are collected.
+_NAMES: dict[tuple[Any, ...], dict[str, tuple[weakref.ref[Any], Any]]] = {}
+_NAMES_GUARD = threading.Lock()
 
 
 class CachedFunction(Protocol[_P, _R_co]):
@@ -272,43 +273,62 @@ class _Keyer(Generic[_P]):
         return self.core.tag_args(tags(*args, **kwargs)) if callable(tags) else tags
 
 
-def _claim(cache: Cache | AsyncCache, fn: Callable[..., Any], *, explicit_key: bool) -> str:
-    """The derived name ``module.qualname`` of ``fn``, refused where it would be shared.
+def _server_of(client: Any) -> tuple[Any, ...]:
+    """Where ``client`` connects, as far as it tells (else one group for all such clients)."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if not isinstance(kwargs, dict):
+        return ()
+    return (kwargs.get("host"), kwargs.get("port"), kwargs.get("path"), kwargs.get("db", 0))
+
+
+def _claim(
+    cache: Cache | AsyncCache, fn: Callable[..., Any], *, explicit_key: bool, name: str | None
+) -> str:
+    """The name of ``fn``'s entries (``name``, or the derived ``module.qualname``), refused where
+    another function of this namespace on this server (through any handle) has had it in this
+    process.
 
     A lambda's qualname is ``<lambda>``; closures made by one factory (or by a decorator that
     does not use ``functools.wraps``) share theirs, and their captured values are not part of a
-    key. Two such functions would read each other's entries, so ``@cached`` refuses a lambda,
-    and a second function under a name another function of this cache already holds.
+    key. Two such functions would read each other's entries, so ``@cached`` refuses a lambda
+    without a name, and a second function under a name (derived or given) that another function
+    of the namespace holds or held. Only a module-level function may take over the name of a
+    dead one, or of one defined at the same place (its module reloaded).
     """
     module = getattr(fn, "__module__", None)
     qualname = getattr(fn, "__qualname__", None)
     if not isinstance(qualname, str):
-        raise ConfigError(f"@cached {fn!r:.80} has no __qualname__: pass name= or key=")
-    name = f"{module}.{qualname}"
+        if name is None:
+            raise ConfigError(f"@cached {fn!r:.80} has no __qualname__: pass name= or key=")
+        qualname = "<locals>"  # unknown: never takes over a name
+    derived = f"{module}.{qualname}"
     if explicit_key:  # key= names every entry itself; the name only appears in messages
-        return name
-    if "<lambda>" in qualname:
-        raise ConfigError(
-            f"@cached {name}: every lambda of a module has this name, so their entries would "
-            "collide; pass name= (or key=), or use a def"
-        )
-    owners = _OWNERS.setdefault(cache, {})
-    code = getattr(fn, "__code__", None)
-    held = owners.get(name)
-    if held is not None:
-        ref, held_code = held
-        other = ref()
-        if other is fn:
-            return name
-        # a module-level name may pass to its module's reloaded copy; a closure's never does
-        if "<locals>" in qualname or (other is not None and not _same_source(held_code, code)):
+        return derived if name is None else name
+    if name is None:
+        if "<lambda>" in qualname:
             raise ConfigError(
-                f"@cached {name}: another function of this cache already has this name (closures "
-                "made by one factory, or functions wrapped by a decorator without "
-                "functools.wraps, share a name, and what they capture is not part of the key); "
-                "pass a distinct name= (or key=)"
+                f"@cached {derived}: every lambda of a module has this name, so their entries "
+                "would collide; pass name= (or key=), or use a def"
             )
-    owners[name] = (weakref.ref(fn), code)
+        name = derived
+    code = getattr(fn, "__code__", None)
+    with _NAMES_GUARD:
+        owners = _NAMES.setdefault((cache._core.epoch_key, *_server_of(cache._client)), {})
+        held = owners.get(name)
+        if held is not None:
+            ref, held_code = held
+            other = ref()
+            if other is fn:
+                return name
+            local = "<locals>" in qualname or "<lambda>" in qualname
+            if local or (other is not None and not _same_source(held_code, code)):
+                raise ConfigError(
+                    f"@cached {name}: another function of this namespace already has this name "
+                    "(closures made by one factory, or functions wrapped by a decorator without "
+                    "functools.wraps, share a name, and what they capture is not part of the "
+                    "key); pass a distinct name= (or key=)"
+                )
+        owners[name] = (weakref.ref(fn), code)
     return name
 
 
@@ -395,7 +415,7 @@ class _Cached:
             typed=self.typed,
             version=self.version,
             core=cache._core,
-            name=self.name or _claim(cache, fn, explicit_key=self.key is not None),
+            name=_claim(cache, fn, explicit_key=self.key is not None, name=self.name),
         )
         ttl, negative_ttl = self.ttl, self.negative_ttl
         static_tags = self.tags if not callable(self.tags) else ((), [])

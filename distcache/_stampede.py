@@ -31,11 +31,14 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import redis.exceptions as rex
 
 from distkit import ConfigError, DistkitError, LoaderError
 from distkit._config import seconds
@@ -43,7 +46,7 @@ from distkit._errors import redact
 from distkit._protocol import Command, Eval, Protocol
 from distlock import AsyncLock, Lock
 
-from ._core import FAILED, FAILURES, CacheCore, Clock, Entry, Miss, TagArgs
+from ._core import FAILED, FAILURES, GUARD_FLOOR_MS, CacheCore, Clock, Entry, Miss, TagArgs
 from ._metrics import CacheEvent
 from ._near import ABSENT
 from ._scripts import NOW
@@ -61,10 +64,14 @@ Random = Callable[[], float]
 _RESYNC = 60.0  # seconds between two measurements of the server clock's offset
 _FAR = 40.0  # XFetch: farther than 40 δβ from expiry, P(refresh) < 5e-18; skip the draw
 _STALE_STORE = 1024  # last values kept in memory for stale_if_error while Redis is down
+_DROPS_KEPT = 4096  # per namespace: recent key invalidations a stale copy is checked against
 _MAX_ERROR_TEXT = 300  # characters of a failed load's note
 _NOTE_MARGIN_MS = 5.0  # clock estimates of two processes differ by their errors, plus this
 _IDLE = 5.0  # seconds the sync fill-lock renewer waits for work before its thread exits
 _DEFAULT_SOCKET_TIMEOUT = 5.0  # distkit's RedisConfig default, for clients that set none
+# A flight is joined only while every write mark set since it started still lives (a mark lives
+# at least twice GUARD_FLOOR_MS, whichever handle wrote it).
+_JOIN_MAX_AGE = 2 * GUARD_FLOOR_MS / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,22 +169,34 @@ RELEASE = _Marker("RELEASE")
 class _Join:
     """Join the key's in-process flight: ``LEADER``, the leader's ``_Outcome``, or ``TIMED_OUT``.
 
-    ``seen`` is what this caller's read found (the entry's baseline and the epoch). Only a flight
-    whose leader read the same joins: otherwise an invalidation landed between the two reads, and
-    the flight's loader may have read the source before it (a timeline)::
+    ``seen`` is what this caller's read found (the entry's baseline, the epoch and the write
+    mark). Only a flight whose leader read the same joins: otherwise a write or an invalidation
+    landed between the two reads, and the flight's loader may have read the source before it (a
+    timeline)::
 
         t1: MGET miss (epoch 7) -> leader -> loader reads the old row ............ value v1
         t2:                          invalidate_tags(...) returns (epoch 8)
         t3:                                              MGET miss (epoch 8) -> join? no: leads
 
     Had t3 joined, it would return v1 although its call began after the invalidation returned.
+    The write mark covers a ``set()`` whose entry is gone again by t3 (expired, evicted, or
+    revalidated away): the key reads empty as at t1, but the mark differs. A mark outlives
+    ``_JOIN_MAX_AGE``; an older flight is never joined.
     """
 
     __slots__ = ("seen", "wait")
 
-    def __init__(self, wait: float, seen: tuple[str, bytes | None] | None) -> None:
+    def __init__(self, wait: float, seen: Seen) -> None:
         self.wait = wait
         self.seen = seen
+
+
+Seen = tuple[str, bytes | None, bytes | None] | None  # a read: baseline, epoch, write mark
+
+
+def seen_of(miss: Miss | None) -> Seen:
+    """What a read that found ``miss`` saw, as a join compares it (``None``: Redis failed)."""
+    return None if miss is None else (miss.baseline, miss.epoch, miss.mark)
 
 
 class _Acquire:
@@ -243,7 +262,17 @@ Flow = Generator[Step, Any, Any]
 class Call:
     """One read-through call: the key, the loader and its arguments, the fill's options."""
 
-    __slots__ = ("args", "kwargs", "loader", "negative_ttl", "rkey", "tags", "ttl", "type_")
+    __slots__ = (
+        "args",
+        "kwargs",
+        "loader",
+        "negative_ttl",
+        "rkey",
+        "since",
+        "tags",
+        "ttl",
+        "type_",
+    )
 
     def __init__(
         self,
@@ -264,6 +293,7 @@ class Call:
         self.negative_ttl = negative_ttl
         self.tags = tags
         self.type_ = type_
+        self.since = 0  # this process's invalidation count before the call's first read
 
 
 _Kept = tuple[Any, float, tuple[str, ...], bytes | None]  # value, expiry, tags, entry bytes
@@ -279,30 +309,88 @@ def _entry_tags(raw: bytes) -> set[str] | None:
     return {t.split("=", 1)[0] for t in text.split(",") if t}
 
 
+class _Forgotten:
+    """This process's invalidations of one namespace, shared by all its handles' stale stores.
+
+    Every invalidation moves ``seq``; a copy is kept only if no invalidation that could concern
+    it happened since its call began (``since``): a key's own drop, or any tag invalidation or
+    clear (``wide``, coarse: a copy not kept only costs a load while Redis is down).
+    """
+
+    __slots__ = ("floor", "guard", "keys", "seq", "stores", "wide")
+
+    def __init__(self) -> None:
+        self.guard = threading.Lock()
+        self.seq = 0
+        self.wide = 0  # the last tag invalidation or clear
+        self.keys: OrderedDict[str, int] = OrderedDict()  # recent key drops (LRU)
+        self.floor = 0  # the latest drop no longer in ``keys``
+        self.stores: weakref.WeakSet[_StaleStore] = weakref.WeakSet()
+
+    def dropped_since(self, rkey: str, since: int) -> bool:
+        """Whether ``rkey`` may have been invalidated after ``since`` (call under ``guard``)."""
+        return self.wide > since or self.keys.get(rkey, self.floor) > since
+
+    def note(self, rkeys: Iterable[str]) -> None:
+        """Record drops of ``rkeys`` (call under ``guard``)."""
+        self.seq += 1
+        keys = self.keys
+        for rkey in rkeys:
+            keys[rkey] = self.seq
+            keys.move_to_end(rkey)
+        while len(keys) > _DROPS_KEPT:
+            self.floor = max(self.floor, keys.popitem(last=False)[1])
+
+
+_FORGOTTEN: dict[str, _Forgotten] = {}  # by namespace (its epoch key): one per process
+_FORGOTTEN_GUARD = threading.Lock()
+
+
+def _forgotten(namespace_key: str) -> _Forgotten:
+    with _FORGOTTEN_GUARD:
+        group = _FORGOTTEN.get(namespace_key)
+        if group is None:
+            group = _FORGOTTEN[namespace_key] = _Forgotten()
+        return group
+
+
 class _StaleStore:
     """The last value of recently read keys, for ``stale_if_error`` while Redis is down (LRU).
 
-    It obeys this process's invalidations: ``drop`` (set, delete, a refused fill), ``drop_tags``
-    and ``clear``; an entry's tags are those of the entry read, or the caller's for a load.
+    It obeys every invalidation of its namespace made in this process, through any handle:
+    ``drop`` (set, delete, a refused fill), ``drop_tags`` and ``clear`` reach every store of the
+    namespace, and ``put`` refuses a value whose call began before such an invalidation. An
+    entry's tags are those of the entry read, or the caller's for a load.
     """
 
-    __slots__ = ("_data", "_guard", "_size")
+    __slots__ = ("__weakref__", "_data", "_group", "_size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, namespace_key: str) -> None:
         self._data: OrderedDict[str, _Kept] = OrderedDict()
-        self._guard = threading.Lock()
         self._size = size
+        self._group = _forgotten(namespace_key)
+        with self._group.guard:
+            self._group.stores.add(self)
+
+    def sequence(self) -> int:
+        """The invalidation count now: what a call notes before its read (``put``'s ``since``)."""
+        return self._group.seq
 
     def put(
         self,
         rkey: str,
         value: Any,
         expires_ms: float,
+        since: int,
         tags: tuple[str, ...] = (),
         raw: bytes | None = None,
     ) -> None:
-        """Keep ``value`` (from entry bytes ``raw``, or a load tagged ``tags``)."""
-        with self._guard:
+        """Keep ``value`` (from entry bytes ``raw``, or a load tagged ``tags``), unless the key
+        may have been invalidated in this process after ``since``."""
+        group = self._group
+        with group.guard:
+            if group.dropped_since(rkey, since):
+                return
             self._data[rkey] = (value, expires_ms, tags, raw)
             self._data.move_to_end(rkey)
             if len(self._data) > self._size:
@@ -310,29 +398,42 @@ class _StaleStore:
 
     def get(self, rkey: str) -> tuple[Any, float] | None:
         """The kept value of ``rkey`` and its expiry (server clock, ms)."""
-        with self._guard:
+        with self._group.guard:
             kept = self._data.get(rkey)
         return None if kept is None else (kept[0], kept[1])
 
     def drop(self, rkeys: Iterable[str]) -> None:
-        """Forget ``rkeys``."""
-        with self._guard:
-            for rkey in rkeys:
-                self._data.pop(rkey, None)
+        """Forget ``rkeys`` (in every store of the namespace)."""
+        rkeys = list(rkeys)
+        group = self._group
+        with group.guard:
+            group.note(rkeys)
+            for store in group.stores:
+                for rkey in rkeys:
+                    store._data.pop(rkey, None)
 
     def drop_tags(self, names: Iterable[str]) -> None:
         """Forget every value tagged with one of ``names`` (or whose tags cannot be read)."""
         wanted = set(names)
-        with self._guard:
-            for rkey, (_, _, tags, raw) in list(self._data.items()):
-                found = _entry_tags(raw) if raw is not None else set(tags)
-                if found is None or not wanted.isdisjoint(found):
-                    del self._data[rkey]
+        group = self._group
+        with group.guard:
+            group.seq += 1
+            group.wide = group.seq
+            for store in group.stores:
+                data = store._data
+                for rkey, (_, _, tags, raw) in list(data.items()):
+                    found = _entry_tags(raw) if raw is not None else set(tags)
+                    if found is None or not wanted.isdisjoint(found):
+                        del data[rkey]
 
     def clear(self) -> None:
-        """Forget everything."""
-        with self._guard:
-            self._data.clear()
+        """Forget everything (in every store of the namespace)."""
+        group = self._group
+        with group.guard:
+            group.seq += 1
+            group.wide = group.seq
+            for store in group.stores:
+                store._data.clear()
 
 
 def _ms(value: float) -> int:
@@ -410,7 +511,7 @@ class ReadThrough:
         self.max_background = max_background
         self.random = random
         self.clock = ServerClock(clock)
-        self._store = _StaleStore(_STALE_STORE) if self.sie_ms else None
+        self._store = _StaleStore(_STALE_STORE, core.epoch_key) if self.sie_ms else None
         core.grace_ms = self.grace_ms
         core.now_ms = self.clock.now_ms
         self.deadline = miss_deadline
@@ -491,9 +592,13 @@ class ReadThrough:
             found = yield from core.settle(rkey, found, mark, type_)
         return found, _fresh_note(note, since_ms)
 
-    def _remember(self, rkey: str, value: Any, expires_ms: float, raw: bytes) -> None:
+    def sequence(self) -> int:
+        """This process's invalidation count of the namespace (a call notes it before reading)."""
+        return 0 if self._store is None else self._store.sequence()
+
+    def _remember(self, call: Call, value: Any, expires_ms: float, raw: bytes) -> None:
         if self._store is not None:
-            self._store.put(rkey, value, expires_ms, raw=raw)
+            self._store.put(call.rkey, value, expires_ms, call.since, raw=raw)
 
     def _loaded(self, call: Call, value: Any, stored: bool | None) -> None:
         """Keep a loader's result for ``stale_if_error``, unless Redis refused it as stale."""
@@ -506,7 +611,7 @@ class ReadThrough:
         if stored is False or ttl <= 0:
             store.drop((call.rkey,))
             return
-        store.put(call.rkey, value, self.clock.now_ms() + ttl * 1000, call.tags[0])
+        store.put(call.rkey, value, self.clock.now_ms() + ttl * 1000, call.since, call.tags[0])
 
     def forget(self, rkeys: Iterable[str]) -> None:
         """Drop the ``stale_if_error`` copies of ``rkeys`` (a local set, delete or fill)."""
@@ -545,7 +650,7 @@ class ReadThrough:
         return (yield _Fill(protocol))
 
     # -- protocols -----------------------------------------------------------------------------
-    def plain_hit(self, found: Entry, rkey: str) -> bool:
+    def plain_hit(self, found: Entry, call: Call) -> bool:
         """Whether ``found`` is a hit that needs no step at all (the drivers' fast path).
 
         Fresh (or no stale window to consider) and too far from its expiry for XFetch to draw:
@@ -559,7 +664,7 @@ class ReadThrough:
         if scale > 0 and found.expires_ms - now <= scale * _FAR:
             return False
         self.core.emit(CacheEvent.HIT)
-        self._remember(rkey, found.value, found.expires_ms, found.raw)
+        self._remember(call, found.value, found.expires_ms, found.raw)
         return True
 
     def run(self, call: Call, found: Any = LOOKUP, started: float | None = None) -> Flow:
@@ -579,7 +684,7 @@ class ReadThrough:
             late = now - found.expires_ms
             if late < 0 or not self.grace_ms:  # no stale window: Redis expired it if it was due
                 core.emit(CacheEvent.HIT)
-                self._remember(call.rkey, found.value, found.expires_ms, found.raw)
+                self._remember(call, found.value, found.expires_ms, found.raw)
                 if self.beta and self.early(found, now):
                     yield _Spawn(found)
                 return found.value
@@ -602,7 +707,7 @@ class ReadThrough:
         if policy is None:
             return (yield from self._load(call, miss, stale, started))
         wait = float(policy.wait)  # type: ignore[arg-type]
-        joined = yield _Join(wait, None if miss is None else (miss.baseline, miss.epoch))
+        joined = yield _Join(wait, seen_of(miss))
         if joined is not LEADER:
             if joined.__class__ is _Outcome:
                 core.emit(CacheEvent.COALESCED)
@@ -633,7 +738,7 @@ class ReadThrough:
                         if not self.grace_ms or self.clock.now_ms() < again.expires_ms:
                             core.emit(CacheEvent.COALESCED)  # another process loaded it
                             outcome = _Outcome(again.value, None, 0.0)
-                            self._remember(call.rkey, again.value, again.expires_ms, again.raw)
+                            self._remember(call, again.value, again.expires_ms, again.raw)
                             return again.value
                         miss = again.miss()
                     elif again is FAILED:
@@ -726,7 +831,8 @@ class ReadThrough:
                     outcome.error,
                 )
                 return None
-            yield from self._fill(call, miss, outcome, started, held)
+            if (yield from self._fill(call, miss, outcome, started, held)) is False:
+                self.forget((call.rkey,))  # Redis refused it: the key changed since the read
             return None
         finally:
             if held:
@@ -789,12 +895,13 @@ class _Renewer:
 
 
 class _SyncFlight:
-    __slots__ = ("done", "outcome", "seen")
+    __slots__ = ("done", "outcome", "seen", "started")
 
-    def __init__(self, seen: tuple[str, bytes | None] | None) -> None:
+    def __init__(self, seen: Seen, started: float) -> None:
         self.done = threading.Event()
         self.outcome: _Outcome | None = None
         self.seen = seen
+        self.started = started
 
 
 class _RunState:
@@ -827,6 +934,58 @@ def miss_deadline(value: Seconds | None, client: Any) -> float:
 
 
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (DistkitError, *FAILURES)
+
+
+class _OutOfTime(Exception):
+    """A sync read-through's deadline passed before the next round trip of a step was sent."""
+
+
+class _ReloadWithin:
+    """``script``, whose NOSCRIPT fallback (a second round trip) is sent only if time is left.
+
+    A cold script cache (restart, failover, ``SCRIPT FLUSH``) turns every script call into two
+    round trips; on a slow server the second could overrun the miss deadline by a whole trip.
+    """
+
+    __slots__ = ("_expired", "_script")
+
+    def __init__(self, script: Any, expired: Callable[[], bool]) -> None:
+        self._script = script
+        self._expired = expired
+
+    def __call__(self, client: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        script = self._script
+        try:
+            return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except rex.NoScriptError:
+            if self._expired():
+                raise _OutOfTime from None
+            return client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+
+
+def _bounded(protocol: Protocol[Any], expired: Callable[[], bool]) -> Protocol[Any]:
+    """``protocol``, stopped with ``_OutOfTime`` before any round trip once ``expired()``.
+
+    Only for protocols that leave nothing behind when stopped between two steps (the cache's
+    reads and writes; a lock's non-blocking acquire, which has one step).
+    """
+    send: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = protocol.throw(error) if error is not None else protocol.send(send)
+        except StopIteration as stop:
+            return stop.value
+        if expired():
+            protocol.close()
+            raise _OutOfTime
+        if type(step) is Eval:
+            step = step._replace(script=cast(Any, _ReloadWithin(step.script, expired)))
+        error = None
+        try:
+            send = yield step
+        except BaseException as exc:
+            send, error = None, exc
 
 
 def _fresh_note(raw: Any, since_ms: float) -> str | None:
@@ -892,10 +1051,12 @@ class SyncFlow:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
         clock = self.core.clock
         started = clock()
-        found = self._read(call, False)
-        if found.__class__ is Entry and self.policy.plain_hit(found, call.rkey):
+        call.since = self.policy.sequence()
+        state = _RunState(self.policy.deadline)
+        found = self._read(call, False, state, started)
+        if found.__class__ is Entry and self.policy.plain_hit(found, call):
             return found.value
-        state = _RunState(self.policy.deadline, clock() - started)
+        state.spent = max(state.spent, clock() - started)
         return self._drive(self.policy.run(call, found, started), call, state)
 
     def drain(self, timeout: float | None) -> bool:
@@ -928,21 +1089,22 @@ class SyncFlow:
             except BaseException as exc:
                 error = exc
 
-    def _read(self, call: Call, quiet: bool) -> Any:
-        """LOOKUP through the near cache, if any (the look under the fill lock asks Redis)."""
+    def _read(self, call: Call, quiet: bool, state: _RunState, begun: float) -> Any:
+        """LOOKUP through the near cache, if any (the look under the fill lock asks Redis);
+        ``begun``: when ``state.spent`` was last brought up to date."""
         near = self.cache._near
         if near is None or quiet:
-            return self._read_redis(call, quiet)
+            return self._read_redis(call, quiet, state, begun)
         found = near.get(call.rkey, call.type_)
         if found is not ABSENT:
             return found
         stamp = near.stamp(call.rkey)  # before the read: put() refuses it if overtaken
-        found = self._read_redis(call, quiet)
+        found = self._read_redis(call, quiet, state, begun)
         if found.__class__ is Entry and found.expires_ms > self.policy.clock.now_ms():
             near.put(call.rkey, call.type_, found, stamp)
         return found
 
-    def _read_redis(self, call: Call, quiet: bool) -> Any:
+    def _read_redis(self, call: Call, quiet: bool, state: _RunState, begun: float) -> Any:
         core = self.core
         rkey = call.rkey
         breaker = core.breaker
@@ -972,23 +1134,41 @@ class SyncFlow:
             protocol.close()
             return FAILED
         driver = self.cache._driver
-        begun = core.clock()
+        expired = self._expiry(state, begun)
+        started = core.clock()
         try:
             if clock.due():
-                driver.run(clock.sync(core.epoch_of(rkey)))
-            found = driver.run(protocol)
+                driver.run(_bounded(clock.sync(core.epoch_of(rkey)), expired))
+            found = driver.run(_bounded(protocol, expired))
+        except _OutOfTime:
+            self._overran(state)
+            return FAILED
         except FAILURES as exc:
             core.failed(exc)
             return FAILED
-        self.policy.succeeded(core.clock() - begun)
+        self.policy.succeeded(core.clock() - started)
         return found
 
-    def _timed(self, state: _RunState, fn: Callable[[], Any]) -> Any:
-        """``fn()`` (one Redis step), its time charged to the call; ``FAILED`` if it failed."""
+    def _expiry(self, state: _RunState, begun: float) -> Callable[[], bool]:
+        """Whether the call's deadline has passed (``state.spent`` as of ``begun``)."""
+        clock = self.core.clock
+        until = begun + state.deadline - state.spent
+        return lambda: clock() >= until
+
+    def _overran(self, state: _RunState) -> None:
+        state.spent = max(state.spent, state.deadline)
+        self.policy.out_of_time(state)
+
+    def _timed(self, state: _RunState, fn: Callable[[Callable[[], bool]], Any]) -> Any:
+        """``fn(expired)`` (one Redis step, to stop once ``expired()``), its time charged to
+        the call; ``FAILED`` if it failed or ran out of time."""
         clock = self.core.clock
         begun = clock()
         try:
-            out = fn()
+            out = fn(self._expiry(state, begun))
+        except _OutOfTime:
+            self._overran(state)
+            return FAILED
         except FAILURES as exc:
             state.spent += clock() - begun
             self.core.failed(exc)
@@ -1004,7 +1184,7 @@ class SyncFlow:
             if self.policy.out_of_time(state):
                 return FAILED
             begun = core.clock()
-            found = self._read(call, False)
+            found = self._read(call, False, state, begun)
             state.spent += core.clock() - begun
             return found
         if step is LOAD:
@@ -1018,8 +1198,13 @@ class SyncFlow:
         if cls is _Join:
             with self._guard:
                 flight = self._flights.get(call.rkey)
-                if flight is None or flight.seen != step.seen:
-                    state.flight = self._flights[call.rkey] = _SyncFlight(step.seen)
+                now = core.clock()
+                if (
+                    flight is None
+                    or flight.seen != step.seen
+                    or now - flight.started >= _JOIN_MAX_AGE
+                ):
+                    state.flight = self._flights[call.rkey] = _SyncFlight(step.seen, now)
                     return LEADER
             if flight.done.wait(step.wait) and flight.outcome is not None:
                 return flight.outcome
@@ -1047,7 +1232,13 @@ class SyncFlow:
                 fence_retention=policy.lock_ttl,  # no fencing needed: the WRITE compares
                 retry=self.cache._retry,
             )
-            got = self._timed(state, lambda: lock.acquire(blocking=False))
+            # driven here, not by lock.acquire(): a NOSCRIPT reload must not overrun the deadline
+            got = self._timed(
+                state,
+                lambda expired: lock._driver.run(
+                    _bounded(lock._core.acquire(False, None, lock._driver.max_block), expired)
+                ),
+            )
             if got is False and step.blocking:
                 # Queued behind another caller's load: that wait is bounded by Stampede.wait,
                 # not by the deadline (which bounds this caller's own Redis round trips).
@@ -1084,25 +1275,29 @@ class SyncFlow:
             if self.policy.out_of_time(state) or not core.allow():
                 step.protocol.close()
                 return None
-            stored = self._timed(state, lambda: self.cache._driver.run(step.protocol))
+            stored = self._timed(
+                state, lambda expired: self.cache._driver.run(_bounded(step.protocol, expired))
+            )
             if stored is FAILED:
                 stored = None
-            self.cache._forget([call.rkey])  # this process's L1 copy, if any, is older
+            near = self.cache._near
+            if near is not None:  # this process's L1 copy, if any, is older (the stale copy:
+                near.evict([call.rkey])  # _loaded replaces it, or drops it if refused)
             return stored
         if cls is _Relookup:
             if self.policy.out_of_time(state) or not core.allow():
                 return FAILED, None
             again = self._timed(
                 state,
-                lambda: self.cache._driver.run(
-                    self.policy.relookup(call.rkey, call.type_, step.since_ms)
+                lambda expired: self.cache._driver.run(
+                    _bounded(self.policy.relookup(call.rkey, call.type_, step.since_ms), expired)
                 ),
             )
             return (FAILED, None) if again is FAILED else again
         if cls is _MarkFailed:
             if self.policy.out_of_time(state):
                 return None
-            return self._timed(state, lambda: self._mark_failed(step, call))
+            return self._timed(state, lambda expired: self._mark_failed(step, call))
         if cls is _Spawn:
             self._spawn(call, step.entry)
             return None
@@ -1155,7 +1350,7 @@ class AsyncFlow:
         self.policy = policy
         self.core = policy.core
         self._flights: dict[str, asyncio.Future[_Outcome | None]] = {}
-        self._seen: dict[str, tuple[str, bytes | None] | None] = {}  # by flight: its leader's read
+        self._seen: dict[str, tuple[Seen, float]] = {}  # by flight: its leader's read, start
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._releases: set[asyncio.Task[Any]] = set()  # fill-lock work left behind by a deadline
@@ -1164,9 +1359,10 @@ class AsyncFlow:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
         clock = self.core.clock
         started = clock()
+        call.since = self.policy.sequence()
         state = _RunState(self.policy.deadline)
         found = await self._timed(state, lambda: self._read(call, False), accounted=True)
-        if found.__class__ is Entry and self.policy.plain_hit(found, call.rkey):
+        if found.__class__ is Entry and self.policy.plain_hit(found, call):
             return found.value
         return await self._drive(self.policy.run(call, found, started), call, state)
 
@@ -1295,13 +1491,16 @@ class AsyncFlow:
         cls = step.__class__
         if cls is _Join:
             flight = self._flights.get(call.rkey)
+            now = core.clock()
+            seen, started = self._seen.get(call.rkey, (None, -math.inf))
             if (
                 flight is None
                 or flight.get_loop() is not asyncio.get_running_loop()
-                or self._seen.get(call.rkey) != step.seen
+                or seen != step.seen
+                or now - started >= _JOIN_MAX_AGE
             ):
                 state.flight = self._flights[call.rkey] = asyncio.get_running_loop().create_future()
-                self._seen[call.rkey] = step.seen
+                self._seen[call.rkey] = (step.seen, now)
                 return LEADER
             try:
                 outcome = await asyncio.wait_for(asyncio.shield(flight), step.wait)
@@ -1354,10 +1553,22 @@ class AsyncFlow:
                     self._releases.add(task)
                     task.add_done_callback(self._releases.discard)
                     return None
+                # within what is left of the deadline (a NOSCRIPT reload is a second round
+                # trip); past it, the release finishes behind the caller's back
+                task = asyncio.get_running_loop().create_task(_arelease_quietly(lock, core))
+                self._releases.add(task)
+                task.add_done_callback(self._releases.discard)
+                left = state.deadline - state.spent
+                begun = core.clock()
                 try:
-                    await lock.release()
-                except _RELEASE_ERRORS as exc:
-                    _log_release_error(core, exc)
+                    await (
+                        task if left == math.inf else _within(left, lambda: asyncio.shield(task))
+                    )
+                except asyncio.TimeoutError:
+                    state.spent = max(state.deadline, state.spent + core.clock() - begun)
+                    self.policy.out_of_time(state)
+                    return None
+                state.spent += core.clock() - begun
             return None
         if cls is _Fill:
             if self.policy.out_of_time(state) or not core.allow():
@@ -1366,7 +1577,9 @@ class AsyncFlow:
             stored = await self._timed(state, lambda: self.cache._driver.run(step.protocol))
             if stored is FAILED:
                 stored = None
-            self.cache._forget([call.rkey])  # this process's L1 copy, if any, is older
+            near = self.cache._near
+            if near is not None:  # this process's L1 copy, if any, is older (the stale copy:
+                near.evict([call.rkey])  # _loaded replaces it, or drops it if refused)
             return stored
         if cls is _Relookup:
             if self.policy.out_of_time(state) or not core.allow():

@@ -29,6 +29,9 @@ from distkit.testing import RedisServer
 MISSING = object()
 
 
+_FRESH = itertools.count()
+
+
 @pytest.fixture
 def cache(r: redis.Redis) -> Cache:
     return Cache(r, namespace="deco")
@@ -510,10 +513,10 @@ def test_closures_of_one_factory_need_a_name(cache: Cache) -> None:
     """``factory.<locals>.mul`` is one name for every closure; what they capture is no key."""
     times2 = _multiplier(cache, 2)
     assert times2(5) == 10
-    with pytest.raises(ConfigError, match="another function of this cache"):
+    with pytest.raises(ConfigError, match="another function of this namespace"):
         _multiplier(cache, 3)
     del times2  # even once the first closure is gone: its entries are still in Redis
-    with pytest.raises(ConfigError, match="another function of this cache"):
+    with pytest.raises(ConfigError, match="another function of this namespace"):
         _multiplier(cache, 3)
     assert _multiplier(cache, 3, name="times3")(5) == 15
     assert _multiplier(cache, 4, name="times4")(5) == 20
@@ -558,10 +561,11 @@ class _Word(str, enum.Enum):
     ids=["IntEnum", "str-Enum", "Decimal", "Decimal-float"],
 )
 def test_the_memo_never_gives_an_equal_value_of_another_type_its_key(
-    cache: Cache, r: redis.Redis, plain: Any, twin: Any
+    r: redis.Redis, plain: Any, twin: Any
 ) -> None:
     """The call key is a function of the argument's type and value, never of call history."""
     calls: list[Any] = []
+    cache = Cache(r, namespace=f"memo-{next(_FRESH)}")  # a name is its function's for good
 
     @cached(cache)
     def ident(x: Any) -> str:
@@ -659,7 +663,8 @@ def test_keys_are_canonical_whatever_the_call_order(
     arguments share a key only if they are equal (``1``, ``1.0``, ``True``: documented)."""
     r.flushall()
     stored: list[set[str]] = []
-    for order, ns in ((values, "canon-a"), (values[::-1], "canon-b")):
+    run = next(_FRESH)  # each example decorates a new f: a namespace of its own
+    for order, ns in ((values, f"canon-a{run}"), (values[::-1], f"canon-b{run}")):
         cache = Cache(r, namespace=ns)
         count = itertools.count(1)
 
@@ -756,7 +761,8 @@ def test_functions_sharing_a_derived_name_are_refused_never_mixed(
     first) is refused with ConfigError; with distinct ``name=`` each gets its own entries."""
     first, second = _twin_pairs(is_async)[how]
     aclient = redis_server.async_client() if is_async else None
-    cache: Any = AsyncCache(aclient, namespace="twins") if is_async else Cache(r, namespace="twins")
+    ns = f"twins-{how}-{is_async}"  # the sync and async pairs would collide in one namespace
+    cache: Any = AsyncCache(aclient, namespace=ns) if is_async else Cache(r, namespace=ns)
     with pytest.raises(ConfigError, match="name="):
         cached(cache)(first)
         cached(cache)(second)
@@ -774,3 +780,55 @@ def test_functions_sharing_a_derived_name_are_refused_never_mixed(
         assert asyncio.run(both()) in ((10, 15), (10, 25))
     else:
         assert (one(5), two(5)) in ((10, 15), (10, 25))
+
+
+# -- hostile review of issue 14 item 4: names are claimed per namespace, not per handle ----------
+def _square(x: int) -> int:
+    return x * x
+
+
+def _double(x: int) -> int:
+    return 2 * x
+
+
+def _factory(k: int) -> Any:
+    def mul(x: int) -> int:
+        return k * x
+
+    return mul
+
+
+# Each case: two decorations (handle index, function, name) that would share entries.
+COLLISIONS: dict[str, tuple[tuple[int, Any, str | None], tuple[int, Any, str | None]]] = {
+    "name=-equal-to-a-derived-name": (
+        (0, _square, None),
+        (0, _double, f"{__name__}._square"),
+    ),
+    "same-name=-twice": ((0, _square, "m.f"), (0, _double, "m.f")),
+    "same-name=-twice-lambdas": ((0, lambda x: x + 1, "m.g"), (0, lambda x: x + 100, "m.g")),
+    "closures-on-two-handles": ((0, _factory(3), None), (1, _factory(4), None)),
+    "closures-with-one-name=-on-two-handles": ((0, _factory(3), "m.h"), (1, _factory(4), "m.h")),
+    "name=-on-another-client-of-the-server": ((0, _square, "m.i"), (2, _double, "m.i")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COLLISIONS))
+def test_a_name_is_refused_across_every_handle_of_the_namespace(
+    r: redis.Redis, redis_server: RedisServer, case: str
+) -> None:
+    """Every way two different functions can end up with one name in one namespace within a
+    process is a ConfigError at decoration time, whichever handle each was decorated on."""
+    ns = f"claim-{next(_FRESH)}"
+    handles = [
+        Cache(r, namespace=ns),
+        Cache(r, namespace=ns),
+        Cache(redis_server.client(), namespace=ns),
+    ]
+    (h1, f1, n1), (h2, f2, n2) = COLLISIONS[case]
+    kept = cached(handles[h1], name=n1)(f1)  # kept alive: the name stays taken
+    with pytest.raises(ConfigError, match="another function of this namespace"):
+        cached(handles[h2], name=n2)(f2)
+    assert kept(3) == f1(3)
+    # what is allowed: the same function again (any handle), or another namespace
+    assert cached(handles[1 - h1 if h1 < 2 else 0], name=n1)(f1)(3) == f1(3)
+    assert cached(Cache(r, namespace=f"{ns}-other"), name=n2)(f2)(3) == f2(3)

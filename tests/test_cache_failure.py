@@ -389,6 +389,55 @@ def test_a_slow_server_costs_a_miss_at_most_its_deadline(
         close_cache(cache, kind)
 
 
+# A warm miss after SCRIPT FLUSH, in round trips: every script call is EVALSHA (NOSCRIPT) + EVAL.
+COLD_TRIPS = ("read", "acquire NOSCRIPT", "acquire EVAL", "second look", "fill NOSCRIPT",
+              "fill EVAL", "release NOSCRIPT", "release EVAL")  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("trip", range(len(COLD_TRIPS)), ids=lambda i: f"in-{COLD_TRIPS[i]}")
+def test_a_cold_script_cache_costs_a_miss_at_most_its_deadline(
+    proxy: FaultProxy, r: redis.Redis, kind: str, trip: int
+) -> None:
+    """Hostile review of issue 14 item 11: a NOSCRIPT reload is a second round trip inside one
+    step; the deadline runs out inside each round trip in turn, reloads included, and the miss
+    still costs at most the deadline plus the round trip in flight (sync; async: the deadline)."""
+    deadline = (trip + 0.5) * RTT
+    ns = f"cold-{kind}-{trip}"
+    cache = make_cache(kind, proxy, 2.0, namespace=ns, breaker=False, miss_deadline=deadline)
+    try:
+        warm_up(cache, kind)
+        r.script_flush()
+        proxy.set_latency(RTT / 2)
+        value, spent = run_miss(cache, kind, "k", "loaded", 0.1)
+        assert value == "loaded"
+        slack = 0.15 + (RTT if kind == "sync" else 0.0)
+        assert spent <= deadline + slack, f"{spent:.3f}s on Redis, deadline {deadline:.3f}s"
+    finally:
+        proxy.reset()
+        close_cache(cache, kind)
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_first_miss_on_a_cold_script_cache_keeps_the_deadline(
+    proxy: FaultProxy, r: redis.Redis, kind: str
+) -> None:
+    """attack_3: a new handle (clock not synced) on a new namespace (no epoch) after SCRIPT
+    FLUSH: TIME sync, MGET and LOOK, two of them reloaded; it took 1.21 s for a 0.6 s deadline."""
+    rtt, deadline = 0.24, 0.6
+    r.script_flush()
+    cache = make_cache(kind, proxy, 0.3, namespace=f"first-{kind}", breaker=False,
+                       miss_deadline=deadline)  # fmt: skip
+    try:
+        proxy.set_latency(rtt / 2)
+        value, spent = run_miss(cache, kind, "k", "loaded", 0.0)
+        assert value == "loaded"
+        assert spent <= deadline + rtt + 0.1, f"{spent:.3f}s on Redis"
+    finally:
+        proxy.reset()
+        close_cache(cache, kind)
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_the_default_deadline_is_twice_the_socket_timeout(proxy: FaultProxy, kind: str) -> None:
     """issue 14 item 11: 0.24 s round trips under a 0.3 s socket timeout took a miss 1.2-1.45 s."""

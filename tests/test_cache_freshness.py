@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis
+from pydantic import BaseModel, field_validator
 
 from distcache import AsyncCache, Cache, CacheEvent, CounterMetrics, Stampede
 from distkit import ConnectionUnavailable, connect
@@ -397,3 +398,74 @@ def test_a_writer_with_a_shorter_fill_timeout_still_refuses_older_fills(
     thread.join(10)
     assert reader.get("k", "<miss>") == "<miss>"
     client.close()
+
+
+class _Row(BaseModel):
+    """A value whose decoding can be made slow (a hit that read before an invalidation)."""
+
+    v: str
+
+    @field_validator("v")
+    @classmethod
+    def _slow(cls, value: str) -> str:
+        gate = _DECODE_GATE[0]
+        if gate is not None:
+            _DECODE_GATE[0] = None
+            gate[0].set()
+            assert gate[1].wait(10)
+        return value
+
+
+_DECODE_GATE: list[tuple[threading.Event, threading.Event] | None] = [None]
+ROW_INVALIDATIONS = {**INVALIDATIONS, "set": lambda c: c.set("k", _Row(v="written"))}
+
+
+@pytest.mark.parametrize("when", ["before", "during_fill", "during_hit"])
+@pytest.mark.parametrize("who", ["same_handle", "other_handle"])
+@pytest.mark.parametrize("how", sorted(INVALIDATIONS))
+def test_sie_copy_obeys_every_invalidation_of_this_process(
+    down: tuple[FaultProxy, redis.Redis], how: str, who: str, when: str
+) -> None:
+    """Issue 14 item 2 leftovers (hostile review): the copy must obey an invalidation made
+    through any handle of the namespace in this process, also one made while the call that
+    would keep the copy was in flight (its fill's write then failed: Redis went down; or its hit
+    was still decoding)."""
+    prx, client = down
+    options: dict[str, Any] = {"ttl": 30, "stale_if_error": 60, "breaker": False}
+    cache = Cache(client, namespace=NS, value_type=_Row, **options)
+    other = (
+        Cache(client, namespace=NS, value_type=_Row, **options) if who == "other_handle" else cache
+    )
+    cache.get("warm")
+    tags = ["t"]
+    if when == "before":
+        assert cache.get_or_set("k", lambda: _Row(v="v1"), tags=tags).v == "v1"
+        ROW_INVALIDATIONS[how](other)
+        outage(prx)
+    else:
+        started, release = threading.Event(), threading.Event()
+        if when == "during_hit":
+            cache.set("k", _Row(v="v1"), tags=tags)
+            _DECODE_GATE[0] = (started, release)
+            loader: Callable[[], _Row] = lambda: _Row(v="unused")  # noqa: E731
+        else:
+
+            def loader() -> _Row:
+                started.set()
+                assert release.wait(10)
+                return _Row(v="v1")
+
+        out: list[_Row] = []
+        thread = threading.Thread(
+            target=lambda: out.append(cache.get_or_set("k", loader, tags=tags))
+        )
+        thread.start()
+        assert started.wait(10)
+        ROW_INVALIDATIONS[how](other)
+        if when == "during_fill":
+            outage(prx)  # the fill's write fails: the caller keeps a copy only if allowed
+        release.set()
+        thread.join(10)
+        assert out[0].v == "v1"  # the call itself was concurrent with the invalidation
+        outage(prx)
+    assert cache.get_or_set("k", lambda: _Row(v="v2"), tags=tags).v == "v2"

@@ -227,3 +227,75 @@ def test_stale_fill_from_another_process_is_refused(redis_server: RedisServer) -
     thread.join(10)
     assert writer.get("k", MISSING) is MISSING
     assert reader.get("k", MISSING) is MISSING
+
+
+def _vanish(how: str, writer: Any, r: redis.Redis, rkey: str) -> None:
+    """Write ``k`` with ``writer.set`` and make that entry disappear again, as ``how`` says."""
+    if how == "expired":
+        writer.set("k", "new", ttl=0.05)
+        for _ in range(200):
+            if not r.exists(rkey):
+                break
+            threading.Event().wait(0.01)
+        assert not r.exists(rkey)
+    elif how == "evicted":
+        writer.set("k", "new")
+        assert r.delete(rkey) == 1
+    else:  # tagged, then tag-invalidated: the next read's revalidation deletes it
+        writer.set("k", "new", tags=["t"])
+        writer.invalidate_tags("t")
+
+
+@pytest.mark.parametrize("how", ["expired", "evicted", "tag_invalidated"])
+@pytest.mark.parametrize("writer_is", ["same_handle", "other_handle"])
+def test_a_call_after_set_never_joins_an_older_flight(
+    twin: Twin, r: redis.Redis, how: str, writer_is: str
+) -> None:
+    """Issue 14 item 1, in-process: a ``get_or_set`` that starts after ``set()`` returned must
+    not get the result of a load in flight since before it, whatever became of the set() entry
+    (the coalescing join compares the write mark too)."""
+    cache = twin.make(namespace="join", ttl=60)
+    writer = cache if writer_is == "same_handle" else twin.make(namespace="join", ttl=60)
+    rkey = cache._core.entry_key("k")
+    cache.get("warm")  # the namespace's epoch exists: the fast read path
+    if twin.kind == "sync":
+        started, release = threading.Event(), threading.Event()
+        out: dict[str, Any] = {}
+
+        def old() -> str:
+            started.set()
+            assert release.wait(10)
+            return "old"
+
+        leader = threading.Thread(target=lambda: out.update(a=cache.get_or_set("k", old)))
+        leader.start()
+        assert started.wait(10)
+        _vanish(how, writer, r, rkey)
+        late = threading.Thread(target=lambda: out.update(b=cache.get_or_set("k", lambda: "fresh")))
+        late.start()
+        late.join(2)  # a caller that joined the old flight would still be waiting here
+        release.set()
+        leader.join(10)
+        late.join(10)
+        assert out == {"a": "old", "b": "fresh"}
+        return
+    assert twin.loop is not None
+    loop, handle = twin.loop, cache.handle
+    astarted, arelease = asyncio.Event(), asyncio.Event()
+
+    async def aold() -> str:
+        astarted.set()
+        await arelease.wait()
+        return "old"
+
+    async def afresh() -> str:
+        return "fresh"
+
+    first = loop.create_task(handle.get_or_set("k", aold))
+    loop.run_until_complete(asyncio.wait_for(astarted.wait(), 10))
+    _vanish(how, writer, r, rkey)
+    second = loop.create_task(handle.get_or_set("k", afresh))
+    loop.run_until_complete(asyncio.wait([second], timeout=2))
+    arelease.set()
+    loop.run_until_complete(asyncio.wait([first, second], timeout=10))
+    assert (first.result(), second.result()) == ("old", "fresh")

@@ -38,6 +38,7 @@ from hypothesis.stateful import (
 
 from distcache import Cache, NearCache
 from distcache._core import Miss
+from distcache._stampede import LEADER, Call, _Join, _Publish, _RunState, seen_of
 from distkit import ConnectionUnavailable, LockError, connect
 from distkit.testing import FaultProxy, RedisServer
 from distlock import FencedStore, Lock, LockNotOwned, StaleFencingToken
@@ -129,6 +130,9 @@ class Pending:
     miss: Miss
     forbidden: list[str] = field(default_factory=list)  # what since the read must refuse it
     quiet: bool = True  # nothing at all happened since the read: the write must land
+    handle: str = ""  # whose in-process flight the read leads
+    flight: Any = None  # the leader's flight state (published at the write)
+    mark_lost: bool = False  # the key's write mark was evicted since the read
 
 
 class CacheMachine(RuleBasedStateMachine):
@@ -403,6 +407,8 @@ class CacheMachine(RuleBasedStateMachine):
     def evict_mark(self, key: str) -> None:
         """Redis evicted a key's write mark: pending fills of that key become misses."""
         self._touch()
+        for p in self.pending:
+            p.mark_lost = p.mark_lost or p.key == key
         rkey = self._rkey(key)
         cut = rkey.index("}") + 2  # P:cache:{model}:mk:<key> (or :mh:<sha256>)
         self.admin.delete(rkey[:cut] + "m" + rkey[cut:])
@@ -411,6 +417,8 @@ class CacheMachine(RuleBasedStateMachine):
     def flushall(self) -> None:
         """Everything is lost at once (FLUSHALL, a restart without persistence)."""
         self._touch()
+        for p in self.pending:
+            p.mark_lost = True
         self.admin.flushall()
         self.model.entries.clear()
         self.model.records = dict.fromkeys(self.model.records)
@@ -432,7 +440,9 @@ class CacheMachine(RuleBasedStateMachine):
         want = self.model.read(key)
         if isinstance(found, Miss):
             assert want == MISSING, f"read({key!r}) missed, model {want!r}"
-            self.pending.append(Pending(key, value, tags, found))
+            pending = Pending(key, value, tags, found, handle=handle)
+            pending.flight = self._join(handle, key, found)  # it leads its process's flight
+            self.pending.append(pending)
         else:
             assert found.value == want, f"read({key!r}) = {found.value!r}, model {want!r}"
 
@@ -443,6 +453,7 @@ class CacheMachine(RuleBasedStateMachine):
         # the draw does not depend on Redis's answers (hypothesis replays must draw alike)
         p = self.pending.pop(which % len(self.pending))
         self._touch()
+        self._publish(p.handle, p.key, p.flight)
         cache = self.caches[handle]
         core = cache._core
         rkey = self._rkey(p.key)
@@ -468,6 +479,51 @@ class CacheMachine(RuleBasedStateMachine):
         if stored:
             ttl = self.negative_ttl if negative else 3
             self.model.write(p.key, p.value, p.tags, ttl)
+
+    # -- in-process coalescing across writes (the hostile review of issue 14 item 1) ----------
+    def _join(self, handle: str, key: str, miss: Miss) -> tuple[Any, _RunState]:
+        """Ask ``handle``'s flow to join the key's flight with what ``miss`` read: ``LEADER``
+        (a new flight) or ``TIMED_OUT`` (it joined: with no wait, it times out at once)."""
+        cache = self.caches[handle]
+        call = Call(self._rkey(key), lambda: None, (), {}, 3.0, None, ((), []), None)
+        state = _RunState()
+        return cache._flow._step(_Join(0.0, seen_of(miss)), call, state), state
+
+    def _publish(self, handle: str, key: str, flight: tuple[Any, _RunState] | None) -> None:
+        if flight is not None and flight[0] is LEADER:
+            call = Call(self._rkey(key), lambda: None, (), {}, 3.0, None, ((), []), None)
+            self.caches[handle]._flow._step(_Publish(None), call, flight[1])
+
+    @precondition(lambda self: bool(self.pending))
+    @rule(handle=st.sampled_from(HANDLES), which=st.integers(0, 2), value=VALUES)
+    def set_then_gone(self, handle: str, which: int, value: Any) -> None:
+        """A pending fill's key is set, and that entry is gone again at once (a short ttl that
+        ran out, an eviction): what a fill or a coalesced caller must still not outlive."""
+        key = self.pending[which % len(self.pending)].key
+        self._touch(key)
+        assert self.caches[handle].set(key, value, ttl=TTL_SCALE)
+        self.admin.delete(self._rkey(key))
+        self.model.entries.pop(key, None)
+
+    @precondition(lambda self: bool(self.pending))
+    @rule(which=st.integers(0, 2))
+    def coalesced_caller(self, which: int) -> None:
+        """A caller in the process of a pending fill's leader misses the same key: it may join
+        that flight only if nothing it must not outlive happened since the leader's read (a
+        set, delete or invalidation, whatever became of the set entry since)."""
+        p = self.pending[which % len(self.pending)]
+        if p.flight is None or p.flight[0] is not LEADER:
+            return
+        cache = self.caches[p.handle]
+        found = cache._driver.run(cache._core.read_entry(self._rkey(p.key), None))
+        if not isinstance(found, Miss):
+            return
+        joined, state = self._join(p.handle, p.key, found)
+        if joined is LEADER:
+            self._publish(p.handle, p.key, (joined, state))
+            p.flight = None  # its flight was replaced: nobody can join it any more
+        if p.forbidden and not p.mark_lost:
+            assert joined is LEADER, f"a caller of {p.key!r} joined a load older than {p.forbidden}"
 
     # -- a handle with stale_if_error, and Redis outages -------------------------------------
     @rule(on=st.booleans())
