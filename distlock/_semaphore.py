@@ -8,15 +8,11 @@ FIFO and are woken by a push, one per freed permit (docs/semaphore.md).
 
 from __future__ import annotations
 
-import itertools
-import os
-import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from distkit import (
     ConfigError,
-    ConnectionUnavailable,
     KeySpace,
     LockError,
     LockNotOwned,
@@ -25,9 +21,7 @@ from distkit import (
 from distkit._keys import validate_name
 from distkit._protocol import (
     AsyncDriver,
-    Cleanup,
     Eval,
-    Pop,
     Protocol,
     Replicated,
     SyncDriver,
@@ -39,9 +33,7 @@ from ._core import (
     Clock,
     LockCore,
     Seconds,
-    _is_grant,
     _is_one,
-    _is_token,
     _ms,
     check_client,
     check_replicas,
@@ -55,15 +47,13 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncSemaphore", "Semaphore", "SemaphoreCore"]
 
-# How long past its planned wait a queued waiter stays eligible for a handoff.
-_QUEUE_GRACE = 0.5
-
 
 class SemaphoreCore(LockCore):
     """State and protocol steps of one semaphore handle (no I/O; the lock's handles drive it)."""
 
+    kind = "semaphore"
+
     __slots__ = (
-        "_pid",
         "holders_key",
         "limit",
         "limit_key",
@@ -105,19 +95,10 @@ class SemaphoreCore(LockCore):
         self.wake_prefix = keys.key("sem", self.name, "wake") + ":"
         self.rel_key = keys.key("sem", self.name, "rel")
         self.lease_key = self.holders_key
-        self._pid = os.getpid()
 
-    def new_owner(self) -> str:
-        """A fresh owner id, unique across handles, acquisitions and forked processes."""
-        pid = os.getpid()
-        if pid != self._pid:  # a forked child would otherwise repeat the parent's ids
-            self._pid = pid
-            self._owner_prefix = secrets.token_hex(8)
-            self._owner_seq = itertools.count(1)
-        return f"{self._owner_prefix}{next(self._owner_seq):x}"
-
-    def _acquire_keys(self, wake_key: str) -> tuple[str, ...]:
-        return (
+    def _acquire_call(self, owner: str, wait_ms: int) -> Eval:
+        """One ACQUIRE of ``owner`` (``wait_ms``: 0 try only, > 0 queue, -1 leave the queue)."""
+        keys = (
             self.holders_key,
             self.tokens_key,
             self.fence_key,
@@ -125,8 +106,26 @@ class SemaphoreCore(LockCore):
             self.queue_key,
             self.qexp_key,
             self.wake_prefix,
-            wake_key,
+            self.wake_prefix + owner,
         )
+        args = (owner, self.ttl_ms, self.retention_ms, wait_ms, self.limit)
+        return Eval(ACQUIRE, keys, args, shield=True)  # shield: see LockCore._acquire_call
+
+    def _refused(self, granted: Any, value: Any) -> int | None:
+        """Check a refused ACQUIRE's reply; ms until a permit may lapse (None: unknown)."""
+        if granted == -1:
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            raise ConfigError(
+                f"semaphore {self.name!r} is in use with limit {value}; this handle has limit "
+                f"{self.limit} (all handles of one name must agree)"
+            )
+        earliest = int(value)
+        return earliest if earliest >= 0 else None
+
+    def _abandon_call(self, owner: str) -> Eval:
+        """Release whatever ``owner`` holds and leave the queue (a failed acquire's cleanup)."""
+        return self._release_call(owner, True)
 
     def _release_call(self, owner: str, abandon: bool, *, shield: bool = False) -> Eval:
         keys = (
@@ -143,85 +142,6 @@ class SemaphoreCore(LockCore):
         args = (owner, self.retention_ms, 1 if abandon else 0, member, self.limit)
         return Eval(RELEASE, keys, args, shield=shield)
 
-    def _try(self, owner: str, wait_ms: int) -> Protocol[tuple[int, Any]]:
-        call = Eval(
-            ACQUIRE,
-            self._acquire_keys(self.wake_prefix + owner),
-            (owner, self.ttl_ms, self.retention_ms, wait_ms, self.limit),
-        )
-        if self.replicas:
-            granted, value = yield from self._replicated(call, _is_grant)
-        else:
-            granted, value = yield call
-        if granted == -1:
-            if isinstance(value, bytes):
-                value = value.decode("utf-8", "replace")
-            raise ConfigError(
-                f"semaphore {self.name!r} is in use with limit {value}; this handle has limit "
-                f"{self.limit} (all handles of one name must agree)"
-            )
-        return int(granted), value
-
-    def acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
-        """Take a permit; when blocking, queue FIFO for a handed-over permit until ``timeout``."""
-        if self.owner is not None:
-            raise LockError(
-                f"semaphore {self.name!r} already holds a permit through this handle "
-                "(handles are not reentrant; use one handle per permit)",
-                name=self.name,
-            )
-        owner = self.new_owner()
-        wake_key = self.wake_prefix + owner
-        deadline = None if timeout is None else self.clock() + timeout
-        queued = False
-        try:
-            while True:
-                block = max_block
-                if deadline is not None:
-                    block = min(block, max(0.0, deadline - self.clock()))
-                wait_ms = _ms(block + _QUEUE_GRACE) if blocking and block > 0 else 0
-                sent_at = self.clock()
-                granted, value = yield from self._try(owner, wait_ms)
-                if granted == 1:
-                    self._granted(owner, value, sent_at)
-                    return True
-                queued = queued or wait_ms > 0
-                if not blocking:
-                    return False
-                if deadline is not None and deadline - self.clock() <= 0:
-                    if not queued:
-                        return False
-                    return (yield from self._leave_queue(owner))
-                earliest = int(value)
-                if earliest >= 0:  # a holder may crash: nobody would hand its permit over
-                    block = min(block, earliest / 1000 + 0.001)
-                sent_at = self.clock()
-                if self.replicas:
-                    token = yield from self._replicated(Pop(wake_key, block), _is_token)
-                else:
-                    token = yield Pop(wake_key, block)
-                if token is not None:
-                    self._granted(owner, token, sent_at)
-                    return True
-        except GeneratorExit:
-            raise
-        except BaseException as exc:
-            # Cancelled or interrupted after a request may have reached the server: no permit or
-            # queue entry of this owner may outlive the call (a dead server: left to the TTLs).
-            if self.owner is None and not isinstance(exc, (ConnectionUnavailable, ConfigError)):
-                yield Cleanup(self._release_call(owner, True))
-            raise
-
-    def _leave_queue(self, owner: str) -> Protocol[bool]:
-        """Timed out while queued: leave the queue, unless a permit was handed over meanwhile."""
-        sent_at = self.clock()
-        granted, value = yield from self._try(owner, 0)
-        if granted == 1:
-            self._granted(owner, value, sent_at)
-            return True
-        yield self._release_call(owner, True)
-        return False
-
     def release(self) -> Protocol[None]:
         """Give the permit back (handing it to the oldest live waiter, if any)."""
         owner = self.owner
@@ -232,7 +152,8 @@ class SemaphoreCore(LockCore):
         try:
             result = yield self._release_call(owner, False, shield=True)
         finally:
-            self.clear()
+            if self.owner == owner:  # not a newer acquisition's state
+                self.clear()
         if result == 0:
             raise LockNotOwned(
                 f"semaphore {self.name!r}: the permit of this handle had expired", name=self.name
@@ -256,7 +177,8 @@ class SemaphoreCore(LockCore):
         else:
             result = yield call
         if result != 1:
-            self.clear()
+            if self.owner == owner:
+                self.clear()
             raise LockNotOwned(
                 f"semaphore {self.name!r}: the permit of this handle had expired", name=self.name
             )

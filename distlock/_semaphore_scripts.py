@@ -69,14 +69,17 @@ local function grant(holders, tokens, fence, owner, ttl, now, us, retention)
   return token
 end
 
--- hand free permits to the oldest live waiters, pushing each its token; dead waiters are dropped
+-- Hand free permits to the oldest live waiters, pushing each its token. At most 64 dead waiters
+-- are dropped per call (bounded work); returns false when that bound stopped it with waiters
+-- left, so the queue is not known to hold no live waiter and nobody may be granted past it (the
+-- next call goes on), true otherwise.
 local function fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now, us, retention)
   local n = redis.call('ZCARD', holders)
-  local granted = false
-  for _ = 1, 64 + limit do
-    if n >= limit then break end
+  local dead = 0
+  while n < limit do
     local first = redis.call('ZRANGE', queue, 0, 0)[1]
-    if not first then break end
+    if not first then return true end
+    if dead >= 64 then return false end
     redis.call('ZREM', queue, first)
     local exp = tonumber(redis.call('HGET', qexp, first))
     redis.call('HDEL', qexp, first)
@@ -89,19 +92,22 @@ local function fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now
       redis.call('RPUSH', wake, token)
       redis.call('PEXPIRE', wake, ttl)
       n = n + 1
-      granted = true
+    else
+      dead = dead + 1
     end
   end
-  return granted
+  return true
 end
 """
 
 # KEYS: holders, tokens, fence, limit, queue, qexp, wake-list prefix, my wake list
-# ARGV: owner, ttl_ms, retention_ms (>= ttl_ms), wait_ms (0: try only; > 0: join/refresh the
-#       queue), limit
+# ARGV: owner, ttl_ms, retention_ms (>= ttl_ms),
+#       wait_ms (0: try only; > 0: join/refresh the queue; -1: try, else leave the queue), limit
 # Returns {1, token} when owner holds a permit (granted now, or earlier: a retried call or a
-#         handoff; the lease is then reset to ttl_ms from now, so every grant writes);
-#         {0, ms} when no permit is free (ms: until the earliest holder's lease ends, -2: none);
+#         handoff; the lease is then reset to ttl_ms from now, so every grant writes, and the
+#         owner's queue entry and wake list are gone);
+#         {0, ms} when no permit is free for owner (ms: until the earliest holder's lease ends,
+#         0: dead waiters are still being dropped, ask again at once, -2: no holder);
 #         {-1, stored} when the semaphore is in use with another limit (nothing written).
 ACQUIRE = Script(
     "distlock.sem_acquire",
@@ -114,30 +120,38 @@ local wait_ms, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
 local stored = redis.call('GET', limit_key)
 if stored and stored ~= ARGV[5] then return {-1, stored} end
 local now, us = now_ms()
+local member = ARGV[2] .. ':' .. owner
 redis.call('SET', limit_key, ARGV[5], 'PX', retention)
 prune(holders, tokens, now)
+local clear = true
 if not redis.call('ZSCORE', holders, owner) then
-  fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now, us, retention)
+  clear = fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now, us, retention)
 end
 if redis.call('ZSCORE', holders, owner) then  -- a retried call, or handed over (now or before)
   redis.call('DEL', wake)
+  redis.call('ZREM', queue, member)  -- a holder never keeps a queue entry
+  redis.call('HDEL', qexp, member)
   redis.call('ZADD', holders, 'XX', now + ttl, owner)
   keep_alive(holders, tokens, now, retention)
   local token = tonumber(redis.call('HGET', tokens, owner))
   return {1, token or error('DISTLOCK fencing state lost at ' .. tokens)}
 end
-if redis.call('ZCARD', holders) < limit then  -- fill() emptied the queue of live waiters
+if clear and redis.call('ZCARD', holders) < limit then  -- fill() emptied the queue
   local token = grant(holders, tokens, fence, owner, ttl, now, us, retention)
   keep_alive(holders, tokens, now, retention)
   return {1, token}
 end
-if wait_ms > 0 then
-  local member = ARGV[2] .. ':' .. owner
+if wait_ms < 0 then  -- leaving (timed out): drop the queue entry and the wake list
+  redis.call('ZREM', queue, member)
+  redis.call('HDEL', qexp, member)
+  redis.call('DEL', wake)
+elseif wait_ms > 0 then
   redis.call('ZADD', queue, 'NX', now, member)
   redis.call('HSET', qexp, member, now + wait_ms)
   redis.call('PEXPIRE', queue, wait_ms + 60000)
   redis.call('PEXPIRE', qexp, wait_ms + 60000)
 end
+if not clear then return {0, 0} end
 local first = redis.call('ZRANGE', holders, 0, 0, 'WITHSCORES')
 if not first[2] then return {0, -2} end
 return {0, math.max(0, tonumber(first[2]) - now)}

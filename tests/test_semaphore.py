@@ -285,10 +285,9 @@ def test_retried_scripts_after_a_lost_reply_are_idempotent(topology: Topology) -
     sem = Semaphore(client, "idem", 1, ttl=10)
     core = sem._sem
     owner = core.new_owner()
-    keys = core._acquire_keys(core.wake_prefix + owner)
-    args = (owner, core.ttl_ms, core.retention_ms, 0, 1)
-    first = ACQUIRE(client, keys, args)
-    again = ACQUIRE(client, keys, args)
+    call = core._acquire_call(owner, 0)
+    first = ACQUIRE(client, call.keys, call.args)
+    again = ACQUIRE(client, call.keys, call.args)
     assert first[0] == 1 and again == first  # the same permit and token, not a second one
     release = core._release_call(owner, False)
     assert RELEASE(client, release.keys, release.args) == 1

@@ -25,24 +25,26 @@ def _sync_worker(url: str, name: str, out: Any) -> None:
     sem = Semaphore(client, name, LIMIT, ttl=10)
     record = []
     for _ in range(SECTIONS):
+        called = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the host
         assert sem.acquire(timeout=60)
-        start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the host
+        start = time.monotonic()
         time.sleep(0.002)
-        record.append((start, time.monotonic(), sem.fencing_token))
+        record.append((called, start, time.monotonic(), sem.fencing_token))
         sem.release()
     out.put(record)
 
 
 def _async_worker(url: str, name: str, out: Any) -> None:
-    async def run() -> list[tuple[float, float, int | None]]:
+    async def run() -> list[tuple[float, float, float, int | None]]:
         client = aconnect(url)
         sem = AsyncSemaphore(client, name, LIMIT, ttl=10)
         record = []
         for _ in range(SECTIONS):
+            called = time.monotonic()
             assert await sem.acquire(timeout=60)
             start = time.monotonic()
             await asyncio.sleep(0.002)
-            record.append((start, time.monotonic(), sem.fencing_token))
+            record.append((called, start, time.monotonic(), sem.fencing_token))
             await sem.release()
         await client.aclose()
         return record
@@ -50,32 +52,35 @@ def _async_worker(url: str, name: str, out: Any) -> None:
     out.put(asyncio.run(run()))
 
 
-def check_k_exclusion(intervals: list[tuple[float, float, int | None]], limit: int) -> int:
-    """At most ``limit`` sections overlap; a section that starts after another ended has the
-    higher token (its grant came later). Returns the most overlapping sections seen."""
-    events = sorted([(s, 1) for s, _, _ in intervals] + [(e, -1) for _, e, _ in intervals])
+def check_k_exclusion(intervals: list[tuple[float, float, float, int | None]], limit: int) -> int:
+    """Each interval is (acquire called, section start, section end, token). At most ``limit``
+    sections overlap; an acquisition whose call began after another section ended has the higher
+    token (L3; the section start is no bound: a granted process may be descheduled before it
+    notes the time). Returns the most overlapping sections seen."""
+    events = sorted([(s, 1) for _, s, _, _ in intervals] + [(e, -1) for _, _, e, _ in intervals])
     live = most = 0
     for _, delta in events:  # at equal times an end (-1) sorts before a start (+1)
         live += delta
         most = max(most, live)
     assert most <= limit, f"{most} holders overlapped (limit {limit})"
-    tokens = [t for _, _, t in intervals]
+    tokens = [t for _, _, _, t in intervals]
     assert all(t is not None for t in tokens) and len(set(tokens)) == len(tokens)
-    by_end = sorted(intervals, key=lambda iv: iv[1])
-    for s2, _e2, t2 in intervals:
-        for _s1, e1, t1 in by_end:
-            if e1 >= s2:
+    by_end = sorted(intervals, key=lambda iv: iv[2])
+    for c2, _s2, _e2, t2 in intervals:
+        for _c1, _s1, e1, t1 in by_end:
+            if e1 >= c2:
                 break
             assert t1 is not None and t2 is not None and t1 < t2, "fencing order broken"
     return most
 
 
 def test_the_checker_catches_overlap_and_token_disorder() -> None:
-    check_k_exclusion([(0, 2, 1), (1, 3, 2), (2.5, 4, 3)], 2)
+    check_k_exclusion([(0, 0, 2, 1), (1, 1, 3, 2), (2.5, 2.5, 4, 3)], 2)
+    check_k_exclusion([(0, 0, 1, 5), (0.5, 2, 3, 4)], 2)  # granted first, noted the time late
     with pytest.raises(AssertionError, match="overlapped"):
-        check_k_exclusion([(0, 2, 1), (1, 3, 2), (1.5, 4, 3)], 2)
+        check_k_exclusion([(0, 0, 2, 1), (1, 1, 3, 2), (1.5, 1.5, 4, 3)], 2)
     with pytest.raises(AssertionError, match="fencing order"):
-        check_k_exclusion([(0, 1, 5), (2, 3, 4)], 2)
+        check_k_exclusion([(0, 0, 1, 5), (2, 2, 3, 4)], 2)
 
 
 @pytest.mark.slow
