@@ -362,34 +362,41 @@ def _steps() -> Iterator[int]:
         k *= 2
 
 
-@pytest.mark.parametrize(
-    ("contended", "slow_reply"),
-    [(False, False), (False, True), (True, False), (True, True)],
-    ids=["free", "free-slow-reply", "queued", "queued-slow-reply"],
-)
+@pytest.mark.parametrize("contended", [False, True], ids=["free", "queued"])
+@pytest.mark.parametrize("slow", ["", "reply", "send"], ids=["fast", "slow-reply", "slow-send"])
 def test_cancelled_acquire_at_every_await_point_leaves_nothing(
-    redis_server: RedisServer, contended: bool, slow_reply: bool
+    redis_server: RedisServer, contended: bool, slow: str
 ) -> None:
     """Cancel ``acquire`` after k event-loop steps for k = 0, 1, ... until it completes first.
 
     Queued: the holder's lease (50 ms) runs out while the waiter blocks, so the waiter's acquire
     completes through the expiry path after its BLPOP, its queue entry and its wake list.
     Slow reply: every script's reply is held back 20 ms after the server ran it (a reply still on
-    the wire), so the cancellations land after the grant or the queueing took effect.
+    the wire), so the cancellations land after the grant or the queueing took effect. Slow send:
+    every script reaches the server 20 ms after it was sent (bytes still on the wire), so a
+    cleanup on another connection could overtake the call it undoes.
     """
     admin = redis_server.client()
 
     async def once(k: int) -> bool:
         admin.flushall()
         client = redis_server.async_client()
-        if slow_reply:
+        if slow:
             original = client.execute_command
 
             async def delayed(*args: Any, **kwargs: Any) -> Any:
-                result = await original(*args, **kwargs)
-                if args[0] in ("EVALSHA", "EVAL"):
+                if args[0] not in ("EVALSHA", "EVAL"):
+                    return await original(*args, **kwargs)
+                if slow == "reply":
+                    result = await original(*args, **kwargs)
                     await asyncio.sleep(0.02)
-                return result
+                    return result
+
+                async def later() -> Any:
+                    await asyncio.sleep(0.02)
+                    return await original(*args, **kwargs)
+
+                return await asyncio.shield(asyncio.ensure_future(later()))  # sent: delivered
 
             client.execute_command = delayed  # type: ignore[method-assign]
         holder = AsyncSemaphore(client, "cxl", 1, ttl=0.05)
@@ -428,13 +435,16 @@ def test_cancelled_acquire_at_every_await_point_leaves_nothing(
     admin.close()
 
 
-def test_cancelled_release_at_every_await_point_still_releases(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("auto_renew", [False, True], ids=["plain", "auto-renew"])
+def test_cancelled_release_at_every_await_point_still_releases(
+    redis_server: RedisServer, auto_renew: bool
+) -> None:
     admin = redis_server.client()
 
     async def once(k: int) -> bool:
         admin.flushall()
         client = redis_server.async_client()
-        sem = AsyncSemaphore(client, "cxr", 1, ttl=30)
+        sem = AsyncSemaphore(client, "cxr", 1, ttl=30, auto_renew=auto_renew, renew_interval=1)
         assert await sem.acquire()
         task = asyncio.ensure_future(sem.release())
         for _ in range(k):
