@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing as mp
 import re
 import threading
 import time
@@ -373,8 +374,8 @@ def test_cancelled_acquire_at_every_await_point_leaves_nothing(
     completes through the expiry path after its BLPOP, its queue entry and its wake list.
     Slow reply: every script's reply is held back 20 ms after the server ran it (a reply still on
     the wire), so the cancellations land after the grant or the queueing took effect. Slow send:
-    every script reaches the server 20 ms after it was sent (bytes still on the wire), so a
-    cleanup on another connection could overtake the call it undoes.
+    every ACQUIRE reaches the server 20 ms after it was sent (bytes still on the wire) while
+    later traffic is fast, so a cleanup on another connection could overtake the call it undoes.
     """
     admin = redis_server.client()
 
@@ -391,6 +392,9 @@ def test_cancelled_acquire_at_every_await_point_leaves_nothing(
                     result = await original(*args, **kwargs)
                     await asyncio.sleep(0.02)
                     return result
+
+                if args[1] not in (ACQUIRE.sha, ACQUIRE.source):  # only the call itself is late
+                    return await original(*args, **kwargs)
 
                 async def later() -> Any:
                     await asyncio.sleep(0.02)
@@ -412,6 +416,8 @@ def test_cancelled_acquire_at_every_await_point_leaves_nothing(
             got = await task
         except asyncio.CancelledError:
             got = False
+        if slow == "send":
+            await asyncio.sleep(0.03)  # a late call that was not waited for lands meanwhile
         members = {m.decode() for m in admin.zrange(key("cxl", "holders"), 0, -1)}
         if got:
             assert sem._core.owner in members, k
@@ -493,6 +499,7 @@ class SemaphoreMachine(RuleBasedStateMachine):
         self.holders: set[str] = set()  # who holds a live permit on the server
         self.believes: set[str] = set()  # handles that think they hold one (expired ones may)
         self.last_token = 0
+        self.dead = 0
         self.holders_key = key("model", "holders")
 
     def teardown(self) -> None:
@@ -503,14 +510,20 @@ class SemaphoreMachine(RuleBasedStateMachine):
     def start_empty(self) -> None:
         assert not self.admin.exists(self.holders_key)
 
+    def _grantable(self) -> bool:
+        """Whether a newcomer's ACQUIRE gets a permit: one is free, and at most 64 dead waiters
+        (all that is queued between steps) stand before it."""
+        return len(self.holders) < LIMIT and self.admin.zcard(key("model", "queue")) <= 64
+
     @rule(name=st.sampled_from(names))
     def acquire_nonblocking(self, name: str) -> None:
         if name in self.believes:
             with pytest.raises(LockError, match="not reentrant"):
                 self.sems[name].acquire(blocking=False)
             return
+        expected = self._grantable()
         got = self.sems[name].acquire(blocking=False)
-        assert got == (len(self.holders) < LIMIT), (name, got, self.holders)
+        assert got == expected, (name, got, self.holders)
         if got:
             token = self.sems[name].fencing_token
             assert token is not None and token > self.last_token
@@ -523,8 +536,61 @@ class SemaphoreMachine(RuleBasedStateMachine):
     def acquire_times_out_while_full(self, name: str) -> None:
         if name in self.believes:
             return
+        before = self.admin.zcard(key("model", "queue"))
         assert self.sems[name].acquire(timeout=0.02) is False
-        assert self.admin.zcard(key("model", "queue")) == 0
+        assert self.admin.zcard(key("model", "queue")) == before  # left; no dead one dropped
+
+    @rule(n=st.sampled_from([3, 70]))
+    def waiters_died(self, n: int) -> None:
+        """``n`` waiters crashed: their queue entries stay, expired, ahead of everyone."""
+        for _ in range(n):
+            self.dead += 1
+            member = f"1:dead{self.dead}"
+            self.admin.zadd(key("model", "queue"), {member: -self.dead})
+            self.admin.hset(key("model", "qexp"), member, 1)
+
+    @rule(name=st.sampled_from(names))
+    def forked_child_acquires(self, name: str) -> None:
+        """A child forked with a copy of a handle holds nothing and is a new owner."""
+        expected = self._grantable()
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(target=_fork_try, args=(self.sems[name], out))
+        child.start()
+        held_copy, got = out.get(timeout=20)
+        child.join(20)
+        assert child.exitcode == 0
+        assert held_copy is False
+        assert got == expected, (name, got, self.holders)
+
+    @precondition(lambda self: len(self.holders) >= LIMIT)
+    @rule(data=st.data())
+    def second_acquire_on_a_waiting_handle_is_refused(self, data: st.DataObject) -> None:
+        """Two threads, one handle: the second acquire raises; the first gets the handoff."""
+        free = [n for n in self.names if n not in self.believes]
+        if not free:
+            return
+        name = data.draw(st.sampled_from(free), label="shared")
+        released = data.draw(st.sampled_from(sorted(self.holders)), label="releases")
+        sem = self.sems[name]
+        got: list[bool] = []
+        thread = threading.Thread(target=lambda: got.append(sem.acquire(timeout=10)))
+        before = self.admin.zcard(key("model", "queue"))
+        thread.start()
+        while self.admin.zcard(key("model", "queue")) <= before:
+            time.sleep(0.002)
+        with pytest.raises(LockError, match="another acquire is in progress"):
+            sem.acquire(blocking=False)
+        self.sems[released].release()
+        self.holders.discard(released)
+        self.believes.discard(released)
+        thread.join(15)
+        assert got == [True]
+        token = sem.fencing_token
+        assert token is not None and token > self.last_token
+        self.last_token = token
+        self.holders.add(name)
+        self.believes.add(name)
 
     @rule(name=st.sampled_from(names))
     def release(self, name: str) -> None:
@@ -566,6 +632,12 @@ class SemaphoreMachine(RuleBasedStateMachine):
                 other.acquire(blocking=False)
 
     @invariant()
+    def only_dead_waiters_queued(self) -> None:
+        queued = self.admin.zrange(key("model", "queue"), 0, -1)
+        assert all(m.startswith(b"1:dead") for m in queued), queued
+        assert self.admin.keys("distkit:sem:{model}:wake:*") == []
+
+    @invariant()
     def server_agrees(self) -> None:
         for name, sem in self.sems.items():
             assert sem.owned() == (name in self.holders), name
@@ -573,10 +645,18 @@ class SemaphoreMachine(RuleBasedStateMachine):
         assert self.sems["h0"].locked() == (len(self.holders) >= LIMIT)
 
 
+def _fork_try(sem: Semaphore, out: Any) -> None:
+    held_copy = sem.fencing_token is not None
+    got = sem.acquire(blocking=False)
+    if got:
+        sem.release()
+    out.put((held_copy, got))
+
+
 def test_state_machine(redis_server: RedisServer) -> None:
     SemaphoreMachine.server = redis_server
     run_state_machine_as_test(
-        SemaphoreMachine, settings=fuzz_settings(40, stateful_step_count=examples(40))
+        SemaphoreMachine, settings=fuzz_settings(25, stateful_step_count=examples(40))
     )
 
 
@@ -622,7 +702,7 @@ def test_the_guarantees_table_names_real_tests() -> None:
     here = Path(__file__).resolve().parent
     defined = {
         m
-        for f in ("test_semaphore.py", "test_semaphore_processes.py")
+        for f in ("test_semaphore.py", "test_semaphore_processes.py", "test_semaphore_safety.py")
         for m in re.findall(r"^def (test_\w+)", (here / f).read_text(), flags=re.M)
     }
     assert named <= defined, sorted(named - defined)
