@@ -14,6 +14,7 @@ from . import (
     _lock_uncontended,
     _near_scenarios,
     _redlock,
+    _semaphore,
     _stampede,
 )
 from ._model import Scenario
@@ -25,6 +26,7 @@ SCENARIOS: dict[str, Scenario] = {
     for s in (
         _lock_uncontended.SCENARIO,
         _lock_contended.SCENARIO,
+        _semaphore.SCENARIO,
         _redlock.SCENARIO,
         _cache_scenarios.HIT_SCENARIO,
         _cache_scenarios.BATCH_SCENARIO,

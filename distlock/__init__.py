@@ -3,7 +3,8 @@
 ``Lock`` / ``AsyncLock`` hold a lease on one Redis (standalone, Sentinel master or a Cluster
 shard); ``Redlock`` / ``AsyncRedlock`` on a quorum of N independent masters. Every acquisition
 returns a fencing token that strictly increases for successive holders, also across a server
-restart that lost its data; ``FencedStore`` applies it where the data lives.
+restart that lost its data; ``FencedStore`` applies it where the data lives. ``Semaphore`` /
+``AsyncSemaphore`` admit up to ``limit`` holders of one name, each with its own token.
 """
 
 from distkit import (
@@ -19,11 +20,13 @@ from ._decorator import locked
 from ._fencing import AsyncFencedStore, FencedStore
 from ._lock import AsyncLock, Lock
 from ._redlock import AsyncRedlock, Redlock
+from ._semaphore import AsyncSemaphore, Semaphore
 
 __all__ = [
     "AsyncFencedStore",
     "AsyncLock",
     "AsyncRedlock",
+    "AsyncSemaphore",
     "ConnectionUnavailable",
     "FencedStore",
     "Lock",
@@ -32,6 +35,7 @@ __all__ = [
     "LockNotAcquired",
     "LockNotOwned",
     "Redlock",
+    "Semaphore",
     "StaleFencingToken",
     "locked",
 ]

@@ -156,6 +156,9 @@ class LockCore:
         "wake_prefix",
     )
 
+    # what the handle is called in error messages
+    kind = "lock"
+
     def __init__(
         self,
         name: str,
@@ -249,13 +252,14 @@ class LockCore:
         """
         if self.owner is not None:
             raise LockError(
-                f"lock {self.name!r} is already held by this handle (handles are not reentrant)",
+                f"{self.kind} {self.name!r} is already held by this handle (handles are not "
+                "reentrant)",
                 name=self.name,
             )
         if not self._busy.acquire(blocking=False):
             raise LockError(
-                f"lock {self.name!r}: another acquire is in progress on this handle (one handle "
-                "is one holder; give each thread or task its own handle)",
+                f"{self.kind} {self.name!r}: another acquire is in progress on this handle "
+                "(one handle is one holder; give each thread or task its own handle)",
                 name=self.name,
             )
         try:
@@ -266,7 +270,6 @@ class LockCore:
     def _acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
         owner = self.new_owner()
         wake_key = self.wake_prefix + owner
-        keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
         deadline = None if timeout is None else self.clock() + timeout
         queued = False
         lost_pops = 0
@@ -277,11 +280,7 @@ class LockCore:
                     block = min(block, max(0.0, deadline - self.clock()))
                 wait_ms = _ms(block + _QUEUE_GRACE) if blocking and block > 0 else 0
                 sent_at = self.clock()
-                # shield: a cancelled caller waits for the reply, so the cleanup below cannot
-                # overtake this call on another connection (and the call then grant an orphan)
-                call = Eval(
-                    ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, wait_ms), shield=True
-                )
+                call = self._acquire_call(owner, wait_ms)
                 if self.replicas:
                     granted, value = yield from self._replicated(call, _is_grant)
                 else:
@@ -290,12 +289,7 @@ class LockCore:
                     self._granted(owner, value, sent_at)
                     return True
                 queued = queued or wait_ms > 0
-                pttl = int(value)
-                if pttl == -1:
-                    raise ForeignDataError(
-                        f"lock key {self.lease_key!r} exists without an expiry: "
-                        "it was not written by distlock"
-                    )
+                lapse_ms = self._refused(granted, value)
                 if not blocking:
                     return False
                 if deadline is not None:
@@ -305,9 +299,9 @@ class LockCore:
                     if block < _MIN_WAIT:
                         if not queued:
                             return False
-                        return (yield from self._leave(owner, keys))
-                if pttl > 0:  # the holder's lease may lapse (crash) before anyone hands off
-                    block = min(block, pttl / 1000 + 0.001)
+                        return (yield from self._leave(owner))
+                if lapse_ms is not None:  # a holder may crash before anyone hands off
+                    block = min(block, lapse_ms / 1000 + 0.001)
                 try:
                     if self.replicas:  # a handoff: the BLPOP's own write follows the grant's
                         token = yield from self._replicated(Pop(wake_key, block), _is_token)
@@ -324,7 +318,7 @@ class LockCore:
                     self._granted(owner, token, sent_at)
                     return True
                 if deadline is not None and deadline - self.clock() <= 0:
-                    return (yield from self._leave(owner, keys))
+                    return (yield from self._leave(owner))
         except GeneratorExit:
             raise
         except BaseException:
@@ -333,20 +327,43 @@ class LockCore:
             # whatever this owner holds and leave the queue, one try. If that fails too, the
             # lease (or queue entry) ends with its TTL.
             if self.owner is None:
-                yield Cleanup(
-                    Eval(
-                        RELEASE,
-                        self._release_keys(wake_key),
-                        (owner, self.retention_ms, 1, self.rel_ms),
-                    )
-                )
+                yield Cleanup(self._abandon_call(owner))
             raise
 
-    def _leave(self, owner: str, keys: tuple[str, ...]) -> Protocol[bool]:
+    def _acquire_call(self, owner: str, wait_ms: int) -> Eval:
+        """One ACQUIRE of ``owner`` (``wait_ms``: 0 try only, > 0 queue, -1 leave the queue)."""
+        keys = (
+            self.lease_key,
+            self.fence_key,
+            self.queue_key,
+            self.qexp_key,
+            self.wake_prefix + owner,
+        )
+        # shield: a cancelled caller waits for the reply, so the cleanup cannot overtake this
+        # call on another connection (and the call then grant an orphan)
+        args = (owner, self.ttl_ms, self.retention_ms, wait_ms)
+        return Eval(ACQUIRE, keys, args, shield=True)
+
+    def _refused(self, granted: Any, value: Any) -> int | None:
+        """Check a refused ACQUIRE's reply; ms until the lease may lapse (None: unknown)."""
+        pttl = int(value)
+        if pttl == -1:
+            raise ForeignDataError(
+                f"lock key {self.lease_key!r} exists without an expiry: "
+                "it was not written by distlock"
+            )
+        return pttl if pttl > 0 else None
+
+    def _abandon_call(self, owner: str) -> Eval:
+        """Release whatever ``owner`` holds and leave the queue (a failed acquire's cleanup)."""
+        keys = self._release_keys(self.wake_prefix + owner)
+        return Eval(RELEASE, keys, (owner, self.retention_ms, 1, self.rel_ms))
+
+    def _leave(self, owner: str) -> Protocol[bool]:
         """Timed out while queued: leave the queue in one call, unless the lease was handed over
         meanwhile (then it is granted, timed from this call)."""
         sent_at = self.clock()
-        call = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, -1), shield=True)
+        call = self._acquire_call(owner, -1)
         if self.replicas:
             granted, value = yield from self._replicated(call, _is_grant)
         else:

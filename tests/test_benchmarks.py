@@ -76,6 +76,36 @@ def test_lock_contended_smoke(tmp_path: Path, redis_server: RedisServer) -> None
         assert row["metrics"]["cs_share"] > 0
 
 
+def test_semaphore_contended_smoke(tmp_path: Path, redis_server: RedisServer) -> None:
+    code, data = _run(
+        tmp_path,
+        "--scenario", "semaphore_contended",
+        "--redis-url", redis_server.url,
+        "--duration", "0.5",
+        "--warmup", "0.1",
+    )  # fmt: skip
+    assert code == 0
+    _assert_all_measured(data, "semaphore_contended")
+    for row in data["scenarios"][0]["contenders"]:
+        assert row["metrics"]["sections"] > 0
+        assert row["metrics"]["utilisation"] > 0
+    distlock = next(r for r in data["scenarios"][0]["contenders"] if r["key"] == "distlock")
+    assert distlock["metrics"]["max_holders"] == 2  # quick: limit 2, and the permits were shared
+
+
+def test_semaphore_analyze_pairs_releases_with_waiters() -> None:
+    from benchmarks._semaphore import analyze as sem_analyze
+
+    # A holds 0-10, B holds 0-12, C asked at 1 and got A's permit at 11, D asked at 2 and got
+    # B's at 14: two handoffs (1 and 2), three holders never overlap beyond 2
+    stats = sem_analyze([(0, 0, 10), (0, 0, 12), (1, 11, 20), (2, 14, 30)], 0, 25)
+    assert stats.handoffs_ns == [1, 2]
+    assert stats.max_holders == 2
+    assert stats.longest_wait_ns == 12
+    assert stats.wall_ns == 30 and stats.cs_ns == 10 + 12 + 9 + 16
+    assert stats.utilisation(2) == pytest.approx(47 / 60)
+
+
 def test_run_leaves_no_keys_on_a_given_server(tmp_path: Path, redis_server: RedisServer) -> None:
     client = redis_server.client()
     try:
