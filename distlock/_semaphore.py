@@ -43,7 +43,7 @@ from ._lock import _AsyncLock, _SyncLock
 from ._semaphore_scripts import ACQUIRE, EXTEND, PEEK, RELEASE
 
 if TYPE_CHECKING:
-    from distkit import RetryConfig
+    from distkit import AsyncClient, RetryConfig, SyncClient
 
 __all__ = ["AsyncSemaphore", "Semaphore", "SemaphoreCore"]
 
@@ -288,7 +288,7 @@ class Semaphore(_SyncLock):
 
     def __init__(
         self,
-        client: Any,
+        client: SyncClient,
         name: str,
         limit: int,
         *,
@@ -348,7 +348,7 @@ class AsyncSemaphore(_AsyncLock):
 
     def __init__(
         self,
-        client: Any,
+        client: AsyncClient,
         name: str,
         limit: int,
         *,

@@ -28,7 +28,7 @@ from distcache import AsyncCache, NearCache
 from distkit import EventLoopMismatch, aconnect
 from distkit._clients import _TWINS
 from distkit.testing import IndependentMasters, RedisCluster, RedisServer
-from distlock import AsyncLock, AsyncRedlock
+from distlock import AsyncLock, AsyncRedlock, AsyncSemaphore
 
 
 @dataclass
@@ -125,8 +125,16 @@ CACHE_RECIPES: dict[str, Recipe] = {
     "aclose": Recipe(lambda s: s.obj.aclose(), before=_set, io=False),
 }
 
+SEMAPHORE_RECIPES: dict[str, Recipe] = {
+    **LOCK_RECIPES,
+    # locked(): every permit taken; one of two is held
+    "locked": Recipe(lambda s: s.obj.locked(), before=_acquire, check=lambda got: got is False),
+    "holders": Recipe(lambda s: s.obj.holders(), before=_acquire, check=lambda got: got == 1),
+}
+
 RECIPES: dict[type, dict[str, Recipe]] = {
     AsyncLock: LOCK_RECIPES,
+    AsyncSemaphore: SEMAPHORE_RECIPES,
     AsyncRedlock: LOCK_RECIPES,
     AsyncCache: CACHE_RECIPES,
 }
@@ -163,6 +171,8 @@ def _build(cls: type, make: Maker, server: RedisServer, masters: IndependentMast
     client = make(server.url)
     if cls is AsyncLock:
         return Setup(AsyncLock(client, "loops", ttl=10), [client])
+    if cls is AsyncSemaphore:
+        return Setup(AsyncSemaphore(client, "loops", 2, ttl=10), [client])
     return Setup(AsyncCache(client, namespace="loops", breaker=False), [client])
 
 

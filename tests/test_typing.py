@@ -32,6 +32,8 @@ CLIENT_TAKERS: list[tuple[str, str, str]] = [
     ("await AsyncLock.force_release({c}, 'name')", "async", "arg-type"),
     ("Redlock([{c}], 'name')", "sync", "list-item"),
     ("AsyncRedlock([{c}], 'name')", "async", "list-item"),
+    ("Semaphore({c}, 'name', 2)", "sync", "arg-type"),
+    ("AsyncSemaphore({c}, 'name', 2)", "async", "arg-type"),
     ("Cache({c})", "sync", "arg-type"),
     ("AsyncCache({c})", "async", "arg-type"),
 ]
@@ -47,7 +49,7 @@ import redis.asyncio
 
 from distcache import AsyncCache, Cache
 from distkit import aconnect, connect
-from distlock import AsyncLock, AsyncRedlock, Lock, Redlock
+from distlock import AsyncLock, AsyncRedlock, AsyncSemaphore, Lock, Redlock, Semaphore
 
 sync = redis.Redis()
 cluster = redis.RedisCluster()
