@@ -264,3 +264,49 @@ def test_plugins_are_loaded_by_name_and_distkit_does_not_import_them() -> None:
     env["DISTKIT_CLI_PLUGINS"] = "distlock._cli:register"
     helped = cli("--help", env=env)
     assert "lock" in helped.stdout and "cache" not in helped.stdout.split("positional")[-1]
+
+
+# Every subcommand, with arguments that exist and that do not: --json always parses, no traceback,
+# exit 1 for a missing object, exit 3 against a dead server. New subcommands must be added here
+# (the test below fails for a registered command missing from this table).
+_EVERY = {
+    "ping": (["ping"], None),
+    "lock list": (["lock", "list"], None),  # an empty listing is exit 0
+    "lock inspect": (["lock", "inspect", "every-lock"], ["lock", "inspect", "missing"]),
+    "lock release": (
+        ["lock", "release", "every-lock", "--force", "--yes"],
+        ["lock", "release", "missing", "--force", "--yes"],
+    ),
+    "cache stats": (["cache", "stats", "every-ns"], ["cache", "stats", "missing"]),
+    "cache get": (["cache", "get", "every-ns", "k"], ["cache", "get", "every-ns", "missing"]),
+    "cache invalidate": (["cache", "invalidate", "every-ns", "t"], None),
+    "cache clear": (["cache", "clear", "every-ns"], None),
+}
+
+
+def test_the_table_covers_every_registered_command() -> None:
+    from distkit._cli import COMMANDS, _parser
+
+    _parser()  # loads the plugins, which fill COMMANDS
+    assert set(COMMANDS) == set(_EVERY)
+
+
+@pytest.mark.parametrize("command", sorted(_EVERY))
+def test_every_command_json_missing_and_unreachable(
+    command: str, fresh_server: RedisServer
+) -> None:
+    present, missing = _EVERY[command]
+    url = fresh_server.url
+    with fresh_server.client() as client:
+        assert Lock(client, "every-lock", ttl=60).acquire()
+        Cache(client, namespace="every-ns", ttl=60).set("k", [1, "two"], tags=["t"])
+    done = cli("--url", url, "--json", *present)
+    assert done.returncode == 0, done.stderr
+    assert isinstance(json.loads(done.stdout), dict)
+    if missing is not None:
+        gone = cli("--url", url, "--json", *missing)
+        assert gone.returncode == 1 and "Traceback" not in gone.stderr, gone.stderr
+        if gone.stdout:
+            json.loads(gone.stdout)
+    dead = cli("--url", f"redis://127.0.0.1:{free_port()}/0", "--json", *present)
+    assert dead.returncode == 3 and "Traceback" not in dead.stderr, dead.stderr
