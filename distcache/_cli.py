@@ -43,12 +43,14 @@ def _text(value: bytes | str) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 
-def _keys(client: Any, prefix: str, ns: str) -> dict[str, list[str]]:
-    """Every key of namespace ``ns`` by shard prefix ``P:cache[.N]:{ns[.i]}`` (SCAN)."""
-    glob = re.sub(r"([*?\[\]\\])", r"\\\1", ns)
+def _keys(client: Any, prefix: str, ns: str, suffix: str = "*") -> dict[str, list[str]]:
+    """The keys of namespace ``ns`` ending in ``suffix`` (a glob), by shard prefix
+    ``P:cache[.N]:{ns[.i]}`` (SCAN on every master)."""
+    glob, head = (re.sub(r"([*?\[\]\\])", r"\\\1", s) for s in (ns, prefix))
     own = re.compile(re.escape(prefix) + r":cache(\.\d+)?:\{" + re.escape(ns) + r"(\.\d+)?\}:")
     found: dict[str, list[str]] = defaultdict(list)
-    for pattern in (f"{prefix}:cache:{{{glob}}}:*", f"{prefix}:cache.*:{{{glob}.*}}:*"):
+    for pattern in (f"{head}:cache:{{{glob}}}:", f"{head}:cache.*:{{{glob}.*}}:"):
+        pattern += suffix
         for key in scan(client, pattern):
             text = _text(key)
             match = own.match(text)
@@ -61,7 +63,7 @@ def _cache(args: argparse.Namespace, client: Any) -> Cache:
     shards = args.shards
     if shards is None:
         counts = set()
-        for base in _keys(client, args.prefix, args.namespace):
+        for base in _keys(client, args.prefix, args.namespace, "epoch"):
             head = base.split(":{", 1)[0]
             counts.add(int(head.rsplit(".", 1)[1]) if "." in head.rsplit(":", 1)[1] else 1)
         if len(counts) > 1:
@@ -109,14 +111,7 @@ def _clear(args: argparse.Namespace, config: Any, client: Any) -> dict[str, Any]
 
 
 def _invalidate(args: argparse.Namespace, config: Any, client: Any) -> dict[str, Any]:
-    try:
-        _cache(args, client).invalidate_tags(*args.tags)
-    except NotFound:
-        raise
-    except Exception as exc:
-        if type(exc).__name__ == "ConfigError":
-            raise Usage(str(exc)) from None
-        raise
+    _cache(args, client).invalidate_tags(*args.tags)  # a bad tag: ConfigError, exit 2
     return {"namespace": args.namespace, "invalidated_tags": list(args.tags)}
 
 

@@ -310,3 +310,24 @@ def test_every_command_json_missing_and_unreachable(
             json.loads(gone.stdout)
     dead = cli("--url", f"redis://127.0.0.1:{free_port()}/0", "--json", *present)
     assert dead.returncode == 3 and "Traceback" not in dead.stderr, dead.stderr
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_cache_commands_find_the_namespaces_shards_and_only_its_keys(
+    shards: int, fresh_server: RedisServer
+) -> None:
+    url = fresh_server.url
+    with fresh_server.client() as client:
+        glob = Cache(client, namespace="a*b", ttl=60, shards=shards)
+        other = Cache(client, namespace="aXb", ttl=60, shards=shards)
+        nested = Cache(client, namespace="a*b.1", ttl=60, shards=1)
+        for i in range(12):
+            glob.set(f"k{i}", i)
+            other.set(f"k{i}", -i)
+        nested.set("n", 0)
+        stats = as_json(cli("--url", url, "--json", "cache", "stats", "a*b"))
+        assert stats["entries"] == 12 and len(stats["shards"]) == min(shards, 12)
+        assert as_json(cli("--url", url, "--json", "cache", "get", "a*b", "k5"))["value"] == 5
+        assert cli("--url", url, "cache", "clear", "a*b").returncode == 0
+        assert [glob.get(f"k{i}") for i in range(12)] == [None] * 12
+        assert other.get("k5") == -5 and nested.get("n") == 0  # untouched
