@@ -308,6 +308,10 @@ def test_every_command_json_missing_and_unreachable(
         assert gone.returncode == 1 and "Traceback" not in gone.stderr, gone.stderr
         if gone.stdout:
             json.loads(gone.stdout)
+    with fresh_server.client() as client:
+        stats = client.info("commandstats")
+        assert "cmdstat_keys" not in stats  # SCAN only
+        assert command not in ("lock list", "cache stats") or "cmdstat_scan" in stats
     dead = cli("--url", f"redis://127.0.0.1:{free_port()}/0", "--json", *present)
     assert dead.returncode == 3 and "Traceback" not in dead.stderr, dead.stderr
 
