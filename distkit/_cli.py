@@ -6,6 +6,10 @@
     distkit lock list [PATTERN] | lock inspect NAME | lock release NAME --force [--yes]
     distkit cache stats NS | cache clear NS | cache invalidate NS TAG... | cache get NS KEY [--raw]
 
+The ``lock`` and ``cache`` subcommands live in ``distlock._cli`` and ``distcache._cli`` (this
+package never imports them): they are found through the ``distkit.cli`` entry points, or
+``DISTKIT_CLI_PLUGINS``, or by module name when neither exists (a source checkout).
+
 The target comes from ``--url`` (any ``RedisConfig`` URL, TLS and ACL users included), else from
 ``DISTKIT_*`` variables (``RedisConfig.from_env``). Keys are found with ``SCAN`` (bounded counts,
 every master of a Cluster), never ``KEYS``. Exit codes: 0 ok, 1 not found, 2 usage, 3 connection
