@@ -6,6 +6,10 @@
     distkit lock list [PATTERN] | lock inspect NAME | lock release NAME --force [--yes]
     distkit cache stats NS | cache clear NS | cache invalidate NS TAG... | cache get NS KEY [--raw]
 
+The ``lock`` and ``cache`` subcommands live in ``distlock._cli`` and ``distcache._cli`` (this
+package never imports them): they are found through the ``distkit.cli`` entry points, or
+``DISTKIT_CLI_PLUGINS``, or by module name when neither exists (a source checkout).
+
 The target comes from ``--url`` (any ``RedisConfig`` URL, TLS and ACL users included), else from
 ``DISTKIT_*`` variables (``RedisConfig.from_env``). Keys are found with ``SCAN`` (bounded counts,
 every master of a Cluster), never ``KEYS``. Exit codes: 0 ok, 1 not found, 2 usage, 3 connection
@@ -15,7 +19,9 @@ or authentication.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,17 +30,20 @@ from typing import Any, TextIO
 
 from ._errors import AuthenticationFailed, ConnectionUnavailable, DistkitError, translating
 
-__all__ = ["main"]
+__all__ = ["COMMANDS", "NotFound", "Usage", "main", "masters", "scan"]
 
 OK, NOT_FOUND, USAGE, UNREACHABLE = 0, 1, 2, 3
 
 
-class _Usage(Exception):
+class Usage(Exception):
     """A usage error found after parsing (exit 2)."""
 
 
-class _NotFound(Exception):
+class NotFound(Exception):
     """The named lock, namespace or key does not exist (exit 1)."""
+
+
+_Usage, _NotFound = Usage, NotFound
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -147,12 +156,37 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix", default="distkit", help="key prefix (default: distkit)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("ping", help="latency, version, mode, capabilities, eviction policy")
-    for extend in _EXTENSIONS:
+    for extend in _EXTENSIONS or _plugins():
         extend(sub)
     return parser
 
 
 _EXTENSIONS: list[Callable[[Any], None]] = []
+# Used when no ``distkit.cli`` entry point is registered (a source checkout run with PYTHONPATH):
+# the subcommands of the packages shipped in this distribution, imported by name at run time so
+# that ``distkit`` itself never imports ``distlock`` or ``distcache`` (the design's layering).
+_DEFAULT_PLUGINS = ("distlock._cli:register", "distcache._cli:register")
+
+
+def _plugins() -> list[Callable[[Any], None]]:
+    """The ``register`` hooks: ``DISTKIT_CLI_PLUGINS`` (comma-separated ``module:function``),
+    else the ``distkit.cli`` entry points, else the packages shipped with distkit."""
+    from importlib.metadata import entry_points
+
+    listed = os.environ.get("DISTKIT_CLI_PLUGINS")
+    if listed is not None:
+        specs = [s.strip() for s in listed.split(",") if s.strip()]
+    else:
+        specs = sorted({ep.value for ep in entry_points(group="distkit.cli")})
+        specs = specs or list(_DEFAULT_PLUGINS)
+    hooks = []
+    for spec in specs:
+        module, _, attr = spec.partition(":")
+        try:
+            hooks.append(getattr(importlib.import_module(module), attr or "register"))
+        except (ImportError, AttributeError) as exc:
+            print(f"warning: CLI plugin {spec!r} not loaded: {exc}", file=sys.stderr)
+    return hooks
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
@@ -182,6 +216,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     finally:
         if client is not None:
             client.close()
+    code = int(data.pop("exit", NOT_FOUND if data.get("found") is False else OK))
     try:
         if args.json:
             json.dump(data, out, indent=2, sort_keys=True, default=str)
@@ -191,4 +226,4 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         out.flush()
     except BrokenPipeError:  # `distkit ... | head`: the reader left; not an error of ours
         sys.stderr.close()
-    return NOT_FOUND if data.get("found") is False else OK
+    return code
