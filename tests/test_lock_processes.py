@@ -144,8 +144,7 @@ def test_paused_holder_cannot_overwrite_the_next_holders_data(
         FencedStore(client, "account").write(token_b, "written by B")
         with sqlite3.connect(db_path) as db:
             cur = db.execute(
-                "UPDATE account SET balance = ?, fence_token = ? "
-                "WHERE id = 1 AND fence_token <= ?",
+                "UPDATE account SET balance = ?, fence_token = ? WHERE id = 1 AND fence_token <= ?",
                 (200, token_b, token_b),
             )
             assert cur.rowcount == 1
