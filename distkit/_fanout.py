@@ -151,6 +151,17 @@ def _idle_for(pool: Any, timeout: float) -> _Idle:
         return idle
 
 
+def discard_idle(pool: Any) -> None:
+    """Close the idle connections kept for ``pool`` (its client is being closed)."""
+    with _registry_lock:
+        keys = [k for k, (ref, _) in _registry.items() if ref() is pool]
+        idles = [_registry.pop(k)[1] for k in keys]
+    for idle in idles:
+        while (taken := idle.take()) is not None:
+            with contextlib.suppress(Exception):
+                taken[0].disconnect()
+
+
 def _forget_all_after_fork() -> None:
     global _registry_lock
     _registry_lock = threading.RLock()
@@ -473,6 +484,21 @@ class AsyncFanOutDriver(AsyncDriver):
         if pending:
             await asyncio.wait(pending)
 
+    async def _send_late(self, pool: Any, call: Eval, bound: float) -> None:
+        conn = None
+        try:
+            conn = await asyncio.wait_for(pool.get_connection(), bound)
+            await conn.send_packed_command(_packed_eval(conn, call, by_sha=False))
+            await asyncio.wait_for(conn.read_response(disconnect_on_error=False), bound)
+        except (*_REDIS_ERRORS, TimeoutError):
+            if conn is not None:
+                with contextlib.suppress(*_REDIS_ERRORS):
+                    await conn.disconnect()
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await pool.release(conn)
+
     async def _step(self, step: Any) -> Any:
         if isinstance(step, FanOut):
             return await self._fan_out(step)
@@ -600,6 +626,11 @@ class AsyncFanOutDriver(AsyncDriver):
             if conn is not None:
                 with contextlib.suppress(*_REDIS_ERRORS):
                     await conn.disconnect()
+            if step.reach_all and not sent:
+                # A release that never went out (the node stalled while connecting): the caller
+                # has its answer; this task (which the node's next request waits for) still
+                # sends it, within a bounded time.
+                await self._send_late(pool, call, max(1.0, 20 * step.timeout))
         except Exception as exc:  # not Redis's doing (a closed event loop, a bug): the caller's
             crashed.append(exc)
             settle(i, exc)

@@ -15,7 +15,7 @@ from distkit._clients import is_config
 
 if TYPE_CHECKING:
     from distkit import RedlockConfig, RetryConfig
-from distkit._fanout import AsyncFanOutDriver, SyncFanOutDriver
+from distkit._fanout import AsyncFanOutDriver, SyncFanOutDriver, discard_idle
 from distkit._protocol import monotonic
 
 from ._core import Clock, Seconds, check_client
@@ -176,6 +176,7 @@ class Redlock(_SyncLock):
         self._driver = _Closed(self.name)  # type: ignore[assignment]
         driver.close()
         for client in self._owned:
+            discard_idle(client.connection_pool)
             with contextlib.suppress(Exception):
                 client.close()
         self._owned.clear()
