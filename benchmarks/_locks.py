@@ -103,6 +103,25 @@ def _distlock_redlock(masters: int, fencing: str = "clock") -> LockFactory:
     return make
 
 
+def _distlock_redlock_per_call(masters: int) -> LockFactory:
+    def make(clients: Sequence[redis.Redis], name: str, ttl: float) -> LockOps:
+        held: list[distlock.Redlock] = []
+
+        def acquire() -> bool:
+            lock = distlock.Redlock(list(clients[:masters]), name, ttl=ttl, fencing="clock")  # type: ignore[arg-type]
+            got = lock.acquire()
+            if got:
+                held.append(lock)
+            return got
+
+        def release() -> None:
+            held.pop().release()
+
+        return LockOps(acquire, release)
+
+    return make
+
+
 def _pottery_masters(masters: int) -> LockFactory:
     def make(clients: Sequence[redis.Redis], name: str, ttl: float) -> LockOps:
         return _pottery(clients[:masters], name, ttl)
@@ -199,6 +218,14 @@ LOCK_CONTENDERS: dict[str, LockContender] = {
                 note=f"{n} masters, fencing='clock' (max of the granting masters' tokens)",
             )
             for n in (3, 5)
+        ),
+        LockContender(
+            key="distlock-redlock-3-per-call",
+            label="distlock.Redlock x3, a handle per call",
+            role="distkit",
+            factory=_distlock_redlock_per_call(3),
+            note="3 masters, fencing='clock', a new handle per cycle (what @locked([clients]) "
+            "does); the per-master connections are shared, so it should cost about a reused one",
         ),
         LockContender(
             key="distlock-redlock-5-quorum",

@@ -17,6 +17,7 @@ CONTENDERS: tuple[LockContender, ...] = tuple(
         "floor",
         "distlock",
         "distlock-redlock-3",
+        "distlock-redlock-3-per-call",
         "distlock-redlock-5",
         "distlock-redlock-5-quorum",
         "pottery-3",

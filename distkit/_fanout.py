@@ -12,9 +12,17 @@ waited for (the quorum decided without it) is settled before the next request to
 out: the sync driver reads its reply first on the same connection; the async driver's next task
 for that node waits for the straggler's task.
 
-Fork: the sync driver's dedicated connections belong to the process that opened them. A driver
-used in a forked child (a handle built before ``os.fork()``) notices the new pid and opens
-connections of its own, never writing to or reading from the parent's sockets. The async driver
+Connections (sync): every driver over the same client takes its per-node connections from one
+small idle list per (client connection pool, per-node timeout), shared by all handles and
+threads and held only weakly (it goes with the pool). A connection is used by one fan-out at a
+time. It goes back to the idle list after each fan-out, with any replies still owed on it (the
+next user reads them first), except while it carries a straggler of a granted quorum: that one
+stays with its handle, so the release travels behind the straggler on the same connection.
+
+Fork: connections belong to the process that opened them. The idle lists are emptied in a
+forked child, and a driver used in a forked child (a handle built before ``os.fork()``) notices
+the new pid and opens connections of its own, never writing to or reading from the parent's
+sockets. The async driver
 drops, in the child, the connections its clients' pools inherited (redis-py's asyncio pools do
 not check the pid themselves).
 """
@@ -26,6 +34,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +54,10 @@ __all__ = ["TIMED_OUT", "AsyncFanOutDriver", "FanOut", "SyncFanOutDriver"]
 def _packed_eval(conn: Any, call: Eval, *, by_sha: bool = True) -> Any:
     head = ("EVALSHA", call.script.sha) if by_sha else ("EVAL", call.script.source)
     return conn.pack_command(*head, len(call.keys), *call.keys, *call.args)
+
+
+class _LateRetry(Exception):
+    """The EVAL sent after a NOSCRIPT reply did not answer within the per-node timeout."""
 
 
 def _granted_count(step: FanOut, outcomes: Sequence[Any]) -> int:
@@ -81,16 +94,95 @@ def _suspension(timeout: float) -> float:
     return min(1.0, max(0.05, 4 * timeout))
 
 
+_MAX_IDLE = 16
+
+
+class _Idle:
+    """Idle connections to one master (one per-node timeout), with the replies each still owes."""
+
+    __slots__ = ("conns", "lock", "pid")
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.conns: list[tuple[Any, list[Script]]] = []
+        self.lock = threading.Lock()
+
+    def _check_pid(self) -> None:
+        if self.pid != os.getpid():  # the parent's sockets: never touched here
+            self.pid = os.getpid()
+            self.conns = []
+            self.lock = threading.Lock()
+
+    def take(self) -> tuple[Any, list[Script]] | None:
+        """An idle connection and the replies it still owes, or None."""
+        self._check_pid()
+        with self.lock:
+            return self.conns.pop() if self.conns else None
+
+    def put(self, conn: Any, unread: list[Script]) -> None:
+        """Give ``conn`` back (closed instead when enough are idle)."""
+        self._check_pid()
+        with self.lock:
+            if len(self.conns) < _MAX_IDLE:
+                self.conns.append((conn, unread))
+                return
+        with contextlib.suppress(Exception):
+            conn.disconnect()
+
+
+_registry_lock = threading.RLock()  # reentrant: a weakref callback may run inside it (GC)
+_registry: dict[tuple[int, float], tuple[weakref.ref[Any], _Idle]] = {}
+
+
+def _idle_for(pool: Any, timeout: float) -> _Idle:
+    """The idle list shared by every driver over ``pool`` with this per-node timeout."""
+    key = (id(pool), timeout)
+    with _registry_lock:
+        entry = _registry.get(key)
+        if entry is not None and entry[0]() is pool:
+            return entry[1]
+        idle = _Idle()
+
+        def forget(ref: weakref.ref[Any], key: tuple[int, float] = key) -> None:
+            with _registry_lock:
+                if _registry.get(key, (None,))[0] is ref:
+                    del _registry[key]
+
+        _registry[key] = (weakref.ref(pool, forget), idle)
+        return idle
+
+
+def discard_idle(pool: Any) -> None:
+    """Close the idle connections kept for ``pool`` (its client is being closed)."""
+    with _registry_lock:
+        keys = [k for k, (ref, _) in _registry.items() if ref() is pool]
+        idles = [_registry.pop(k)[1] for k in keys]
+    for idle in idles:
+        while (taken := idle.take()) is not None:
+            with contextlib.suppress(Exception):
+                taken[0].disconnect()
+
+
+def _forget_all_after_fork() -> None:
+    global _registry_lock
+    _registry_lock = threading.RLock()
+    _registry.clear()
+
+
+os.register_at_fork(after_in_child=_forget_all_after_fork)
+
+
 class SyncFanOutDriver(SyncDriver):
     """Runs protocols whose steps fan out to several sync clients (independent masters).
 
-    Each node gets one dedicated connection whose connect and socket timeouts are the per-node
-    timeout, so a stalled node costs about that much, never the client's ``socket_timeout``. A node
-    that failed or timed out is skipped (counted as unavailable) for a short suspension, so a dead
-    or stalled minority does not slow every operation down.
+    Each node's connection (taken from the idle list shared per master, see the module docstring)
+    has the per-node timeout as its connect and socket timeouts, so a stalled node costs about
+    that much, never the client's ``socket_timeout``. A node that failed or timed out is skipped
+    (counted as unavailable) for a short suspension, so a dead or stalled minority does not slow
+    every operation down; a ``reach_all`` step (a release) is sent to it all the same.
     """
 
-    __slots__ = ("_conns", "_lock", "_pid", "_suspended", "_unread", "clients")
+    __slots__ = ("_conns", "_lock", "_pid", "_pinned", "_suspended", "_unread", "clients")
 
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
@@ -103,6 +195,8 @@ class SyncFanOutDriver(SyncDriver):
         # Replies still owed on each connection: once a quorum has decided, the stragglers are
         # not waited for; their replies are read (and dropped) before the next one there.
         self._unread: list[list[Script]] = [[] for _ in self.clients]
+        # A granted quorum's straggler is owed here: the connection stays with this handle.
+        self._pinned = [False] * len(self.clients)
         self._suspended = [0.0] * len(self.clients)
         # The renewal thread shares the connections. A new lock after a fork too: the parent's
         # may have been held by a thread that does not exist in the child.
@@ -128,8 +222,30 @@ class SyncFanOutDriver(SyncDriver):
                 return None
         return super()._step(step)
 
-    def _connection(self, i: int, timeout: float) -> Any:
+    def close(self) -> None:
+        """Give back the connections this driver holds (those owing a straggler are closed)."""
+        if self._pid != os.getpid():
+            self._after_fork()
+            return
+        with self._lock:
+            for i, conn in enumerate(self._conns):
+                if conn is not None:
+                    self._drop(i, 0.0, 0.0, suspend=False)
+
+    def _checkin(self, timeout: float) -> None:
+        for i, conn in enumerate(self._conns):
+            if conn is not None and not self._pinned[i]:
+                self._conns[i] = None
+                unread, self._unread[i] = self._unread[i], []
+                _idle_for(self.clients[i].connection_pool, timeout).put(conn, unread)
+
+    def _connection(self, i: int, timeout: float, *, fresh: bool = False) -> Any:
         conn = self._conns[i]
+        if conn is None and not fresh:
+            idle = _idle_for(self.clients[i].connection_pool, timeout).take()
+            if idle is not None:
+                conn, self._unread[i] = idle
+                self._conns[i] = conn
         if conn is None:
             pool = self.clients[i].connection_pool
             options = dict(pool.connection_kwargs)
@@ -141,6 +257,19 @@ class SyncFanOutDriver(SyncDriver):
             options["health_check_interval"] = 0
             # One connection attempt: redis-py's retries would multiply the per-node timeout.
             options["retry"] = Retry(NoBackoff(), 0)
+            # A new connection's handshake is paid serially per node, a round trip per step: no
+            # CLIENT SETINFO, no maintenance notifications, and RESP2 (no HELLO; the scripts'
+            # replies read the same). AUTH and SELECT stay when configured.
+            if "driver_info" in options:  # redis-py >= 7
+                options["driver_info"] = None
+            else:
+                options["lib_name"] = options["lib_version"] = None
+            options["protocol"] = 2
+            if "maint_notifications_config" in options:  # redis-py >= 7
+                from redis.maint_notifications import MaintNotificationsConfig
+
+                options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+                options.pop("maint_notifications_pool_handler", None)
             conn = pool.connection_class(**options)
             self._conns[i] = conn
         return conn
@@ -148,6 +277,7 @@ class SyncFanOutDriver(SyncDriver):
     def _drop(self, i: int, now: float, timeout: float, *, suspend: bool = True) -> None:
         conn, self._conns[i] = self._conns[i], None
         self._unread[i] = []
+        self._pinned[i] = False
         if conn is not None:
             conn.disconnect()
         if suspend:
@@ -170,7 +300,30 @@ class SyncFanOutDriver(SyncDriver):
                 unloaded.append(script)
             except rex.ResponseError:
                 pass
+        self._pinned[i] = False
         return True
+
+    def _once_more(self, i: int, call: Eval, deadline: float, timeout: float) -> Any:
+        try:
+            conn = self._connection(i, timeout, fresh=True)
+            conn.send_packed_command(_packed_eval(conn, call, by_sha=False))
+            if not conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
+                self._drop(i, time.monotonic(), timeout)  # sent: it lands, or the lease expires
+                return TIMED_OUT
+            return conn.read_response()
+        except rex.ResponseError as exc:
+            return _error(exc, self.what)
+        except _REDIS_ERRORS as exc:
+            self._drop(i, time.monotonic(), timeout)
+            return _error(exc, self.what)
+
+    def _abandon_behind(self, i: int, abandon: Eval) -> None:
+        conn = self._conns[i]
+        try:
+            conn.send_packed_command(_packed_eval(conn, abandon, by_sha=False), check_health=False)
+            self._unread[i].append(abandon.script)
+        except _REDIS_ERRORS:
+            self._drop(i, time.monotonic(), 0.0, suspend=False)
 
     def _load(self, i: int, scripts: list[Script], timeout: float) -> None:
         conn = self._conns[i]
@@ -189,7 +342,10 @@ class SyncFanOutDriver(SyncDriver):
         if self._pid != os.getpid():
             self._after_fork()
         with self._lock:
-            return self._fan_out_locked(step)
+            try:
+                return self._fan_out_locked(step)
+            finally:
+                self._checkin(step.timeout)
 
     def _fan_out_locked(self, step: FanOut) -> list[Any]:
         n = len(self.clients)
@@ -197,21 +353,28 @@ class SyncFanOutDriver(SyncDriver):
         sent = [False] * n
         now = time.monotonic()
         for i, call in enumerate(step.calls):
-            if self._suspended[i] > now:
+            if self._suspended[i] > now and not step.reach_all:
                 outcomes[i] = ConnectionUnavailable(
                     f"{self.what}: node {i} suspended after a failure"
                 )
                 continue
-            try:
-                conn = self._connection(i, step.timeout)
-                conn.send_packed_command(_packed_eval(conn, call))
-                sent[i] = True
-            except _REDIS_ERRORS as exc:
-                outcomes[i] = _error(exc, self.what)
-                self._drop(i, time.monotonic(), step.timeout)
+            for fresh in (False, True) if step.reach_all else (False,):
+                try:
+                    conn = self._connection(i, step.timeout, fresh=fresh)
+                    conn.send_packed_command(_packed_eval(conn, call, by_sha=not step.reach_all))
+                    sent[i] = True
+                    outcomes[i] = TIMED_OUT
+                    break
+                except _REDIS_ERRORS as exc:
+                    outcomes[i] = _error(exc, self.what)
+                    self._drop(i, time.monotonic(), step.timeout)
+        if not step.wait:
+            for i in range(n):
+                if sent[i]:
+                    self._unread[i].append(step.calls[i].script)
+            return outcomes
         # The per-node timeout starts once every request is out.
         deadline = time.monotonic() + step.timeout
-        decided = False
         unloaded: list[list[Script]] = [[] for _ in range(n)]
         for i in range(n):
             if not sent[i]:
@@ -223,10 +386,18 @@ class SyncFanOutDriver(SyncDriver):
                 for j in range(i, n):
                     if sent[j]:
                         self._unread[j].append(step.calls[j].script)
+                        self._pinned[j] = True
                         sent[j] = False
                 break
             if _hopeless(step, outcomes, sum(sent)):
-                decided = True  # the rest are abandoned unread: not their fault, no suspension
+                # Decided: a quorum is out of reach. The others keep their connection: their
+                # abandon script goes right behind them and both replies are read later.
+                for j in range(i, n):
+                    if sent[j]:
+                        self._unread[j].append(step.calls[j].script)
+                        if step.abandon is not None:
+                            self._abandon_behind(j, step.abandon[j])
+                        sent[j] = False
                 break
             conn = self._conns[i]
             try:
@@ -240,12 +411,20 @@ class SyncFanOutDriver(SyncDriver):
                     outcomes[i] = conn.read_response()
                 except rex.NoScriptError:
                     conn.send_packed_command(_packed_eval(conn, step.calls[i], by_sha=False))
+                    if not conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
+                        raise _LateRetry from None
                     outcomes[i] = conn.read_response()
+            except _LateRetry:
+                continue  # stays pending: abandoned below
             except rex.ResponseError as exc:
                 outcomes[i] = _error(exc, self.what)
             except _REDIS_ERRORS as exc:
                 outcomes[i] = _error(exc, self.what)
                 self._drop(i, time.monotonic(), step.timeout)
+                if step.reach_all:
+                    # A pooled connection the server closed (say, it restarted): once more on a
+                    # new one. A release is idempotent, so a second landing is harmless.
+                    outcomes[i] = self._once_more(i, step.calls[i], deadline, step.timeout)
             sent[i] = False
         for i in range(n):
             if not sent[i]:
@@ -260,7 +439,7 @@ class SyncFanOutDriver(SyncDriver):
             except _REDIS_ERRORS:
                 pass
             finally:
-                self._drop(i, time.monotonic(), step.timeout, suspend=not decided)
+                self._drop(i, time.monotonic(), step.timeout)
         for i, scripts in enumerate(unloaded):
             if scripts:
                 self._load(i, scripts, step.timeout)
@@ -299,6 +478,29 @@ class AsyncFanOutDriver(AsyncDriver):
             if reset is not None:
                 reset()
 
+    async def wait_idle(self) -> None:
+        """Wait for the node tasks still reading a straggler's reply (or abandoning it)."""
+        if self._loop is not asyncio.get_running_loop():
+            return
+        pending = {t for t in self._pending if t is not None and not t.done()}
+        if pending:
+            await asyncio.wait(pending)
+
+    async def _send_late(self, pool: Any, call: Eval, bound: float) -> None:
+        conn = None
+        try:
+            conn = await asyncio.wait_for(pool.get_connection(), bound)
+            await conn.send_packed_command(_packed_eval(conn, call, by_sha=False))
+            await asyncio.wait_for(conn.read_response(disconnect_on_error=False), bound)
+        except (*_REDIS_ERRORS, TimeoutError):
+            if conn is not None:
+                with contextlib.suppress(*_REDIS_ERRORS):
+                    await conn.disconnect()
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await pool.release(conn)
+
     async def _step(self, step: Any) -> Any:
         if isinstance(step, FanOut):
             return await self._fan_out(step)
@@ -329,8 +531,16 @@ class AsyncFanOutDriver(AsyncDriver):
         deadline = time.monotonic() + step.timeout
         state: dict[str, Any] = {"left": n, "result": None}
         crashed: list[Exception] = []
+        out = asyncio.Event()
+        unsent = set(range(n))
+
+        def mark(i: int) -> None:
+            unsent.discard(i)
+            if not unsent:
+                out.set()
 
         def settle(i: int, outcome: Any) -> None:
+            mark(i)
             outcomes[i] = outcome
             state["left"] -= 1
             if state["result"] is None and (
@@ -343,7 +553,14 @@ class AsyncFanOutDriver(AsyncDriver):
 
         for i in range(n):
             prev = self._pending[i]
-            self._pending[i] = loop.create_task(self._one(i, step, prev, deadline, settle, crashed))
+            self._pending[i] = loop.create_task(
+                self._one(i, step, prev, deadline, settle, crashed, mark)
+            )
+        if not step.wait:
+            # Every request is out (or failed) when this returns; the replies are read by the
+            # node tasks, which the next request to that node waits for.
+            await out.wait()
+            return [TIMED_OUT] * n
         # Cancelling the caller leaves the node tasks running to their deadline: a request sent
         # is always either answered or followed by its abandon script.
         await decided.wait()
@@ -360,12 +577,16 @@ class AsyncFanOutDriver(AsyncDriver):
         deadline: float,
         settle: Any,
         crashed: list[Exception],
+        mark: Any,
     ) -> None:
         if prev is not None and not prev.done():
             await asyncio.wait({prev})  # its request (or its abandon) lands before ours
-        if self._suspended[i] > time.monotonic():
+        if self._suspended[i] > time.monotonic() and not step.reach_all:
             settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
             return
+        if step.reach_all:
+            # Waiting for the straggler must not cost the release its chance to go out.
+            deadline = max(deadline, time.monotonic() + step.timeout)
         pool = self._live[i].connection_pool
         call = step.calls[i]
         conn = None
@@ -375,8 +596,9 @@ class AsyncFanOutDriver(AsyncDriver):
             conn = await asyncio.wait_for(
                 pool.get_connection(), max(0.0, deadline - time.monotonic())
             )
-            await conn.send_packed_command(_packed_eval(conn, call))
+            await conn.send_packed_command(_packed_eval(conn, call, by_sha=not step.reach_all))
             sent = True
+            mark(i)
             try:
                 reply = await asyncio.wait_for(
                     conn.read_response(disconnect_on_error=False),
@@ -408,6 +630,11 @@ class AsyncFanOutDriver(AsyncDriver):
             if conn is not None:
                 with contextlib.suppress(*_REDIS_ERRORS):
                     await conn.disconnect()
+            if step.reach_all and not sent:
+                # A release that never went out (the node stalled while connecting): the caller
+                # has its answer; this task (which the node's next request waits for) still
+                # sends it, within a bounded time.
+                await self._send_late(pool, call, max(1.0, 20 * step.timeout))
         except Exception as exc:  # not Redis's doing (a closed event loop, a bug): the caller's
             crashed.append(exc)
             settle(i, exc)

@@ -97,6 +97,12 @@ class FanOut:
     An outcome is the node's reply, a ``DistkitError`` (the node failed), or ``TIMED_OUT``.
     With ``quorum`` and ``granted``, waiting stops as soon as a quorum of ``granted`` replies has
     become impossible; the nodes still pending are then abandoned too.
+
+    ``reach_all`` (releases): every node gets the request, suspended ones included, by ``EVAL``
+    (a slow or restarted node's script cache may lack the script, and a late ``EVALSHA`` would
+    do nothing); a connection that fails before the request is out is replaced once.
+    ``wait=False``: send and return at once (every outcome ``TIMED_OUT``); the replies are read
+    before the next request on each connection.
     """
 
     calls: Sequence[Eval]
@@ -104,6 +110,8 @@ class FanOut:
     abandon: Sequence[Eval] | None = None
     quorum: int = 0
     granted: Callable[[Any], bool] | None = None
+    reach_all: bool = False
+    wait: bool = True
 
 
 @dataclass(frozen=True, slots=True)

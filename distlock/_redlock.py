@@ -6,15 +6,16 @@ algorithm, the fencing argument across masters, and the timing assumptions.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
-from distkit import ConfigError, RetryPolicy
+from distkit import ConfigError, DistkitError, LockError, RetryPolicy
 from distkit._clients import is_config
 
 if TYPE_CHECKING:
     from distkit import AsyncClient, RedlockConfig, RetryConfig, SyncClient
-from distkit._fanout import AsyncFanOutDriver, SyncFanOutDriver
+from distkit._fanout import AsyncFanOutDriver, SyncFanOutDriver, discard_idle
 from distkit._protocol import monotonic
 
 from ._core import Clock, Seconds, check_client
@@ -33,6 +34,20 @@ def _target(client: Any) -> tuple[Any, ...]:
     kwargs = getattr(pool, "connection_kwargs", {}) or {}
     where = (kwargs.get("host"), kwargs.get("port"), kwargs.get("path"), kwargs.get("db"))
     return where if any(v is not None for v in where[:3]) else (id(client),)
+
+
+class _Closed:
+    """The driver of a closed handle: every use raises ``LockError``."""
+
+    max_block = 0.0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run(self, protocol: Any) -> Any:
+        """Refuse (the protocol is closed unstarted)."""
+        protocol.close()
+        raise LockError(f"Redlock handle {self.name!r} is closed", name=self.name)
 
 
 def _masters(clients: Clients, *, want_async: bool, cls: str) -> list[Any]:
@@ -82,6 +97,12 @@ class Redlock(_SyncLock):
             the critical section plus a round trip; docs/redlock.md).
         Other arguments are those of ``Lock``.
 
+    Connections: the per-master connections are shared by every handle over the same clients
+    (one small idle list per master, thread- and fork-safe; docs/redlock.md), so a handle per
+    call costs no connection of its own. A handle holds a connection between two calls only
+    while a straggler of its granted quorum is owed on it; ``close()`` gives those back, and
+    closes the clients the handle built itself from a ``RedlockConfig``.
+
     Raises:
         ConfigError: an argument is invalid.
     """
@@ -109,6 +130,7 @@ class Redlock(_SyncLock):
         fencing: Fencing = "quorum",
     ) -> None:
         masters = _masters(clients, want_async=self._is_async, cls=type(self).__name__)
+        self._owned: list[Any] = masters if is_config(clients, "RedlockConfig") else []
         core = self._core_class(
             name,
             masters=len(masters),
@@ -140,12 +162,34 @@ class Redlock(_SyncLock):
     def _make_driver(self, masters: list[Any]) -> Any:
         return SyncFanOutDriver(masters, self._retry, f"redlock {self.name!r}")
 
+    def close(self) -> None:
+        """Release the lock if held (errors ignored), give back the connections; idempotent.
+
+        A closed handle raises ``LockError`` on every other call. Leaving ``with`` needs no
+        ``close()``: the release leaves the handle holding no connection.
+        """
+        driver: Any = self._driver
+        if isinstance(driver, _Closed):
+            return
+        if self._core.owner is not None or getattr(self._core, "_unreleased", None) is not None:
+            with contextlib.suppress(DistkitError):
+                self.release()
+        self._stop_renewer()
+        self._driver = _Closed(self.name)  # type: ignore[assignment]
+        driver.close()
+        for client in self._owned:
+            discard_idle(client.connection_pool)
+            with contextlib.suppress(Exception):
+                client.close()
+        self._owned.clear()
+
 
 class AsyncRedlock(_AsyncLock):
     """The asyncio twin of ``Redlock`` (same arguments; takes ``redis.asyncio`` clients)."""
 
     _is_async = True
     _core_class: ClassVar[type[RedlockCore]] = RedlockCore
+    _owned: list[Any]
 
     if TYPE_CHECKING:  # Redlock's __init__ with asyncio clients (tests/test_typing.py: in step)
 
@@ -176,3 +220,23 @@ class AsyncRedlock(_AsyncLock):
 
     def _make_driver(self, masters: list[Any]) -> Any:
         return AsyncFanOutDriver(masters, self._retry, f"redlock {self.name!r}")
+
+    async def close(self) -> None:
+        """Release the lock if held (errors ignored), close owned clients; idempotent.
+
+        The asyncio handle uses its clients' own connection pools and holds no connection of
+        its own; a closed handle raises ``LockError`` on every other call.
+        """
+        driver: Any = self._driver
+        if isinstance(driver, _Closed):
+            return
+        if self._core.owner is not None or getattr(self._core, "_unreleased", None) is not None:
+            with contextlib.suppress(DistkitError):
+                await self.release()
+        await self._stop_renewer()
+        self._driver = _Closed(self.name)  # type: ignore[assignment]
+        await driver.wait_idle()
+        for client in self._owned:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        self._owned.clear()

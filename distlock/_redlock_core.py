@@ -153,7 +153,10 @@ class RedlockCore(LockCore):
         stale = self._unreleased
         if stale is not None:
             # A lost acquisition's leases may still stand on some masters: free them first.
-            yield FanOut(self._each(self._release_call(stale)), self.node_timeout)
+            # Sent, not waited for: the replies are read before the next request on each node.
+            yield FanOut(
+                self._each(self._release_call(stale)), self.node_timeout, reach_all=True, wait=False
+            )
             self._unreleased = None
         attempt = 0
         while True:
@@ -193,12 +196,14 @@ class RedlockCore(LockCore):
                         self.expires_at = started + self.ttl - self.drift
                         return True
                 # Not held: release everywhere, on the masters that refused or timed out too.
-                yield FanOut(undo, self.node_timeout)
+                # Not waited for (the timeout bound): each node reads the reply before its next
+                # request, and the release is ordered after the grant on that connection.
+                yield FanOut(undo, self.node_timeout, reach_all=True, wait=False)
             except GeneratorExit:
                 raise
             except BaseException:
                 if self.owner is None:
-                    yield Cleanup(FanOut(undo, self.node_timeout))
+                    yield Cleanup(FanOut(undo, self.node_timeout, reach_all=True))
                 raise
             attempt += 1
             if not blocking or (self.retry_count is not None and attempt > self.retry_count):
@@ -213,36 +218,56 @@ class RedlockCore(LockCore):
             yield Sleep(delay)
 
     def release(self) -> Protocol[None]:
-        """Release on every master, also after renewal lost the lock; fine if a quorum confirms.
+        """Release on every master, also after renewal lost the lock; see docs/redlock.md.
+
+        The release goes to every master (suspended ones too) by ``EVAL``, so a master that
+        answers late, or whose script cache was flushed or restarted, still releases when the
+        request lands. Late or failed answers are not a loss.
 
         Raises:
-            LockNotOwned: the handle holds nothing, its lock was lost (the leases that remained
-                are released all the same), or fewer than a quorum of masters still held it.
+            LockNotOwned: the handle holds nothing; its lock was lost (the leases that remained
+                are released all the same); more than ``N - quorum`` masters answered that they
+                no longer held this lease; or the local validity had run out before the release
+                and fewer than a quorum of masters confirmed it.
         """
         owner = self.owner
         lost = owner is None
+        left = self.remaining()
         if owner is None:
             owner = self._unreleased
             if owner is None:
                 raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
         try:
-            outcomes = yield FanOut(self._each(self._release_call(owner)), self.node_timeout)
+            outcomes = yield FanOut(
+                self._each(self._release_call(owner)), self.node_timeout, reach_all=True
+            )
         finally:
             self.clear()
             self._unreleased = None
         released = sum(1 for o in outcomes if o in (1, 2))
+        refused = sum(1 for o in outcomes if o == 0)
         if lost:
             raise LockNotOwned(
                 f"lock {self.name!r} was lost before release (renewal failed); the leases still "
                 f"standing on {released} of {self.masters} masters were released",
                 name=self.name,
             )
-        if released < self.quorum:
+        if released >= self.quorum:
+            return
+        if self.masters - refused < self.quorum:
             raise LockNotOwned(
-                f"lock {self.name!r} was held by {released} of {self.masters} masters at release "
-                f"(quorum {self.quorum}): the lease had lapsed",
+                f"lock {self.name!r}: {refused} of {self.masters} masters answered at release that "
+                f"they no longer held it (quorum {self.quorum}): the lease had lapsed",
                 name=self.name,
             )
+        if left <= 0:
+            raise LockNotOwned(
+                f"lock {self.name!r}: its validity had run out before release and only {released} "
+                f"of {self.masters} masters confirmed the release (quorum {self.quorum})",
+                name=self.name,
+            )
+        # Held until now (validity left, no quorum of refusals); the masters that did not answer
+        # in time release when the request lands, or their lease expires.
 
     def extend(self, ttl: Seconds | None) -> Protocol[None]:
         """Reset the lease on every master; succeeds only with a quorum within validity.

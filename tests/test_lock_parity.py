@@ -47,6 +47,7 @@ def test_twins_have_identical_public_surfaces(sync: type, async_: type) -> None:
                 "read",
                 "write",
                 "force_release",
+                "close",
             )
             assert is_coro == io, name
 

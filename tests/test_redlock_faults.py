@@ -287,13 +287,19 @@ def assert_safe(history: list[Event], min_holds: int) -> None:
     assert fencing.stats["writes_accepted"] >= min_holds, fencing.summary()
 
 
-def assert_nothing_held(servers: list[RedisServer], name: str = LOCK) -> None:
-    """``KEYS distkit:lock:{name}`` is empty on every master that is up."""
-    leftovers = {}
-    for server in servers:
-        if server.running and not server.paused:
-            with server.client() as client:
-                leftovers[server.port] = client.keys(lease(name))
+def assert_nothing_held(servers: list[RedisServer], name: str = LOCK, within: float = 0.5) -> None:
+    """``KEYS distkit:lock:{name}`` is empty on every master that is up (within ``within`` s:
+    a failed attempt's releases are sent before ``acquire`` returns, their replies not awaited)."""
+    give_up = time.monotonic() + within
+    while True:
+        leftovers = {}
+        for server in servers:
+            if server.running and not server.paused:
+                with server.client() as client:
+                    leftovers[server.port] = client.keys(lease(name))
+        if all(not keys for keys in leftovers.values()) or time.monotonic() > give_up:
+            break
+        time.sleep(0.01)
     assert all(not keys for keys in leftovers.values()), f"lease keys left behind: {leftovers}"
 
 
