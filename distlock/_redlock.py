@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
-from distkit import ConfigError, DistkitError, LockError, RetryPolicy
+from distkit import ConfigError, DistkitError, EventLoopMismatch, LockError, RetryPolicy
 from distkit._clients import is_config
 
 if TYPE_CHECKING:
@@ -222,7 +222,8 @@ class AsyncRedlock(_AsyncLock):
         return AsyncFanOutDriver(masters, self._retry, f"redlock {self.name!r}")
 
     async def close(self) -> None:
-        """Release the lock if held (errors ignored), close owned clients; idempotent.
+        """Release the lock if held (errors ignored, but ``EventLoopMismatch`` raises), close
+        owned clients; idempotent.
 
         The asyncio handle uses its clients' own connection pools and holds no connection of
         its own; a closed handle raises ``LockError`` on every other call.
@@ -231,8 +232,12 @@ class AsyncRedlock(_AsyncLock):
         if isinstance(driver, _Closed):
             return
         if self._core.owner is not None or getattr(self._core, "_unreleased", None) is not None:
-            with contextlib.suppress(DistkitError):
+            try:
                 await self.release()
+            except EventLoopMismatch:
+                raise  # a misuse to fix, not an outage to ride out: the lease would stand
+            except DistkitError:
+                pass
         await self._stop_renewer()
         self._driver = _Closed(self.name)  # type: ignore[assignment]
         await driver.wait_idle()

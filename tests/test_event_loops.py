@@ -132,10 +132,15 @@ SEMAPHORE_RECIPES: dict[str, Recipe] = {
     "holders": Recipe(lambda s: s.obj.holders(), before=_acquire, check=lambda got: got == 1),
 }
 
+REDLOCK_RECIPES: dict[str, Recipe] = {
+    **LOCK_RECIPES,
+    "close": Recipe(lambda s: s.obj.close(), before=_acquire),  # releases the held lock
+}
+
 RECIPES: dict[type, dict[str, Recipe]] = {
     AsyncLock: LOCK_RECIPES,
     AsyncSemaphore: SEMAPHORE_RECIPES,
-    AsyncRedlock: LOCK_RECIPES,
+    AsyncRedlock: REDLOCK_RECIPES,
     AsyncCache: CACHE_RECIPES,
 }
 
