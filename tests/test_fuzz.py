@@ -785,6 +785,7 @@ async def _read_all_async(
     cache = _fuzz_cache(AsyncCache, client, options, metrics=metrics)
 
     load = cached(cache, name="fuzz.aload", negative_ttl=30)(_fuzz_aload)
+
     async def fresh() -> Any:
         return value
 

@@ -20,7 +20,7 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import pytest
 
 from distkit import (
     DistkitError,
+    EventLoopMismatch,
     LockLost,
     LockNotAcquired,
     LockNotOwned,
@@ -918,18 +919,24 @@ def test_async_straggler_past_node_timeout_is_abandoned_and_the_node_suspended(
 def test_async_redlock_on_a_closed_event_loop_raises_instead_of_hanging(
     masters: IndependentMasters,
 ) -> None:
-    """redis-py's asyncio clients belong to the loop that first used them; reusing them in a
-    second ``asyncio.run`` fails in redis-py. The fan-out must surface that error, not hang."""
-    clients = [aconnect(s.config()) for s in masters.servers]
-    lock = AsyncRedlock(clients, LOCK, ttl=10)
+    """redis-py's asyncio clients belong to the loop that first used them. aconnect()'s clients
+    get a twin on a second ``asyncio.run``; a user's clients raise ``EventLoopMismatch``. Neither
+    hangs (docs/topology.md, tests/test_event_loops.py for every method)."""
 
-    async def once() -> int:
-        async with lock:
-            token = lock.fencing_token
-            assert token is not None
-        return token
+    def once(lock: AsyncRedlock) -> Callable[[], Awaitable[int]]:
+        async def run() -> int:
+            async with lock:
+                token = lock.fencing_token
+                assert token is not None
+            return token
 
-    assert asyncio.run(once()) > 0
-    with pytest.raises(RuntimeError, match="loop"):
-        asyncio.run(asyncio.wait_for(once(), 10))
+        return run
+
+    ours = once(AsyncRedlock([aconnect(s.config()) for s in masters.servers], LOCK, ttl=10))
+    first = asyncio.run(ours())
+    assert asyncio.run(asyncio.wait_for(ours(), 10)) > first
+    users = once(AsyncRedlock([s.async_client() for s in masters.servers], LOCK, ttl=10))
+    assert asyncio.run(users()) > first
+    with pytest.raises(EventLoopMismatch, match="loop"):
+        asyncio.run(asyncio.wait_for(users(), 10))
     assert_nothing_held(masters.servers)
