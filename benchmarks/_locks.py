@@ -108,7 +108,7 @@ def _distlock_redlock_per_call(masters: int) -> LockFactory:
         held: list[distlock.Redlock] = []
 
         def acquire() -> bool:
-            lock = distlock.Redlock(list(clients[:masters]), name, ttl=ttl, fencing="clock")  # type: ignore[arg-type]
+            lock = distlock.Redlock(list(clients[:masters]), name, ttl=ttl, fencing="clock")
             got = lock.acquire()
             if got:
                 held.append(lock)
