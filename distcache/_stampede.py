@@ -38,8 +38,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-import redis.exceptions as rex
-
 from distkit import ConfigError, DistkitError, LoaderError
 from distkit._config import seconds
 from distkit._errors import redact
@@ -954,13 +952,11 @@ class _ReloadWithin:
         self._expired = expired
 
     def __call__(self, client: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
-        script = self._script
-        try:
-            return client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except rex.NoScriptError:
-            if self._expired():
-                raise _OutOfTime from None
-            return client.execute_command("EVAL", script.source, len(keys), *keys, *args)
+        return self._script(client, keys, args, before_reload=self._check)
+
+    def _check(self) -> None:
+        if self._expired():
+            raise _OutOfTime from None
 
 
 def _bounded(protocol: Protocol[Any], expired: Callable[[], bool]) -> Protocol[Any]:

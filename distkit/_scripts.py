@@ -9,7 +9,7 @@ node that does not know the script yet answers NOSCRIPT and gets ``EVAL`` once.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.exceptions as rex
@@ -43,12 +43,22 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         _REGISTRY[name] = self
 
-    def __call__(self, client: Any, keys: Sequence[KeyArg], args: Sequence[ScriptArg]) -> Any:
+    def __call__(
+        self,
+        client: Any,
+        keys: Sequence[KeyArg],
+        args: Sequence[ScriptArg],
+        *,
+        before_reload: Callable[[], None] | None = None,
+    ) -> Any:
         """Run on a sync client (``redis.Redis`` or ``RedisCluster``; not a pipeline: its NOSCRIPT
-        would surface only at ``execute()``, past the fallback)."""
+        would surface only at ``execute()``, past the fallback). ``before_reload`` runs between
+        a NOSCRIPT answer and the ``EVAL`` that follows it (it may raise to stop there)."""
         try:
             return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
         except rex.NoScriptError:
+            if before_reload is not None:
+                before_reload()
             return client.execute_command("EVAL", self.source, len(keys), *keys, *args)
 
     async def acall(self, client: Any, keys: Sequence[KeyArg], args: Sequence[ScriptArg]) -> Any:
