@@ -4,7 +4,7 @@ Keys of lock ``N`` under prefix ``P``::
 
     P:lock:{N}             STRING owner-id ["*"], PX ttl          the lease ("*": waiters queued)
     P:lock:{N}:fence       STRING last token issued, PX retention fencing state
-    P:lock:{N}:rel         LIST the last 64 releasers, PX ttl    recognises a retried release
+    P:lock:{N}:rel         LIST the last 64-128 releasers, PX    recognises a retried release
     P:lock:{N}:queue       ZSET "<ttl_ms>:<owner>" -> arrival ms  FIFO of blocked waiters
     P:lock:{N}:qexp        HASH "<ttl_ms>:<owner>" -> expiry ms   waiters' keep-alive
     P:lock:{N}:wake:<own>  LIST [token]                           handoff to one waiter
@@ -17,8 +17,10 @@ queues marks the lease with a trailing "*", so a release without waiters never l
 All scripts are idempotent for a given owner id, so a retry after a lost reply is harmless.
 
 The uncontended paths come first in each script and avoid Lua library calls (they cost about as
-much as a Redis command inside a script): acquire = EXISTS, TIME, GET, SET NX, SET; release =
-GET, SET, DEL. Helpers for the contended paths are defined only when those paths run.
+much as a Redis command inside a script): acquire = EXISTS, SET NX, TIME, SET ... GET (the new
+token written and the last one read back in one call; rewritten only when the last is ahead);
+release = GET, LPUSH, PEXPIRE, DEL (the marker list is trimmed only once it passes 128).
+Helpers for the contended paths are defined only when those paths run.
 """
 
 from __future__ import annotations
@@ -100,12 +102,37 @@ ACQUIRE = Script(
 local lease, fence, queue = KEYS[1], KEYS[2], KEYS[3]
 local owner = ARGV[1]
 local queued = redis.call('EXISTS', queue) == 1
-if not queued then
-  local token = next_token(fence)
-  if redis.call('SET', lease, owner, 'NX', 'PX', ARGV[2]) then
-    redis.call('SET', fence, token, 'PX', ARGV[3])
-    return {1, token}
+if not queued and redis.call('SET', lease, owner, 'NX', 'PX', ARGV[2]) then
+  -- The common case in four calls: the clock's token is written and the last one read back in
+  -- one SET ... GET; only when the last is ahead (or foreign) is anything written again.
+  local t = redis.call('TIME')
+  local token = t[1] * 1000000 + t[2]
+  local last = redis.pcall('SET', fence, token, 'PX', ARGV[3], 'GET')
+  if last then
+    local problem = nil
+    if type(last) == 'table' then
+      problem = last  -- not a string (WRONGTYPE): nothing was written to the fence
+    else
+      local n = tonumber(last)
+      if not n then
+        problem = 'DISTLOCK corrupt fencing state at ' .. fence
+      elseif n >= token then
+        token = n + 1
+        if token >= 9007199254740992 then
+          problem = 'DISTLOCK fencing token space exhausted at ' .. fence
+        else
+          redis.call('SET', fence, token, 'PX', ARGV[3])
+        end
+      end
+      if problem then redis.call('SET', fence, last, 'PX', ARGV[3]) end
+    end
+    if problem then  -- undo the grant: an error leaves nothing held
+      redis.call('DEL', lease)
+      if type(problem) == 'table' then return problem end
+      return redis.error_reply(problem)
+    end
   end
+  return {1, token}
 end
 """
     + _FIRST_LIVE
@@ -174,8 +201,8 @@ RELEASE = Script(
 local lease, rel, owner = KEYS[1], KEYS[2], ARGV[1]
 local holder = redis.call('GET', lease)
 if holder == owner then  -- the common case: nobody waits
-  redis.call('LPUSH', rel, owner)
-  redis.call('LTRIM', rel, 0, 63)
+  -- LTRIM only once the list has doubled: at least the last 64 are kept, in amortised O(1)
+  if redis.call('LPUSH', rel, owner) > 128 then redis.call('LTRIM', rel, 0, 63) end
   redis.call('PEXPIRE', rel, ARGV[4] or 60000)
   redis.call('DEL', lease)
   if ARGV[3] == '1' then redis.call('DEL', KEYS[7]) end
@@ -201,8 +228,7 @@ end
     + _FIRST_LIVE
     + _HAND_OFF
     + """
-redis.call('LPUSH', rel, owner)
-redis.call('LTRIM', rel, 0, 63)
+if redis.call('LPUSH', rel, owner) > 128 then redis.call('LTRIM', rel, 0, 63) end
 redis.call('PEXPIRE', rel, ARGV[4] or 60000)
 if ARGV[3] == '1' then redis.call('DEL', wake) end
 if hand_off(lease, fence, queue, qexp, wake_prefix, ARGV[2]) then return 1 end

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import redis
 
-from distkit import ConnectionUnavailable, LockError, connect
+from distkit import ConnectionUnavailable, ForeignDataError, LockError, ServerError, connect
 from distkit.testing import FaultProxy, RedisServer
 from distlock import AsyncLock, Lock
+from distlock._scripts import ACQUIRE
 
 LEASE = "distkit:lock:{{{}}}"
 QUEUE = "distkit:lock:{{{}}}:queue"
@@ -491,3 +492,63 @@ def test_a_retried_release_is_recognised_after_another_holder_released(
     state["armed"] = True
     lock.release()  # the retry answers "already released by this owner"
     assert lock.fencing_token is None
+
+
+def test_a_retried_release_is_recognised_after_64_other_releases(
+    redis_server: RedisServer,
+) -> None:
+    """The marker list is trimmed lazily (only past 128 entries) but always keeps the last 64."""
+    r = redis_server.client()
+    r.flushall()
+    rel = "distkit:lock:{relmany}:rel"
+    mine = Lock(r, "relmany", ttl=30)
+    assert mine.acquire()
+    owner = mine._core.owner
+    mine.release()
+    others = [Lock(r, "relmany", ttl=30) for _ in range(4)]
+    lengths = []
+    for i in range(300):
+        other = others[i % 4]
+        assert other.acquire(blocking=False)
+        other.release()
+        lengths.append(r.llen(rel))
+        if i < 63:  # the first release is still among the last 64: a retry is recognised
+            assert r.lpos(rel, owner) is not None
+    assert min(lengths[63:]) >= 64 and max(lengths) <= 129
+    assert 0 < r.pttl(rel) <= 60_000
+
+
+@pytest.mark.parametrize(
+    ("plant", "error"),
+    [
+        (lambda r, k: r.set(k, "not-a-number"), ServerError),
+        (lambda r, k: r.set(k, str(2**53 - 1)), ServerError),
+        (lambda r, k: r.rpush(k, "x"), ForeignDataError),
+        (lambda r, k: r.hset(k, "a", "b"), ForeignDataError),
+    ],
+    ids=["corrupt", "exhausted", "list", "hash"],
+)
+def test_a_bad_fence_on_the_fast_path_undoes_the_grant(
+    redis_server: RedisServer, plant: Any, error: type[Exception]
+) -> None:
+    """The uncontended grant writes the lease first (SET NX, then SET ... GET on the fence):
+    a fence that cannot give a token must leave neither a lease nor a changed fence."""
+    r = redis_server.client()
+    r.flushall()
+    fence = "distkit:lock:{badfence}:fence"
+    plant(r, fence)
+    kind = r.type(fence)
+    before = r.dump(fence)
+    lease = "distkit:lock:{badfence}"
+    keys = (lease, fence, f"{lease}:queue", f"{lease}:qexp", f"{lease}:wake:me")
+    with pytest.raises(redis.exceptions.ResponseError):  # the script alone: no client cleanup
+        ACQUIRE(r, keys, ("me", 10_000, 10_000, 0))
+    assert r.exists(lease) == 0
+    assert r.dump(fence) == before
+    lock = Lock(r, "badfence", ttl=10)
+    with pytest.raises(error):
+        lock.acquire(blocking=False)
+    assert lock.fencing_token is None
+    assert r.exists("distkit:lock:{badfence}") == 0
+    assert r.type(fence) == kind
+    assert r.dump(fence) == before  # the foreign value is kept as it was, for the operator
