@@ -34,6 +34,7 @@ HIT_SCENARIO = Scenario(
         "them to that row. The dict row is a ceiling, not a competitor."
     ),
     run=_run_hit,
+    plans=(QUICK, FULL),
     contenders=HIT_CONTENDERS,
     targets=(
         Target(
@@ -65,5 +66,6 @@ BATCH_SCENARIO = Scenario(
         "what a loop of single reads costs."
     ),
     run=_run_batch,
+    plans=(QUICK, FULL),
     contenders=BATCH_CONTENDERS,
 )

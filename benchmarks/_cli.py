@@ -8,14 +8,18 @@ import os
 import random
 import secrets
 import sys
+import tempfile
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from distkit.testing import RedisServerNotFound
 
+from ._baseline import ROOT, BaselineError, Variant, check_tree, compare, materialise
 from ._catalog import PLANNED, SCENARIOS
-from ._machine import machine_facts
+from ._machine import machine_facts, package_dirs
 from ._model import Reporter, RunContext, Scenario, Settings
 from ._progress import make_reporter
 from ._report import PlotUnavailable, print_report, write_json, write_markdown, write_plot
@@ -128,6 +132,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help="seeds the per-trial order and workers' jitter"
     )
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="compare our rows (distlock, distcache) from git revision REV with the working "
+        "tree: both run in every trial, interleaved, on the same servers",
+    )
+    baseline.add_argument(
+        "--baseline-path",
+        metavar="DIR",
+        help="like --baseline, with a tree already extracted in DIR (holding distkit/, "
+        "distlock/ and distcache/)",
+    )
+    # A --baseline child run: its servers' pids, so that --pin pins them as the parent would.
+    parser.add_argument(
+        "--server-pid", type=int, action="append", default=[], help=argparse.SUPPRESS
+    )
     parser.add_argument(
         "--pin",
         choices=("auto", "same", "off"),
@@ -210,6 +231,29 @@ def _run_one(
         )
 
 
+@contextmanager
+def _baseline_tree(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> Iterator[tuple[Variant, dict[str, str | None]] | None]:
+    """The baseline variant (extracted for the ``with`` block) and what it is, or ``None``."""
+    if args.baseline is None and args.baseline_path is None:
+        yield None
+        return
+    if args.plot:
+        parser.error("--plot draws single runs; --baseline reports in the table, JSON and Markdown")
+    with tempfile.TemporaryDirectory(prefix="distkit-baseline-") as tmp:
+        try:
+            if args.baseline is not None:
+                path, commit = Path(tmp), materialise(args.baseline, Path(tmp))
+            else:
+                path, commit = Path(args.baseline_path).resolve(), None
+                check_tree(path)
+        except BaselineError as exc:
+            parser.error(str(exc))
+        what = {"revision": args.baseline, "commit": commit, "path": str(path)}
+        yield Variant("baseline", path), {**what, "current": str(ROOT)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen scenarios; exit 0 when every one ran and passed its correctness checks."""
     parser = _parser()
@@ -223,6 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         choices = ", ".join(sorted(known))
         parser.error(f"unknown contender(s) {', '.join(unknown)}; choose from {choices}")
+    with _baseline_tree(parser, args) as baseline:
+        return _main(args, scenarios, baseline)
+
+
+def _main(
+    args: argparse.Namespace,
+    scenarios: list[Scenario],
+    baseline: tuple[Variant, dict[str, str | None]] | None,
+) -> int:
     settings = Settings(
         quick=args.quick,
         trials=args.trials,
@@ -235,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     load_at_start = _loadavg()
     try:
-        servers = Servers.choose(args.redis_url, force_fake=args.fakeredis)
+        servers = Servers.choose(args.redis_url, force_fake=args.fakeredis, pids=args.server_pid)
     except RedisServerNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -254,9 +307,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     reporter = make_reporter()
     run_id = secrets.token_hex(4)
     results: list[ScenarioResult] = []
+    comparisons = []
     try:
-        for scenario in scenarios:
-            results.append(_run_one(scenario, servers, settings, reporter, run_id))
+        if baseline is not None:
+            variants = (Variant("current", ROOT), baseline[0])
+            comparisons = compare(scenarios, servers, settings, variants, reporter)
+        else:
+            for scenario in scenarios:
+                results.append(_run_one(scenario, servers, settings, reporter, run_id))
         described = servers.describe()
         version = servers.version()
     finally:
@@ -285,9 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loadavg_at_end": _loadavg(),
             "servers": described,
             "run_id": run_id,
+            "packages": package_dirs(),
         },
         scenarios=results,
         label=FAKE_LABEL if servers.fake else None,
+        comparisons=comparisons,
+        baseline=None if baseline is None else baseline[1],
     )
     print_report(run)
     if args.json:

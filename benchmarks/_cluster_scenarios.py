@@ -170,6 +170,7 @@ LOCK_SCENARIO = Scenario(
     latency_label="cycle",
     method=_METHOD,
     run=_lock_run,
+    plans=(QUICK, FULL),
     contenders=LOCK_CONTENDERS,
     columns=_COLUMNS,
 )
@@ -181,6 +182,7 @@ CACHE_SCENARIO = Scenario(
     latency_label="hit",
     method=_METHOD,
     run=_cache_run,
+    plans=(QUICK, FULL),
     contenders=CACHE_CONTENDERS,
     columns=_COLUMNS,
 )

@@ -410,6 +410,7 @@ SCENARIO = Scenario(
         "counter == sections, no overlaps."
     ),
     run=run,
+    plans=(QUICK, FULL),
     contenders=CONTENDERS,
     columns=(
         Column("longest wait", "longest_wait_ms", "ms"),

@@ -231,6 +231,7 @@ SCENARIO = Scenario(
         "cpu), mostly syscalls."
     ),
     run=run,
+    plans=(QUICK, FULL),
     contenders=CONTENDERS,
     columns=(
         Column("server Lua/cycle", "server_lua_us_per_op", "us"),

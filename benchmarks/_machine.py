@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import redis
 
 import distkit
 
-__all__ = ["machine_facts"]
+__all__ = ["machine_facts", "package_dirs"]
 
 _PEERS = ("python-redis-lock", "pottery", "dogpile.cache", "cashews", "aiocache")
 
@@ -56,6 +57,17 @@ def _git() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}{' (dirty)' if dirty else ''}"
+
+
+def package_dirs() -> dict[str, str]:
+    """Where this process imported our packages from (a ``--baseline`` child: the baseline's)."""
+    dirs = {}
+    for name in ("distkit", "distlock", "distcache"):
+        module = sys.modules.get(name)
+        where = getattr(module, "__file__", None)
+        if where is not None:
+            dirs[name] = str(Path(where).resolve().parent)
+    return dirs
 
 
 def machine_facts(redis_server: str) -> dict[str, Any]:

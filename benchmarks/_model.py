@@ -250,3 +250,10 @@ class Scenario:
     columns: tuple[Column, ...] = ()
     targets: tuple[Target, ...] = ()
     method: str = ""
+    plans: tuple[Plan, Plan] | None = None  # (quick, full): how many trials --baseline runs
+
+    def trials(self, settings: Settings) -> int:
+        """How many trials this scenario runs with ``settings`` (3 when it names no plans)."""
+        if settings.trials is not None or self.plans is None:
+            return settings.trials or 3
+        return settings.plan(quick=self.plans[0], full=self.plans[1]).trials

@@ -251,6 +251,7 @@ SCENARIO = Scenario(
     latency_label="read",
     method=__doc__ or "",
     run=run,
+    plans=(QUICK, FULL),
     contenders=CONTENDERS,
     columns=(
         Column("L1 hits", "l1_hit_ratio", "share"),

@@ -45,6 +45,7 @@ SCENARIO = Scenario(
         "distlock's fencing state — :fence / :rel keys with a TTL — is not a lock key)."
     ),
     run=run,
+    plans=(QUICK, FULL),
     contenders=CONTENDERS,
     targets=(
         Target(

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from ._format import show
-from ._results import ContenderResult, RunResult, ScenarioResult
+from ._results import ComparedRow, Comparison, ContenderResult, RunResult, ScenarioResult
 
 __all__ = [
     "PlotUnavailable",
+    "comparison_rows",
     "markdown",
     "print_report",
     "table_rows",
@@ -68,6 +69,97 @@ def table_rows(scenario: ScenarioResult) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def _spread(mid: float | None, low: float | None, high: float | None, percent: bool) -> str:
+    def one(value: float) -> str:
+        return f"{value * 100:+.1f}%" if percent else f"{value:.2f}x"
+
+    if mid is None or low is None or high is None:
+        return "—"
+    if low == high:  # one trial: no range to show
+        return one(mid)
+    return f"{one(mid)} ({one(low)} .. {one(high)})"
+
+
+def _variant_cell(row: ComparedRow, variant: str) -> str:
+    side = row.baseline if variant == "baseline" else row.current
+    if side.error is not None and all(r is None for r in side.ratios):
+        return f"n/a ({variant}: {side.error[:90]})"
+    return _spread(*side.ratio(), percent=False)
+
+
+def comparison_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of one ``--baseline`` comparison: ratios (median, trial range), change."""
+    headers = ["contender", "baseline x floor", "current x floor", "change", "trials", "check"]
+    rows = []
+    for row in comparison.rows:
+        paired = len(row.changes())
+        if row.current.error is not None:
+            check = "ERROR: " + row.current.error[:70]
+        elif row.current.problems:
+            check = "FAIL: " + "; ".join(row.current.problems)
+        else:
+            check = "ok"
+        if row.baseline.problems:
+            check += "; baseline FAIL: " + "; ".join(row.baseline.problems)
+        rows.append(
+            [
+                row.label,
+                _variant_cell(row, "baseline"),
+                _variant_cell(row, "current"),
+                _spread(*row.change(), percent=True),
+                f"{paired}/{len(row.current.ratios)}",
+                check,
+            ]
+        )
+    return headers, rows
+
+
+def _comparison_footer(comparison: Comparison) -> list[str]:
+    lines = list(comparison.notes)
+    for variant in ("baseline", "current"):
+        places = sorted(
+            {str(Path(d).parent) for d in comparison.packages.get(variant, {}).values()}
+        )
+        if places:
+            lines.append(f"{variant} imported from {', '.join(places)}")
+    if comparison.error:
+        lines.append(f"SCENARIO ERROR: {comparison.error}")
+    return lines
+
+
+def _comparison_title(comparison: Comparison) -> str:
+    status = "" if comparison.ok else "  [FAILED]"
+    return f"{comparison.name}: baseline vs current, ratio to the floor ({comparison.unit}){status}"
+
+
+def _baseline_heading(run: RunResult) -> str | None:
+    if run.baseline is None:
+        return None
+    rev, commit = run.baseline.get("revision"), run.baseline.get("commit")
+    what = f"{rev} ({str(commit)[:12]})" if rev else f"the tree in {run.baseline.get('path')}"
+    return (
+        f"baseline = {what}; current = the working tree {run.baseline.get('current')}; "
+        "change = current/baseline - 1, per trial (median, range over trials)"
+    )
+
+
+def _tables(
+    run: RunResult,
+) -> list[tuple[str, str | None, list[str], list[list[str]], list[str], list[str]]]:
+    """Every table of the run: title, label, headers, rows, each row's role, footer lines."""
+    tables = []
+    for scenario in run.scenarios:
+        headers, rows = table_rows(scenario)
+        roles = [c.role if c.ok else "failed" for c in scenario.contenders]
+        tables.append((_title(scenario), scenario.label, headers, rows, roles, _footer(scenario)))
+    for comparison in run.comparisons:
+        headers, rows = comparison_rows(comparison)
+        roles = ["distkit" if r.ok else "failed" for r in comparison.rows]
+        footer = _comparison_footer(comparison)
+        tables.append((_comparison_title(comparison), run.label, headers, rows, roles, footer))
+    return tables
+
+
 def _footer(scenario: ScenarioResult) -> list[str]:
     lines = []
     floor = next((c for c in scenario.contenders if c.role == "floor"), None)
@@ -111,18 +203,19 @@ def _print_rich(run: RunResult, console: Any) -> None:
 
     if run.label:
         console.print(Text(f"!!! {run.label} !!!", style="bold red"))
-    for scenario in run.scenarios:
-        headers, rows = table_rows(scenario)
-        table = Table(title=_title(scenario), caption=scenario.label, title_justify="left")
+    heading = _baseline_heading(run)
+    if heading:
+        console.print(Text(heading, style="bold"))
+    for title, label, headers, rows, roles, footer in _tables(run):
+        table = Table(title=title, caption=label, title_justify="left")
         for i, header in enumerate(headers):
             table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i < 6)
-        for result, cells in zip(scenario.contenders, rows, strict=True):
-            style = {"floor": "dim", "distkit": "bold"}.get(result.role, "")
-            if not result.ok:
-                style = "red"
-            table.add_row(*cells, style=style)
+        for role, cells in zip(roles, rows, strict=True):
+            table.add_row(
+                *cells, style={"floor": "dim", "distkit": "bold", "failed": "red"}.get(role, "")
+            )
         console.print(table)
-        for line in _footer(scenario):
+        for line in footer:
             console.print(Text(f"  {line}"))
         console.print()
 
@@ -130,19 +223,21 @@ def _print_rich(run: RunResult, console: Any) -> None:
 def _print_plain(run: RunResult, stream: IO[str]) -> None:
     if run.label:
         print(f"!!! {run.label} !!!", file=stream)
-    for scenario in run.scenarios:
-        headers, rows = table_rows(scenario)
+    heading = _baseline_heading(run)
+    if heading:
+        print(heading, file=stream)
+    for title, label, headers, rows, _roles, footer in _tables(run):
         widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-        print(_title(scenario), file=stream)
-        if scenario.label:
-            print(f"[{scenario.label}]", file=stream)
+        print(title, file=stream)
+        if label:
+            print(f"[{label}]", file=stream)
         for cells in [headers, ["-" * w for w in widths], *rows]:
             line = "  ".join(
                 c.ljust(w) if i == 0 else c.rjust(w)
                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))
             )
             print(line.rstrip(), file=stream)
-        for line in _footer(scenario):
+        for line in footer:
             print(f"  {line}", file=stream)
         print(file=stream)
 
@@ -158,16 +253,18 @@ def markdown(run: RunResult) -> str:
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         shown = value
         out.append(f"| {key} | {shown} |")
-    for scenario in run.scenarios:
-        headers, rows = table_rows(scenario)
-        out += ["", f"### {_title(scenario)}", ""]
-        if scenario.label:
-            out += [f"*{scenario.label}*", ""]
+    heading = _baseline_heading(run)
+    if heading:
+        out += ["", heading]
+    for title, label, headers, rows, _roles, footer in _tables(run):
+        out += ["", f"### {title}", ""]
+        if label:
+            out += [f"*{label}*", ""]
         out.append("| " + " | ".join(headers) + " |")
         out.append("| --- " + "| ---: " * (len(headers) - 1) + "|")
         out += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in rows]
         out.append("")
-        out += [f"- {line}" for line in _footer(scenario)]
+        out += [f"- {line}" for line in footer]
     return "\n".join(out) + "\n"
 
 

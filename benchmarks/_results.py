@@ -14,7 +14,16 @@ from ._format import Figure, show
 from ._model import Column, Plan, Role, Scenario, Target
 from ._stats import Distribution, median
 
-__all__ = ["ContenderResult", "RunResult", "ScenarioResult", "TargetResult", "complete"]
+__all__ = [
+    "Comparison",
+    "ComparedRow",
+    "ContenderResult",
+    "RunResult",
+    "ScenarioResult",
+    "TargetResult",
+    "VariantFigures",
+    "complete",
+]
 
 
 @dataclass
@@ -159,23 +168,134 @@ class ScenarioResult:
         }
 
 
+def _spread(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    if not values:
+        return None, None, None
+    return median(values), min(values), max(values)
+
+
+@dataclass
+class VariantFigures:
+    """One row's figures from one variant (baseline or current) of a ``--baseline`` run.
+
+    ``ratios[i]`` is the row's throughput over the floor's in trial *i* (``None``: not
+    measured); ``error`` is why the row could not run in this variant.
+    """
+
+    ratios: list[float | None] = field(default_factory=list)
+    throughput: list[float | None] = field(default_factory=list)
+    error: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def ratio(self) -> tuple[float | None, float | None, float | None]:
+        """Median, least and greatest ratio to the floor over the trials."""
+        return _spread([r for r in self.ratios if r is not None])
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure, for JSON."""
+        mid, low, high = self.ratio()
+        data = asdict(self)
+        data.update(ratio_to_floor=mid, ratio_to_floor_min=low, ratio_to_floor_max=high)
+        return data
+
+
+@dataclass
+class ComparedRow:
+    """One of our contenders measured from the baseline tree and from the working tree."""
+
+    key: str
+    label: str
+    baseline: VariantFigures = field(default_factory=VariantFigures)
+    current: VariantFigures = field(default_factory=VariantFigures)
+
+    def changes(self) -> list[float]:
+        """Per trial: current ratio / baseline ratio - 1 (both ran in that trial, seconds apart)."""
+        return [
+            c / b - 1
+            for b, c in zip(self.baseline.ratios, self.current.ratios, strict=False)
+            if b is not None and c is not None and b > 0
+        ]
+
+    def change(self) -> tuple[float | None, float | None, float | None]:
+        """Median, least and greatest per-trial change."""
+        return _spread(self.changes())
+
+    @property
+    def ok(self) -> bool:
+        """The working tree's row ran and passed its checks (the baseline's may not)."""
+        return self.current.error is None and not self.current.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure, for JSON."""
+        mid, low, high = self.change()
+        return {
+            "key": self.key,
+            "label": self.label,
+            "ok": self.ok,
+            "baseline": self.baseline.as_dict(),
+            "current": self.current.as_dict(),
+            "change": mid,
+            "change_min": low,
+            "change_max": high,
+            "trial_changes": self.changes(),
+        }
+
+
+@dataclass
+class Comparison:
+    """One scenario's rows of our libraries, baseline vs working tree, interleaved per trial."""
+
+    name: str
+    summary: str
+    unit: str
+    rows: list[ComparedRow] = field(default_factory=list)
+    order: list[list[str]] = field(default_factory=list)  # per trial: which variant ran first
+    packages: dict[str, dict[str, str]] = field(default_factory=dict)  # variant -> imported from
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """The working tree's side ran and passed its checks."""
+        return self.error is None and all(r.ok for r in self.rows)
+
+    def row(self, key: str, label: str) -> ComparedRow:
+        """The row of contender ``key``, added on first use."""
+        found = next((r for r in self.rows if r.key == key), None)
+        if found is None:
+            found = ComparedRow(key, label)
+            self.rows.append(found)
+        return found
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every figure, for JSON."""
+        data = asdict(self)
+        data.update(
+            ok=self.ok, trial_order=data.pop("order"), rows=[r.as_dict() for r in self.rows]
+        )
+        return data
+
+
 @dataclass
 class RunResult:
-    """A whole run: machine facts, settings and every scenario."""
+    """A whole run: machine facts, settings and every scenario (or, with ``--baseline``, every
+    comparison of the baseline tree with the working tree)."""
 
     machine: dict[str, Any]
     settings: dict[str, Any]
     scenarios: list[ScenarioResult]
     label: str | None = None
+    comparisons: list[Comparison] = field(default_factory=list)
+    baseline: dict[str, Any] | None = None  # what the baseline is: revision, commit, path
 
     @property
     def ok(self) -> bool:
-        """Every scenario ran and passed its checks."""
-        return all(s.ok for s in self.scenarios)
+        """Every scenario (and the working tree's side of every comparison) ran and passed."""
+        return all(s.ok for s in self.scenarios) and all(c.ok for c in self.comparisons)
 
     def as_dict(self) -> dict[str, Any]:
         """Every figure, for JSON."""
-        return {
+        data = {
             "schema": 1,
             "label": self.label,
             "ok": self.ok,
@@ -183,6 +303,12 @@ class RunResult:
             "settings": self.settings,
             "scenarios": [s.as_dict() for s in self.scenarios],
         }
+        if self.baseline is not None:
+            data["baseline"] = {
+                **self.baseline,
+                "comparisons": [c.as_dict() for c in self.comparisons],
+            }
+        return data
 
 
 def _paired(a: ContenderResult, b: ContenderResult) -> list[float]:

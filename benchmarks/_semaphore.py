@@ -299,6 +299,7 @@ SCENARIO = Scenario(
         "checked against the limit, only reported."
     ),
     run=run,
+    plans=(QUICK, FULL),
     contenders=CONTENDERS,
     columns=(
         Column("longest wait", "longest_wait_ms", "ms"),

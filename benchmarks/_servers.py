@@ -73,23 +73,36 @@ class _FakeServer:
 class Servers:
     """The run's Redis servers, started on first need and stopped by ``close``."""
 
-    def __init__(self, kind: Kind, *, urls: Sequence[str] = (), binary: str | None = None):
+    def __init__(
+        self,
+        kind: Kind,
+        *,
+        urls: Sequence[str] = (),
+        binary: str | None = None,
+        pids: Sequence[int] = (),
+    ):
         self.kind: Kind = kind
         self._given = tuple(urls)
+        self._adopted = tuple(pids)  # given servers that a parent run started: pinned like ours
         self._binary = binary
         self._single: RedisServer | None = None
         self._groups: dict[int, IndependentMasters] = {}
         self._fakes: list[_FakeServer] = []
 
     @classmethod
-    def choose(cls, urls: Sequence[str], *, force_fake: bool = False) -> Servers:
+    def choose(
+        cls, urls: Sequence[str], *, force_fake: bool = False, pids: Sequence[int] = ()
+    ) -> Servers:
         """Given URLs if any; else throwaway servers; else fakeredis (``force_fake`` skips ahead).
+
+        ``pids``: the given servers' processes, when a parent run started them (``--baseline``
+        children): ``--pin`` then pins them as if this run had started them.
 
         Raises:
             RedisServerNotFound: no binary and no fakeredis either (the message says what to do).
         """
         if urls:
-            return cls("external", urls=urls)
+            return cls("external", urls=urls, pids=pids)
         if not force_fake:
             try:
                 return cls("throwaway", binary=find_redis_server())
@@ -155,7 +168,7 @@ class Servers:
         if pin == "off" or setter is None or getter is None:
             yield None
             return
-        if self.kind == "external":
+        if self.kind == "external" and not self._adopted:
             if pin == "same":
                 yield "not pinned: the redis-server is not ours (--redis-url)"
             else:
@@ -163,7 +176,7 @@ class Servers:
             return
         mine = getter(0)
         cpu = max(mine)
-        pids = [pid for pid in self._pids() if pid is not None]
+        pids = self.pids()
         saved = {pid: getter(pid) for pid in pids}
         try:
             for pid in pids:
@@ -177,10 +190,11 @@ class Servers:
                 with contextlib.suppress(OSError):
                     setter(pid, cpus)
 
-    def _pids(self) -> list[int | None]:
+    def pids(self) -> list[int]:
+        """The processes of the servers this run started (or adopted), for pinning."""
         servers = [self._single] if self._single is not None else []
         servers += [s for g in self._groups.values() for s in g.servers]
-        return [s.pid for s in servers]
+        return [*self._adopted, *(s.pid for s in servers if s.pid is not None)]
 
     def describe(self) -> dict[str, Any]:
         """Kind and (redacted) URLs, for the JSON settings."""

@@ -553,6 +553,7 @@ SCENARIO = Scenario(
         "Check: every caller got the loaded value."
     ),
     run=run,
+    plans=(QUICK, FULL),
     contenders=CONTENDERS,
     columns=(
         Column("loader calls (max)", "loader_calls_max", "count"),

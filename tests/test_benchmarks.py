@@ -285,3 +285,111 @@ def test_ratios_pair_trials_and_targets_say_by_how_much() -> None:
 def test_urls_are_redacted() -> None:
     assert redact("redis://user:secret@host:6379/0") == "redis://user:***@host:6379/0"
     assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def _baseline_run(
+    tmp_path: Path, url: str, *args: str, scenarios: tuple[str, ...] = ("lock_uncontended",)
+) -> tuple[int, dict[str, Any]]:
+    return _run(tmp_path, "--scenario", *scenarios, "--redis-url", url, "--trials", "1",
+                "--duration", "0.1", "--warmup", "0.05", "--workers", "2", *args)  # fmt: skip
+
+
+def _our_keys(name: str) -> list[str]:
+    return [c.key for c in SCENARIOS[name].contenders if c.role == "distkit"]
+
+
+def test_baseline_head_compares_our_rows_trial_by_trial(
+    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks._baseline import ROOT
+
+    code, data = _baseline_run(tmp_path, redis_server.url, "--baseline", "HEAD", "--trials", "2",
+                               scenarios=("lock_uncontended", "cache_batch"))  # fmt: skip
+    assert code == 0
+    assert data["scenarios"] == []  # no peers' or floors' rows of their own
+    baseline = data["baseline"]
+    assert baseline["revision"] == "HEAD" and len(baseline["commit"]) == 40
+    comparisons = {c["name"]: c for c in baseline["comparisons"]}
+    assert list(comparisons) == ["lock_uncontended", "cache_batch"]
+    for name, comparison in comparisons.items():
+        assert comparison["ok"], comparison
+        assert [row["key"] for row in comparison["rows"]] == _our_keys(name)
+        assert [sorted(order) for order in comparison["trial_order"]] == [
+            ["baseline", "current"]
+        ] * 2
+        for row in comparison["rows"]:
+            for side in ("baseline", "current"):
+                assert row[side]["error"] is None, (name, row)
+                assert len(row[side]["ratios"]) == 2
+                assert all(r is not None and r > 0 for r in row[side]["ratios"])
+            assert len(row["trial_changes"]) == 2
+            assert row["change_min"] <= row["change"] <= row["change_max"]
+        packages = comparison["packages"]
+        assert packages["current"]["distlock"] == str(ROOT / "distlock")
+        assert packages["baseline"]["distlock"] == str(Path(baseline["path"]) / "distlock")
+    out = capsys.readouterr().out
+    assert "baseline x floor" in out and "current x floor" in out and "change" in out
+    assert not Path(baseline["path"]).exists()  # the extracted tree is removed afterwards
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [("--baseline", "is not a revision"), ("--baseline-path", "lacks our packages")],
+)
+def test_a_bad_baseline_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, message: str
+) -> None:
+    value = "no-such-revision-xyz" if option == "--baseline" else str(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main([option, value, "--scenario", "lock_uncontended"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_baseline_workers_import_the_baseline_tree(
+    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A baseline tree whose distlock.Lock raises a marker: the baseline rows must show it, from
+    # the child run itself (lock_uncontended) and from its spawned workers (lock_contended),
+    # while the working tree's rows run as usual.
+    import shutil
+
+    from benchmarks._baseline import PACKAGES, ROOT
+
+    base = tmp_path / "base"
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, base / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    with (base / "distlock" / "__init__.py").open("a") as init:
+        init.write(
+            "\n\nclass _Marked(Lock):\n"
+            "    def __init__(self, *args, **kwargs):\n"
+            "        raise RuntimeError('baseline-tree marker')\n\n\n"
+            "Lock = _Marked\n"
+        )
+    code, data = _baseline_run(tmp_path, redis_server.url, "--baseline-path", str(base),
+                               scenarios=("lock_uncontended", "lock_contended"))  # fmt: skip
+    assert code == 0  # the run goes on; the working tree's side passed
+    for comparison in data["baseline"]["comparisons"]:
+        assert comparison["packages"]["baseline"]["distlock"] == str(base / "distlock")
+        row = next(r for r in comparison["rows"] if r["key"] == "distlock")
+        assert "baseline-tree marker" in row["baseline"]["error"], comparison["name"]
+        assert row["baseline"]["ratios"] == [None]
+        assert row["current"]["error"] is None and row["current"]["ratios"][0] > 0
+        assert row["change"] is None
+    assert "n/a (baseline: RuntimeError: baseline-tree marker)" in capsys.readouterr().out
+
+
+def test_compared_rows_pair_trials() -> None:
+    from benchmarks._results import ComparedRow, VariantFigures
+
+    row = ComparedRow(
+        "distlock",
+        "d",
+        baseline=VariantFigures(ratios=[0.8, None, 0.5]),
+        current=VariantFigures(ratios=[0.88, 0.9, 0.45]),
+    )
+    assert row.changes() == pytest.approx([0.1, -0.1])  # trial 2 has no baseline: unpaired
+    assert row.change() == pytest.approx((0.0, -0.1, 0.1))
+    assert row.baseline.ratio() == pytest.approx((0.65, 0.5, 0.8))
