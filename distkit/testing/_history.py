@@ -723,12 +723,16 @@ def _ended(op: str, event: Event) -> str:
     return f"{op} {event.type}" + (f" {error}" if error else "")
 
 
+_UNREACHABLE = "ConnectionUnavailable"
+
+
 def _lock_claims(history: Sequence[Event]) -> list[_Claim]:
     """When each owner's lease may exist: from an acquire's invocation until its attempt finished
     (when it did not succeed) or until the holder's release / abandon finished (when it did)."""
     claims: list[_Claim] = []
     attempt: dict[tuple[str, Any], Event] = {}  # open acquire invocations
-    held: dict[tuple[str, Any], tuple[Event, str]] = {}  # (invocation or ok, owner) per holder
+    # (invocation or ok, owner, lease ttl in seconds when recorded) per holder
+    held: dict[tuple[str, Any], tuple[Event, str, float | None]] = {}
     for event in history:
         key = (event.process, event.get("lock"))
         if event.op == "acquire":
@@ -738,7 +742,7 @@ def _lock_claims(history: Sequence[Event]) -> list[_Claim]:
             start = attempt.pop(key, event)
             owner = event.get("owner")
             if event.type == "ok" and owner is not None:
-                held[key] = (start, str(owner))
+                held[key] = (start, str(owner), _num(event.get("ttl")))
             else:
                 claims.append(
                     _Claim(
@@ -748,7 +752,13 @@ def _lock_claims(history: Sequence[Event]) -> list[_Claim]:
                     )
                 )  # fmt: skip
         elif event.op in ("release", "abandon") and event.type != "invoke" and key in held:
-            start, owner = held.pop(key)
+            start, owner, ttl = held.pop(key)
+            end = event.time
+            if event.type == "info" and event.get("error") == _UNREACHABLE and ttl is not None:
+                # The release could not reach the server (every retry failed): the lease can
+                # only end with its TTL, as documented. At most one ttl after this release began:
+                # every extend before it reset the lease to one ttl from then.
+                end = max(end, event.time + ttl * 1e9)
             claims.append(
                 _Claim(
                     event.process,
@@ -756,7 +766,7 @@ def _lock_claims(history: Sequence[Event]) -> list[_Claim]:
                     owner,
                     None,
                     start.time,
-                    event.time,
+                    end,
                     "hold (" + _ended(event.op, event) + ")",
                 )
             )
@@ -767,7 +777,7 @@ def _lock_claims(history: Sequence[Event]) -> list[_Claim]:
                 start_event.time, math.inf, "acquire unfinished",
             )
         )  # fmt: skip
-    for key, (start_event, owner) in held.items():
+    for key, (start_event, owner, _) in held.items():
         claims.append(_Claim(key[0], key[1], owner, None, start_event.time, math.inf, "hold"))
     return claims
 
@@ -782,8 +792,10 @@ def check_orphans(
     known) or ``owner_prefix`` (the owner-id prefix of the handle, for attempts whose exact id is
     unknown). A lease of owner ``o`` is accounted for from the ``invoke`` of an acquire that could
     have been granted it until that attempt finished (``fail`` / ``info``), or, for a granted
-    one, until the holder's ``release`` (or ``abandon``: the holder gave the handle up) finished.
-    ``lease`` samples (see above) of an owner that no such interval covers, taken more than
+    one, until the holder's ``release`` (or ``abandon``: the holder gave the handle up) finished
+    — or, for a release that ended ``info`` with ``error="ConnectionUnavailable"`` (it could not
+    reach the server at all; documented: the lease then ends with its TTL), until one ``ttl`` (the
+    acquire's ``ok`` field) after it. ``lease`` samples (see above) of an owner that no such interval covers, taken more than
     ``bound`` after the last of them ended, are violations of kind ``orphaned-lease`` (one per
     lease): the server keeps a lease nobody holds and nobody will release, so every other client
     waits up to its TTL. Locks without samples are not checked.

@@ -282,12 +282,28 @@ class _Handles:
             auto_renew=True, renew_interval=ttl / 4,
         )  # fmt: skip
 
-    def warm_up(self) -> None:
-        """Use the sync handles once, as a pre-fork parent may (opens their connections)."""
-        for lock in [*self.redlocks.values(), self.single]:
-            with contextlib.suppress(Exception):
-                if lock.acquire(timeout=0.5):
-                    lock.release()
+    def warm_up(self, rec: HistoryRecorder) -> None:
+        """Use the sync handles once, as a pre-fork parent may (opens their connections); the
+        parent's sections go into the history like any worker's (the sampler sees them)."""
+        for name, lock in [*self.redlocks.items(), (_SINGLE, self.single)]:
+            rec.invoke("acquire", lock=name, owner_prefix=_owner_prefix(lock))
+            try:
+                got = lock.acquire(timeout=0.5)
+            except Exception as exc:
+                rec.info("acquire", lock=name, error=type(exc).__name__)
+                continue
+            if not got:
+                rec.fail("acquire", lock=name)
+                continue
+            owner = _owner(lock)
+            rec.ok("acquire", lock=name, owner=owner, token=lock.fencing_token)
+            rec.invoke("release", lock=name, owner=owner)
+            try:
+                lock.release()
+            except Exception as exc:
+                rec.info("release", lock=name, owner=owner, error=type(exc).__name__)
+            else:
+                rec.ok("release", lock=name, owner=owner)
 
 
 def _owner(lock: Any) -> str | None:
@@ -759,7 +775,8 @@ def _forker(specs: Sequence[_WorkerSpec], status: str) -> None:
     """The workers' parent: build the lock handles, use them once, then fork every worker with
     them (``os.fork``), wait for the workers and write their fate to ``status`` (JSON)."""
     handles = _Handles(specs[0])
-    handles.warm_up()
+    with HistoryRecorder(Path(specs[0].history).with_name("parent.jsonl"), "parent") as rec:
+        handles.warm_up(rec)
     children: dict[int, str] = {}
     for spec in specs:
         pid = os.fork()
