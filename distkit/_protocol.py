@@ -116,7 +116,8 @@ class FanOut:
 
 @dataclass(frozen=True, slots=True)
 class Cleanup:
-    """Best-effort ``step``: one try, no retry, errors swallowed; async: shielded from cancel."""
+    """Best-effort ``step``: one try, and one more after a dropped connection (a reset in
+    flight; never after a timeout), errors swallowed; async: shielded from cancel."""
 
     step: Eval | Command | FanOut
     errors: list[BaseException] = field(default_factory=list, compare=False)
@@ -170,6 +171,16 @@ def _translated(exc: BaseException, what: str) -> BaseException:
             mapped.__cause__ = exc
             return mapped
     return exc
+
+
+def _was_reset(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the redis-py error behind a distkit one) is a dropped connection:
+    reset, refused or closed, not a timeout and not a refusal of the credentials."""
+    if isinstance(exc, DistkitError):
+        exc = exc.__cause__ or exc
+    return isinstance(exc, (rex.ConnectionError, ConnectionError)) and not isinstance(
+        exc, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError)
+    )
 
 
 def _block_seconds(timeout: float, cap: float) -> float:
@@ -268,11 +279,16 @@ class SyncDriver:
         if isinstance(step, FanOut) or isinstance(step.step, FanOut):
             raise TypeError("FanOut steps need a fan-out driver (distkit._fanout)")
         inner = step.step
-        try:
-            return NO_RETRY.call(lambda: self._once(inner))
-        except Exception as exc:  # best effort by contract
-            step.errors.append(exc)
-            return None
+        for last in (False, True):
+            try:
+                return NO_RETRY.call(lambda: self._once(inner))
+            except Exception as exc:  # best effort by contract
+                # one more try only after a dropped connection (a reset in flight; the next
+                # try connects afresh); a timeout is not tried again
+                if not last and _was_reset(exc):
+                    continue
+                step.errors.append(exc)
+        return None
 
 
 class AsyncDriver:
@@ -376,15 +392,24 @@ class AsyncDriver:
             return None
         if isinstance(step, FanOut) or isinstance(step.step, FanOut):
             raise TypeError("FanOut steps need a fan-out driver (distkit._fanout)")
+        task = asyncio.ensure_future(self._cleanup(step))
+        return await asyncio.shield(task)
+
+    async def _cleanup(self, step: Cleanup) -> None:
+        """A best-effort step: one try, and one more after a dropped connection (as the sync
+        driver does); errors are collected on the step, never raised."""
         inner = step.step
-        task = asyncio.ensure_future(NO_RETRY.acall(lambda: self._once(inner)))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # best effort by contract
-            step.errors.append(exc)
-            return None
+        if isinstance(inner, FanOut):  # checked by _step; narrows the type
+            raise TypeError("FanOut steps need a fan-out driver (distkit._fanout)")
+        for last in (False, True):
+            try:
+                await NO_RETRY.acall(lambda: self._once(inner))
+                return
+            except Exception as exc:  # best effort by contract
+                if not last and _was_reset(exc):
+                    continue
+                step.errors.append(exc)
+        return None
 
 
 async def settled(awaitable: Awaitable[_T]) -> _T:

@@ -552,3 +552,85 @@ def test_a_bad_fence_on_the_fast_path_undoes_the_grant(
     assert r.exists("distkit:lock:{badfence}") == 0
     assert r.type(fence) == kind
     assert r.dump(fence) == before  # the foreign value is kept as it was, for the operator
+
+
+def _reset_first_abandon(client: Any, *, is_async: bool) -> dict[str, int]:
+    """Make the first cleanup (RELEASE with abandon=1) of ``client`` fail with a reset, as a
+    connection cut in flight does; count the cleanups tried."""
+    original = client.execute_command
+    seen = {"abandons": 0}
+
+    def is_abandon(args: tuple[Any, ...]) -> bool:
+        # EVALSHA sha 7 <7 keys> owner retention abandon marker_ms
+        return args[:1] == ("EVALSHA",) and args[2] == 7 and str(args[12]) == "1"
+
+    if is_async:
+
+        async def aexecute(*args: Any, **kwargs: Any) -> Any:
+            if is_abandon(args):
+                seen["abandons"] += 1
+                if seen["abandons"] == 1:
+                    raise redis.exceptions.ConnectionError("Connection reset by peer")
+            return await original(*args, **kwargs)
+
+        client.execute_command = aexecute
+    else:
+
+        def execute(*args: Any, **kwargs: Any) -> Any:
+            if is_abandon(args):
+                seen["abandons"] += 1
+                if seen["abandons"] == 1:
+                    raise redis.exceptions.ConnectionError("Connection reset by peer")
+            if args[:1] == ("BLPOP",):  # the waiter fails while queued: cleanup follows
+                raise redis.exceptions.ResponseError("ERR injected")
+            return original(*args, **kwargs)
+
+        client.execute_command = execute
+    return seen
+
+
+def test_a_failed_acquire_cleanup_survives_one_connection_reset(redis_server: RedisServer) -> None:
+    """Fix: the cleanup of a failed acquire tries again after a dropped connection (it used to
+    try once: its queue entry stayed, and the next release handed the lease to nobody)."""
+    r = redis_server.client()
+    r.flushall()
+    holder = Lock(r, "cleanup-reset", ttl=30)
+    assert holder.acquire()
+    client = redis_server.client()
+    seen = _reset_first_abandon(client, is_async=False)
+    waiter = Lock(client, "cleanup-reset", ttl=30)
+    with pytest.raises(ServerError):
+        waiter.acquire(timeout=5)
+    assert seen["abandons"] == 2  # the reset one, then one that reached the server
+    assert r.zcard("distkit:lock:{cleanup-reset}:queue") == 0
+    holder.release()
+    assert r.exists("distkit:lock:{cleanup-reset}") == 0  # not handed to the failed waiter
+
+
+def test_a_cancelled_acquire_cleanup_survives_one_connection_reset(
+    redis_server: RedisServer,
+) -> None:
+    async def run() -> None:
+        direct = redis_server.async_client()
+        await direct.flushall()
+        holder = AsyncLock(direct, "cleanup-areset", ttl=30)
+        assert await holder.acquire()
+        client = redis_server.async_client()
+        seen = _reset_first_abandon(client, is_async=True)
+        waiter = AsyncLock(client, "cleanup-areset", ttl=30)
+        task = asyncio.ensure_future(waiter.acquire(timeout=5))
+        for _ in range(2500):  # until the waiter is queued (at most ~5 s)
+            if await direct.zcard("distkit:lock:{cleanup-areset}:queue"):
+                break
+            await asyncio.sleep(0.002)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert seen["abandons"] == 2
+        assert await direct.zcard("distkit:lock:{cleanup-areset}:queue") == 0
+        await holder.release()
+        assert await direct.exists("distkit:lock:{cleanup-areset}") == 0
+        await client.aclose()
+        await direct.aclose()
+
+    asyncio.run(run())

@@ -753,7 +753,7 @@ def _lock_claims(history: Sequence[Event]) -> list[_Claim]:
                 )  # fmt: skip
         elif event.op in ("release", "abandon") and event.type != "invoke" and key in held:
             start, owner, ttl = held.pop(key)
-            end = event.time
+            end: float = event.time
             if event.type == "info" and event.get("error") == _UNREACHABLE and ttl is not None:
                 # The release could not reach the server (every retry failed): the lease can
                 # only end with its TTL, as documented. At most one ttl after this release began:
@@ -795,10 +795,11 @@ def check_orphans(
     one, until the holder's ``release`` (or ``abandon``: the holder gave the handle up) finished
     — or, for a release that ended ``info`` with ``error="ConnectionUnavailable"`` (it could not
     reach the server at all; documented: the lease then ends with its TTL), until one ``ttl`` (the
-    acquire's ``ok`` field) after it. ``lease`` samples (see above) of an owner that no such interval covers, taken more than
-    ``bound`` after the last of them ended, are violations of kind ``orphaned-lease`` (one per
-    lease): the server keeps a lease nobody holds and nobody will release, so every other client
-    waits up to its TTL. Locks without samples are not checked.
+    acquire's ``ok`` field) after it. ``lease`` samples (see above) of an owner that no such
+    interval covers, taken more than ``bound`` after the last of them ended, are violations of
+    kind ``orphaned-lease`` (one per lease): the server keeps a lease nobody holds and nobody
+    will release, so every other client waits up to its TTL. Locks without samples are not
+    checked.
     """
     events = sort_events(history)
     slack = bound * 1e9

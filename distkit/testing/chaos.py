@@ -1023,7 +1023,11 @@ def _faults(rig: _Rig, cfg: SoakConfig) -> list[tuple[str, Callable[[random.Rand
                     time.sleep(rng.uniform(0, 0.06))
                     rig.lock_proxy.cut()
                     cuts += 1
-                    time.sleep(rng.uniform(0.05, 0.3))
+                    # Apart by more than one retried call (a few round trips and backoffs): each
+                    # cut hits one try of a call and its retry reconnects; cuts that follow each
+                    # other faster than the retry policy are an unreachable server, whose
+                    # documented outcome (a lease left to its TTL) this fault is not about.
+                    time.sleep(rng.uniform(0.3, 0.6))
                 else:
                     time.sleep(0.002)
         if not cuts:
