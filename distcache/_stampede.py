@@ -1048,10 +1048,16 @@ class SyncFlow:
         clock = self.core.clock
         started = clock()
         call.since = self.policy.sequence()
+        near = self.cache._near
+        if near is not None:  # the hottest path: an L1 hit needs no flight state at all
+            found = near.get(call.rkey, call.type_)
+            if found.__class__ is Entry and self.policy.plain_hit(found, call):
+                return found.value
         state = _RunState(self.policy.deadline)
-        found = self._read(call, False, state, started)
-        if found.__class__ is Entry and self.policy.plain_hit(found, call):
-            return found.value
+        if near is None or found is ABSENT:
+            found = self._read(call, False, state, started, near_missed=near is not None)
+            if found.__class__ is Entry and self.policy.plain_hit(found, call):
+                return found.value
         state.spent = max(state.spent, clock() - started)
         return self._drive(self.policy.run(call, found, started), call, state)
 
@@ -1085,15 +1091,19 @@ class SyncFlow:
             except BaseException as exc:
                 error = exc
 
-    def _read(self, call: Call, quiet: bool, state: _RunState, begun: float) -> Any:
+    def _read(
+        self, call: Call, quiet: bool, state: _RunState, begun: float, near_missed: bool = False
+    ) -> Any:
         """LOOKUP through the near cache, if any (the look under the fill lock asks Redis);
-        ``begun``: when ``state.spent`` was last brought up to date."""
+        ``begun``: when ``state.spent`` was last brought up to date; ``near_missed``: the caller
+        already found nothing in the near cache."""
         near = self.cache._near
         if near is None or quiet:
             return self._read_redis(call, quiet, state, begun)
-        found = near.get(call.rkey, call.type_)
-        if found is not ABSENT:
-            return found
+        if not near_missed:
+            found = near.get(call.rkey, call.type_)
+            if found is not ABSENT:
+                return found
         stamp = near.stamp(call.rkey)  # before the read: put() refuses it if overtaken
         found = self._read_redis(call, quiet, state, begun)
         if found.__class__ is Entry and found.expires_ms > self.policy.clock.now_ms():
@@ -1356,10 +1366,19 @@ class AsyncFlow:
         clock = self.core.clock
         started = clock()
         call.since = self.policy.sequence()
+        near = self.cache._near
+        if near is not None:  # the hottest path: an L1 hit needs no flight state at all
+            found = near.get(call.rkey, call.type_)
+            if found.__class__ is Entry and self.policy.plain_hit(found, call):
+                return found.value
         state = _RunState(self.policy.deadline)
-        found = await self._timed(state, lambda: self._read(call, False), accounted=True)
-        if found.__class__ is Entry and self.policy.plain_hit(found, call):
-            return found.value
+        if near is None or found is ABSENT:
+            missed = near is not None
+            found = await self._timed(
+                state, lambda: self._read(call, False, near_missed=missed), accounted=True
+            )
+            if found.__class__ is Entry and self.policy.plain_hit(found, call):
+                return found.value
         return await self._drive(self.policy.run(call, found, started), call, state)
 
     async def drain(self, timeout: float | None) -> bool:
@@ -1386,14 +1405,16 @@ class AsyncFlow:
             except BaseException as exc:
                 error = exc
 
-    async def _read(self, call: Call, quiet: bool) -> Any:
-        """LOOKUP through the near cache, if any (the look under the fill lock asks Redis)."""
+    async def _read(self, call: Call, quiet: bool, near_missed: bool = False) -> Any:
+        """LOOKUP through the near cache, if any (the look under the fill lock asks Redis);
+        ``near_missed``: the caller already found nothing in the near cache."""
         near = self.cache._near
         if near is None or quiet:
             return await self._read_redis(call, quiet)
-        found = near.get(call.rkey, call.type_)
-        if found is not ABSENT:
-            return found
+        if not near_missed:
+            found = near.get(call.rkey, call.type_)
+            if found is not ABSENT:
+                return found
         stamp = near.stamp(call.rkey)  # before the read: put() refuses it if overtaken
         found = await self._read_redis(call, quiet)
         if found.__class__ is Entry and found.expires_ms > self.policy.clock.now_ms():
