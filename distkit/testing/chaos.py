@@ -526,6 +526,7 @@ def _worker(spec: _WorkerSpec, handles: _Handles | None = None) -> None:
                 rec.ok("release", lock=_SINGLE, owner=owner)
 
         loop = asyncio.new_event_loop() if spec.mode == "async" else None
+        _dump_on_signal(loop, spec.log)
         cancel_k = dict.fromkeys(_CANCEL_TARGETS, 1)
         cancel_turn = 0
 
@@ -771,6 +772,25 @@ def _worker(spec: _WorkerSpec, handles: _Handles | None = None) -> None:
         cache.close()
 
 
+def _dump_on_signal(loop: asyncio.AbstractEventLoop | None, log: str) -> None:
+    """On SIGUSR1, append every thread's stack and every task of ``loop`` to the worker's
+    ``log``: what a stuck worker was waiting for, before the parent kills it."""
+
+    def dump(signum: int, frame: Any) -> None:
+        import faulthandler
+
+        with open(log, "a", encoding="utf-8") as out:
+            out.write("== stuck: thread stacks\n")
+            out.flush()
+            faulthandler.dump_traceback(file=out, all_threads=True)
+            if loop is not None:
+                out.write("== stuck: asyncio tasks\n")
+                for task in asyncio.all_tasks(loop):
+                    task.print_stack(file=out)
+
+    signal.signal(signal.SIGUSR1, dump)
+
+
 def _forker(specs: Sequence[_WorkerSpec], status: str) -> None:
     """The workers' parent: build the lock handles, use them once, then fork every worker with
     them (``os.fork``), wait for the workers and write their fate to ``status`` (JSON)."""
@@ -805,6 +825,11 @@ def _forker(specs: Sequence[_WorkerSpec], status: str) -> None:
         if code != 0:
             errors.append(f"{name} exited with {code}")
     stuck = sorted(children.values())
+    for pid in children:  # their stacks first (see _dump_on_signal), then the end
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGUSR1)
+    if children:
+        time.sleep(1.0)
     for pid in children:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
