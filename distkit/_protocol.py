@@ -312,11 +312,15 @@ class AsyncDriver:
             self._execute = self.client.execute_command
             self._bound_loop = loop
 
-    async def execute(self, *args: ScriptArg) -> Any:
-        """One command, once, on the client for the running loop; redis-py errors unchanged."""
+    def execute(self, *args: ScriptArg) -> Awaitable[Any]:
+        """One command, once, on the client for the running loop; redis-py errors unchanged.
+
+        Not a coroutine function itself (the cache's hit path saves a frame): it hands back the
+        client's own awaitable, to be awaited on the running loop.
+        """
         if asyncio.get_running_loop() is not self._bound_loop:
             self._on_running_loop()
-        return await self._execute(*args)
+        return self._execute(*args)  # type: ignore[no-any-return]
 
     async def run(self, protocol: Protocol[_T]) -> _T:
         """Drive ``protocol`` to completion and return its value."""
