@@ -779,10 +779,14 @@ class ReadThrough:
             return outcome.value
         finally:
             # The lock first: its next holder is another process, which still has to read the
-            # entry; this process's waiters get the outcome a moment later, from memory.
-            if held:
-                yield RELEASE
-            yield _Publish(outcome)
+            # entry; this process's waiters get the outcome a moment later, from memory. The
+            # publish runs even if the release is interrupted (a cancel, KeyboardInterrupt):
+            # else the flight stays, and later callers join it and wait for nothing.
+            try:
+                if held:
+                    yield RELEASE
+            finally:
+                yield _Publish(outcome)
 
     def _load(self, call: Call, miss: Miss | None, stale: Entry | None, started: float) -> Flow:
         """Call the loader without coordination (stampede control off, or a wait timed out)."""
