@@ -779,10 +779,14 @@ class ReadThrough:
             return outcome.value
         finally:
             # The lock first: its next holder is another process, which still has to read the
-            # entry; this process's waiters get the outcome a moment later, from memory.
-            if held:
-                yield RELEASE
-            yield _Publish(outcome)
+            # entry; this process's waiters get the outcome a moment later, from memory. The
+            # publish runs even if the release is interrupted (a cancel, KeyboardInterrupt):
+            # else the flight stays, and later callers join it and wait for nothing.
+            try:
+                if held:
+                    yield RELEASE
+            finally:
+                yield _Publish(outcome)
 
     def _load(self, call: Call, miss: Miss | None, stale: Entry | None, started: float) -> Flow:
         """Call the loader without coordination (stampede control off, or a wait timed out)."""
@@ -1355,8 +1359,9 @@ class AsyncFlow:
         self.cache = cache
         self.policy = policy
         self.core = policy.core
-        self._flights: dict[str, asyncio.Future[_Outcome | None]] = {}
-        self._seen: dict[str, tuple[Seen, float]] = {}  # by flight: its leader's read, start
+        # by key: the flight, its leader's read and start, as one value (loops on other threads
+        # read it: never a flight paired with another flight's read)
+        self._flights: dict[str, tuple[asyncio.Future[_Outcome | None], Seen, float]] = {}
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._releases: set[asyncio.Task[Any]] = set()  # fill-lock work left behind by a deadline
@@ -1507,17 +1512,17 @@ class AsyncFlow:
             return _Outcome(value, None, core.clock() - begun)
         cls = step.__class__
         if cls is _Join:
-            flight = self._flights.get(call.rkey)
             now = core.clock()
-            seen, started = self._seen.get(call.rkey, (None, -math.inf))
+            found = self._flights.get(call.rkey)
+            flight, seen, started = (None, None, -math.inf) if found is None else found
             if (
                 flight is None
                 or flight.get_loop() is not asyncio.get_running_loop()
                 or seen != step.seen
                 or now - started >= _JOIN_MAX_AGE
             ):
-                state.flight = self._flights[call.rkey] = asyncio.get_running_loop().create_future()
-                self._seen[call.rkey] = (step.seen, now)
+                state.flight = asyncio.get_running_loop().create_future()
+                self._flights[call.rkey] = (state.flight, step.seen, now)
                 return LEADER
             try:
                 outcome = await asyncio.wait_for(asyncio.shield(flight), step.wait)
@@ -1527,9 +1532,9 @@ class AsyncFlow:
         if cls is _Publish:
             flight = state.flight
             if flight is not None:
-                if self._flights.get(call.rkey) is flight:
+                found = self._flights.get(call.rkey)
+                if found is not None and found[0] is flight:
                     del self._flights[call.rkey]
-                    self._seen.pop(call.rkey, None)
                 if not flight.done():
                     flight.set_result(step.outcome)
             return None

@@ -47,12 +47,27 @@ def _live(core: CacheCore, found: Any) -> Entry | None:
     return None
 
 
-def _tags_of(raw: bytes) -> tuple[bytes, tuple[str, ...], int]:
+def _tags_of(raw: bytes) -> tuple[bytes, tuple[str, ...], int] | None:
     """The flags, tag names and payload start of an entry's bytes (already decoded once)."""
     parsed = _metadata(raw)
-    assert parsed is not None  # read_entry returned an Entry: its metadata parsed
+    if parsed is None:
+        return None
     start, _, tags = parsed
     return raw[20:22], tuple(name for name, _ in tags), start
+
+
+def _updatable(
+    core: CacheCore, found: Entry | None
+) -> tuple[Entry, bytes, tuple[str, ...], int] | None:
+    """``found`` with its flags, tag names and payload start; ``None`` (a miss) if there is no live
+    entry or its metadata are not distcache's format (counted as a decode error)."""
+    if found is None:
+        return None
+    meta = _tags_of(found.raw)
+    if meta is None:
+        core._corrupt(found.raw, found.epoch, "malformed metadata")
+        return None
+    return (found, *meta)
 
 
 def _put(
@@ -63,13 +78,17 @@ def _put(
     payload: bytes,
     ttl_ms: int,
     tag_names: tuple[str, ...],
+    epoch: bytes | None = None,
 ) -> Protocol[bool]:
     """WRITE one entry if the key still holds what was read (``baseline``); ``True`` if written."""
     base = core.base_of(rkey)
     mark = secrets.token_hex(8)
     mkey = core.mark_key(rkey)
     keys = [base + ":epoch", base + ":ns", *(base + ":t:" + t for t in tag_names), rkey, mkey]
-    args: list[Any] = ["", ttl_ms, core.grace_ms, len(tag_names), *tag_names]
+    # the epoch the read saw: the WRITE refuses if an invalidation landed since (a foreign,
+    # non-digit epoch: no check, as a plain set)
+    seen = epoch.decode() if epoch is not None and epoch.isdigit() else ""
+    args: list[Any] = [seen, ttl_ms, core.grace_ms, len(tag_names), *tag_names]
     args += (mark, 2 * core.guard_ms, 0, baseline, "*", flags, 0, payload)
     codes = yield Eval(WRITE, keys, args)
     if int(codes[0]) == 1:
@@ -94,7 +113,11 @@ def add(
         if _live(core, found) is not None:
             return False
         miss = found.miss() if found.__class__ is Entry else found
-        if (yield from _put(core, rkey, miss.baseline, flags, payload, ttl_ms, tag_names)):
+        if (
+            yield from _put(
+                core, rkey, miss.baseline, flags, payload, ttl_ms, tag_names, miss.epoch
+            )
+        ):
             return True
     raise CacheError(f"cache {core.namespace!r}: add() lost {ATTEMPTS} races in a row")
 
@@ -107,17 +130,21 @@ def incr(core: CacheCore, rkey: str, delta: int, type_: Any) -> Protocol[int]:
     key = core.logical_key(rkey)
     for attempt in range(ATTEMPTS):
         yield from _backoff(attempt)
-        found = _live(core, (yield from core.read_entry(rkey, type_, quiet=True)))
-        if found is None:
+        got = _updatable(core, _live(core, (yield from core.read_entry(rkey, type_, quiet=True))))
+        if got is None:
             raise KeyError(key)
+        found, flags, tag_names, _ = got
         value = found.value
         if type(value) is not int:
             raise TypeError(f"cache key {key!r:.80} holds a {type(value).__name__}, not an int")
         new = value + delta
-        flags, tag_names, _ = _tags_of(found.raw)
         left = _ms((found.expires_ms - core.now_ms()) / 1000)
         payload = core.encode(key, new, type_)
-        if (yield from _put(core, rkey, _baseline(found.raw), flags, payload, left, tag_names)):
+        if (
+            yield from _put(
+                core, rkey, _baseline(found.raw), flags, payload, left, tag_names, found.epoch
+            )
+        ):
             return new
     raise CacheError(f"cache {core.namespace!r}: incr() lost {ATTEMPTS} races in a row")
 
@@ -126,12 +153,16 @@ def touch(core: CacheCore, rkey: str, ttl_ms: int, type_: Any) -> Protocol[bool]
     """Give the live entry under ``rkey`` a new time to live; ``False`` if there is none."""
     for attempt in range(ATTEMPTS):
         yield from _backoff(attempt)
-        found = _live(core, (yield from core.read_entry(rkey, type_, quiet=True)))
-        if found is None:
+        got = _updatable(core, _live(core, (yield from core.read_entry(rkey, type_, quiet=True))))
+        if got is None:
             return False
-        flags, tag_names, start = _tags_of(found.raw)
+        found, flags, tag_names, start = got
         payload = found.raw[start:]
-        if (yield from _put(core, rkey, _baseline(found.raw), flags, payload, ttl_ms, tag_names)):
+        if (
+            yield from _put(
+                core, rkey, _baseline(found.raw), flags, payload, ttl_ms, tag_names, found.epoch
+            )
+        ):
             return True
     raise CacheError(f"cache {core.namespace!r}: touch() lost {ATTEMPTS} races in a row")
 

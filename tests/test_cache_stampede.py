@@ -6,6 +6,7 @@ in Redis (``INCR``), so calls from every process are counted in one place."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import threading
 import time
@@ -599,3 +600,48 @@ def test_a_user_lock_named_like_a_fill_lock_does_not_block_fills(r: redis.Redis)
         assert not _fill_lock_keys(r)
     finally:
         user_lock.release()
+
+
+@pytest.mark.parametrize("cancel_after", [0.0, 0.05, 0.25])
+def test_a_cancelled_get_or_set_leaves_no_flight_behind(
+    redis_server: RedisServer, r: redis.Redis, monkeypatch: pytest.MonkeyPatch, cancel_after: float
+) -> None:
+    import distcache._stampede as stampede_module
+
+    original = stampede_module._arelease_quietly
+
+    async def slow_release(lock: Any, core: Any) -> None:  # a slow server at the release
+        await asyncio.sleep(0.5)
+        await original(lock, core)
+
+    async def main() -> None:
+        client = redis_server.async_client()
+        cache = AsyncCache(
+            client,
+            namespace=f"cancelflight{cancel_after}",
+            negative_ttl=0,
+            stampede=Stampede(wait=3.0),
+            miss_deadline=30,
+        )
+
+        async def loader() -> None:
+            return None
+
+        monkeypatch.setattr(stampede_module, "_arelease_quietly", slow_release)
+        task = asyncio.create_task(cache.get_or_set("k", loader))
+        await asyncio.sleep(cancel_after)  # 0.25: the leader is inside RELEASE
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):  # or the call ended first
+            await task
+        monkeypatch.setattr(stampede_module, "_arelease_quietly", original)
+        assert not cache._flow._flights  # nothing for a later call to join
+
+        async def fresh() -> str:
+            return "loaded"
+
+        # a later call loads itself instead of waiting Stampede.wait on a dead flight
+        assert await asyncio.wait_for(cache.get_or_set("k", fresh), 10) == "loaded"
+        await cache.aclose()
+        await client.aclose()
+
+    asyncio.run(main())

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from distcache import AsyncCache, Cache, CacheEvent, ConfigError, CounterMetrics
+from distcache._core import CacheCore
 from distkit.testing import RedisServer
 
 from ._twins import Twin
@@ -280,3 +281,55 @@ def test_no_update_lets_an_older_fill_land(
     assert fill is not None
     assert cache._driver.run(fill) is False
     assert cache.get("k", MISSING) != "old"
+
+
+# -- an invalidation between an update's read and its write ---------------------------------------
+@pytest.mark.parametrize("op", ["touch", "incr", "decr"])
+@pytest.mark.parametrize("how", ["invalidate_tags", "clear"])
+def test_an_update_never_brings_back_an_entry_invalidated_after_its_read(
+    twin: Twin, r: redis.Redis, monkeypatch: pytest.MonkeyPatch, op: str, how: str
+) -> None:
+    cache = twin.make(namespace=NS)
+    other = Cache(r, namespace=NS)
+    cache.set("k", 5, tags=["t"])
+    original = CacheCore.read_entry
+    pending = [lambda: other.invalidate_tags("t") if how == "invalidate_tags" else other.clear()]
+
+    def read_then_invalidate(self: CacheCore, rkey: str, type_: Any, quiet: bool = False) -> Any:
+        found = yield from original(self, rkey, type_, quiet)
+        if pending:
+            pending.pop()()  # another process invalidates after the update read the entry
+        return found
+
+    monkeypatch.setattr(CacheCore, "read_entry", read_then_invalidate)
+    try:
+        got = getattr(cache, op)("k")
+    except KeyError:
+        got = KeyError
+    assert got in (False, KeyError)  # the retry read the key gone
+    assert cache.get("k", MISSING) is MISSING
+    assert other.get("k", MISSING) is MISSING
+
+
+@pytest.mark.parametrize("op", ["touch", "incr", "decr", "add", "ttl_of"])
+@pytest.mark.parametrize("fields", ["3 fields", "signed numbers"])
+def test_updates_on_malformed_metadata_are_a_decode_error_and_a_miss(
+    twin: Twin, r: redis.Redis, op: str, fields: str
+) -> None:
+    metrics = CounterMetrics()
+    cache = twin.make(namespace=NS, metrics=metrics)
+    cache.set("warm", 0)  # the epoch exists
+    epoch = r.get(BASE + ":epoch")
+    assert epoch is not None
+    now = int(time.time() * 1000)
+    meta = f"{now}|0|600000" if fields == "3 fields" else f"+{now}|0|600000|+1|"
+    # the header matches the current epoch, the metadata is not distcache's format
+    r.set(BASE + ":k:k", b"dc1:" + epoch + b"jv" + b"%04x" % len(meta) + meta.encode() + b"5")
+    try:
+        got = cache.add("k", 7) if op == "add" else getattr(cache, op)("k")
+    except KeyError:
+        got = KeyError
+    if op in ("touch", "incr", "decr"):  # a miss, counted as undecodable
+        assert got == (False if op == "touch" else KeyError)
+        assert metrics.count(CacheEvent.DECODE_ERROR) >= 1
+    # add and ttl_of answer as get() does (the read path accepts these metadata): no error

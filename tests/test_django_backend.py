@@ -121,6 +121,14 @@ def test_each_event_loop_gets_its_own_async_cache(make: Any) -> None:
     assert first is not second
 
 
+def test_a_closed_event_loops_async_cache_is_dropped(make: Any) -> None:
+    cache = make()
+    cache.set("k", 1)
+    for _ in range(50):  # asyncio.run / async_to_sync: one new loop per call
+        assert asyncio.run(cache.aget("k")) == 1
+    assert len(cache._shared.by_loop) <= 2
+
+
 def test_tags_and_invalidate_tags(make: Any) -> None:
     cache = make()
     cache.set("user:1:profile", "p", tags=["user:1"])

@@ -149,6 +149,12 @@ class _Shared:
         with self.lock:
             found = self.by_loop.get(loop)
             if found is None:
+                # a finished loop's cache holds that loop alive (its sockets): drop it, and stop
+                # its near cache's listener (asyncio.run / async_to_sync: one loop per call)
+                for dead in [done for done in self.by_loop if done.is_closed()]:
+                    stale = self.by_loop.pop(dead)
+                    if stale._near is not None:
+                        stale._near.close()
                 found = self.by_loop[loop] = AsyncCache(aconnect(self.config), **self.options)
             return found
 
