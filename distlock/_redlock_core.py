@@ -21,7 +21,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from distkit import ConfigError, ConnectionUnavailable, LockError, LockNotOwned, Script
+from distkit import ConfigError, ConnectionUnavailable, LockNotOwned, Script
 from distkit._protocol import TIMED_OUT, Cleanup, Eval, FanOut, Protocol, Sleep
 from distkit._units import seconds
 
@@ -142,13 +142,11 @@ class RedlockCore(LockCore):
             RELEASE, self._release_keys(self.wake_prefix + owner), (owner, self.retention_ms, 1)
         )
 
-    def acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
-        """Take a quorum of leases within validity; retry after a random delay when blocking."""
-        if self.owner is not None:
-            raise LockError(
-                f"lock {self.name!r} is already held by this handle (handles are not reentrant)",
-                name=self.name,
-            )
+    def _acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
+        """Take a quorum of leases within validity; retry after a random delay when blocking.
+
+        Run by ``LockCore.acquire``: one acquire at a time per handle, none while held.
+        """
         deadline = None if timeout is None else self.clock() + timeout
         stale = self._unreleased
         if stale is not None:

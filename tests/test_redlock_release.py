@@ -355,6 +355,37 @@ def test_threads_share_the_connections_safely(servers: list[RedisServer]) -> Non
         c.close()
 
 
+def test_a_second_concurrent_acquire_on_one_handle_is_refused(
+    servers: list[RedisServer],
+) -> None:
+    """Two threads, one handle, the lock held elsewhere: the second acquire raises LockError
+    instead of both being told True (one handle is one holder, as with ``Lock``)."""
+    clients = [connect(u) for u in _urls(servers)]
+    shared = Redlock(clients, "one-handle", ttl=5, retry_delay=0.02)
+    other = Redlock(clients, "one-handle", ttl=0.5)
+    assert other.acquire()
+    results: list[object] = []
+
+    def worker() -> None:
+        try:
+            results.append(shared.acquire(timeout=3))
+        except LockError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [r for r in results if isinstance(r, LockError)]
+    assert len(refused) == 1 and True in results, results
+    assert "another acquire is in progress" in str(refused[0])
+    shared.release()
+    assert _leases(servers, "one-handle") == [None] * 3
+    for c in clients:
+        c.close()
+
+
 def test_close_is_idempotent_releases_and_refuses_later_use(
     servers: list[RedisServer], kind: Kind
 ) -> None:
