@@ -386,6 +386,29 @@ def test_a_second_concurrent_acquire_on_one_handle_is_refused(
         c.close()
 
 
+def test_close_during_an_acquire_is_refused_and_leaves_no_unreleasable_lease(
+    servers: list[RedisServer],
+) -> None:
+    """close() while another thread is inside acquire() on the handle raises LockError; the
+    acquire ends normally, and a later close() releases what it took."""
+    clients = [connect(u) for u in _urls(servers)]
+    blocker = Redlock(clients, "closing-race", ttl=0.5)
+    assert blocker.acquire()
+    lock = Redlock(clients, "closing-race", ttl=10, retry_delay=0.02)
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(lock.acquire(timeout=3)))
+    waiter.start()
+    time.sleep(0.1)  # the lock is held elsewhere: the acquire is still retrying
+    with pytest.raises(LockError, match="acquire is in progress"):
+        lock.close()
+    waiter.join()
+    assert results == [True]
+    lock.close()
+    assert _leases(servers, "closing-race") == [None] * 3
+    for c in clients:
+        c.close()
+
+
 def test_close_is_idempotent_releases_and_refuses_later_use(
     servers: list[RedisServer], kind: Kind
 ) -> None:
