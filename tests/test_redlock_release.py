@@ -409,6 +409,42 @@ def test_close_during_an_acquire_is_refused_and_leaves_no_unreleasable_lease(
         c.close()
 
 
+def test_async_timeouts_hold_while_an_earlier_release_still_waits_on_a_stalled_master(
+    servers: list[RedisServer],
+) -> None:
+    """Masters stopped: a node's next request waits for the earlier one's late send only until
+    its own deadline, so acquire(timeout) and release() keep the sync twin's bounds."""
+
+    async def main() -> tuple[list[float], list[float]]:
+        clients = [aconnect(u) for u in _urls(servers)]
+        overruns: list[float] = []
+        releases: list[float] = []
+        try:
+            servers[2].pause()  # release: one master stalled, no pooled connection to it
+            lock = AsyncRedlock(clients, "late-send", ttl=30)
+            for _ in range(3):
+                assert await lock.acquire(blocking=False)
+                started = time.monotonic()
+                await lock.release()
+                releases.append(time.monotonic() - started)
+            servers[1].pause()  # acquire: no quorum, each failed attempt leaves a late release
+            for timeout in (1.0, 2.0):
+                other = AsyncRedlock(clients, "late-acquire", ttl=30)
+                started = time.monotonic()
+                assert await other.acquire(timeout=timeout) is False
+                overruns.append(time.monotonic() - started - timeout)
+        finally:
+            servers[1].resume()
+            servers[2].resume()
+            for c in clients:
+                await c.aclose()
+        return overruns, releases
+
+    overruns, releases = asyncio.run(main())
+    assert all(r < 1.0 + 0.5 for r in releases), releases  # was 5.5 s after the first
+    assert all(o < 0.5 + 0.5 for o in overruns), overruns  # node_timeout is 0.5 s here
+
+
 def test_close_is_idempotent_releases_and_refuses_later_use(
     servers: list[RedisServer], kind: Kind
 ) -> None:
