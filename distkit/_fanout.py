@@ -579,16 +579,28 @@ class AsyncFanOutDriver(AsyncDriver):
         crashed: list[Exception],
         mark: Any,
     ) -> None:
+        pool = self._live[i].connection_pool  # read before any await: the step's own loop
+        call = step.calls[i]
         if prev is not None and not prev.done():
-            await asyncio.wait({prev})  # its request (or its abandon) lands before ours
+            # Its request (or its abandon) lands before ours, but the wait is bounded by this
+            # step's deadline (a late release may retry for max(1 s, 20 x timeout)).
+            until = deadline + (step.timeout if step.reach_all else 0.0)
+            await asyncio.wait({prev}, timeout=max(0.0, until - time.monotonic()))
+            if not prev.done():
+                if not step.reach_all:
+                    settle(i, ConnectionUnavailable(f"{self.what}: node {i} is still busy"))
+                    return
+                # The caller has its answer; the release still goes out, behind the earlier one.
+                settle(i, TIMED_OUT)
+                await asyncio.wait({prev})
+                await self._send_late(pool, call, max(1.0, 20 * step.timeout))
+                return
         if self._suspended[i] > time.monotonic() and not step.reach_all:
             settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
             return
         if step.reach_all:
             # Waiting for the straggler must not cost the release its chance to go out.
             deadline = max(deadline, time.monotonic() + step.timeout)
-        pool = self._live[i].connection_pool
-        call = step.calls[i]
         conn = None
         sent = False
         try:

@@ -7,7 +7,7 @@ algorithm, the fencing argument across masters, and the timing assumptions.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from distkit import ConfigError, DistkitError, EventLoopMismatch, LockError, RetryPolicy
@@ -171,17 +171,36 @@ class Redlock(_SyncLock):
         driver: Any = self._driver
         if isinstance(driver, _Closed):
             return
-        if self._core.owner is not None or getattr(self._core, "_unreleased", None) is not None:
-            with contextlib.suppress(DistkitError):
-                self.release()
-        self._stop_renewer()
-        self._driver = _Closed(self.name)  # type: ignore[assignment]
-        driver.close()
-        for client in self._owned:
-            discard_idle(client.connection_pool)
-            with contextlib.suppress(Exception):
-                client.close()
-        self._owned.clear()
+        with _not_acquiring(self):
+            if self._core.owner is not None or getattr(self._core, "_unreleased", None) is not None:
+                with contextlib.suppress(DistkitError):
+                    self.release()
+            self._stop_renewer()
+            self._driver = _Closed(self.name)  # type: ignore[assignment]
+            driver.close()
+            for client in self._owned:
+                discard_idle(client.connection_pool)
+                with contextlib.suppress(Exception):
+                    client.close()
+            self._owned.clear()
+
+
+@contextlib.contextmanager
+def _not_acquiring(lock: Any) -> Iterator[None]:
+    """Hold the handle's acquire guard while closing: an acquire in progress makes ``close()``
+    raise ``LockError`` (it would otherwise take leases through a driver closed under it and
+    report True on a closed handle); an acquire started during ``close()`` is refused."""
+    busy = lock._core._busy
+    if not busy.acquire(blocking=False):
+        raise LockError(
+            f"lock {lock.name!r}: close() while an acquire is in progress on this handle "
+            "(let the acquire return first)",
+            name=lock.name,
+        )
+    try:
+        yield
+    finally:
+        busy.release()
 
 
 class AsyncRedlock(_AsyncLock):
@@ -231,17 +250,18 @@ class AsyncRedlock(_AsyncLock):
         driver: Any = self._driver
         if isinstance(driver, _Closed):
             return
-        if self._core.owner is not None or getattr(self._core, "_unreleased", None) is not None:
-            try:
-                await self.release()
-            except EventLoopMismatch:
-                raise  # a misuse to fix, not an outage to ride out: the lease would stand
-            except DistkitError:
-                pass
-        await self._stop_renewer()
-        self._driver = _Closed(self.name)  # type: ignore[assignment]
-        await driver.wait_idle()
-        for client in self._owned:
-            with contextlib.suppress(Exception):
-                await client.aclose()
-        self._owned.clear()
+        with _not_acquiring(self):
+            if self._core.owner is not None or getattr(self._core, "_unreleased", None) is not None:
+                try:
+                    await self.release()
+                except EventLoopMismatch:
+                    raise  # a misuse to fix, not an outage to ride out: the lease would stand
+                except DistkitError:
+                    pass
+            await self._stop_renewer()
+            self._driver = _Closed(self.name)  # type: ignore[assignment]
+            await driver.wait_idle()
+            for client in self._owned:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            self._owned.clear()

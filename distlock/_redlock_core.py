@@ -21,7 +21,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from distkit import ConfigError, ConnectionUnavailable, LockError, LockNotOwned, Script
+from distkit import ConfigError, ConnectionUnavailable, DistkitError, LockNotOwned, Script
 from distkit._protocol import TIMED_OUT, Cleanup, Eval, FanOut, Protocol, Sleep
 from distkit._units import seconds
 
@@ -55,6 +55,15 @@ def _granted(outcome: Any) -> bool:
 
 def _ok(outcome: Any) -> bool:
     return outcome is not TIMED_OUT and not isinstance(outcome, BaseException)
+
+
+def _fatal(outcomes: Sequence[Any]) -> list[DistkitError]:
+    """The errors that a retry cannot cure (all but ``ConnectionUnavailable``), in node order."""
+    return [
+        o
+        for o in outcomes
+        if isinstance(o, DistkitError) and not isinstance(o, ConnectionUnavailable)
+    ]
 
 
 class RedlockCore(LockCore):
@@ -142,13 +151,11 @@ class RedlockCore(LockCore):
             RELEASE, self._release_keys(self.wake_prefix + owner), (owner, self.retention_ms, 1)
         )
 
-    def acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
-        """Take a quorum of leases within validity; retry after a random delay when blocking."""
-        if self.owner is not None:
-            raise LockError(
-                f"lock {self.name!r} is already held by this handle (handles are not reentrant)",
-                name=self.name,
-            )
+    def _acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
+        """Take a quorum of leases within validity; retry after a random delay when blocking.
+
+        Run by ``LockCore.acquire``: one acquire at a time per handle, none while held.
+        """
         deadline = None if timeout is None else self.clock() + timeout
         stale = self._unreleased
         if stale is not None:
@@ -195,6 +202,11 @@ class RedlockCore(LockCore):
                         self.token = token
                         self.expires_at = started + self.ttl - self.drift
                         return True
+                # Errors no retry cures (wrong password, foreign data...) on so many masters
+                # that no quorum can form: released below, then the first one is raised.
+                fatal = _fatal(outcomes)
+                if self.masters - len(fatal) < self.quorum:
+                    raise fatal[0]
                 # Not held: release everywhere, on the masters that refused or timed out too.
                 # Not waited for (the timeout bound): each node reads the reply before its next
                 # request, and the release is ordered after the grant on that connection.

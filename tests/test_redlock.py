@@ -18,7 +18,9 @@ import redis
 import redis.asyncio
 
 from distkit import (
+    AuthenticationFailed,
     ConfigError,
+    ForeignDataError,
     LockError,
     LockLost,
     LockNotAcquired,
@@ -307,6 +309,51 @@ def test_minority_held_elsewhere_still_grants_majority_does_not(rig: Rig) -> Non
 
 
 # -- owner-only (L2) ----------------------------------------------------------------------------
+def test_foreign_data_on_a_quorum_raises_at_once_and_leaves_nothing(rig: Rig) -> None:
+    """A key of the wrong type on a quorum of masters: no retry can win, so a blocking acquire
+    raises ForeignDataError instead of spinning, after releasing the grants it got; on a
+    minority only, the lock is still granted."""
+    a = rig.make(ttl=10, retry_delay=0.01)
+    planted = rig.raw[: a.quorum]
+    for c in planted:
+        c.rpush(lease(NAME), "not-a-lease")
+    started = time.monotonic()
+    with pytest.raises(ForeignDataError):
+        a.acquire()
+    assert time.monotonic() - started < 5
+    rig.settle()
+    assert [c.type(lease(NAME)) for c in rig.raw[a.quorum :]] == [b"none"] * (rig.n - a.quorum)
+    assert a.fencing_token is None
+    planted[0].delete(lease(NAME))  # now a minority holds foreign data: a quorum can form
+    assert a.acquire(timeout=2)
+    a.release()
+    for c in planted[1:]:
+        c.delete(lease(NAME))
+
+
+def test_a_wrong_password_on_every_master_raises_authentication_failed(rig: Rig) -> None:
+    """Every master refuses the credentials: acquire() raises AuthenticationFailed at once (as
+    Lock does) instead of retrying forever; acquire(timeout) raises too, not a bare False."""
+    admins = [s.client() for s in rig.servers]
+    for c in admins:
+        c.ping()  # this connection stays authenticated after the password is set
+        c.config_set("requirepass", "right")
+    try:
+        make = connect if rig.kind == "sync" else aconnect
+        clients = [make(s.config(password="wrong", retry={"attempts": 1})) for s in rig.servers]
+        rig._clients.extend(clients)
+        for timeout in (None, 0.5):
+            a = rig.make(clients=clients, ttl=5)
+            started = time.monotonic()
+            with pytest.raises(AuthenticationFailed):
+                a.acquire(timeout=timeout)
+            assert time.monotonic() - started < 5
+    finally:
+        for c in admins:
+            c.config_set("requirepass", "")
+            c.close()
+
+
 def test_non_owner_release_and_extend_raise_and_touch_nothing(rig: Rig) -> None:
     a = rig.make(ttl=10)
     b = rig.make(ttl=10)

@@ -355,6 +355,96 @@ def test_threads_share_the_connections_safely(servers: list[RedisServer]) -> Non
         c.close()
 
 
+def test_a_second_concurrent_acquire_on_one_handle_is_refused(
+    servers: list[RedisServer],
+) -> None:
+    """Two threads, one handle, the lock held elsewhere: the second acquire raises LockError
+    instead of both being told True (one handle is one holder, as with ``Lock``)."""
+    clients = [connect(u) for u in _urls(servers)]
+    shared = Redlock(clients, "one-handle", ttl=5, retry_delay=0.02)
+    other = Redlock(clients, "one-handle", ttl=0.5)
+    assert other.acquire()
+    results: list[object] = []
+
+    def worker() -> None:
+        try:
+            results.append(shared.acquire(timeout=3))
+        except LockError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [r for r in results if isinstance(r, LockError)]
+    assert len(refused) == 1 and True in results, results
+    assert "another acquire is in progress" in str(refused[0])
+    shared.release()
+    assert _leases(servers, "one-handle") == [None] * 3
+    for c in clients:
+        c.close()
+
+
+def test_close_during_an_acquire_is_refused_and_leaves_no_unreleasable_lease(
+    servers: list[RedisServer],
+) -> None:
+    """close() while another thread is inside acquire() on the handle raises LockError; the
+    acquire ends normally, and a later close() releases what it took."""
+    clients = [connect(u) for u in _urls(servers)]
+    blocker = Redlock(clients, "closing-race", ttl=0.5)
+    assert blocker.acquire()
+    lock = Redlock(clients, "closing-race", ttl=10, retry_delay=0.02)
+    results: list[bool] = []
+    waiter = threading.Thread(target=lambda: results.append(lock.acquire(timeout=3)))
+    waiter.start()
+    time.sleep(0.1)  # the lock is held elsewhere: the acquire is still retrying
+    with pytest.raises(LockError, match="acquire is in progress"):
+        lock.close()
+    waiter.join()
+    assert results == [True]
+    lock.close()
+    assert _leases(servers, "closing-race") == [None] * 3
+    for c in clients:
+        c.close()
+
+
+def test_async_timeouts_hold_while_an_earlier_release_still_waits_on_a_stalled_master(
+    servers: list[RedisServer],
+) -> None:
+    """Masters stopped: a node's next request waits for the earlier one's late send only until
+    its own deadline, so acquire(timeout) and release() keep the sync twin's bounds."""
+
+    async def main() -> tuple[list[float], list[float]]:
+        clients = [aconnect(u) for u in _urls(servers)]
+        overruns: list[float] = []
+        releases: list[float] = []
+        try:
+            servers[2].pause()  # release: one master stalled, no pooled connection to it
+            lock = AsyncRedlock(clients, "late-send", ttl=30)
+            for _ in range(3):
+                assert await lock.acquire(blocking=False)
+                started = time.monotonic()
+                await lock.release()
+                releases.append(time.monotonic() - started)
+            servers[1].pause()  # acquire: no quorum, each failed attempt leaves a late release
+            for timeout in (1.0, 2.0):
+                other = AsyncRedlock(clients, "late-acquire", ttl=30)
+                started = time.monotonic()
+                assert await other.acquire(timeout=timeout) is False
+                overruns.append(time.monotonic() - started - timeout)
+        finally:
+            servers[1].resume()
+            servers[2].resume()
+            for c in clients:
+                await c.aclose()
+        return overruns, releases
+
+    overruns, releases = asyncio.run(main())
+    assert all(r < 1.0 + 0.5 for r in releases), releases  # was 5.5 s after the first
+    assert all(o < 0.5 + 0.5 for o in overruns), overruns  # node_timeout is 0.5 s here
+
+
 def test_close_is_idempotent_releases_and_refuses_later_use(
     servers: list[RedisServer], kind: Kind
 ) -> None:
