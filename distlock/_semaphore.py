@@ -137,6 +137,7 @@ class SemaphoreCore(LockCore):
             self.wake_prefix,
             self.wake_prefix + owner,
             self.rel_key,
+            self.limit_key,
         )
         member = f"{self.ttl_ms}:{owner}"
         args = (owner, self.retention_ms, 1 if abandon else 0, member, self.limit)
