@@ -96,6 +96,7 @@ def test_at_most_limit_holders_each_with_a_rising_token(twin: Twin, r: Any) -> N
 
 
 def test_misuse_is_refused(twin: Twin) -> None:
+    assert twin.make("misuse", 2**31, ttl=10).limit == 2**31
     a = twin.make("misuse", 1, ttl=10)
     with pytest.raises(LockNotOwned):
         a.release()
@@ -105,7 +106,7 @@ def test_misuse_is_refused(twin: Twin) -> None:
     with pytest.raises(LockError, match="not reentrant"):
         a.acquire(blocking=False)
     a.release()
-    for bad in (0, -1, 1.5, True, "2"):
+    for bad in (0, -1, 1.5, True, "2", 2**31 + 1, 10**20):  # limit: 1 .. 2**31
         with pytest.raises(ConfigError):
             twin.make("misuse", bad, ttl=10)
     with pytest.raises(ConfigError):
