@@ -483,7 +483,8 @@ def force_release(name: str, *, prefix: str, fence_retention: Seconds) -> Protoc
     """Free lock ``name`` whoever holds it, handing it to the next waiter; the fence is kept.
 
     Result: the script's reply, ``[0]`` free, ``[1, holder]`` freed, ``[2, holder, next]``
-    handed over (owner ids as ``bytes``).
+    handed over (owner ids as ``bytes``). A key that is not a lock (no TTL, or not a string) is
+    ``ForeignDataError``, and nothing is deleted.
     """
     name = validate_name(name, what="lock name")
     keys = KeySpace(prefix)
@@ -499,4 +500,10 @@ def force_release(name: str, *, prefix: str, fence_retention: Seconds) -> Protoc
         ),
         (retention,),
     )
+    if int(reply[0]) == -1:
+        kind = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
+        raise ForeignDataError(
+            f"{keys.key('lock', name)!r} is not a lock (a {kind} without an expiry or of another "
+            "type): it holds data distkit did not write; nothing deleted"
+        )
     return list(reply)
