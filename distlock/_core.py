@@ -273,6 +273,7 @@ class LockCore:
         deadline = None if timeout is None else self.clock() + timeout
         queued = False
         lost_pops = 0
+        unwritten = False  # the server said it wrote nothing of owner's: no clean-up to run
         try:
             while True:
                 block = max_block
@@ -288,8 +289,12 @@ class LockCore:
                 if granted == 1:
                     self._granted(owner, value, sent_at)
                     return True
+                try:
+                    lapse_ms = self._refused(granted, value)
+                except ConfigError:  # the reply says this call wrote nothing (another limit)
+                    unwritten = not queued
+                    raise
                 queued = queued or wait_ms > 0
-                lapse_ms = self._refused(granted, value)
                 if not blocking:
                     return False
                 if deadline is not None:
@@ -326,7 +331,7 @@ class LockCore:
             # can be a grant, or a queue entry that a release hands the lease to later): release
             # whatever this owner holds and leave the queue, one try. If that fails too, the
             # lease (or queue entry) ends with its TTL.
-            if self.owner is None:
+            if self.owner is None and not unwritten:
                 yield Cleanup(self._abandon_call(owner))
             raise
 
@@ -478,7 +483,8 @@ def force_release(name: str, *, prefix: str, fence_retention: Seconds) -> Protoc
     """Free lock ``name`` whoever holds it, handing it to the next waiter; the fence is kept.
 
     Result: the script's reply, ``[0]`` free, ``[1, holder]`` freed, ``[2, holder, next]``
-    handed over (owner ids as ``bytes``).
+    handed over (owner ids as ``bytes``). A key that is not a lock (no TTL, or not a string) is
+    ``ForeignDataError``, and nothing is deleted.
     """
     name = validate_name(name, what="lock name")
     keys = KeySpace(prefix)
@@ -494,4 +500,10 @@ def force_release(name: str, *, prefix: str, fence_retention: Seconds) -> Protoc
         ),
         (retention,),
     )
+    if int(reply[0]) == -1:
+        kind = reply[1].decode() if isinstance(reply[1], bytes) else reply[1]
+        raise ForeignDataError(
+            f"{keys.key('lock', name)!r} is not a lock (a {kind} without an expiry or of another "
+            "type): it holds data distkit did not write; nothing deleted"
+        )
     return list(reply)

@@ -322,9 +322,15 @@ class _AsyncLock(_LockBase[asyncio.Event]):
 
     async def _stop_renewer(self) -> None:
         task, self._renewer = self._renewer, None
-        if task is not None and task is not asyncio.current_task():
+        if task is None or task is asyncio.current_task():
+            return
+        loop = task.get_loop()
+        if loop is asyncio.get_running_loop():
             task.cancel()
             await asyncio.wait({task})
+        elif not loop.is_closed():  # renewing on a loop in another thread: never wait on it
+            loop.call_soon_threadsafe(task.cancel)
+        # else: that loop is closed, and its task can never run again
 
     async def _renew_loop(self, owner: str | None) -> None:
         interval = self._renew_interval

@@ -298,7 +298,7 @@ return 1
 # Frees the lease whoever holds it (an operator's repair), handing it to the oldest live waiter as
 # a release does; the fence is kept, so the next token is still higher than every earlier one.
 # Returns {0} when nobody held it; {1, former holder} freed; {2, former holder, next owner}
-# handed over.
+# handed over; {-1, type} when the key is not a lock (no TTL, or not a string): nothing written.
 FORCE_RELEASE = Script(
     "distlock.force_release",
     _NEXT_TOKEN
@@ -306,8 +306,10 @@ FORCE_RELEASE = Script(
     + _HAND_OFF
     + """
 local lease, fence, queue, qexp, wake_prefix = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local kind = redis.call('TYPE', lease)['ok']
+if kind == 'none' then return {0} end
+if kind ~= 'string' or redis.call('PTTL', lease) < 0 then return {-1, kind} end  -- not a lock
 local holder = redis.call('GET', lease)
-if not holder then return {0} end
 if string.sub(holder, -1) == '*' then holder = string.sub(holder, 1, -2) end
 local next_owner = hand_off(lease, fence, queue, qexp, wake_prefix, ARGV[1])
 if next_owner then return {2, holder, next_owner} end

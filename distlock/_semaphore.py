@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncSemaphore", "Semaphore", "SemaphoreCore"]
 
+_MAX_LIMIT = 2**31  # exact in Lua's doubles with room for the scripts' arithmetic
+
 
 class SemaphoreCore(LockCore):
     """State and protocol steps of one semaphore handle (no I/O; the lock's handles drive it)."""
@@ -73,8 +75,8 @@ class SemaphoreCore(LockCore):
         replica_timeout: float = 1.0,
     ) -> None:
         validate_name(name, what="semaphore name")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"limit must be an int >= 1, got {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_LIMIT:
+            raise ConfigError(f"limit must be an int from 1 to 2**31, got {limit!r}")
         super().__init__(
             name,
             ttl=ttl,
@@ -137,6 +139,7 @@ class SemaphoreCore(LockCore):
             self.wake_prefix,
             self.wake_prefix + owner,
             self.rel_key,
+            self.limit_key,
         )
         member = f"{self.ttl_ms}:{owner}"
         args = (owner, self.retention_ms, 1 if abandon else 0, member, self.limit)

@@ -5,7 +5,8 @@ Keys of semaphore ``N`` under prefix ``P``::
     P:sem:{N}:holders      ZSET owner -> expiry ms (server TIME)  the permits held now
     P:sem:{N}:tokens       HASH owner -> fencing token            each holder's token
     P:sem:{N}:fence        STRING last token issued, PX retention fencing state (an HLC)
-    P:sem:{N}:limit        STRING the limit, PX retention         refuses a second limit
+    P:sem:{N}:limit        STRING the limit, PX >= retention, never shortened, outlives every lease:
+                                                                  refuses a second limit
     P:sem:{N}:queue        ZSET "<ttl_ms>:<owner>" -> arrival ms  FIFO of blocked waiters
     P:sem:{N}:qexp         HASH "<ttl_ms>:<owner>" -> expiry ms   waiters' keep-alive
     P:sem:{N}:wake:<own>   LIST [token]                           handoff to one waiter
@@ -52,13 +53,15 @@ local function prune(holders, tokens, now)
   end
 end
 
--- keep the holder keys alive while the latest lease runs, and at least `keep` ms
-local function keep_alive(holders, tokens, now, keep)
+-- keep the holder keys alive while the latest lease runs, and at least `keep` ms; the stored
+-- limit as long (never shortened: it must outlive every live permit, whoever's `keep` is short)
+local function keep_alive(holders, tokens, limit_key, now, keep)
   local last = redis.call('ZRANGE', holders, -1, -1, 'WITHSCORES')
   local px = keep
   if last[2] then px = math.max(px, tonumber(last[2]) - now + 1000) end
   redis.call('PEXPIRE', holders, px)
   redis.call('PEXPIRE', tokens, px)
+  redis.call('PEXPIRE', limit_key, math.max(px, redis.call('PTTL', limit_key)))
 end
 
 local function grant(holders, tokens, fence, owner, ttl, now, us, retention)
@@ -121,7 +124,7 @@ local stored = redis.call('GET', limit_key)
 if stored and stored ~= ARGV[5] then return {-1, stored} end
 local now, us = now_ms()
 local member = ARGV[2] .. ':' .. owner
-redis.call('SET', limit_key, ARGV[5], 'PX', retention)
+redis.call('SET', limit_key, ARGV[5], 'PX', math.max(retention, redis.call('PTTL', limit_key)))
 prune(holders, tokens, now)
 local clear = true
 if not redis.call('ZSCORE', holders, owner) then
@@ -132,15 +135,16 @@ if redis.call('ZSCORE', holders, owner) then  -- a retried call, or handed over 
   redis.call('ZREM', queue, member)  -- a holder never keeps a queue entry
   redis.call('HDEL', qexp, member)
   redis.call('ZADD', holders, 'XX', now + ttl, owner)
-  keep_alive(holders, tokens, now, retention)
+  keep_alive(holders, tokens, limit_key, now, retention)
   local token = tonumber(redis.call('HGET', tokens, owner))
   return {1, token or error('DISTLOCK fencing state lost at ' .. tokens)}
 end
 if clear and redis.call('ZCARD', holders) < limit then  -- fill() emptied the queue
   local token = grant(holders, tokens, fence, owner, ttl, now, us, retention)
-  keep_alive(holders, tokens, now, retention)
+  keep_alive(holders, tokens, limit_key, now, retention)
   return {1, token}
 end
+keep_alive(holders, tokens, limit_key, now, retention)  -- fill() may have granted waiters
 if wait_ms < 0 then  -- leaving (timed out): drop the queue entry and the wake list
   redis.call('ZREM', queue, member)
   redis.call('HDEL', qexp, member)
@@ -158,8 +162,9 @@ return {0, math.max(0, tonumber(first[2]) - now)}
 """,
 )
 
-# KEYS: holders, tokens, fence, queue, qexp, wake-list prefix, my wake list, rel
-# ARGV: owner, retention_ms, abandon (1: also leave the queue), my queue member, limit
+# KEYS: holders, tokens, fence, queue, qexp, wake-list prefix, my wake list, rel, limit
+# ARGV: owner, retention_ms, abandon (1: also leave the queue), my queue member, limit (used
+#       only when none is stored: waiters are granted up to the stored limit, never the caller's)
 # Returns 1 released (the permit handed to the oldest live waiter, if any); 2 already released by
 #         this owner (a retry after a lost reply); 0 not a holder (lease expired).
 RELEASE = Script(
@@ -167,8 +172,11 @@ RELEASE = Script(
     _HELPERS
     + """
 local holders, tokens, fence, queue, qexp = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local wake_prefix, wake, rel = KEYS[6], KEYS[7], KEYS[8]
-local owner, retention, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
+local wake_prefix, wake, rel, limit_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local owner, retention = ARGV[1], tonumber(ARGV[2])
+local stored = redis.call('GET', limit_key)
+local limit = tonumber(stored or ARGV[5])
+if not limit then error('DISTLOCK corrupt limit at ' .. limit_key) end
 local now, us = now_ms()
 if ARGV[3] == '1' then
   redis.call('ZREM', queue, ARGV[4])
@@ -192,7 +200,7 @@ elseif redis.call('ZSCORE', rel, owner) then
 end
 prune(holders, tokens, now)
 fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now, us, retention)
-keep_alive(holders, tokens, now, retention)
+keep_alive(holders, tokens, limit_key, now, retention)
 return result
 """,
 )
@@ -209,9 +217,7 @@ local now = now_ms()
 local score = tonumber(redis.call('ZSCORE', holders, owner))
 if not score or score <= now then return 0 end
 redis.call('ZADD', holders, 'XX', now + tonumber(ARGV[2]), owner)
-keep_alive(holders, tokens, now, tonumber(ARGV[3]))
--- a renewed hold may outlast fence_retention: the limit must not expire under its holders
-redis.call('PEXPIRE', KEYS[3], math.max(tonumber(ARGV[3]), redis.call('PTTL', KEYS[3])))
+keep_alive(holders, tokens, KEYS[3], now, tonumber(ARGV[3]))
 return 1
 """,
 )

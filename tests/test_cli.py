@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from distcache import Cache
-from distkit import LockNotOwned
+from distkit import ForeignDataError, LockNotOwned
 from distkit.testing import RedisServer, free_port
 from distlock import Lock, Redlock
 
@@ -96,6 +96,21 @@ def _wait_for(predicate: Any, timeout: float = 10.0) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_force_release_never_deletes_a_key_that_is_not_a_lock(redis_server: RedisServer) -> None:
+    """A plain string without a TTL, or a key of another type, is refused: exit 2, kept."""
+    with redis_server.client() as client:
+        client.flushall()
+        client.set("distkit:lock:{userdata}", "precious")
+        client.rpush("distkit:lock:{listdata}", "x")
+        for name in ("userdata", "listdata"):
+            done = cli("--url", redis_server.url, "lock", "release", name, "--force", "--yes")
+            assert done.returncode == 2 and "distkit did not write" in done.stderr, done
+            with pytest.raises(ForeignDataError):
+                Lock.force_release(client, name)
+        assert client.get("distkit:lock:{userdata}") == b"precious"
+        assert client.lrange("distkit:lock:{listdata}", 0, -1) == [b"x"]
 
 
 def test_lock_list_inspect_and_force_release_hand_over_to_the_waiter(

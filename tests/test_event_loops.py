@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,15 +170,17 @@ def _cases() -> Iterator[Any]:
 Maker = Callable[[str], Any]
 
 
-def _build(cls: type, make: Maker, server: RedisServer, masters: IndependentMasters) -> Setup:
+def _build(
+    cls: type, make: Maker, server: RedisServer, masters: IndependentMasters, **kw: Any
+) -> Setup:
     if cls is AsyncRedlock:
         clients = [make(url) for url in masters.urls[:3]]
-        return Setup(AsyncRedlock(clients, "loops", ttl=10), clients)
+        return Setup(AsyncRedlock(clients, "loops", ttl=10, **kw), clients)
     client = make(server.url)
     if cls is AsyncLock:
-        return Setup(AsyncLock(client, "loops", ttl=10), [client])
+        return Setup(AsyncLock(client, "loops", ttl=10, **kw), [client])
     if cls is AsyncSemaphore:
-        return Setup(AsyncSemaphore(client, "loops", 2, ttl=10), [client])
+        return Setup(AsyncSemaphore(client, "loops", 2, ttl=10, **kw), [client])
     return Setup(AsyncCache(client, namespace="loops", breaker=False), [client])
 
 
@@ -224,6 +227,39 @@ def test_user_clients_raise_event_loop_mismatch(
     assert "has been closed" in text
     assert "distkit.aconnect()" in text
     assert "aclose()" in text
+
+
+LOCKS = [AsyncLock, AsyncSemaphore, AsyncRedlock]
+
+
+@pytest.mark.usefixtures("clean")
+@pytest.mark.parametrize("cls", LOCKS, ids=lambda c: c.__name__)
+def test_a_renewer_of_another_loop_never_stops_or_hangs_a_release(
+    cls: type, redis_server: RedisServer, masters: IndependentMasters
+) -> None:
+    """auto_renew acquired on loop 1 (closed, or still running elsewhere), released on loop 2:
+    released with an aconnect client, EventLoopMismatch with a plain one; never a hang."""
+    s = _build(cls, aconnect, redis_server, masters, auto_renew=True)
+    asyncio.run(_acquire(s))
+    asyncio.run(s.obj.release())
+    assert not asyncio.run(s.obj.locked())
+    # a renewer of a loop that still runs in another thread never hangs the release
+    s = _build(cls, aconnect, redis_server, masters, auto_renew=True)
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(_acquire(s), other).result(10)
+        asyncio.run(asyncio.wait_for(s.obj.release(), 10))
+        assert not asyncio.run(s.obj.locked())
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(10)
+        other.close()
+    plain = _build(cls, redis.asyncio.Redis.from_url, redis_server, masters, auto_renew=True)
+    asyncio.run(_acquire(plain))
+    with pytest.raises(EventLoopMismatch):
+        asyncio.run(plain.obj.release())
 
 
 @pytest.mark.usefixtures("clean")

@@ -10,7 +10,7 @@ import multiprocessing as mp
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -96,6 +96,7 @@ def test_at_most_limit_holders_each_with_a_rising_token(twin: Twin, r: Any) -> N
 
 
 def test_misuse_is_refused(twin: Twin) -> None:
+    assert twin.make("misuse", 2**31, ttl=10).limit == 2**31
     a = twin.make("misuse", 1, ttl=10)
     with pytest.raises(LockNotOwned):
         a.release()
@@ -105,7 +106,7 @@ def test_misuse_is_refused(twin: Twin) -> None:
     with pytest.raises(LockError, match="not reentrant"):
         a.acquire(blocking=False)
     a.release()
-    for bad in (0, -1, 1.5, True, "2"):
+    for bad in (0, -1, 1.5, True, "2", 2**31 + 1, 10**20):  # limit: 1 .. 2**31
         with pytest.raises(ConfigError):
             twin.make("misuse", bad, ttl=10)
     with pytest.raises(ConfigError):
@@ -144,6 +145,41 @@ def test_the_stored_limit_outlives_fence_retention_while_renewed(twin: Twin) -> 
     with pytest.raises(ConfigError):
         twin.make("kept", 5, ttl=10).acquire(blocking=False)
     a.release()
+
+
+def test_a_wrong_limit_handle_never_grants_past_the_limit(redis_server: RedisServer) -> None:
+    """limit 1, h holds, w queued: a limit-5 handle's refused acquire must not grant w."""
+    client = redis_server.client()
+    h = Semaphore(client, "wl", 1, ttl=30)
+    assert h.acquire(blocking=False)
+    w = Semaphore(client, "wl", 1, ttl=30)
+    got: list[bool] = []
+    thread = threading.Thread(target=lambda: got.append(w.acquire(timeout=3)))
+    thread.start()
+    while not redis_server.client().zcard(key("wl", "queue")):
+        time.sleep(0.002)
+    for blocking in (False, True):
+        with pytest.raises(ConfigError):
+            Semaphore(client, "wl", 5, ttl=30).acquire(blocking=blocking, timeout=0.1)
+    thread.join(10)
+    assert got == [False] and h.owned() and h.holders() == 1
+    h.release()
+    client.close()
+
+
+def test_a_short_lived_handle_never_shortens_the_stored_limit(twin: Twin, r: Any) -> None:
+    """A try by a handle with a short ttl / fence_retention keeps the limit as long as h holds."""
+    h = twin.make("sl", 1, ttl=60)
+    assert h.acquire(blocking=False)
+    held = r.pttl(key("sl", "limit"))
+    assert twin.make("sl", 1, ttl=0.5, fence_retention=0.5).acquire(blocking=False) is False
+    assert r.pttl(key("sl", "limit")) > held - 5000
+    w = twin.make("sl", 1, ttl=0.5, fence_retention=0.5)
+    assert w.acquire(blocking=False) is False
+    h.release()  # nobody waits: w is not granted; the limit still outlives the retention
+    assert w.acquire(blocking=False)  # granted: the limit covers w's lease, never below it
+    assert r.pttl(key("sl", "limit")) >= r.pttl(key("sl", "holders")) - 1000
+    w.release()
 
 
 def test_one_release_wakes_one_waiter(redis_server: RedisServer) -> None:
@@ -563,14 +599,13 @@ class SemaphoreMachine(RuleBasedStateMachine):
         assert held_copy is False
         assert got == expected, (name, got, self.holders)
 
-    @precondition(lambda self: len(self.holders) >= LIMIT)
-    @rule(data=st.data())
-    def second_acquire_on_a_waiting_handle_is_refused(self, data: st.DataObject) -> None:
-        """Two threads, one handle: the second acquire raises; the first gets the handoff."""
+    def _while_one_waits(self, data: st.DataObject, meanwhile: Callable[[Semaphore], None]) -> None:
+        """A free handle queues in a thread, ``meanwhile(it)`` runs, a holder releases: the
+        waiter gets the handoff with a rising token."""
         free = [n for n in self.names if n not in self.believes]
         if not free:
             return
-        name = data.draw(st.sampled_from(free), label="shared")
+        name = data.draw(st.sampled_from(free), label="waits")
         released = data.draw(st.sampled_from(sorted(self.holders)), label="releases")
         sem = self.sems[name]
         got: list[bool] = []
@@ -579,8 +614,8 @@ class SemaphoreMachine(RuleBasedStateMachine):
         thread.start()
         while self.admin.zcard(key("model", "queue")) <= before:
             time.sleep(0.002)
-        with pytest.raises(LockError, match="another acquire is in progress"):
-            sem.acquire(blocking=False)
+        meanwhile(sem)
+        assert got == []
         self.sems[released].release()
         self.holders.discard(released)
         self.believes.discard(released)
@@ -591,6 +626,31 @@ class SemaphoreMachine(RuleBasedStateMachine):
         self.last_token = token
         self.holders.add(name)
         self.believes.add(name)
+
+    @precondition(lambda self: len(self.holders) >= LIMIT)
+    @rule(data=st.data())
+    def second_acquire_on_a_waiting_handle_is_refused(self, data: st.DataObject) -> None:
+        """Two threads, one handle: the second acquire raises; the first gets the handoff."""
+
+        def second(sem: Semaphore) -> None:
+            with pytest.raises(LockError, match="another acquire is in progress"):
+                sem.acquire(blocking=False)
+
+        self._while_one_waits(data, second)
+
+    @precondition(lambda self: len(self.holders) >= LIMIT)
+    @rule(data=st.data(), limit=st.sampled_from([1, 5]))
+    def a_wrong_limit_try_beside_a_live_waiter_grants_nothing(
+        self, data: st.DataObject, limit: int
+    ) -> None:
+        """A handle with another limit is refused, and its refusal hands no waiter a permit."""
+
+        def wrong_limit(_: Semaphore) -> None:
+            with pytest.raises(ConfigError):
+                Semaphore(self.client, "model", limit, ttl=TTL).acquire(blocking=False)
+            assert self.admin.zcard(self.holders_key) == len(self.holders)  # still full
+
+        self._while_one_waits(data, wrong_limit)
 
     @rule(name=st.sampled_from(names))
     def release(self, name: str) -> None:
