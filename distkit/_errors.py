@@ -148,6 +148,8 @@ class LoaderError(CacheError):
 
 
 _WRONGTYPE = re.compile(r"(?:^|: )WRONGTYPE ")
+# distlock's scripts refuse a value they never write (the message names the key)
+_FOREIGN_VALUE = re.compile(r"\bDISTLOCK (?:corrupt|fencing state lost)\b")
 # NOPERM: an ACL denial (also inside a script); WRONGPASS / NOAUTH: credentials.
 _AUTH_ERRORS = (
     rex.AuthenticationError,
@@ -207,7 +209,9 @@ def translate(exc: BaseException, *, what: str = "") -> DistkitError | None:
         return ConnectionUnavailable(f"{prefix}Redis unavailable ({type(exc).__name__}: {detail})")
     # Redis 7 replies "WRONGTYPE ..." from inside a script; 6.2 wraps it in
     # "Error running script (call to f_...): @user_script:42: WRONGTYPE ...".
-    if isinstance(exc, rex.ResponseError) and _WRONGTYPE.search(detail):
+    if isinstance(exc, rex.ResponseError) and (
+        _WRONGTYPE.search(detail) or _FOREIGN_VALUE.search(detail)
+    ):
         return ForeignDataError(f"{prefix}a key holds data distkit did not write ({detail})")
     if isinstance(exc, rex.RedisError):
         return ServerError(f"{prefix}{type(exc).__name__}: {detail}")

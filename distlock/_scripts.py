@@ -27,24 +27,38 @@ from __future__ import annotations
 
 from distkit import Script
 
+# A fence value as a number, nil for none; anything distlock never writes (not a number, nan, inf,
+# negative, fractional, 2^53 or more) is an error naming the key ("DISTLOCK corrupt": the client
+# raises ForeignDataError). Operators only, no library call: it runs on the fast path.
+_FENCE_VALUE = """
+local function fence_value(fence, last)
+  if not last then return nil end
+  local n = tonumber(last)
+  if not n or n < 0 or n % 1 ~= 0 or n >= 9007199254740992 then
+    error('DISTLOCK corrupt fencing state at ' .. fence)
+  end
+  return n
+end
+"""
+
 # Issue the next token for `fence`: max(TIME in us, last + 1), refusing past 2^53 (where Lua's
 # doubles stop counting exactly) before anything is written. Lua numbers print as 1.79e+15 when
 # concatenated; redis.call() arguments print exactly, so tokens only ever travel that way.
-_NEXT_TOKEN = """
+_NEXT_TOKEN = (
+    _FENCE_VALUE
+    + """
 local function next_token(fence)
   local t = redis.call('TIME')
   local token = t[1] * 1000000 + t[2]
-  local last = redis.call('GET', fence)
-  if last then
-    last = tonumber(last) or error('DISTLOCK corrupt fencing state at ' .. fence)
-    if last >= token then token = last + 1 end
-  end
+  local last = fence_value(fence, redis.call('GET', fence))
+  if last and last >= token then token = last + 1 end
   if token >= 9007199254740992 then
     error('DISTLOCK fencing token space exhausted at ' .. fence)
   end
   return token
 end
 """
+)
 
 # Drop dead waiters from the head of the queue; return the first live member, nil when the queue
 # is empty, or false when 64 dead ones were dropped and more remain (bounded work per call: the
@@ -72,6 +86,11 @@ _HAND_OFF = """
 local function hand_off(lease, fence, queue, qexp, wake_prefix, retention_ms)
   local first = first_live(queue, qexp)
   if not first then return nil end
+  local ok, token = pcall(next_token, fence)
+  if not ok then  -- no token to hand over: the lease is freed, the waiter stays queued
+    redis.call('DEL', lease)
+    error(token)
+  end
   local sep = string.find(first, ':', 1, true)
   local next_ttl = string.sub(first, 1, sep - 1)
   local next_owner = string.sub(first, sep + 1)
@@ -79,7 +98,6 @@ local function hand_off(lease, fence, queue, qexp, wake_prefix, retention_ms)
   redis.call('HDEL', qexp, first)
   local value = next_owner
   if redis.call('EXISTS', queue) == 1 then value = next_owner .. '*' end
-  local token = next_token(fence)
   redis.call('SET', lease, value, 'PX', next_ttl)
   redis.call('SET', fence, token, 'PX', math.max(tonumber(retention_ms), tonumber(next_ttl)))
   local next_wake = wake_prefix .. next_owner
@@ -113,8 +131,8 @@ if not queued and redis.call('SET', lease, owner, 'NX', 'PX', ARGV[2]) then
     if type(last) == 'table' then
       problem = last  -- not a string (WRONGTYPE): nothing was written to the fence
     else
-      local n = tonumber(last)
-      if not n then
+      local valid, n = pcall(fence_value, fence, last)
+      if not valid then
         problem = 'DISTLOCK corrupt fencing state at ' .. fence
       elseif n >= token then
         token = n + 1
@@ -145,7 +163,7 @@ if holder == owner or holder == owner .. '*' then  -- a retried call, or handed 
   redis.call('ZREM', queue, member)  -- a holder never keeps a queue entry
   redis.call('HDEL', qexp, member)
   redis.call('PEXPIRE', lease, ARGV[2])  -- always a write: a WAIT after this call covers the grant
-  local token = tonumber(redis.call('GET', fence))
+  local token = fence_value(fence, redis.call('GET', fence))
   return {1, token or error('DISTLOCK fencing state lost at ' .. fence)}
 end
 local now = nil
@@ -153,13 +171,13 @@ if not holder and queued then
   local first
   first, now = first_live(queue, qexp)
   if first == nil or first == member then
+    local token = next_token(fence)  -- first: a foreign fence fails before anything is written
     local value = owner
     if first then
       redis.call('ZREM', queue, member)
       redis.call('HDEL', qexp, member)
       if redis.call('EXISTS', queue) == 1 then value = owner .. '*' end
     end
-    local token = next_token(fence)
     redis.call('SET', lease, value, 'PX', ARGV[2])
     redis.call('SET', fence, token, 'PX', ARGV[3])
     return {1, token}

@@ -31,13 +31,31 @@ local function now_ms()
   return t[1] * 1000 + math.floor(t[2] / 1000), t[1] * 1000000 + t[2]
 end
 
+-- a stored value distlock never writes is an error naming the key ("DISTLOCK corrupt": the
+-- client raises ForeignDataError); the fence: an integer from 0 to 2^53 - 1
+local function fence_value(fence)
+  local last = redis.call('GET', fence)
+  if not last then return nil end
+  local n = tonumber(last)
+  if not n or n < 0 or n % 1 ~= 0 or n >= 9007199254740992 then
+    error('DISTLOCK corrupt fencing state at ' .. fence)
+  end
+  return n
+end
+
+-- the stored limit: as this module writes it, a decimal int from 1 to 2^31
+local function limit_value(limit_key, stored)
+  local n = tonumber(stored)
+  if not string.find(stored, '^[1-9]%d*$') or n > 2147483648 then
+    error('DISTLOCK corrupt limit at ' .. limit_key)
+  end
+  return n
+end
+
 local function next_token(fence, us)
   local token = us
-  local last = redis.call('GET', fence)
-  if last then
-    last = tonumber(last) or error('DISTLOCK corrupt fencing state at ' .. fence)
-    if last >= token then token = last + 1 end
-  end
+  local last = fence_value(fence)
+  if last and last >= token then token = last + 1 end
   if token >= 9007199254740992 then
     error('DISTLOCK fencing token space exhausted at ' .. fence)
   end
@@ -121,7 +139,12 @@ local queue, qexp, wake_prefix, wake = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local owner, ttl, retention = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local wait_ms, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
 local stored = redis.call('GET', limit_key)
+if stored then limit_value(limit_key, stored) end  -- foreign state fails before any write
 if stored and stored ~= ARGV[5] then return {-1, stored} end
+local last = fence_value(fence)
+if last and last + 1 >= 9007199254740992 then
+  error('DISTLOCK fencing token space exhausted at ' .. fence)
+end
 local now, us = now_ms()
 local member = ARGV[2] .. ':' .. owner
 redis.call('SET', limit_key, ARGV[5], 'PX', math.max(retention, redis.call('PTTL', limit_key)))
@@ -174,9 +197,16 @@ RELEASE = Script(
 local holders, tokens, fence, queue, qexp = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local wake_prefix, wake, rel, limit_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local owner, retention = ARGV[1], tonumber(ARGV[2])
-local stored = redis.call('GET', limit_key)
-local limit = tonumber(stored or ARGV[5])
-if not limit then error('DISTLOCK corrupt limit at ' .. limit_key) end
+-- Foreign state (limit or fence): this owner's permit and queue entry still go, nobody is
+-- granted, no foreign key is touched, and the error is raised at the end.
+local stored = nil
+local sound, problem = pcall(function()
+  stored = redis.call('GET', limit_key)
+  if stored then limit_value(limit_key, stored) end
+  fence_value(fence)
+end)
+local limit = 0
+if sound then limit = tonumber(stored or ARGV[5]) end
 local now, us = now_ms()
 if ARGV[3] == '1' then
   redis.call('ZREM', queue, ARGV[4])
@@ -198,6 +228,7 @@ if score and score > now then
 elseif redis.call('ZSCORE', rel, owner) then
   result = 2
 end
+if not sound then error(problem) end
 prune(holders, tokens, now)
 fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now, us, retention)
 keep_alive(holders, tokens, limit_key, now, retention)

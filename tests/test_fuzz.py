@@ -39,7 +39,7 @@ from distcache import (
 )
 from distkit import ConfigError, DistkitError, SerializationError
 from distkit.testing import RedisServer
-from distlock import AsyncLock, FencedStore, Lock, LockNotOwned, Redlock
+from distlock import AsyncLock, FencedStore, Lock, LockNotOwned, Redlock, Semaphore
 from tests._adversarial import fuzz_settings, no_hang
 
 MISSING = object()
@@ -387,6 +387,15 @@ LOCK_KEYS = [
     "{p}:lock:{{n}}:qexp",
     "{p}:fenced:{{n}}",
 ]
+SEM_KEYS = [  # every key the semaphore's scripts read
+    "{p}:sem:{{n}}:holders",
+    "{p}:sem:{{n}}:tokens",
+    "{p}:sem:{{n}}:fence",
+    "{p}:sem:{{n}}:limit",
+    "{p}:sem:{{n}}:queue",
+    "{p}:sem:{{n}}:qexp",
+    "{p}:sem:{{n}}:rel",
+]
 CACHE_KEYS = [
     "{p}:cache:{{n}}:epoch",
     "{p}:cache:{{n}}:ns",
@@ -401,6 +410,8 @@ SPECIAL_BYTES = st.sampled_from(
         b"-1",
         b"nan",
         b"inf",
+        b"-inf",
+        b"1.5",
         b"1e400",
         b"9" * 40,
         b"9007199254740993",
@@ -471,6 +482,35 @@ def test_corrupt_lock_state_ends_in_typed_errors(
     assert all(
         k.startswith(("distkit:lock:{n}", "distkit:fenced:{n}")) for k in distkit_keys(client)
     )
+
+
+def _semaphore_ops(client: redis.Redis) -> list[tuple[str, Callable[[], Any]]]:
+    sem = Semaphore(client, "n", 2, ttl=1)
+    return [
+        ("acquire", lambda: sem.acquire(blocking=False)),
+        ("holders", sem.holders),
+        ("locked", sem.locked),
+        ("owned", sem.owned),
+        ("extend", sem.extend),
+        ("release", sem.release),
+        ("acquire-wait", lambda: Semaphore(client, "n", 2, ttl=1).acquire(timeout=0.05)),
+        ("release-unheld", lambda: Semaphore(client, "n", 2, ttl=1).release()),
+    ]
+
+
+@fuzz_settings(60)
+@given(plants=st.dictionaries(st.sampled_from(SEM_KEYS), PLANTS, min_size=1, max_size=3))
+def test_corrupt_semaphore_state_ends_in_typed_errors(
+    client: redis.Redis, plants: dict[str, tuple[str, bytes]]
+) -> None:
+    client.flushall()
+    for template, (kind, data) in plants.items():
+        _plant(client, template.format(p="distkit"), kind, data)
+    for what, op in _semaphore_ops(client):
+        ok, got = outcome(op, what)
+        if what == "release-unheld":
+            assert not ok and isinstance(got, LockNotOwned), got
+    assert all(k.startswith("distkit:sem:{n}:") for k in distkit_keys(client))
 
 
 @fuzz_settings(60)

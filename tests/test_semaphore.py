@@ -762,7 +762,13 @@ def test_the_guarantees_table_names_real_tests() -> None:
     here = Path(__file__).resolve().parent
     defined = {
         m
-        for f in ("test_semaphore.py", "test_semaphore_processes.py", "test_semaphore_safety.py")
+        for f in (
+            "test_semaphore.py",
+            "test_semaphore_processes.py",
+            "test_semaphore_safety.py",
+            "test_foreign_state.py",
+            "test_fuzz.py",
+        )
         for m in re.findall(r"^def (test_\w+)", (here / f).read_text(), flags=re.M)
     }
     assert named <= defined, sorted(named - defined)
