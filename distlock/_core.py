@@ -31,7 +31,7 @@ from distkit import (
 )
 from distkit._clients import client_retry, decodes_responses, is_config
 from distkit._keys import validate_name
-from distkit._protocol import Cleanup, Command, Eval, Pop, Protocol, Replicated
+from distkit._protocol import Cleanup, Command, Eval, Pop, Protocol, Replicated, monotonic
 from distkit._units import seconds
 
 from ._scripts import ACQUIRE, EXTEND, FORCE_RELEASE, RELEASE
@@ -119,6 +119,40 @@ def retry_policy(retry: RetryConfig | RetryPolicy | None, client: Any = None) ->
     raise ConfigError(f"retry must be a RetryConfig or RetryPolicy, got {type(retry).__name__}")
 
 
+class _CheckedClock:
+    """A caller's ``clock=``, checked at every reading: a finite number of seconds, never below
+    the reading before (else ``ConfigError``; an acquire in progress then releases whatever it
+    was granted, as after any error)."""
+
+    __slots__ = ("_clock", "_last", "_mutex")
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._last = -math.inf
+        # read and compare as one step: two threads' readings must not be compared crosswise
+        self._mutex = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._mutex:
+            value: Any = self._clock()
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise ConfigError(
+                    f"clock must return seconds as a finite int or float, but {self._clock!r} "
+                    f"returned {value!r}"
+                )
+            if value < self._last:
+                raise ConfigError(
+                    f"clock must be monotonic, but {self._clock!r} went backwards from "
+                    f"{self._last!r} to {value!r}"
+                )
+            self._last = value
+            return float(value)
+
+
 # Every live core, so that a forked child can re-seed them all: parent and child would otherwise
 # draw the same owner ids, and the ACQUIRE script grants "a retried call of the same owner".
 _LIVE_CORES: weakref.WeakSet[LockCore] = weakref.WeakSet()
@@ -180,7 +214,7 @@ class LockCore:
         self.rel_ms = min(self.retention_ms, max(self.ttl_ms, _REL_MARK_MS))
         if not callable(clock):
             raise ConfigError(f"clock must be a callable returning seconds, got {clock!r}")
-        self.clock = clock
+        self.clock: Clock = clock if clock is monotonic else _CheckedClock(clock)
         keys = KeySpace(prefix)
         self.lease_key = keys.key("lock", self.name)
         self.fence_key = keys.key("lock", self.name, "fence")
@@ -206,6 +240,8 @@ class LockCore:
         self._owner_prefix = secrets.token_hex(8)
         self._owner_seq = itertools.count(1)
         self._busy = threading.Lock()
+        if isinstance(self.clock, _CheckedClock):  # another thread may have held its mutex
+            self.clock._mutex = threading.Lock()
         self.clear()
 
     def new_owner(self) -> str:

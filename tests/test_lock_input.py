@@ -13,7 +13,7 @@ import redis
 
 from distkit import ConfigError, ConnectionUnavailable, RetryConfig, aconnect, connect
 from distkit.testing import FaultProxy, RedisServer, free_port
-from distlock import AsyncLock, Lock
+from distlock import AsyncLock, Lock, Redlock, Semaphore
 
 
 @pytest.mark.parametrize(
@@ -138,3 +138,79 @@ def test_server_dies_while_a_waiter_blocks(fresh_server: RedisServer) -> None:
     assert time.monotonic() - started < 5
     fresh_server.resume()
     assert waiter.fencing_token is None
+
+
+class _Readings:
+    """A clock= that returns the given readings in turn, then keeps returning the last one."""
+
+    def __init__(self, *readings: Any) -> None:
+        self.readings = list(readings)
+
+    def __call__(self) -> Any:
+        return self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]
+
+
+BAD_CLOCKS = {
+    "str": lambda: _Readings("now"),
+    "none": lambda: _Readings(None),
+    "nan": lambda: _Readings(math.nan),
+    "inf": lambda: _Readings(math.inf),
+    "bool": lambda: _Readings(True),
+    "backwards": lambda: _Readings(100.0, 50.0),
+}
+
+
+@pytest.mark.parametrize(
+    ("make", "timeout"),
+    # an untimed uncontended acquire reads the clock once: "backwards" needs a second reading
+    [
+        (make, t)
+        for kind, make in BAD_CLOCKS.items()
+        for t in (None, 1.0)
+        if (kind, t) != ("backwards", None)
+    ],
+)
+def test_a_bad_clock_is_a_config_error_at_first_use_and_leaves_nothing(
+    r: redis.Redis, make: Any, timeout: float | None
+) -> None:
+    """A ``clock=`` that returns no finite number, or goes backwards, raises ``ConfigError`` at
+    the reading (never a raw TypeError after the grant), and the acquire leaves no lease."""
+    lock = Lock(r, "clk", ttl=10, clock=make())  # not read at construction
+    with pytest.raises(ConfigError, match="clock must"):
+        lock.acquire(timeout=timeout) if timeout is not None else lock.acquire()
+    assert lock.fencing_token is None
+    assert r.keys("distkit:lock:{clk}") == []
+
+
+@pytest.mark.parametrize("make", BAD_CLOCKS.values(), ids=BAD_CLOCKS.keys())
+def test_a_bad_clock_async_semaphore_and_redlock(redis_server: RedisServer, make: Any) -> None:
+    r = redis_server.client()
+    r.flushall()
+    with pytest.raises(ConfigError, match="clock must"):
+        Semaphore(r, "clk", 2, ttl=10, clock=make()).acquire(timeout=1)
+    assert r.zcard("distkit:sem:{clk}:holders") == 0
+    with pytest.raises(ConfigError, match="clock must"):
+        Redlock([r], "clk", ttl=10, clock=make()).acquire(timeout=1)
+    assert r.exists("distkit:lock:{clk}") == 0
+
+    async def main() -> None:
+        client = redis_server.async_client()
+        try:
+            with pytest.raises(ConfigError, match="clock must"):
+                await AsyncLock(client, "clk", ttl=10, clock=make()).acquire(timeout=1)
+            assert await client.exists("distkit:lock:{clk}") == 0
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_clock_that_goes_backwards_later_is_caught_there(r: redis.Redis) -> None:
+    clock = _Readings(1.0, 2.0, 3.0, 4.0, 5.0)
+    lock = Lock(r, "later", ttl=10, clock=clock)
+    assert lock.acquire()
+    clock.readings = [0.5]
+    with pytest.raises(ConfigError, match="went backwards"):
+        lock.validity  # noqa: B018 - the property reads the clock
+    lock.release()  # the release itself needs no clock reading
+    assert r.exists("distkit:lock:{later}") == 0
