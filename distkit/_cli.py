@@ -13,7 +13,8 @@ package never imports them): they are found through the ``distkit.cli`` entry po
 The target comes from ``--url`` (any ``RedisConfig`` URL, TLS and ACL users included), else from
 ``DISTKIT_*`` variables (``RedisConfig.from_env``). Keys are found with ``SCAN`` (bounded counts,
 every master of a Cluster), never ``KEYS``. Exit codes: 0 ok, 1 not found, 2 usage, 3 connection
-or authentication.
+or authentication, 4 listed, but some entries were unreadable (``lock list``: a key of another
+type).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from typing import Any, TextIO
 
 from ._errors import AuthenticationFailed, ConnectionUnavailable, DistkitError, translating
 
-__all__ = ["COMMANDS", "NotFound", "Usage", "main", "masters", "scan"]
+__all__ = ["COMMANDS", "UNREADABLE", "NotFound", "Usage", "main", "masters", "scan"]
 
-OK, NOT_FOUND, USAGE, UNREACHABLE = 0, 1, 2, 3
+OK, NOT_FOUND, USAGE, UNREACHABLE, UNREADABLE = 0, 1, 2, 3, 4
 
 
 class Usage(Exception):
@@ -149,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distkit",
         description="Inspect and repair distkit's locks and caches in a Redis.",
-        epilog="exit codes: 0 ok, 1 not found, 2 usage, 3 connection or authentication",
+        epilog="exit codes: 0 ok, 1 not found, 2 usage, 3 connection or authentication, "
+        "4 some listed entries were unreadable",
     )
     parser.add_argument("--url", help="a RedisConfig URL (default: DISTKIT_* variables)")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout")

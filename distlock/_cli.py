@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from distkit import KeySpace
-from distkit._cli import COMMANDS, NotFound, Usage, scan
+from distkit import KeySpace, ServerError
+from distkit._cli import COMMANDS, UNREADABLE, NotFound, Usage, scan
+from distkit._errors import translating
 from distkit._keys import validate_name
 from distkit._protocol import SyncDriver
 
@@ -16,6 +17,9 @@ from ._core import force_release, retry_policy
 __all__ = ["register"]
 
 _MAX_LIST = 1000  # locks inspected by one ``lock list`` (bounded work)
+# A queue entry's arrival (server TIME, ms) before this (2000-01-01) or after now is not one
+# distlock wrote: its age is shown as unknown.
+_EARLIEST_ARRIVAL_MS = 946_684_800_000
 
 
 def register(sub: Any) -> None:
@@ -50,6 +54,20 @@ def _text(value: bytes | str | None) -> str | None:
     return value.decode("utf-8", "backslashreplace")
 
 
+def _safe(text: Any) -> str:
+    """``text`` for a terminal: characters that are not printable (escape sequences, control
+    characters, bidi overrides) as Python escapes (``\\x1b``); key names and owner ids are
+    whatever someone with write access to Redis planted."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
+
+
+def _age(score: float, now_ms: int) -> float | None:
+    """Seconds since a queue entry's arrival; ``None`` when the arrival is not plausible."""
+    if not _EARLIEST_ARRIVAL_MS <= score <= now_ms:  # also false for nan; inf is out of range
+        return None
+    return round((now_ms - score) / 1000, 3)
+
+
 def state(client: Any, prefix: str, name: str) -> dict[str, Any]:
     """What Redis holds for lock ``name``: holder, TTL, queue and last fencing token."""
     keys = KeySpace(prefix)
@@ -69,9 +87,7 @@ def state(client: Any, prefix: str, name: str) -> dict[str, Any]:
         "holder": owner.rstrip("*") if owner else None,
         "ttl_seconds": round(ttl_ms / 1000, 3) if ttl_ms >= 0 else None,
         "waiters": waiters,
-        "oldest_waiter_age_seconds": (
-            round(max(0, now_ms - int(oldest[0][1])) / 1000, 3) if oldest else None
-        ),
+        "oldest_waiter_age_seconds": _age(float(oldest[0][1]), now_ms) if oldest else None,
         "last_fencing_token": _token(_text(fence)),
         "found": holder is not None or fence is not None or waiters > 0,
     }
@@ -79,6 +95,16 @@ def state(client: Any, prefix: str, name: str) -> dict[str, Any]:
 
 def _token(text: str | None) -> int | str | None:
     return int(text) if text is not None and text.isdigit() else text
+
+
+def _readable_state(client: Any, prefix: str, name: str) -> dict[str, Any]:
+    """``state``, or ``{"name", "unreadable": reason}`` when a key holds data of another type
+    or shape (a connection failure still ends the command)."""
+    try:
+        with translating(f"lock {name!r}"):
+            return state(client, prefix, name)
+    except ServerError as exc:  # ForeignDataError (WRONGTYPE) included
+        return {"name": name, "unreadable": str(exc), "found": True}
 
 
 def _targets(args: argparse.Namespace, client: Any) -> list[tuple[str, Any, bool]]:
@@ -144,7 +170,7 @@ def _list(args: argparse.Namespace, config: Any, client: Any) -> dict[str, Any]:
                 if len(names) >= _MAX_LIST:
                     break
             for name in sorted(names):
-                found = state(node, args.prefix, name)
+                found = _readable_state(node, args.prefix, name)
                 if where:
                     reports.setdefault(name, {"name": name, "masters": {}})["masters"][where] = (
                         found
@@ -154,7 +180,14 @@ def _list(args: argparse.Namespace, config: Any, client: Any) -> dict[str, Any]:
         finally:
             if owned:
                 node.close()
-    return {"locks": [reports[n] for n in sorted(reports)], "truncated": len(reports) >= _MAX_LIST}
+    data: dict[str, Any] = {
+        "locks": [reports[n] for n in sorted(reports)],
+        "truncated": len(reports) >= _MAX_LIST,
+    }
+    entries = [one for r in reports.values() for one in r.get("masters", {"": r}).values()]
+    if any("unreadable" in one for one in entries):
+        data["exit"] = UNREADABLE
+    return data
 
 
 def _release(args: argparse.Namespace, config: Any, client: Any) -> dict[str, Any]:
@@ -164,7 +197,7 @@ def _release(args: argparse.Namespace, config: Any, client: Any) -> dict[str, An
     before = state(client, args.prefix, name)
     if not args.yes:
         print(
-            f"Free lock {name!r} (holder {before['holder'] or 'none'}, "
+            f"Free lock {name!r} (holder {_safe(before['holder'] or 'none')}, "
             f"{before['waiters']} waiter(s))? [y/N] ",
             end="",
             file=sys.stderr,
@@ -187,20 +220,26 @@ def _release(args: argparse.Namespace, config: Any, client: Any) -> dict[str, An
 
 
 def _line(data: dict[str, Any]) -> str:
-    head = f"held by {data['holder']}, {data['ttl_seconds']} s left" if data["held"] else "free"
+    if "unreadable" in data:
+        return f"unreadable ({_safe(data['unreadable'])})"
+    holder = _safe(data["holder"])
+    head = f"held by {holder}, {data['ttl_seconds']} s left" if data["held"] else "free"
     age = data["oldest_waiter_age_seconds"]
-    waiting = f", {data['waiters']} waiting" + (f" (oldest {age} s)" if age is not None else "")
-    return f"{head}{waiting if data['waiters'] else ''}, last token {data['last_fencing_token']}"
+    waiting = f", {data['waiters']} waiting " + (
+        f"(oldest {age} s)" if age is not None else "(oldest age unknown)"
+    )
+    token = _safe(data["last_fencing_token"])
+    return f"{head}{waiting if data['waiters'] else ''}, last token {token}"
 
 
 def _print_inspect(out: TextIO, data: dict[str, Any]) -> None:
     if "masters" not in data:
         print(f"lock {data['name']!r}: {_line(data)}", file=out)
         return
-    verdict = f"held by {data['holder']}" if data["held"] else "not held by a quorum"
+    verdict = f"held by {_safe(data['holder'])}" if data["held"] else "not held by a quorum"
     print(f"lock {data['name']!r} (Redlock, quorum {data['quorum']}): {verdict}", file=out)
     for where, one in data["masters"].items():
-        print(f"  {where}: {_line(one)}", file=out)
+        print(f"  {_safe(where)}: {_line(one)}", file=out)
 
 
 def _print_list(out: TextIO, data: dict[str, Any]) -> None:
@@ -208,7 +247,7 @@ def _print_list(out: TextIO, data: dict[str, Any]) -> None:
         if "masters" in one:
             _print_inspect(out, {**one, "held": False, "holder": None, "quorum": "?"})
         else:
-            print(f"{one['name']}: {_line(one)}", file=out)
+            print(f"{_safe(one['name'])}: {_line(one)}", file=out)
     if not data["locks"]:
         print("no locks", file=out)
     if data["truncated"]:
@@ -222,7 +261,8 @@ def _print_release(out: TextIO, data: dict[str, Any]) -> None:
     elif not data["released"]:
         print(f"lock {name!r} was not held: nothing to release", file=out)
     elif data["handed_to"]:
-        print(f"lock {name!r}: freed from {data['was_held_by']} and handed to the next waiter "
-              f"{data['handed_to']}; the fence is kept", file=out)  # fmt: skip
+        print(f"lock {name!r}: freed from {_safe(data['was_held_by'])} and handed to the next "
+              f"waiter {_safe(data['handed_to'])}; the fence is kept", file=out)  # fmt: skip
     else:
-        print(f"lock {name!r}: freed from {data['was_held_by']}; the fence is kept", file=out)
+        holder = _safe(data["was_held_by"])
+        print(f"lock {name!r}: freed from {holder}; the fence is kept", file=out)

@@ -350,3 +350,66 @@ def test_cache_commands_find_the_namespaces_shards_and_only_its_keys(
         assert cli("--url", url, "cache", "clear", "a*b").returncode == 0
         assert [glob.get(f"k{i}") for i in range(12)] == [None] * 12
         assert other.get("k5") == -5 and nested.get("n") == 0  # untouched
+
+
+ESC = "\x1b[2J\x1b]0;pwned\x07"  # clear screen + set the terminal title
+
+
+def test_lock_list_prints_planted_control_characters_escaped(fresh_server: RedisServer) -> None:
+    """Key names and owner ids are what anyone with write access planted: escaped, never raw."""
+    with fresh_server.client() as client:
+        client.set(f"distkit:lock:{{evil{ESC}}}", f"own{ESC}\r\n", px=60_000)
+        client.set(f"distkit:lock:{{evil{ESC}}}:fence", f"tok{ESC}")
+        assert Lock(client, "plain", ttl=60).acquire()
+    for extra in ([], ["--json"]):
+        done = cli("--url", fresh_server.url, *extra, "lock", "list")
+        assert done.returncode == 0, done.stderr
+        for raw in ("\x1b", "\x07", "\r"):
+            assert raw not in done.stdout + done.stderr
+        if not extra:
+            assert "\\x1b[2J" in done.stdout and "plain:" in done.stdout
+        else:
+            names = [one["name"] for one in json.loads(done.stdout)["locks"]]
+            assert f"evil{ESC}" in names  # JSON keeps the exact name, as an escape
+    done = cli("--url", fresh_server.url, "lock", "inspect", f"evil{ESC}")
+    assert "\x1b" not in done.stdout + done.stderr
+
+
+def test_lock_list_reports_an_unreadable_lock_and_goes_on(fresh_server: RedisServer) -> None:
+    """A key of the wrong type does not abort the listing: it is listed as unreadable with the
+    reason, every other lock is listed, and the exit code is 4."""
+    with fresh_server.client() as client:
+        assert Lock(client, "a-good", ttl=60).acquire()
+        client.rpush("distkit:lock:{b-list}", "x")  # a lease of the wrong type
+        client.hset("distkit:lock:{c-fence}:fence", "a", "b")  # a fence of the wrong type
+        client.set("distkit:lock:{d-queue}:queue", "x")  # a queue of the wrong type
+        assert Lock(client, "e-good", ttl=60).acquire()
+    done = cli("--url", fresh_server.url, "lock", "list")
+    assert done.returncode == 4, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("a-good: held by") for line in lines), lines
+    assert any(line.startswith("e-good: held by") for line in lines), lines
+    for name in ("b-list", "c-fence", "d-queue"):
+        assert any(line.startswith(f"{name}: unreadable (") for line in lines), lines
+    data = json.loads(cli("--url", fresh_server.url, "--json", "lock", "list").stdout)
+    unreadable = {one["name"]: one["unreadable"] for one in data["locks"] if "unreadable" in one}
+    assert set(unreadable) == {"b-list", "c-fence", "d-queue"}
+    assert all("WRONGTYPE" in why or "distkit did not write" in why for why in unreadable.values())
+    assert cli("--url", fresh_server.url, "--json", "lock", "list").returncode == 4
+    assert cli("--url", fresh_server.url, "lock", "list", "a-*").returncode == 0  # all readable
+
+
+@pytest.mark.parametrize(
+    "score", [-1.0, 0.0, float("-inf"), float("inf"), 4e12, 1e300, -1e300], ids=repr
+)
+def test_an_absurd_queue_age_is_shown_as_unknown(fresh_server: RedisServer, score: float) -> None:
+    with fresh_server.client() as client:
+        assert Lock(client, "aged", ttl=60).acquire()
+        client.zadd("distkit:lock:{aged}:queue", {"60000:someone": score})
+    data = as_json(cli("--url", fresh_server.url, "--json", "lock", "list"))
+    (one,) = data["locks"]
+    assert one["waiters"] == 1 and one["oldest_waiter_age_seconds"] is None
+    text = cli("--url", fresh_server.url, "lock", "list")
+    assert text.returncode == 0, text.stderr
+    assert "1 waiting (oldest age unknown)" in text.stdout, text.stdout
