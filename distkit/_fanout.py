@@ -43,8 +43,17 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ._clients import for_loop
-from ._errors import ConnectionUnavailable, DistkitError, translate
-from ._protocol import _REDIS_ERRORS, TIMED_OUT, AsyncDriver, Cleanup, Eval, FanOut, SyncDriver
+from ._errors import ConnectionUnavailable, DistkitError, LockError, translate
+from ._protocol import (
+    _REDIS_ERRORS,
+    TIMED_OUT,
+    AsyncDriver,
+    Cleanup,
+    Eval,
+    FanOut,
+    Protocol,
+    SyncDriver,
+)
 from ._retry import RetryPolicy
 from ._scripts import Script
 
@@ -454,9 +463,24 @@ class AsyncFanOutDriver(AsyncDriver):
     writes the ``abandon`` script behind the request on the same connection once the per-node
     timeout passes. The next request to that node waits for that task first, so whatever a
     straggler does lands before, say, the release that follows it.
+
+    One event loop at a time: a call on another loop while one is in progress on a loop that
+    still runs (two threads, each with its loop, sharing a handle) raises ``LockError`` before
+    anything is sent or any state changes; the node tasks another loop left behind are waited
+    for (bounded) before the handle moves to the new loop.
     """
 
-    __slots__ = ("_live", "_loop", "_pending", "_pid", "_suspended", "clients")
+    __slots__ = (
+        "_active",
+        "_guard",
+        "_hint",
+        "_live",
+        "_loop",
+        "_pending",
+        "_pid",
+        "_suspended",
+        "clients",
+    )
 
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
@@ -466,6 +490,9 @@ class AsyncFanOutDriver(AsyncDriver):
         self._suspended = [0.0] * len(self.clients)
         self._pending: list[asyncio.Task[None] | None] = [None] * len(self.clients)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._active = 0  # protocols running on self._loop
+        self._guard = threading.Lock()  # _loop, _active and the swap: one thread at a time
+        self._hint = 0.05  # the last per-node timeout seen (bounds the wait for stragglers)
 
     def _after_fork(self) -> None:
         """In a forked child: drop the connections the clients' pools inherited from the parent."""
@@ -473,10 +500,64 @@ class AsyncFanOutDriver(AsyncDriver):
         self._suspended = [0.0] * len(self.clients)
         self._pending = [None] * len(self.clients)
         self._loop = None
+        self._active = 0
+        self._guard = threading.Lock()
         for client in self._live:
             reset = getattr(client.connection_pool, "reset", None)
             if reset is not None:
                 reset()
+
+    async def run(self, protocol: Protocol[Any]) -> Any:
+        """Drive ``protocol`` on the running loop, which holds the handle until it returns."""
+        try:
+            await self._claim(asyncio.get_running_loop())
+        except BaseException:
+            protocol.close()
+            raise
+        try:
+            return await super().run(protocol)
+        finally:
+            with self._guard:
+                self._active = max(0, self._active - 1)
+
+    def _elsewhere(self, loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop | None:
+        """The other loop that still runs and may still use the handle, if any."""
+        other = self._loop
+        if other is None or other is loop or other.is_closed() or not other.is_running():
+            return None  # a loop that stopped or closed runs none of its tasks again
+        return other
+
+    async def _claim(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make ``loop`` the handle's loop for one protocol (see the class docstring)."""
+        waited_until = time.monotonic() + max(1.0, 20 * self._hint)
+        while True:
+            with self._guard:
+                if self._pid != os.getpid():
+                    self._after_fork()
+                other = self._elsewhere(loop)
+                if other is not None and self._active:
+                    raise LockError(
+                        f"{self.what}: called on one event loop while a call is in progress on "
+                        "another that is still running (two threads, each with its loop?); a "
+                        "handle serves one loop at a time: give each loop its own handle, or "
+                        "retry once the other call returned"
+                    )
+                stragglers = other is not None and any(
+                    t is not None and not t.done() for t in self._pending
+                )
+                if not stragglers or time.monotonic() >= waited_until:
+                    if self._loop is not loop:
+                        # Tasks of another loop cannot be awaited here, nor its connections
+                        # used: each master's client for this loop (a twin, for aconnect()'s).
+                        self._live = [for_loop(c, loop, self.what) for c in self.clients]
+                        self._loop = loop
+                        self._pending = [None] * len(self.clients)
+                        self._active = 0
+                    self._active += 1
+                    return
+            # the other loop's node tasks still read replies or send abandons: let them land
+            # first (they end within their own bounds), as a node's next request always does
+            await asyncio.sleep(0.002)
 
     async def wait_idle(self) -> None:
         """Wait for the node tasks still reading a straggler's reply (or abandoning it)."""
@@ -516,15 +597,12 @@ class AsyncFanOutDriver(AsyncDriver):
         return await super()._step(step)
 
     async def _fan_out(self, step: FanOut) -> list[Any]:
-        if self._pid != os.getpid():
-            self._after_fork()
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # Tasks of another (finished) event loop cannot be awaited here, nor its connections
-            # used: each master's client for this loop (a twin, for aconnect()'s clients).
-            self._live = [for_loop(client, loop, self.what) for client in self.clients]
-            self._loop = loop
-            self._pending = [None] * len(self.clients)
+        if self._loop is not loop or self._pid != os.getpid():  # not through run(): claim now
+            await self._claim(loop)
+            with self._guard:
+                self._active = max(0, self._active - 1)
+        self._hint = step.timeout
         n = len(self.clients)
         outcomes: list[Any] = [TIMED_OUT] * n
         decided = asyncio.Event()

@@ -14,9 +14,12 @@ opened connections, for ``aconnect()`` clients (works) and for the user's client
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
+import random
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +29,7 @@ import redis
 import redis.asyncio
 
 from distcache import AsyncCache, NearCache
-from distkit import EventLoopMismatch, aconnect
+from distkit import DistkitError, EventLoopMismatch, LockError, aconnect
 from distkit._clients import _TWINS
 from distkit.testing import IndependentMasters, RedisCluster, RedisServer
 from distlock import AsyncLock, AsyncRedlock, AsyncSemaphore
@@ -377,3 +380,102 @@ def test_cluster_user_clients_raise_event_loop_mismatch(cluster: RedisCluster) -
     asyncio.run(cycle())
     with pytest.raises(EventLoopMismatch):
         asyncio.run(cycle())
+
+
+def _run_in_thread(coro: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run ``coro`` on an event loop of its own, in a thread of its own."""
+    out: list[Any] = []
+
+    def main() -> None:
+        try:
+            out.append(asyncio.run(coro))
+        except BaseException as exc:  # the test inspects it
+            out.append(exc)
+
+    thread = threading.Thread(target=main)
+    thread.start()
+    return thread, out
+
+
+def _leases(masters: IndependentMasters, name: str) -> list[int]:
+    found = []
+    for client in masters.clients():
+        found.append(client.exists(f"distkit:lock:{{{name}}}"))
+        client.close()
+    return found
+
+
+def test_an_async_redlock_in_use_on_a_running_loop_refuses_another_loop(
+    redis_binary: str,
+) -> None:
+    """Loop A (a thread) is inside a call that waits for stalled masters; loop B calls the same
+    handle: a ``LockError`` naming the cause, before anything is sent; A's call and the lease
+    are unharmed, and the release afterwards leaves nothing."""
+    with IndependentMasters(3, binary=redis_binary) as group:
+        lock = AsyncRedlock([aconnect(u) for u in group.urls], "two-loops", ttl=10,
+                            node_timeout=1.0)  # fmt: skip
+        held, out = _run_in_thread(lock.acquire(blocking=False))
+        held.join(10)
+        assert out == [True]
+        for server in group.servers[:2]:
+            server.pause()
+        try:
+            busy, out = _run_in_thread(lock.extend())  # waits up to node_timeout on 2 masters
+            time.sleep(0.3)
+            assert busy.is_alive()
+            for call in (lock.locked, lock.release, lock.extend):
+                with pytest.raises(LockError, match="another that is still running"):
+                    asyncio.run(asyncio.wait_for(call(), 5))
+            assert lock.fencing_token is not None  # the refused release changed nothing
+        finally:
+            for server in group.servers[:2]:
+                server.resume()
+        busy.join(10)
+        assert not busy.is_alive() and len(out) == 1
+        assert out[0] is None or isinstance(out[0], DistkitError), out  # typed, never raw
+        if lock.fencing_token is None:  # the extend failed: the handle gave the lease up
+            assert lock._core._unreleased is not None  # type: ignore[attr-defined]
+        asyncio.run(asyncio.wait_for(lock.release(), 10))
+        assert _leases(group, "two-loops") == [0, 0, 0]
+
+
+def test_an_async_redlock_shared_by_two_loops_raises_only_typed_errors(
+    masters: IndependentMasters,
+) -> None:
+    """Two threads, each running its own loop, hammer one handle (acquire, release, extend,
+    locked): every failure is a distkit error, nothing hangs, and no lease is left behind."""
+    for client in masters.clients():
+        client.flushall()
+        client.close()
+    lock = AsyncRedlock([aconnect(u) for u in masters.urls[:3]], "hammer", ttl=10)
+    raw: list[BaseException] = []
+    refused = [0]
+
+    async def hammer(seed: int) -> None:
+        rng = random.Random(seed)
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            op = rng.choice(["acquire", "release", "extend", "locked"])
+            call = {"acquire": lambda: lock.acquire(blocking=False), "release": lock.release,
+                    "extend": lock.extend, "locked": lock.locked}[op]  # fmt: skip
+            try:
+                await asyncio.wait_for(call(), 5)
+            except LockError as exc:
+                refused[0] += "another that is still running" in str(exc)
+            except DistkitError:
+                pass
+            except BaseException as exc:  # raw: the defect
+                raw.append(exc)
+
+    threads = [_run_in_thread(hammer(seed))[0] for seed in (1, 2)]
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive(), "a call hung"
+    assert raw == [], raw[:3]
+    assert refused[0] > 0  # the two loops did meet
+    if lock.fencing_token is not None:
+        asyncio.run(lock.release())
+    else:
+        with contextlib.suppress(LockError):
+            asyncio.run(lock.release())  # a lease a lost call left behind, if any
+    assert _leases(masters, "hammer")[:3] == [0, 0, 0]
