@@ -564,8 +564,8 @@ class AsyncFanOutDriver(AsyncDriver):
         if self._loop is not asyncio.get_running_loop():
             return
         pending = {t for t in self._pending if t is not None and not t.done()}
-        if pending:
-            await asyncio.wait(pending)
+        if pending:  # bounded: a late release may keep trying for as long as its lease lasts
+            await asyncio.wait(pending, timeout=max(1.0, 20 * self._hint))
 
     async def _send_late(self, pool: Any, call: Eval, bound: float) -> None:
         conn = None
@@ -671,7 +671,7 @@ class AsyncFanOutDriver(AsyncDriver):
                 # The caller has its answer; the release still goes out, behind the earlier one.
                 settle(i, TIMED_OUT)
                 await asyncio.wait({prev})
-                await self._send_late(pool, call, max(1.0, 20 * step.timeout))
+                await self._send_late(pool, call, max(1.0, 20 * step.timeout, step.late))
                 return
         if self._suspended[i] > time.monotonic() and not step.reach_all:
             settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
@@ -724,7 +724,7 @@ class AsyncFanOutDriver(AsyncDriver):
                 # A release that never went out (the node stalled while connecting): the caller
                 # has its answer; this task (which the node's next request waits for) still
                 # sends it, within a bounded time.
-                await self._send_late(pool, call, max(1.0, 20 * step.timeout))
+                await self._send_late(pool, call, max(1.0, 20 * step.timeout, step.late))
         except Exception as exc:  # not Redis's doing (a closed event loop, a bug): the caller's
             crashed.append(exc)
             settle(i, exc)

@@ -103,6 +103,9 @@ class FanOut:
     do nothing); a connection that fails before the request is out is replaced once.
     ``wait=False``: send and return at once (every outcome ``TIMED_OUT``); the replies are read
     before the next request on each connection.
+    ``late`` (``reach_all``, async driver): a request that could not go out in time (no
+    connection within ``timeout``) keeps trying in the background for ``max(1 s, 20 x timeout,
+    late)``; for a release, the longest lease it may free (after that there is nothing left).
     """
 
     calls: Sequence[Eval]
@@ -112,6 +115,7 @@ class FanOut:
     granted: Callable[[Any], bool] | None = None
     reach_all: bool = False
     wait: bool = True
+    late: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

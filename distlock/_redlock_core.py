@@ -70,6 +70,7 @@ class RedlockCore(LockCore):
     """State and protocol steps of one Redlock handle over ``masters`` independent servers."""
 
     __slots__ = (
+        "_lease_ttl",
         "_unreleased",
         "drift",
         "drift_factor",
@@ -129,6 +130,9 @@ class RedlockCore(LockCore):
         # The owner of an acquisition this handle stopped believing in (renewal lost it) whose
         # leases were not released yet: release() and the next acquire() still release them.
         self._unreleased: str | None = None
+        # The longest lease this handle ever asked for (ttl, or a longer extend): no lease of
+        # its stands longer on any master, so a release trying that long has tried enough.
+        self._lease_ttl = self.ttl
 
     def _each(self, call: Eval) -> list[Eval]:
         """One copy of ``call`` per master (a test build skews each master's clock here)."""
@@ -162,7 +166,11 @@ class RedlockCore(LockCore):
             # A lost acquisition's leases may still stand on some masters: free them first.
             # Sent, not waited for: the replies are read before the next request on each node.
             yield FanOut(
-                self._each(self._release_call(stale)), self.node_timeout, reach_all=True, wait=False
+                self._each(self._release_call(stale)),
+                self.node_timeout,
+                reach_all=True,
+                wait=False,
+                late=self._lease_ttl,
             )
             self._unreleased = None
         attempt = 0
@@ -210,12 +218,16 @@ class RedlockCore(LockCore):
                 # Not held: release everywhere, on the masters that refused or timed out too.
                 # Not waited for (the timeout bound): each node reads the reply before its next
                 # request, and the release is ordered after the grant on that connection.
-                yield FanOut(undo, self.node_timeout, reach_all=True, wait=False)
+                yield FanOut(
+                    undo, self.node_timeout, reach_all=True, wait=False, late=self._lease_ttl
+                )
             except GeneratorExit:
                 raise
             except BaseException:
                 if self.owner is None:
-                    yield Cleanup(FanOut(undo, self.node_timeout, reach_all=True))
+                    yield Cleanup(
+                        FanOut(undo, self.node_timeout, reach_all=True, late=self._lease_ttl)
+                    )
                 raise
             attempt += 1
             if not blocking or (self.retry_count is not None and attempt > self.retry_count):
@@ -251,7 +263,10 @@ class RedlockCore(LockCore):
                 raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
         try:
             outcomes = yield FanOut(
-                self._each(self._release_call(owner)), self.node_timeout, reach_all=True
+                self._each(self._release_call(owner)),
+                self.node_timeout,
+                reach_all=True,
+                late=self._lease_ttl,
             )
         finally:
             self.clear()
@@ -294,6 +309,7 @@ class RedlockCore(LockCore):
         if owner is None:
             raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
         new_ttl = self.ttl if ttl is None else seconds(ttl, field="ttl")
+        self._lease_ttl = max(self._lease_ttl, new_ttl)
         started = self.clock()
         call = Eval(EXTEND, (self.lease_key,), (owner, max(1, round(new_ttl * 1000))))
         outcomes = yield FanOut(

@@ -500,3 +500,44 @@ def test_a_client_closed_by_redis_py_still_works_for_other_handles(
     assert _leases(servers, "restart") == [None] * 3
     for c in clients:
         c.close()
+
+
+# -- a release to a master that stays stalled past the late-send bound ----------------------------
+@pytest.mark.parametrize("slow", [1, 2], ids=["1slow", "2slow"])
+def test_a_release_to_a_master_stalled_past_the_late_send_bound_lands_on_resume(
+    servers: list[RedisServer], kind: Kind, slow: int
+) -> None:
+    """Masters whose connections are gone and that stay stalled longer than
+    ``max(1 s, 20 x node_timeout)`` at release: both twins report the release the same way (it
+    returns: a quorum confirmed, or validity was left and nobody refused) and the stalled
+    masters' leases are released when they resume within the lease's TTL (the async twin's
+    late send gave up after that bound before: the lease stood until its TTL)."""
+    name = f"rel-long-stall-{slow}"
+    lock = kind.make(kind.clients(_urls(servers)), name, ttl=10, node_timeout=NODE_TIMEOUT)
+    assert lock.acquire()
+    victims = servers[-slow:]
+    for victim in victims:
+        with victim.client() as admin:
+            admin.client_kill_filter(_type="normal", skipme=True)  # the handle must reconnect
+    bound = max(1.0, 20 * NODE_TIMEOUT)
+    timer = _stall(victims, bound + 0.6)
+
+    def run_for(seconds: float) -> None:  # the async twin's late send runs while its loop does
+        if kind.loop is not None:
+            kind.loop.run_until_complete(asyncio.sleep(seconds))
+        else:
+            time.sleep(seconds)
+
+    try:
+        started = time.monotonic()
+        assert lock.release() is None  # the same report from both twins
+        assert time.monotonic() - started < 1.0
+        while timer.is_alive():
+            run_for(0.05)
+    finally:
+        timer.join()
+    assert _leases(servers, name)[: 3 - slow] == [None] * (3 - slow)
+    deadline = time.monotonic() + 3.0
+    while _leases(servers, name) != [None] * 3 and time.monotonic() < deadline:
+        run_for(0.05)
+    assert _leases(servers, name) == [None, None, None]
