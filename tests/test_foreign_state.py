@@ -206,3 +206,20 @@ def test_a_foreign_limit_async_semaphore(redis_server: RedisServer) -> None:
             await client.aclose()
 
     asyncio.run(main())
+
+
+def test_force_release_with_a_foreign_fence_frees_the_lease_and_hands_it_to_nobody(
+    r: redis.Redis,
+) -> None:
+    holder = Lock(r, "ffr", ttl=1)
+    assert holder.acquire()
+    waiter = Lock(r, "ffr", ttl=10)
+    thread, out = _wait_in_thread(waiter)
+    _wait_queued(r, "distkit:lock:{ffr}:queue")
+    r.set("distkit:lock:{ffr}:fence", b"nan")
+    with pytest.raises(ForeignDataError, match="fencing state"):
+        Lock.force_release(r, "ffr")
+    assert r.exists("distkit:lock:{ffr}") == 0
+    thread.join(10)
+    assert len(out) == 1 and isinstance(out[0], ForeignDataError), out
+    assert r.exists("distkit:lock:{ffr}", "distkit:lock:{ffr}:queue") == 0
