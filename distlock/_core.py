@@ -266,6 +266,14 @@ class LockCore:
             return 0.0
         return max(0.0, self.expires_at - self.clock())
 
+    def remaining_or_zero(self) -> float:
+        """``remaining()``, or 0 when the ``clock=`` reading fails (``ConfigError``): a lease
+        the clock cannot time is not claimed (the renewer then declares it lost)."""
+        try:
+            return self.remaining()
+        except ConfigError:
+            return 0.0
+
     # -- protocols -----------------------------------------------------------------------------
     def check_timeout(self, blocking: bool, timeout: Seconds | None) -> float | None:
         """Validate ``acquire``'s arguments; return the timeout in seconds (``None``: forever)."""

@@ -228,7 +228,7 @@ class _SyncLock(_LockBase[threading.Event]):
                 self._fire_lost()
                 return
             except DistkitError as exc:
-                left = self._core.remaining()
+                left = self._core.remaining_or_zero()
                 if left <= 0:
                     self._core.clear()
                     self._fire_lost()
@@ -345,7 +345,7 @@ class _AsyncLock(_LockBase[asyncio.Event]):
                 self._fire_lost()
                 return
             except DistkitError as exc:
-                left = self._core.remaining()
+                left = self._core.remaining_or_zero()
                 if left <= 0:
                     self._core.clear()
                     self._fire_lost()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from datetime import timedelta
 from typing import Any
@@ -214,3 +215,16 @@ def test_a_clock_that_goes_backwards_later_is_caught_there(r: redis.Redis) -> No
         lock.validity  # noqa: B018 - the property reads the clock
     lock.release()  # the release itself needs no clock reading
     assert r.exists("distkit:lock:{later}") == 0
+
+
+def test_a_clock_that_breaks_under_the_renewer_declares_the_lock_lost(r: redis.Redis) -> None:
+    """The renewer thread reads the clock too: a bad reading there fires ``on_lost`` (the lease
+    cannot be timed, so it is not claimed) instead of killing the thread with a traceback."""
+    clock = _Readings(1.0, 2.0)
+    lost = threading.Event()
+    lock = Lock(r, "renew-clk", ttl=5, auto_renew=True, renew_interval=0.05, clock=clock,
+                on_lost=lambda _: lost.set())  # fmt: skip
+    assert lock.acquire()
+    clock.readings = ["broken"]
+    assert lost.wait(5)
+    assert lock.lost and lock.fencing_token is None
