@@ -37,7 +37,7 @@ from distcache import (
     PickleSerializer,
     cached,
 )
-from distkit import ConfigError, DistkitError, SerializationError
+from distkit import ConfigError, DistkitError, ForeignDataError, SerializationError
 from distkit.testing import RedisServer
 from distlock import AsyncLock, FencedStore, Lock, LockNotOwned, Redlock, Semaphore
 from tests._adversarial import fuzz_settings, no_hang
@@ -427,6 +427,10 @@ SPECIAL_BYTES = st.sampled_from(
         pickle.dumps(os.system),
     ]
 )
+# planted alone as a string in a fence (or a semaphore's limit), these must make an acquire raise
+# ForeignDataError: values distlock never writes (not an integer from 0 to 2**53 - 1)
+FOREIGN_NUMBERS = {b"", b"nan", b"inf", b"-inf", b"1.5", b"1e400", b"9" * 40, b"9007199254740993",
+                   b"-1", b"\xff\xfe\x00", b"dc1:", b"dc1~", b"owner*", b"*"}  # fmt: skip
 PLANTS = st.tuples(
     st.sampled_from(["string", "list", "hash", "zset", "set"]),
     st.one_of(st.binary(max_size=64), SPECIAL_BYTES),
@@ -474,10 +478,19 @@ def test_corrupt_lock_state_ends_in_typed_errors(
     client.flushall()
     for template, (kind, data) in plants.items():
         _plant(client, template.format(p="distkit"), kind, data)
+    (only_key, (only_kind, only_data)), *_ = plants.items()
+    foreign_fence = (
+        len(plants) == 1
+        and only_key == "{p}:lock:{{n}}:fence"
+        and only_kind == "string"
+        and only_data in FOREIGN_NUMBERS
+    )
     for what, op in _lock_ops(client):
         ok, got = outcome(op, what)
         if what == "release-unheld":
             assert not ok and isinstance(got, LockNotOwned), got
+        if what == "acquire" and foreign_fence:
+            assert not ok and isinstance(got, ForeignDataError), (only_data, got)
     # whatever happened, nothing was written outside the lock's own key family
     assert all(
         k.startswith(("distkit:lock:{n}", "distkit:fenced:{n}")) for k in distkit_keys(client)
@@ -506,10 +519,19 @@ def test_corrupt_semaphore_state_ends_in_typed_errors(
     client.flushall()
     for template, (kind, data) in plants.items():
         _plant(client, template.format(p="distkit"), kind, data)
+    (only_key, (only_kind, only_data)), *_ = plants.items()
+    foreign_number = (
+        len(plants) == 1
+        and only_key in ("{p}:sem:{{n}}:fence", "{p}:sem:{{n}}:limit")
+        and only_kind == "string"
+        and only_data in FOREIGN_NUMBERS
+    )
     for what, op in _semaphore_ops(client):
         ok, got = outcome(op, what)
         if what == "release-unheld":
             assert not ok and isinstance(got, LockNotOwned), got
+        if what == "acquire" and foreign_number:
+            assert not ok and isinstance(got, ForeignDataError), (only_data, got)
     assert all(k.startswith("distkit:sem:{n}:") for k in distkit_keys(client))
 
 
