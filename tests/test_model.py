@@ -487,7 +487,9 @@ class CacheMachine(RuleBasedStateMachine):
         cache = self.caches[handle]
         call = Call(self._rkey(key), lambda: None, (), {}, 3.0, None, ((), []), None)
         state = _RunState()
-        return cache._flow._step(_Join(0.0, seen_of(miss)), call, state), state
+        return cache._flow._step(
+            _Join(0.0, seen_of(miss), cache._flow.core.clock()), call, state
+        ), state
 
     def _publish(self, handle: str, key: str, flight: tuple[Any, _RunState] | None) -> None:
         if flight is not None and flight[0] is LEADER:
