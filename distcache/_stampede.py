@@ -347,6 +347,45 @@ class _Forgotten:
         while len(keys) > _DROPS_KEPT:
             self.floor = max(self.floor, keys.popitem(last=False)[1])
 
+    # Any handle of the namespace calls these, with or without a store of its own. With no
+    # store in the process there is no copy to drop and no call whose ``put`` could be refused
+    # (a store exists before its handle's first call), so nothing is noted.
+    def drop(self, rkeys: Iterable[str]) -> None:
+        """Forget ``rkeys`` in every store of the namespace."""
+        with self.guard:
+            if not self.stores:
+                return
+            rkeys = list(rkeys)
+            self.note(rkeys)
+            for store in self.stores:
+                for rkey in rkeys:
+                    store._data.pop(rkey, None)
+
+    def drop_tags(self, names: Iterable[str]) -> None:
+        """Forget every value tagged with one of ``names`` (or whose tags cannot be read)."""
+        with self.guard:
+            if not self.stores:
+                return
+            wanted = set(names)
+            self.seq += 1
+            self.wide = self.seq
+            for store in self.stores:
+                data = store._data
+                for rkey, (_, _, tags, raw) in list(data.items()):
+                    found = _entry_tags(raw) if raw is not None else set(tags)
+                    if found is None or not wanted.isdisjoint(found):
+                        del data[rkey]
+
+    def clear(self) -> None:
+        """Forget everything in every store of the namespace."""
+        with self.guard:
+            if not self.stores:
+                return
+            self.seq += 1
+            self.wide = self.seq
+            for store in self.stores:
+                store._data.clear()
+
 
 _FORGOTTEN: dict[str, _Forgotten] = {}  # by namespace (its epoch key): one per process
 _FORGOTTEN_GUARD = threading.Lock()
@@ -410,36 +449,15 @@ class _StaleStore:
 
     def drop(self, rkeys: Iterable[str]) -> None:
         """Forget ``rkeys`` (in every store of the namespace)."""
-        rkeys = list(rkeys)
-        group = self._group
-        with group.guard:
-            group.note(rkeys)
-            for store in group.stores:
-                for rkey in rkeys:
-                    store._data.pop(rkey, None)
+        self._group.drop(rkeys)
 
     def drop_tags(self, names: Iterable[str]) -> None:
         """Forget every value tagged with one of ``names`` (or whose tags cannot be read)."""
-        wanted = set(names)
-        group = self._group
-        with group.guard:
-            group.seq += 1
-            group.wide = group.seq
-            for store in group.stores:
-                data = store._data
-                for rkey, (_, _, tags, raw) in list(data.items()):
-                    found = _entry_tags(raw) if raw is not None else set(tags)
-                    if found is None or not wanted.isdisjoint(found):
-                        del data[rkey]
+        self._group.drop_tags(names)
 
     def clear(self) -> None:
         """Forget everything (in every store of the namespace)."""
-        group = self._group
-        with group.guard:
-            group.seq += 1
-            group.wide = group.seq
-            for store in group.stores:
-                store._data.clear()
+        self._group.clear()
 
 
 def _ms(value: float) -> int:
@@ -460,6 +478,7 @@ class ReadThrough:
     """
 
     __slots__ = (
+        "_group",
         "_store",
         "beta",
         "clock",
@@ -517,6 +536,7 @@ class ReadThrough:
         self.max_background = max_background
         self.random = random
         self.clock = ServerClock(clock)
+        self._group = _forgotten(core.epoch_key)
         self._store = _StaleStore(_STALE_STORE, core.epoch_key) if self.sie_ms else None
         core.grace_ms = self.grace_ms
         core.now_ms = self.clock.now_ms
@@ -619,20 +639,19 @@ class ReadThrough:
             return
         store.put(call.rkey, value, self.clock.now_ms() + ttl * 1000, call.since, call.tags[0])
 
+    # A handle without stale_if_error keeps no copies, but its invalidations reach the copies
+    # of the namespace's other handles in this process all the same.
     def forget(self, rkeys: Iterable[str]) -> None:
         """Drop the ``stale_if_error`` copies of ``rkeys`` (a local set, delete or fill)."""
-        if self._store is not None:
-            self._store.drop(rkeys)
+        self._group.drop(rkeys)
 
     def forget_tags(self, names: Iterable[str]) -> None:
         """Drop the ``stale_if_error`` copies tagged with any of ``names``."""
-        if self._store is not None:
-            self._store.drop_tags(names)
+        self._group.drop_tags(names)
 
     def forget_all(self) -> None:
         """Drop every ``stale_if_error`` copy (a local ``clear``)."""
-        if self._store is not None:
-            self._store.clear()
+        self._group.clear()
 
     def _fill(
         self, call: Call, miss: Miss, outcome: _Outcome, started: float, held: bool = False
