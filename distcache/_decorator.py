@@ -46,9 +46,12 @@ _MEMO_SIZE = 4096
 # object hashed by identity, e.g. a dataclass(eq=False), could change after its key was stored.)
 _MEMO_TYPES = frozenset({str, int, float, bool, bytes, type(None)})
 _NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,200}")
-# The function that owns each name, by namespace and server, for the life of the process (see
-# _claim): shared by every cache handle, and independent of when handles are collected.
-_NAMES: dict[tuple[Any, ...], dict[str, tuple[weakref.ref[Any], Any]]] = {}
+# The function that owns each name, by namespace (its epoch key: prefix and namespace), for the
+# life of the process (see _claim): shared by every cache handle, and independent of when
+# handles are collected. Not by server: a client cannot tell two spellings of one server
+# (localhost / 127.0.0.1, a DNS alias, a proxy) apart without asking it, and a name refused
+# costs a name=, while a name shared mixes two functions' entries.
+_NAMES: dict[str, dict[str, tuple[weakref.ref[Any], Any]]] = {}
 _NAMES_GUARD = threading.Lock()
 
 
@@ -273,19 +276,11 @@ class _Keyer(Generic[_P]):
         return self.core.tag_args(tags(*args, **kwargs)) if callable(tags) else tags
 
 
-def _server_of(client: Any) -> tuple[Any, ...]:
-    """Where ``client`` connects, as far as it tells (else one group for all such clients)."""
-    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
-    if not isinstance(kwargs, dict):
-        return ()
-    return (kwargs.get("host"), kwargs.get("port"), kwargs.get("path"), kwargs.get("db", 0))
-
-
 def _claim(
     cache: Cache | AsyncCache, fn: Callable[..., Any], *, explicit_key: bool, name: str | None
 ) -> str:
     """The name of ``fn``'s entries (``name``, or the derived ``module.qualname``), refused where
-    another function of this namespace on this server (through any handle) has had it in this
+    another function of this namespace (through any handle, on any server) has had it in this
     process.
 
     A lambda's qualname is ``<lambda>``; closures made by one factory (or by a decorator that
@@ -313,7 +308,7 @@ def _claim(
         name = derived
     code = getattr(fn, "__code__", None)
     with _NAMES_GUARD:
-        owners = _NAMES.setdefault((cache._core.epoch_key, *_server_of(cache._client)), {})
+        owners = _NAMES.setdefault(cache._core.epoch_key, {})
         held = owners.get(name)
         if held is not None:
             ref, held_code = held

@@ -24,7 +24,8 @@ from pydantic import BaseModel
 
 from distcache import AsyncCache, Cache, ConfigError, SerializationError, cached
 from distcache._keys import call_key
-from distkit.testing import RedisServer
+from distkit import connect
+from distkit.testing import RedisServer, free_port
 
 MISSING = object()
 
@@ -809,6 +810,12 @@ COLLISIONS: dict[str, tuple[tuple[int, Any, str | None], tuple[int, Any, str | N
     "closures-on-two-handles": ((0, _factory(3), None), (1, _factory(4), None)),
     "closures-with-one-name=-on-two-handles": ((0, _factory(3), "m.h"), (1, _factory(4), "m.h")),
     "name=-on-another-client-of-the-server": ((0, _square, "m.i"), (2, _double, "m.i")),
+    # the same server spelled two ways: the check must not depend on the spelling
+    "name=-through-localhost-and-127.0.0.1": ((3, _square, "m.j"), (4, _double, "m.j")),
+    "closures-through-localhost-and-127.0.0.1": ((3, _factory(5), None), (4, _factory(6), None)),
+    # another server: names are claimed per namespace, whatever the server (decided: a client
+    # cannot tell two spellings, proxies or aliases of one server apart without asking it)
+    "name=-on-another-server": ((0, _square, "m.k"), (5, _double, "m.k")),
 }
 
 
@@ -823,6 +830,9 @@ def test_a_name_is_refused_across_every_handle_of_the_namespace(
         Cache(r, namespace=ns),
         Cache(r, namespace=ns),
         Cache(redis_server.client(), namespace=ns),
+        Cache(connect(f"redis://localhost:{redis_server.port}"), namespace=ns),
+        Cache(connect(f"redis://127.0.0.1:{redis_server.port}"), namespace=ns),
+        Cache(connect({"port": free_port()}), namespace=ns),  # no server: never called
     ]
     (h1, f1, n1), (h2, f2, n2) = COLLISIONS[case]
     kept = cached(handles[h1], name=n1)(f1)  # kept alive: the name stays taken
