@@ -566,6 +566,19 @@ class Cache(_CacheBase["SyncClient", _V]):
         """``incr(key, -delta)``."""
         return self.incr(key, -_delta(delta))
 
+    def _combine(self, key: str, fn: Callable[[Any], Any]) -> Any:
+        """Replace the live value under ``key`` by ``fn(value)`` as ``incr`` does (expiry and
+        tags kept); the new value. For adapters (Django's ``incr`` is ``value + delta``).
+
+        Raises:
+            KeyError: no live entry under ``key``.
+            ConnectionUnavailable: Redis could not be reached.
+        """
+        core = self._core
+        rkey = core.entry_key(key)
+        protocol = _update.combine(core, rkey, fn, core.value_type)
+        return self._apply(protocol, [rkey], fail_open=False, failed=None)
+
     def touch(self, key: str, ttl: Seconds | None = None) -> bool:
         """Give the live entry under ``key`` a new ``ttl`` (default: the cache's), from now;
         ``False`` if there is none or Redis could not be reached (``strict``: raises).
@@ -903,6 +916,13 @@ class AsyncCache(_CacheBase["AsyncClient", _V]):
     async def decr(self, key: str, delta: int = 1) -> int:
         """``incr(key, -delta)``."""
         return await self.incr(key, -_delta(delta))
+
+    async def _combine(self, key: str, fn: Callable[[Any], Any]) -> Any:
+        """``Cache._combine`` (``fn`` runs on the loop, between two round trips)."""
+        core = self._core
+        rkey = core.entry_key(key)
+        protocol = _update.combine(core, rkey, fn, core.value_type)
+        return await self._apply(protocol, [rkey], fail_open=False, failed=None)
 
     async def touch(self, key: str, ttl: Seconds | None = None) -> bool:
         """Give the live entry under ``key`` a new ``ttl`` (default: the cache's), from now;

@@ -1,8 +1,10 @@
 """``@cached``: read-through caching of plain functions, coroutine functions and methods.
 
 Keys are canonical (``_keys.call_key``): the function's qualified name, an optional version and
-the bound arguments with defaults applied. For a method (first parameter named ``self`` or
-``cls``) that first argument is not part of the key: every instance shares the entries, and
+the bound arguments with defaults applied. For a method (defined in a class body, first
+parameter named ``self`` or ``cls``, called as an instance or class method; not a
+``staticmethod``, not a plain function) that first argument is not part of the key: every
+instance shares the entries, and
 ``invalidate`` / ``key_for`` take the method's arguments with or without the instance
 (``repo.get.invalidate(7)``, ``Repo.get.invalidate(repo, 7)`` and ``Repo.get.invalidate(7)``
 are the same). Results that depend on the instance need ``key=``. A name shared by different
@@ -15,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import re
+import sys
 import threading
 import typing
 import weakref
@@ -42,13 +45,17 @@ _NO_SELF = object()
 _SIMPLE_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _MAX_WRAPPER_DEPTH = 16
 _MEMO_SIZE = 4096
+_OWNERS_KEPT = 256  # classes whose first-argument binding a keyer remembers
 # Immutable, and hashed by value: the only arguments whose key may be remembered. (A mutable
 # object hashed by identity, e.g. a dataclass(eq=False), could change after its key was stored.)
 _MEMO_TYPES = frozenset({str, int, float, bool, bytes, type(None)})
 _NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,200}")
-# The function that owns each name, by namespace and server, for the life of the process (see
-# _claim): shared by every cache handle, and independent of when handles are collected.
-_NAMES: dict[tuple[Any, ...], dict[str, tuple[weakref.ref[Any], Any]]] = {}
+# The function that owns each name, by namespace (its epoch key: prefix and namespace), for the
+# life of the process (see _claim): shared by every cache handle, and independent of when
+# handles are collected. Not by server: a client cannot tell two spellings of one server
+# (localhost / 127.0.0.1, a DNS alias, a proxy) apart without asking it, and a name refused
+# costs a name=, while a name shared mixes two functions' entries.
+_NAMES: dict[str, dict[str, tuple[weakref.ref[Any], Any]]] = {}
 _NAMES_GUARD = threading.Lock()
 
 
@@ -167,10 +174,20 @@ class _Keyer(Generic[_P]):
         self.name = name
         self.signature = inspect.signature(fn)
         params = list(self.signature.parameters.values())
+        # A method's instance (or class) is not part of the key. The name of the first parameter
+        # alone does not make a method: the function must also be defined in a class body (its
+        # qualname's last enclosing scope is a class), and the call's first argument must be
+        # bound to it as an instance or class method (not a staticmethod): see _bound().
+        scopes = getattr(fn, "__qualname__", "").split(".")
         self.method = (
-            bool(params) and params[0].name in ("self", "cls") and (params[0].kind in _SIMPLE_KINDS)
+            bool(params)
+            and params[0].name in ("self", "cls")
+            and params[0].kind in _SIMPLE_KINDS
+            and len(scopes) >= 2
+            and scopes[-2] not in ("<locals>", "<lambda>")
         )
-        self.skip = 1 if self.method else 0  # a method's instance is not part of the key
+        self.attr = getattr(fn, "__name__", "")
+        self._owners: dict[type, bool] = {}  # _bound's answers by class (bounded)
         self.simple = all(p.kind in _SIMPLE_KINDS for p in params)
         self.names = [p.name for p in params]
         self.defaults = [p.default for p in params]
@@ -189,8 +206,8 @@ class _Keyer(Generic[_P]):
         if self.key is not None:
             return _checked_key(self.key(*args, **kwargs), self.name)
         names = self.names
+        skip = 1 if self.method and args and self._bound(args[0]) else 0
         if not kwargs and len(args) == len(names) and self.simple:  # the hot case: no dict
-            skip = self.skip
             if len(args) - skip == 1:
                 return self.head + arg_text(self.name, names[skip], args[skip], self.typed) + ")"
             typed, fname = self.typed, self.name
@@ -219,7 +236,7 @@ class _Keyer(Generic[_P]):
             bound = self.signature.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = bound.arguments
-        if self.method:
+        if skip:
             arguments.pop(names[0])
         return call_key(self.name, self.version, arguments, self.typed)
 
@@ -228,7 +245,12 @@ class _Keyer(Generic[_P]):
         memo = self.memo
         if memo is None or kwargs:
             return self.core.entry_key(self.call(args, kwargs))
-        part = args[self.skip :]
+        if self.method:
+            if not (args and self._bound(args[0])):  # a first argument that is part of the key:
+                return self.core.entry_key(self.call(args, kwargs))  # not memoized (rare)
+            part = args[1:]
+        else:
+            part = args
         # Types first: an IntEnum / Decimal / numpy scalar equal to a remembered int must not
         # get that int's key (its own key differs; the memo would make keys depend on history).
         # Within _MEMO_TYPES, equal values have equal canonical text (1 == 1.0 == True: "n1").
@@ -249,23 +271,76 @@ class _Keyer(Generic[_P]):
             memo[part] = rkey
         return rkey
 
-    def outside(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        """``args`` as the wrapper would receive them, from ``invalidate`` / ``key_for``."""
-        if self.method and not (args and self._is_instance(args[0])):
-            return (None if self.key is not None else _NO_SELF, *args)
-        return args
+    def outside(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """``args`` as the wrapper would receive them, from ``invalidate`` / ``key_for``.
 
-    def _is_instance(self, obj: Any) -> bool:
-        """Whether ``obj`` is an instance (or, for ``cls``, a subclass) of the method's class."""
+        A method's instance may be left out; a static method's first argument is an argument
+        like any other. A first argument that is no instance of the class is taken as left out
+        only if the arguments bind that way (so a static method defined in a function body,
+        whose class cannot be looked up, still gets its own arguments).
+        """
+        if not self.method or (args and self._holder(args[0]) is not None):
+            return args
+        if self._static():
+            return args
+        filler = None if self.key is not None else _NO_SELF
+        try:
+            self.signature.bind(filler, *args, **kwargs)
+        except TypeError:
+            return args
+        return (filler, *args)
+
+    def _bound(self, obj: Any) -> bool:
+        """Whether ``obj``, a call's first argument, is the instance (or, for ``cls``, the class)
+        the method is bound to: its class has the wrapper as an instance or class method."""
+        if obj is _NO_SELF:
+            return True
         owner = obj if isinstance(obj, type) else type(obj)
-        attr = inspect.getattr_static(owner, self.fn.__name__, None)
-        for _ in range(_MAX_WRAPPER_DEPTH):  # through classmethod / other decorators
+        owners = self._owners
+        try:
+            return owners[owner]
+        except KeyError:
+            pass
+        bound = self._holder(obj) is False
+        if len(owners) >= _OWNERS_KEPT:
+            owners.clear()
+        owners[owner] = bound
+        return bound
+
+    def _holder(self, obj: Any) -> bool | None:
+        """How the class of ``obj`` (or ``obj``, a class) holds the wrapper: ``False`` as an
+        instance or class method, ``True`` as a static method, ``None`` not at all. The MRO is
+        searched past overrides, so a subclass's ``super().method()`` call is bound too."""
+        owner = obj if isinstance(obj, type) else type(obj)
+        for klass in getattr(owner, "__mro__", ()):
+            found = self._reaches(vars(klass).get(self.attr))
+            if found is not None:
+                return found
+        return None
+
+    def _reaches(self, attr: Any) -> bool | None:
+        """``_holder``'s answer for one class attribute (through classmethod / staticmethod and
+        decorators that set ``__wrapped__``)."""
+        static = False
+        for _ in range(_MAX_WRAPPER_DEPTH):
             if attr is None:
-                return False
+                return None
             if attr is self.wrapper:
-                return True
+                return static
+            if isinstance(attr, staticmethod):
+                static = True
             attr = getattr(attr, "__func__", None) or getattr(attr, "__wrapped__", None)
-        return False
+        return None
+
+    def _static(self) -> bool:
+        """Whether the wrapper is a static method of a class that can be looked up by name."""
+        scopes = getattr(self.fn, "__qualname__", "").split(".")[:-1]
+        if "<locals>" in scopes:
+            return False
+        owner: Any = sys.modules.get(getattr(self.fn, "__module__", None) or "")
+        for scope in scopes:
+            owner = getattr(owner, scope, None)
+        return isinstance(owner, type) and self._reaches(vars(owner).get(self.attr)) is True
 
     def tags_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> TagArgs:
         """The validated tags of one call."""
@@ -273,19 +348,11 @@ class _Keyer(Generic[_P]):
         return self.core.tag_args(tags(*args, **kwargs)) if callable(tags) else tags
 
 
-def _server_of(client: Any) -> tuple[Any, ...]:
-    """Where ``client`` connects, as far as it tells (else one group for all such clients)."""
-    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
-    if not isinstance(kwargs, dict):
-        return ()
-    return (kwargs.get("host"), kwargs.get("port"), kwargs.get("path"), kwargs.get("db", 0))
-
-
 def _claim(
     cache: Cache | AsyncCache, fn: Callable[..., Any], *, explicit_key: bool, name: str | None
 ) -> str:
     """The name of ``fn``'s entries (``name``, or the derived ``module.qualname``), refused where
-    another function of this namespace on this server (through any handle) has had it in this
+    another function of this namespace (through any handle, on any server) has had it in this
     process.
 
     A lambda's qualname is ``<lambda>``; closures made by one factory (or by a decorator that
@@ -313,7 +380,7 @@ def _claim(
         name = derived
     code = getattr(fn, "__code__", None)
     with _NAMES_GUARD:
-        owners = _NAMES.setdefault((cache._core.epoch_key, *_server_of(cache._client)), {})
+        owners = _NAMES.setdefault(cache._core.epoch_key, {})
         held = owners.get(name)
         if held is not None:
             ref, held_code = held
@@ -455,7 +522,7 @@ class _Cached:
                 )
 
             async def ainvalidate(*args: Any, **kwargs: Any) -> bool:
-                return await acache.delete(keyer.call(keyer.outside(args), kwargs))
+                return await acache.delete(keyer.call(keyer.outside(args, kwargs), kwargs))
 
             wrapper = async_wrapper
             wrapper.invalidate = ainvalidate
@@ -476,13 +543,13 @@ class _Cached:
                 )
 
             def invalidate(*args: Any, **kwargs: Any) -> bool:
-                return scache.delete(keyer.call(keyer.outside(args), kwargs))
+                return scache.delete(keyer.call(keyer.outside(args, kwargs), kwargs))
 
             wrapper = sync_wrapper
             wrapper.invalidate = invalidate
 
         def key_for(*args: Any, **kwargs: Any) -> str:
-            return keyer.call(keyer.outside(args), kwargs)
+            return keyer.call(keyer.outside(args, kwargs), kwargs)
 
         wrapper.key_for = key_for
         keyer.wrapper = wrapper

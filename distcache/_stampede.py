@@ -180,13 +180,21 @@ class _Join:
     The write mark covers a ``set()`` whose entry is gone again by t3 (expired, evicted, or
     revalidated away): the key reads empty as at t1, but the mark differs. A mark outlives
     ``_JOIN_MAX_AGE``; an older flight is never joined.
+
+    A caller whose own read failed (``seen`` is ``None``: Redis unreachable from this process)
+    cannot tell whether another process invalidated the key since a flight began, so it joins
+    only a flight that started after its own call began (``begun``, on the flow's clock). An
+    older flight's latecomers wait for it to end (at most ``wait``) and then share one follow-up
+    flight, led by the first of them: at most two loads of a key at once per process, and every
+    value handed out comes from a load that started after the call began.
     """
 
-    __slots__ = ("seen", "wait")
+    __slots__ = ("begun", "seen", "wait")
 
-    def __init__(self, wait: float, seen: Seen) -> None:
+    def __init__(self, wait: float, seen: Seen, begun: float) -> None:
         self.wait = wait
         self.seen = seen
+        self.begun = begun
 
 
 Seen = tuple[str, bytes | None, bytes | None] | None  # a read: baseline, epoch, write mark
@@ -339,6 +347,45 @@ class _Forgotten:
         while len(keys) > _DROPS_KEPT:
             self.floor = max(self.floor, keys.popitem(last=False)[1])
 
+    # Any handle of the namespace calls these, with or without a store of its own. With no
+    # store in the process there is no copy to drop and no call whose ``put`` could be refused
+    # (a store exists before its handle's first call), so nothing is noted.
+    def drop(self, rkeys: Iterable[str]) -> None:
+        """Forget ``rkeys`` in every store of the namespace."""
+        with self.guard:
+            if not self.stores:
+                return
+            rkeys = list(rkeys)
+            self.note(rkeys)
+            for store in self.stores:
+                for rkey in rkeys:
+                    store._data.pop(rkey, None)
+
+    def drop_tags(self, names: Iterable[str]) -> None:
+        """Forget every value tagged with one of ``names`` (or whose tags cannot be read)."""
+        with self.guard:
+            if not self.stores:
+                return
+            wanted = set(names)
+            self.seq += 1
+            self.wide = self.seq
+            for store in self.stores:
+                data = store._data
+                for rkey, (_, _, tags, raw) in list(data.items()):
+                    found = _entry_tags(raw) if raw is not None else set(tags)
+                    if found is None or not wanted.isdisjoint(found):
+                        del data[rkey]
+
+    def clear(self) -> None:
+        """Forget everything in every store of the namespace."""
+        with self.guard:
+            if not self.stores:
+                return
+            self.seq += 1
+            self.wide = self.seq
+            for store in self.stores:
+                store._data.clear()
+
 
 _FORGOTTEN: dict[str, _Forgotten] = {}  # by namespace (its epoch key): one per process
 _FORGOTTEN_GUARD = threading.Lock()
@@ -402,36 +449,15 @@ class _StaleStore:
 
     def drop(self, rkeys: Iterable[str]) -> None:
         """Forget ``rkeys`` (in every store of the namespace)."""
-        rkeys = list(rkeys)
-        group = self._group
-        with group.guard:
-            group.note(rkeys)
-            for store in group.stores:
-                for rkey in rkeys:
-                    store._data.pop(rkey, None)
+        self._group.drop(rkeys)
 
     def drop_tags(self, names: Iterable[str]) -> None:
         """Forget every value tagged with one of ``names`` (or whose tags cannot be read)."""
-        wanted = set(names)
-        group = self._group
-        with group.guard:
-            group.seq += 1
-            group.wide = group.seq
-            for store in group.stores:
-                data = store._data
-                for rkey, (_, _, tags, raw) in list(data.items()):
-                    found = _entry_tags(raw) if raw is not None else set(tags)
-                    if found is None or not wanted.isdisjoint(found):
-                        del data[rkey]
+        self._group.drop_tags(names)
 
     def clear(self) -> None:
         """Forget everything (in every store of the namespace)."""
-        group = self._group
-        with group.guard:
-            group.seq += 1
-            group.wide = group.seq
-            for store in group.stores:
-                store._data.clear()
+        self._group.clear()
 
 
 def _ms(value: float) -> int:
@@ -452,6 +478,7 @@ class ReadThrough:
     """
 
     __slots__ = (
+        "_group",
         "_store",
         "beta",
         "clock",
@@ -509,6 +536,7 @@ class ReadThrough:
         self.max_background = max_background
         self.random = random
         self.clock = ServerClock(clock)
+        self._group = _forgotten(core.epoch_key)
         self._store = _StaleStore(_STALE_STORE, core.epoch_key) if self.sie_ms else None
         core.grace_ms = self.grace_ms
         core.now_ms = self.clock.now_ms
@@ -611,20 +639,19 @@ class ReadThrough:
             return
         store.put(call.rkey, value, self.clock.now_ms() + ttl * 1000, call.since, call.tags[0])
 
+    # A handle without stale_if_error keeps no copies, but its invalidations reach the copies
+    # of the namespace's other handles in this process all the same.
     def forget(self, rkeys: Iterable[str]) -> None:
         """Drop the ``stale_if_error`` copies of ``rkeys`` (a local set, delete or fill)."""
-        if self._store is not None:
-            self._store.drop(rkeys)
+        self._group.drop(rkeys)
 
     def forget_tags(self, names: Iterable[str]) -> None:
         """Drop the ``stale_if_error`` copies tagged with any of ``names``."""
-        if self._store is not None:
-            self._store.drop_tags(names)
+        self._group.drop_tags(names)
 
     def forget_all(self) -> None:
         """Drop every ``stale_if_error`` copy (a local ``clear``)."""
-        if self._store is not None:
-            self._store.clear()
+        self._group.clear()
 
     def _fill(
         self, call: Call, miss: Miss, outcome: _Outcome, started: float, held: bool = False
@@ -705,7 +732,7 @@ class ReadThrough:
         if policy is None:
             return (yield from self._load(call, miss, stale, started))
         wait = float(policy.wait)  # type: ignore[arg-type]
-        joined = yield _Join(wait, seen_of(miss))
+        joined = yield _Join(wait, seen_of(miss), started)
         if joined is not LEADER:
             if joined.__class__ is _Outcome:
                 core.emit(CacheEvent.COALESCED)
@@ -897,13 +924,37 @@ class _Renewer:
 
 
 class _SyncFlight:
-    __slots__ = ("done", "outcome", "seen", "started")
+    """One in-process load of a key: its outcome, its leader's read and start, and ``next``,
+    the follow-up flight of callers that began after it started and could not read Redis."""
+
+    __slots__ = ("done", "next", "outcome", "seen", "started")
 
     def __init__(self, seen: Seen, started: float) -> None:
         self.done = threading.Event()
         self.outcome: _Outcome | None = None
         self.seen = seen
-        self.started = started
+        self.started = started  # math.inf: a follow-up whose load has not started yet
+        self.next: _SyncFlight | None = None
+
+
+class _AsyncFlight:
+    """``_SyncFlight`` for one event loop: the outcome is a future of that loop."""
+
+    __slots__ = ("future", "next", "seen", "started")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seen: Seen, started: float) -> None:
+        self.future: asyncio.Future[_Outcome | None] = loop.create_future()
+        self.seen = seen
+        self.started = started  # math.inf: a follow-up whose load has not started yet
+        self.next: _AsyncFlight | None = None
+
+
+async def _wait_for(future: asyncio.Future[_Outcome | None], limit: float) -> Any:
+    """``future``'s result, or ``TIMED_OUT`` after ``limit`` seconds (the future is left be)."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), limit)
+    except asyncio.TimeoutError:
+        return TIMED_OUT
 
 
 class _RunState:
@@ -1206,6 +1257,7 @@ class SyncFlow:
             return _Outcome(value, None, core.clock() - begun)
         cls = step.__class__
         if cls is _Join:
+            follow: _SyncFlight | None = None
             with self._guard:
                 flight = self._flights.get(call.rkey)
                 now = core.clock()
@@ -1216,6 +1268,22 @@ class SyncFlow:
                 ):
                     state.flight = self._flights[call.rkey] = _SyncFlight(step.seen, now)
                     return LEADER
+                if step.seen is None and flight.started < step.begun:
+                    follow = flight.next  # its load may predate an invalidation: not joined
+                    if follow is None:
+                        follow = flight.next = state.flight = _SyncFlight(None, math.inf)
+            if follow is not None:
+                try:
+                    flight.done.wait(step.wait)
+                except BaseException:
+                    if state.flight is follow:
+                        self._abandon(call.rkey, flight, follow)
+                    raise
+                if state.flight is follow:  # this caller leads the follow-up
+                    with self._guard:
+                        self._promote(call.rkey, flight)
+                    return LEADER
+                flight = follow
             if flight.done.wait(step.wait) and flight.outcome is not None:
                 return flight.outcome
             return TIMED_OUT
@@ -1225,6 +1293,7 @@ class SyncFlow:
                 with self._guard:
                     if self._flights.get(call.rkey) is flight:
                         del self._flights[call.rkey]
+                    self._promote(call.rkey, flight)
                 flight.outcome = step.outcome
                 flight.done.set()
             return None
@@ -1313,6 +1382,28 @@ class SyncFlow:
             return None
         raise TypeError(f"unknown read-through step {step!r}")  # pragma: no cover
 
+    def _promote(self, rkey: str, flight: _SyncFlight) -> None:
+        """Start ``flight``'s follow-up, if any: it becomes the key's flight (call under
+        ``_guard``; once per follow-up, by whichever comes first: the end of ``flight`` or its
+        leader's wait running out)."""
+        follow = flight.next
+        if follow is None:
+            return
+        flight.next = None
+        follow.started = self.core.clock()
+        current = self._flights.get(rkey)
+        if current is None or current is flight:
+            self._flights[rkey] = follow
+
+    def _abandon(self, rkey: str, flight: _SyncFlight, follow: _SyncFlight) -> None:
+        """The follow-up's leader was interrupted before it led: release its waiters."""
+        with self._guard:
+            if flight.next is follow:
+                flight.next = None
+            if self._flights.get(rkey) is follow:
+                del self._flights[rkey]
+        follow.done.set()  # outcome None: its waiters go on without it
+
     def _mark_failed(self, step: _MarkFailed, call: Call) -> None:
         """Note a failed load for the processes queued on the fill lock (best effort)."""
         policy = self.policy
@@ -1359,9 +1450,9 @@ class AsyncFlow:
         self.cache = cache
         self.policy = policy
         self.core = policy.core
-        # by key: the flight, its leader's read and start, as one value (loops on other threads
-        # read it: never a flight paired with another flight's read)
-        self._flights: dict[str, tuple[asyncio.Future[_Outcome | None], Seen, float]] = {}
+        # by key: the flight (loops on other threads read it: they look at its future's loop
+        # first, and leave a flight of another loop alone)
+        self._flights: dict[str, _AsyncFlight] = {}
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._releases: set[asyncio.Task[Any]] = set()  # fill-lock work left behind by a deadline
@@ -1513,30 +1604,40 @@ class AsyncFlow:
         cls = step.__class__
         if cls is _Join:
             now = core.clock()
-            found = self._flights.get(call.rkey)
-            flight, seen, started = (None, None, -math.inf) if found is None else found
+            loop = asyncio.get_running_loop()
+            flight = self._flights.get(call.rkey)
             if (
                 flight is None
-                or flight.get_loop() is not asyncio.get_running_loop()
-                or seen != step.seen
-                or now - started >= _JOIN_MAX_AGE
+                or flight.future.get_loop() is not loop
+                or flight.seen != step.seen
+                or now - flight.started >= _JOIN_MAX_AGE
             ):
-                state.flight = asyncio.get_running_loop().create_future()
-                self._flights[call.rkey] = (state.flight, step.seen, now)
+                state.flight = self._flights[call.rkey] = _AsyncFlight(loop, step.seen, now)
                 return LEADER
-            try:
-                outcome = await asyncio.wait_for(asyncio.shield(flight), step.wait)
-            except asyncio.TimeoutError:
-                return TIMED_OUT
+            if step.seen is None and flight.started < step.begun:
+                follow = flight.next  # its load may predate an invalidation: not joined
+                if follow is None:
+                    follow = flight.next = state.flight = _AsyncFlight(loop, None, math.inf)
+                try:
+                    await _wait_for(flight.future, step.wait)
+                except BaseException:
+                    if state.flight is follow:
+                        self._abandon(call.rkey, flight, follow)
+                    raise
+                if state.flight is follow:  # this caller leads the follow-up
+                    self._promote(call.rkey, flight)
+                    return LEADER
+                flight = follow
+            outcome = await _wait_for(flight.future, step.wait)
             return TIMED_OUT if outcome is None else outcome
         if cls is _Publish:
             flight = state.flight
             if flight is not None:
-                found = self._flights.get(call.rkey)
-                if found is not None and found[0] is flight:
+                if self._flights.get(call.rkey) is flight:
                     del self._flights[call.rkey]
-                if not flight.done():
-                    flight.set_result(step.outcome)
+                self._promote(call.rkey, flight)
+                if not flight.future.done():
+                    flight.future.set_result(step.outcome)
             return None
         if cls is _Acquire:
             if self.policy.out_of_time(state) or not core.allow():
@@ -1649,6 +1750,27 @@ class AsyncFlow:
 
             task.add_done_callback(settled)
             raise
+
+    def _promote(self, rkey: str, flight: _AsyncFlight) -> None:
+        """Start ``flight``'s follow-up, if any: it becomes the key's flight (once, by whichever
+        comes first: the end of ``flight`` or its leader's wait running out)."""
+        follow = flight.next
+        if follow is None:
+            return
+        flight.next = None
+        follow.started = self.core.clock()
+        current = self._flights.get(rkey)
+        if current is None or current is flight:
+            self._flights[rkey] = follow
+
+    def _abandon(self, rkey: str, flight: _AsyncFlight, follow: _AsyncFlight) -> None:
+        """The follow-up's leader was interrupted before it led: release its waiters."""
+        if flight.next is follow:
+            flight.next = None
+        if self._flights.get(rkey) is follow:
+            del self._flights[rkey]
+        if not follow.future.done():
+            follow.future.set_result(None)  # its waiters go on without it
 
     async def _mark_failed(self, step: _MarkFailed, call: Call) -> None:
         """Note a failed load for the processes queued on the fill lock (best effort)."""

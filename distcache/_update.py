@@ -1,4 +1,5 @@
-"""Conditional updates of one entry: ``add``, ``incr``, ``touch``, ``ttl_of`` and ``delete_many``.
+"""Conditional updates of one entry: ``add``, ``incr`` (``combine``), ``touch``, ``ttl_of`` and
+``delete_many``.
 
 Each is a protocol over ``CacheCore`` (no I/O), written as a compare-and-set on the existing
 ``WRITE`` script: read the key (``read_entry``: entry, epoch and write mark), decide, then write
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from distkit import CacheError
@@ -28,7 +29,7 @@ from distkit._protocol import Command, Eval, Protocol, Sleep
 from ._core import CacheCore, Entry, _baseline, _metadata, _ms
 from ._scripts import DELETE_MANY, WRITE
 
-__all__ = ["ATTEMPTS", "add", "delete_many", "incr", "touch", "ttl_of"]
+__all__ = ["ATTEMPTS", "add", "combine", "delete_many", "incr", "touch", "ttl_of"]
 
 # Compare-and-set rounds before giving up: each lost round means another writer's write landed.
 ATTEMPTS = 32
@@ -128,16 +129,31 @@ def incr(core: CacheCore, rkey: str, delta: int, type_: Any) -> Protocol[int]:
     Raises ``KeyError`` if no live entry is there, ``TypeError`` if it is not an int.
     """
     key = core.logical_key(rkey)
+
+    def add(value: Any) -> int:
+        if type(value) is not int:
+            raise TypeError(f"cache key {key!r:.80} holds a {type(value).__name__}, not an int")
+        return value + delta
+
+    return int((yield from combine(core, rkey, add, type_, "incr")))
+
+
+def combine(
+    core: CacheCore, rkey: str, fn: Callable[[Any], Any], type_: Any, what: str = "combine"
+) -> Protocol[Any]:
+    """Replace the live value under ``rkey`` by ``fn(value)``, keeping its expiry and tags (a
+    compare-and-set: ``fn`` runs again on a fresh read if another write got in); the new value.
+
+    Raises ``KeyError`` if no live entry is there, and whatever ``fn`` raises.
+    """
+    key = core.logical_key(rkey)
     for attempt in range(ATTEMPTS):
         yield from _backoff(attempt)
         got = _updatable(core, _live(core, (yield from core.read_entry(rkey, type_, quiet=True))))
         if got is None:
             raise KeyError(key)
         found, flags, tag_names, _ = got
-        value = found.value
-        if type(value) is not int:
-            raise TypeError(f"cache key {key!r:.80} holds a {type(value).__name__}, not an int")
-        new = value + delta
+        new = fn(found.value)
         left = _ms((found.expires_ms - core.now_ms()) / 1000)
         payload = core.encode(key, new, type_)
         if (
@@ -146,7 +162,7 @@ def incr(core: CacheCore, rkey: str, delta: int, type_: Any) -> Protocol[int]:
             )
         ):
             return new
-    raise CacheError(f"cache {core.namespace!r}: incr() lost {ATTEMPTS} races in a row")
+    raise CacheError(f"cache {core.namespace!r}: {what}() lost {ATTEMPTS} races in a row")
 
 
 def touch(core: CacheCore, rkey: str, ttl_ms: int, type_: Any) -> Protocol[bool]:

@@ -24,7 +24,8 @@ from pydantic import BaseModel
 
 from distcache import AsyncCache, Cache, ConfigError, SerializationError, cached
 from distcache._keys import call_key
-from distkit.testing import RedisServer
+from distkit import connect
+from distkit.testing import RedisServer, free_port
 
 MISSING = object()
 
@@ -125,6 +126,92 @@ def test_methods_exclude_self_from_the_key(cache: Cache) -> None:
     assert Users.count.key_for("abc") == Users.count.key_for(Users, "abc")  # type: ignore[call-arg,arg-type]
     assert Users.count.invalidate("abc") is True
     assert str(inspect.signature(a.get)) == "(uid: 'int', full: 'bool' = False) -> 'str'"
+
+
+def _plain_self(self: int, x: int) -> int:  # a plain function that names its first parameter self
+    return self * 100 + x
+
+
+def test_a_plain_function_keys_a_first_parameter_named_self_or_cls(cache: Cache) -> None:
+    """Only a real method drops its first argument from the key: a function whose first
+    parameter is merely named ``self`` / ``cls`` keys it like any other argument."""
+    f = cached(cache)(_plain_self)
+    assert (f(1, 2), f(3, 2)) == (102, 302)  # not the first call's entry
+    assert f.key_for(1, 2) != f.key_for(3, 2)
+    assert f.key_for(1, 2).endswith("._plain_self:(self=n1,x=n2)")
+
+    def by_cls(cls: str, n: int) -> str:  # a local function: no class around it
+        return cls * n
+
+    g = cached(cache)(by_cls)
+    assert (g("a", 2), g("b", 2)) == ("aa", "bb")
+    assert g.invalidate("a", 2) is True
+    assert g.key_for("a", 2) != g.key_for("b", 2)
+
+
+class _Statics:
+    """A module-level class (its static methods can be looked up by name)."""
+
+    calls: ClassVar[list[tuple[int, int, int]]] = []
+
+    @staticmethod
+    def scaled(self: int, x: int, y: int = 0) -> int:
+        _Statics.calls.append((self, x, y))
+        return self * x + y
+
+
+def test_a_module_level_staticmethod_with_defaults_keys_its_first_argument(cache: Cache) -> None:
+    scaled = cached(cache)(_Statics.__dict__["scaled"].__func__)
+    _Statics.scaled = staticmethod(scaled)  # type: ignore[assignment]
+    assert (_Statics.scaled(2, 5), _Statics.scaled(3, 5)) == (10, 15)
+    # invalidate(2, 5) names the call scaled(2, 5), not scaled(<no self>, 2, 5)
+    assert _Statics.scaled.key_for(2, 5) == scaled.key_for(2, 5)
+    assert "self=n2" in scaled.key_for(2, 5)
+    assert _Statics.scaled.invalidate(2, 5) is True  # type: ignore[attr-defined]
+    assert _Statics.scaled(2, 5) == 10
+    assert _Statics.calls == [(2, 5, 0), (3, 5, 0), (2, 5, 0)]
+
+
+def test_a_staticmethod_keys_a_first_parameter_named_self(cache: Cache) -> None:
+    class Tool:
+        @staticmethod
+        @cached(cache)
+        def combine(self: int, x: int) -> int:
+            return self * 100 + x
+
+        @cached(cache)
+        def real(self, x: int) -> int:
+            return x
+
+    assert (Tool.combine(1, 2), Tool.combine(3, 2)) == (102, 302)
+    tool = Tool()
+    assert (tool.combine(1, 2), tool.combine(3, 2)) == (102, 302)
+    assert Tool.combine.key_for(1, 2) != Tool.combine.key_for(3, 2)
+    assert Tool.combine.invalidate(3, 2) is True  # the entry its calls used
+    # an instance of the class as the static method's first argument is an argument too (it
+    # has no canonical form: refused, not dropped)
+    with pytest.raises(SerializationError, match="argument 'self'"):
+        Tool.combine.key_for(tool, 2)  # type: ignore[arg-type]
+    assert tool.real(5) == 5
+    assert Tool.real.key_for(5) == tool.real.key_for(5) == Tool.real.key_for(tool, 5)  # type: ignore[arg-type]
+
+
+def test_a_subclass_override_calling_super_shares_the_method_entries(cache: Cache) -> None:
+    class Base:
+        calls: ClassVar[list[int]] = []
+
+        @cached(cache)
+        def get(self, uid: int) -> str:
+            Base.calls.append(uid)
+            return f"user {uid}"
+
+    class Child(Base):
+        def get(self, uid: int) -> str:
+            return super().get(uid) + "!"
+
+    assert Child().get(1) == "user 1!"
+    assert Base().get(1) == "user 1"
+    assert Base.calls == [1]  # the instance is not part of the key, through super() too
 
 
 def test_typed_distinguishes_equal_values_of_different_types(cache: Cache) -> None:
@@ -809,6 +896,12 @@ COLLISIONS: dict[str, tuple[tuple[int, Any, str | None], tuple[int, Any, str | N
     "closures-on-two-handles": ((0, _factory(3), None), (1, _factory(4), None)),
     "closures-with-one-name=-on-two-handles": ((0, _factory(3), "m.h"), (1, _factory(4), "m.h")),
     "name=-on-another-client-of-the-server": ((0, _square, "m.i"), (2, _double, "m.i")),
+    # the same server spelled two ways: the check must not depend on the spelling
+    "name=-through-localhost-and-127.0.0.1": ((3, _square, "m.j"), (4, _double, "m.j")),
+    "closures-through-localhost-and-127.0.0.1": ((3, _factory(5), None), (4, _factory(6), None)),
+    # another server: names are claimed per namespace, whatever the server (decided: a client
+    # cannot tell two spellings, proxies or aliases of one server apart without asking it)
+    "name=-on-another-server": ((0, _square, "m.k"), (5, _double, "m.k")),
 }
 
 
@@ -823,6 +916,9 @@ def test_a_name_is_refused_across_every_handle_of_the_namespace(
         Cache(r, namespace=ns),
         Cache(r, namespace=ns),
         Cache(redis_server.client(), namespace=ns),
+        Cache(connect(f"redis://localhost:{redis_server.port}"), namespace=ns),
+        Cache(connect(f"redis://127.0.0.1:{redis_server.port}"), namespace=ns),
+        Cache(connect({"port": free_port()}), namespace=ns),  # no server: never called
     ]
     (h1, f1, n1), (h2, f2, n2) = COLLISIONS[case]
     kept = cached(handles[h1], name=n1)(f1)  # kept alive: the name stays taken

@@ -259,3 +259,51 @@ def test_cached_functions_get_the_same_stale_serving(r: redis.Redis) -> None:
     fail[0] = True
     assert fetch(1) == "v2:1"  # the refresh fails: still within both windows
     assert cache.drain(5)
+
+
+# -- C8: every handle's invalidations reach every stale_if_error copy of the namespace ----------
+@pytest.mark.parametrize("what", ["delete", "tag", "clear"])
+def test_an_invalidation_through_a_handle_without_sie_drops_other_handles_copies(
+    proxy: Any, r: redis.Redis, what: str
+) -> None:
+    """A handle with ``stale_if_error`` keeps the last value in memory; another handle of the
+    namespace, without ``stale_if_error``, invalidates it; then Redis is unreachable: the
+    first handle must not serve the forgotten value."""
+    client = connect({"port": proxy.port, "socket_timeout": 0.5, "connect_timeout": 0.5})
+    keeper = Cache(client, namespace="sie-others", ttl=10, stale_if_error=60, breaker=False)
+    plain = Cache(r, namespace="sie-others", ttl=10)
+    assert keeper.get_or_set("k", lambda: "v1", tags=["t"]) == "v1"
+    {
+        "delete": lambda: plain.delete("k"),
+        "tag": lambda: plain.invalidate_tags("t"),
+        "clear": plain.clear,
+    }[what]()
+    proxy.refuse()
+    proxy.cut()
+    assert keeper.get_or_set("k", lambda: "v2", tags=["t"]) == "v2"  # loaded, not "v1"
+
+
+def test_an_async_invalidation_through_a_handle_without_sie_drops_other_handles_copies(
+    proxy: Any, redis_server: RedisServer
+) -> None:
+    async def scenario() -> None:
+        client = aconnect({"port": proxy.port, "socket_timeout": 0.5, "connect_timeout": 0.5})
+        keeper = AsyncCache(client, namespace="asie-others", ttl=10, stale_if_error=60)
+        direct = redis_server.async_client()
+        plain = AsyncCache(direct, namespace="asie-others", ttl=10)
+
+        async def v1() -> str:
+            return "v1"
+
+        async def v2() -> str:
+            return "v2"
+
+        assert await keeper.get_or_set("k", v1) == "v1"
+        await plain.delete("k")
+        proxy.refuse()
+        proxy.cut()
+        assert await keeper.get_or_set("k", v2) == "v2"
+        await direct.aclose()
+
+    redis_server.client().flushall()
+    asyncio.run(scenario())

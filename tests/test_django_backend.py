@@ -270,3 +270,84 @@ def test_a_location_list_is_a_redis_cluster(cluster: Any) -> None:
     assert cache.get_many(keys) == {**dict.fromkeys(keys[10:], 1)}
     cache.clear()
     assert cache.get_many(keys) == {}
+
+
+def _outcome(backend: Any, op: str, args: tuple[Any, ...]) -> Any:
+    try:
+        return ("ok", getattr(backend, op)(*args))
+    except Exception as exc:  # the comparison is of exception types, as Django's callers see
+        return ("raised", type(exc).__name__)
+
+
+# Each program runs on DistCache and on Django's LocMemCache (BaseCache semantics): the results
+# of every step must match.
+DJANGO_PROGRAMS: dict[str, list[tuple[str, tuple[Any, ...]]]] = {
+    "incr-float-delta-on-an-int": [("set", ("n", 1)), ("incr", ("n", 1.5)), ("get", ("n",))],
+    "incr-int-on-a-float": [("set", ("n", 2.5)), ("incr", ("n", 1)), ("get", ("n",))],
+    "decr-float-delta": [("set", ("n", 1)), ("decr", ("n", 0.25)), ("get", ("n",))],
+    "incr-float-then-int": [
+        ("set", ("n", 10)),
+        ("incr", ("n", 0.5)),
+        ("incr", ("n", 2)),
+        ("decr", ("n", 1)),
+        ("get", ("n",)),
+    ],
+    "incr-missing": [("incr", ("nope", 1.5)), ("decr", ("nope", 1))],
+    "incr-a-string": [("set", ("s", "a")), ("incr", ("s", 1)), ("incr", ("s", 1.5))],
+    "add-timeout-0-absent": [
+        ("add", ("a", 1, 0)),
+        ("get", ("a",)),
+        ("has_key", ("a",)),
+        ("add", ("a", 2)),
+        ("get", ("a",)),
+    ],
+    "add-timeout-0-present": [
+        ("set", ("a", 1)),
+        ("add", ("a", 2, 0)),
+        ("get", ("a",)),
+    ],
+    "add-negative-timeout": [("add", ("a", 1, -5)), ("get", ("a",)), ("has_key", ("a",))],
+    "add-timeout-0-then-incr": [("add", ("a", 1, 0)), ("incr", ("a", 1))],
+}
+
+
+@pytest.mark.parametrize("program", sorted(DJANGO_PROGRAMS))
+def test_incr_decr_and_add_follow_djangos_cache_api(make: Any, program: str) -> None:
+    """``incr`` / ``decr`` with a float delta or value, and ``add`` with a timeout of 0 or less,
+    behave as Django's own backends (``BaseCache.incr``: ``value + delta``; ``timeout=0``:
+    expired at once)."""
+    from django.core.cache.backends.locmem import LocMemCache
+
+    ours = make()
+    reference = LocMemCache(f"reference-{program}", {"TIMEOUT": 300})
+    for op, args in DJANGO_PROGRAMS[program]:
+        want = _outcome(reference, op, args)
+        got = _outcome(ours, op, args)
+        assert got == want, f"{op}{args}: {got} (Django's LocMemCache: {want})"
+        assert type(got[1]) is type(want[1]), f"{op}{args}: {got[1]!r} vs {want[1]!r}"
+
+
+def test_a_float_incr_keeps_the_expiry(make: Any) -> None:
+    cache = make()
+    cache.set("n", 1, 100)
+    assert cache.incr("n", 0.5) == 1.5
+    assert 99 < (cache.ttl("n") or 0) <= 100  # as LocMemCache: the expiry stays
+
+
+def test_async_incr_follows_djangos_cache_api_too(make: Any) -> None:
+    cache = make()
+
+    async def main() -> None:
+        await cache.aset("n", 1)
+        assert await cache.aincr("n", 1.5) == 2.5
+        assert await cache.adecr("n", 1) == 1.5
+        assert await cache.aget("n") == 1.5
+        await cache.aset("s", "a")
+        with pytest.raises(TypeError):
+            await cache.aincr("s", 1)
+        with pytest.raises(ValueError, match="not found"):
+            await cache.aincr("missing", 0.5)
+        assert await cache.aadd("z", 1, 0) is True
+        assert await cache.aget("z") is None
+
+    asyncio.run(main())

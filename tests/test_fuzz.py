@@ -571,6 +571,98 @@ def test_corrupt_cache_state_is_a_miss_or_a_typed_error(
     assert outcome(lambda: signed.get("key", MISSING))[0]
 
 
+# -- real entries, mutated, then updated ----------------------------------------------------------
+MUTATIONS = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 120), st.integers(1, 255)),
+    st.tuples(st.just("cut"), st.integers(0, 120), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, 120), st.integers(0, 255)),
+    st.tuples(st.just("digit"), st.integers(0, 120), st.integers(0, 9)),
+)
+ENTRY_VALUES = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, -1, 2**53, 2**63 - 1, -(2**63)]),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False),
+    st.text(max_size=6),
+    st.lists(st.integers(0, 3), max_size=2),
+)
+
+
+def _altered(raw: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
+    data = bytearray(raw)
+    for how, at, arg in mutations:
+        at = at % (len(data) + 1)
+        if how == "flip" and at < len(data):
+            data[at] ^= arg
+        elif how == "cut":
+            del data[at:]
+        elif how == "insert":
+            data[at:at] = bytes([arg])
+        elif how == "digit" and at < len(data):
+            data[at] = ord("0") + arg  # a plausible header digit, a different number
+    return bytes(data)
+
+
+@fuzz_settings(60)
+@given(
+    value=ENTRY_VALUES,
+    tags=st.lists(st.sampled_from(["tag", "t2"]), max_size=2, unique=True),
+    mutations=st.lists(MUTATIONS, min_size=1, max_size=3),
+    retype=st.sampled_from([None, "list", "hash"]),
+    ops=st.lists(st.sampled_from(["touch", "incr", "decr", "get"]), min_size=1, max_size=5),
+    delta=st.integers(-(2**64), 2**64),
+)
+def test_updates_of_mutated_real_entries_end_in_a_miss_or_a_typed_error(
+    client: redis.Redis,
+    value: Any,
+    tags: list[str],
+    mutations: list[tuple[str, int, int]],
+    retype: str | None,
+    ops: list[str],
+    delta: int,
+) -> None:
+    """An entry written by the cache, then altered in Redis (bytes flipped, cut, inserted, or
+    the key turned into another type): ``touch`` / ``incr`` / ``decr`` return, report a miss
+    (``False`` / ``KeyError``), say the value is no int (``TypeError``) or raise a distkit
+    error; never a raw exception or a hang. A value they report is what a read then finds."""
+    client.flushall()
+    cache = Cache(client, namespace="n")
+    assert cache.set("key", value, tags=tags)
+    rkey = cache._core.entry_key("key")
+    raw = client.get(rkey)
+    assert raw is not None
+    mutated = _altered(raw, mutations)
+    client.delete(rkey)
+    if retype == "list":
+        client.rpush(rkey, mutated or b"x")
+    elif retype == "hash":
+        client.hset(rkey, "f", mutated)
+    else:
+        client.set(rkey, mutated, px=60_000)
+    for what in ops:
+        refused: Exception | None = None
+        with no_hang(OP_LIMIT, what):
+            try:
+                if what == "touch":
+                    assert cache.touch("key", 60) in (True, False)
+                elif what == "get":
+                    cache.get("key", MISSING)  # fails open: any value or the default
+                else:
+                    act = cache.incr if what == "incr" else cache.decr
+                    now = act("key", delta)
+                    assert type(now) is int
+                    assert cache.get("key", MISSING) == now, f"{what} reported {now}"
+            except (KeyError, TypeError) as exc:
+                refused = exc
+            except DistkitError:
+                pass
+        if isinstance(refused, KeyError):  # a miss: the logical key, nothing else
+            assert what in ("incr", "decr") and refused.args == ("key",), refused
+        elif refused is not None:  # the documented refusal of a value that is no int
+            assert what in ("incr", "decr") and "not an int" in str(refused), refused
+
+
 @fuzz_settings(20)
 @given(plants=st.dictionaries(st.sampled_from(LOCK_KEYS + CACHE_KEYS), PLANTS, max_size=3))
 def test_corrupt_state_async_twins(

@@ -205,6 +205,18 @@ class CacheMachine(RuleBasedStateMachine):
                 if name == "ns" or name[2:] in p.tags:
                     p.forbidden.append(f"bump of {name}")
 
+    def _forgotten(
+        self, key: str | None = None, tags: list[str] | None = None, everything: bool = False
+    ) -> None:
+        """An invalidation (or update) through ``h0`` / ``h1`` reaches the sie handle's copies
+        too: one registry per namespace in the process, whichever handle made it."""
+        if everything:
+            self.kept.clear()
+        if key is not None:
+            self.kept.pop(key, None)
+        if tags:
+            self.kept = {k: v for k, v in self.kept.items() if v[1].isdisjoint(tags)}
+
     # -- helpers -----------------------------------------------------------------------------
     def _rkey(self, key: str) -> str:
         return self.core.entry_key(key)
@@ -223,6 +235,7 @@ class CacheMachine(RuleBasedStateMachine):
     )
     def set(self, handle: str, key: str, value: Any, tags: frozenset[str], ttl: int) -> None:
         self._touch(key)
+        self._forgotten(key)
         assert self.caches[handle].set(key, value, ttl=ttl * TTL_SCALE, tags=sorted(tags))
         self.model.write(key, value, tags, ttl)
 
@@ -278,6 +291,7 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(handle=st.sampled_from(HANDLES), key=st.sampled_from(KEYS))
     def delete(self, handle: str, key: str) -> None:
         self._touch(key)
+        self._forgotten(key)
         was = self.caches[handle].delete(key)
         assert was == (key in self.model.entries)
         self.model.entries.pop(key, None)
@@ -285,12 +299,14 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(handle=st.sampled_from(HANDLES), tags=st.lists(st.sampled_from(TAGS), min_size=1))
     def invalidate_tags(self, handle: str, tags: list[str]) -> None:
         self._touch(names=["t:" + t for t in tags])
+        self._forgotten(tags=tags)
         self.caches[handle].invalidate_tags(*tags)
         self.model.bump(sorted({"t:" + t for t in tags}))
 
     @rule(handle=st.sampled_from(HANDLES))
     def clear(self, handle: str) -> None:
         self._touch(names=["ns"])
+        self._forgotten(everything=True)
         self.caches[handle].clear()
         self.model.bump(["ns"])
 
@@ -304,6 +320,7 @@ class CacheMachine(RuleBasedStateMachine):
     )
     def add(self, handle: str, key: str, value: Any, tags: frozenset[str], ttl: int) -> None:
         self.settle()
+        self._forgotten(key)  # attempted or not
         stored = self.caches[handle].add(key, value, ttl=ttl * TTL_SCALE, tags=sorted(tags))
         want = self.model.read(key) == MISSING
         assert stored is want, f"add({key!r}) = {stored}, model has {self.model.read(key)!r}"
@@ -313,26 +330,39 @@ class CacheMachine(RuleBasedStateMachine):
 
     @rule(handle=st.sampled_from(HANDLES), key=st.sampled_from(KEYS), delta=st.integers(-3, 3))
     def incr(self, handle: str, key: str, delta: int) -> None:
+        self._count(handle, key, delta, down=False)
+
+    @rule(handle=st.sampled_from(HANDLES), key=st.sampled_from(KEYS), delta=st.integers(-3, 3))
+    def decr(self, handle: str, key: str, delta: int) -> None:
+        self._count(handle, key, delta, down=True)
+
+    def _count(self, handle: str, key: str, delta: int, down: bool) -> None:
+        """``incr`` (or ``decr``) ``delta``, checked against the model."""
         self.settle()
+        self._forgotten(key)  # whatever the outcome
+        cache = self.caches[handle]
+        act = (lambda: cache.decr(key, delta)) if down else (lambda: cache.incr(key, delta))
         want = self.model.read(key)
         if want == MISSING:
             with pytest.raises(KeyError):
-                self.caches[handle].incr(key, delta)
+                act()
             self._touch()
             return
         if type(want) is not int:
             with pytest.raises(TypeError):
-                self.caches[handle].incr(key, delta)
+                act()
             self._touch()
             return
         self._touch(key)
-        assert self.caches[handle].incr(key, delta) == want + delta
+        now = want - delta if down else want + delta
+        assert act() == now
         entry = self.model.entries[key]  # the expiry and the tags stay
-        self.model.write(key, want + delta, entry.tags, entry.deadline - self.model.now)
+        self.model.write(key, now, entry.tags, entry.deadline - self.model.now)
 
     @rule(handle=st.sampled_from(HANDLES), key=st.sampled_from(KEYS), ttl=st.integers(1, 5))
     def touch(self, handle: str, key: str, ttl: int) -> None:
         self.settle()
+        self._forgotten(key)  # whatever the outcome
         want = self.model.read(key)
         done = self.caches[handle].touch(key, ttl * TTL_SCALE)
         assert done is (want != MISSING)
@@ -344,6 +374,7 @@ class CacheMachine(RuleBasedStateMachine):
     def delete_many(self, handle: str, keys: list[str]) -> None:
         for key in keys:
             self._touch(key)
+            self._forgotten(key)
         count = self.caches[handle].delete_many(keys)
         assert count == sum(k in self.model.entries for k in dict.fromkeys(keys))
         for key in keys:
@@ -371,6 +402,67 @@ class CacheMachine(RuleBasedStateMachine):
             self.delete_many(handle, [key])
         if evict:
             self.evict_entry(key)
+
+    def _update(self, handle: str, key: str, op: str, delta: int) -> None:
+        if op == "touch":
+            self.touch(handle, key, 5)
+        else:
+            self._count(handle, key, delta, down=op == "decr")
+
+    @rule(
+        handles=st.tuples(st.sampled_from(HANDLES), st.sampled_from(HANDLES)),
+        key=st.sampled_from(KEYS),
+        ops=st.lists(st.sampled_from(["touch", "incr", "decr"]), min_size=2, max_size=4),
+        how=st.sampled_from(["key", "tag", "namespace"]),
+        tag=st.sampled_from(TAGS),
+        seed=st.integers(-3, 3),
+        delta=st.integers(0, 3),
+        cut=st.integers(0, 4),
+        outage=st.booleans(),
+    )
+    def updates_around_an_invalidation(
+        self,
+        handles: tuple[str, str],
+        key: str,
+        ops: list[str],
+        how: str,
+        tag: str,
+        seed: int,
+        delta: int,
+        cut: int,
+        outage: bool,
+    ) -> None:
+        """Updates (touch / incr / decr) of an int entry on both sides of an invalidation of it
+        (its key, one of its tags, or the namespace) through another handle: every update after
+        the invalidation finds nothing (touch ``False``, incr / decr ``KeyError``, each checked
+        by the model), and no handle ever reads the value again: neither ``h0`` / ``h1`` nor
+        the sie handle, which kept a copy and may have lost Redis before the invalidation."""
+        writer, invalidator = handles
+        self.set(writer, key, seed, frozenset({tag}), 5)
+        cut = min(cut, len(ops))
+        for op in ops[:cut]:
+            self._update(writer, key, op, delta)
+        before = self.model.read(key)
+        assert before != MISSING
+        if not self.down:  # the sie handle keeps a copy, then maybe loses Redis
+            self.sie_get_or_set(key, "<unused>", frozenset())
+            assert self.kept[key][0] == before
+            if outage:
+                self.sie_outage(True)
+        if how == "key":
+            self.delete(invalidator, key)
+        elif how == "tag":
+            self.invalidate_tags(invalidator, [tag])
+        else:
+            self.clear(invalidator)
+        assert self.model.read(key) == MISSING
+        for op in ops[cut:]:
+            self._update(writer, key, op, delta)
+        self.settle()
+        for handle in HANDLES:
+            assert self.caches[handle].get(key, MISSING) == MISSING, f"{key!r} came back"
+        assert key not in self.kept
+        self.sie_get_or_set(key, "<fresh>", frozenset())  # never the invalidated copy
 
     # -- time and the server's own behaviour -------------------------------------------------
     @rule(seconds=st.integers(1, 4))
@@ -472,6 +564,7 @@ class CacheMachine(RuleBasedStateMachine):
         assert protocol is not None
         stored = cache._driver.run(protocol)
         cache._forget([rkey])
+        self._forgotten(p.key)
         if p.forbidden:
             assert stored is False, f"a fill of {p.key!r} landed after: {p.forbidden}"
         if p.quiet:
@@ -487,7 +580,9 @@ class CacheMachine(RuleBasedStateMachine):
         cache = self.caches[handle]
         call = Call(self._rkey(key), lambda: None, (), {}, 3.0, None, ((), []), None)
         state = _RunState()
-        return cache._flow._step(_Join(0.0, seen_of(miss)), call, state), state
+        return cache._flow._step(
+            _Join(0.0, seen_of(miss), cache._flow.core.clock()), call, state
+        ), state
 
     def _publish(self, handle: str, key: str, flight: tuple[Any, _RunState] | None) -> None:
         if flight is not None and flight[0] is LEADER:
@@ -501,6 +596,7 @@ class CacheMachine(RuleBasedStateMachine):
         ran out, an eviction): what a fill or a coalesced caller must still not outlive."""
         key = self.pending[which % len(self.pending)].key
         self._touch(key)
+        self._forgotten(key)
         assert self.caches[handle].set(key, value, ttl=TTL_SCALE)
         self.admin.delete(self._rkey(key))
         self.model.entries.pop(key, None)
@@ -832,6 +928,10 @@ class NearCacheMachine(CacheMachine):
     @rule(handle=st.sampled_from(HANDLES))
     def swapdb_then_clear(self, handle: str) -> None:
         """SWAPDB sends no invalidation; documented: run ``clear()`` (from any process) after."""
+        self._touch(names=["ns"])  # the clear: pending fills must not land
+        self._forgotten(everything=True)
+        for p in self.pending:
+            p.mark_lost = True  # db 0 is swapped out with its marks, as by a flush
         self.admin.swapdb(0, 1)
         other = redis.Redis(host=self.server.host, port=self.server.port, db=1)
         other.flushdb()  # the swapped-out data, so that a later swap cannot bring it back

@@ -280,11 +280,17 @@ class DistCache(BaseCache):  # type: ignore[misc]
         missing = object()
         return self.get(key, missing, version=version) is not missing
 
-    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
-        """Add ``delta`` to a cached int (expiry kept); ``ValueError`` if it is not cached."""
+    def incr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
+        """Add ``delta`` to a cached number (expiry kept); ``ValueError`` if it is not cached.
+
+        As Django's ``BaseCache.incr`` (``LocMemCache``, ``DatabaseCache``...): the new value is
+        ``value + delta``, so a float delta or value gives a float, and a value that cannot be
+        added to raises ``TypeError``. Atomic against other writers (a compare-and-set of the
+        entry, as ``distcache.Cache.incr``).
+        """
         rkey = self.make_and_validate_key(key, version=version)
         try:
-            return self.cache.incr(rkey, delta)
+            return self.cache._combine(rkey, lambda value: value + delta)
         except KeyError:
             raise ValueError(f"Key '{key}' not found") from None
 
@@ -434,11 +440,11 @@ class DistCache(BaseCache):  # type: ignore[misc]
         missing = object()
         return await self.aget(key, missing, version=version) is not missing
 
-    async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> int:
+    async def aincr(self, key: Any, delta: int = 1, version: int | None = None) -> Any:
         """``incr`` on the running loop's ``AsyncCache``."""
         rkey = self.make_and_validate_key(key, version=version)
         try:
-            return await self.acache().incr(rkey, delta)
+            return await self.acache()._combine(rkey, lambda value: value + delta)
         except KeyError:
             raise ValueError(f"Key '{key}' not found") from None
 
