@@ -361,7 +361,11 @@ class SyncFanOutDriver(SyncDriver):
             for fresh in (False, True) if step.reach_all else (False,):
                 try:
                     conn = self._connection(i, step.timeout, fresh=fresh)
-                    conn.send_packed_command(_packed_eval(conn, call, by_sha=not step.reach_all))
+                    # An unawaited release's reply is read later, where NOSCRIPT could only be
+                    # noted: it goes by EVAL. Awaited ones answer NOSCRIPT in time or get an EVAL
+                    # behind them.
+                    by_sha = step.wait or not step.reach_all
+                    conn.send_packed_command(_packed_eval(conn, call, by_sha=by_sha))
                     sent[i] = True
                     outcomes[i] = TIMED_OUT
                     break
@@ -435,6 +439,12 @@ class SyncFanOutDriver(SyncDriver):
                 if step.abandon is not None:
                     conn.send_packed_command(
                         _packed_eval(conn, step.abandon[i], by_sha=False), check_health=False
+                    )
+                elif step.reach_all:
+                    # The late master may answer our EVALSHA with NOSCRIPT (its script cache
+                    # lost): the EVAL behind it lands either way. A release is idempotent.
+                    conn.send_packed_command(
+                        _packed_eval(conn, step.calls[i], by_sha=False), check_health=False
                     )
             except _REDIS_ERRORS:
                 pass
@@ -608,7 +618,7 @@ class AsyncFanOutDriver(AsyncDriver):
             conn = await asyncio.wait_for(
                 pool.get_connection(), max(0.0, deadline - time.monotonic())
             )
-            await conn.send_packed_command(_packed_eval(conn, call, by_sha=not step.reach_all))
+            await conn.send_packed_command(_packed_eval(conn, call))
             sent = True
             mark(i)
             try:
@@ -634,10 +644,13 @@ class AsyncFanOutDriver(AsyncDriver):
             timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError))
             settle(i, TIMED_OUT if timed_out and sent else _error(exc, self.what))
             self._suspended[i] = time.monotonic() + _suspension(step.timeout)
-            if sent and step.abandon is not None and conn is not None:
+            behind = step.abandon[i] if step.abandon is not None else None
+            if behind is None and step.reach_all:
+                behind = call  # a late EVALSHA may meet NOSCRIPT: the EVAL behind it lands
+            if sent and behind is not None and conn is not None:
                 with contextlib.suppress(*_REDIS_ERRORS):
                     await conn.send_packed_command(
-                        _packed_eval(conn, step.abandon[i], by_sha=False), check_health=False
+                        _packed_eval(conn, behind, by_sha=False), check_health=False
                     )
             if conn is not None:
                 with contextlib.suppress(*_REDIS_ERRORS):

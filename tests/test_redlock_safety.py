@@ -158,7 +158,7 @@ def test_async_twin_under_skew(masters: IndependentMasters, fencing: str) -> Non
     servers = masters.servers[:3]
     name = fresh(f"async-{fencing}")
     clocks = MasterClocks(3)
-    clocks.set(0, 0.5)  # well above the gap between the two grants, even on a loaded machine
+    clocks.set(0, 5.0)  # far above the gap between the two grants, even on a loaded machine
 
     async def scenario() -> tuple[int, int]:
         def make() -> AsyncSkewedRedlock:
