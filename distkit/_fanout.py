@@ -16,8 +16,9 @@ Connections (sync): every driver over the same client takes its per-node connect
 small idle list per (client connection pool, per-node timeout), shared by all handles and
 threads and held only weakly (it goes with the pool). A connection is used by one fan-out at a
 time. It goes back to the idle list after each fan-out, with any replies still owed on it (the
-next user reads them first), except while it carries a straggler of a granted quorum: that one
-stays with its handle, so the release travels behind the straggler on the same connection.
+next user reads them first), except after a won quorum: a handle that holds a lock keeps its
+connections until its release (or until a later fan-out does not win), so the release travels
+behind any straggler on the same connection and a held lock's cycle takes no idle list twice.
 
 Fork: connections belong to the process that opened them. The idle lists are emptied in a
 forked child, and a driver used in a forked child (a handle built before ``os.fork()``) notices
@@ -70,12 +71,13 @@ class _LateRetry(Exception):
 
 
 def _granted_count(step: FanOut, outcomes: Sequence[Any]) -> int:
-    assert step.granted is not None
-    return sum(
-        1
-        for o in outcomes
-        if o is not TIMED_OUT and not isinstance(o, Exception) and step.granted(o)
-    )
+    granted = step.granted
+    assert granted is not None
+    count = 0
+    for o in outcomes:  # a plain loop: this runs after every reply
+        if o is not TIMED_OUT and not isinstance(o, Exception) and granted(o):
+            count += 1
+    return count
 
 
 def _hopeless(step: FanOut, outcomes: Sequence[Any], pending: int) -> bool:
@@ -106,35 +108,46 @@ def _suspension(timeout: float) -> float:
 _MAX_IDLE = 16
 
 
-class _Idle:
-    """Idle connections to one master (one per-node timeout), with the replies each still owes."""
+# Bumped in a forked child and whenever idle lists are discarded: what a driver remembers of
+# the registry (its per-node idle lists) is looked up again. A counter, not a pid compare: no
+# system call on the hot path.
+_generation = 0
 
-    __slots__ = ("conns", "lock", "pid")
+
+class _Idle:
+    """Idle connections to one master (one per-node timeout), with the replies each still owes.
+
+    No lock: ``list.pop`` and ``list.append`` are atomic, and the size cap is a soft one.
+    """
+
+    __slots__ = ("conns", "generation", "pid")
 
     def __init__(self) -> None:
         self.pid = os.getpid()
+        self.generation = _generation
         self.conns: list[tuple[Any, list[Script]]] = []
-        self.lock = threading.Lock()
 
-    def _check_pid(self) -> None:
-        if self.pid != os.getpid():  # the parent's sockets: never touched here
-            self.pid = os.getpid()
-            self.conns = []
-            self.lock = threading.Lock()
+    def _check_fork(self) -> None:
+        if self.generation != _generation:  # the pid is asked only after a fork (or discard)
+            self.generation = _generation
+            if self.pid != os.getpid():  # the parent's sockets: never touched here
+                self.pid = os.getpid()
+                self.conns = []
 
     def take(self) -> tuple[Any, list[Script]] | None:
         """An idle connection and the replies it still owes, or None."""
-        self._check_pid()
-        with self.lock:
-            return self.conns.pop() if self.conns else None
+        self._check_fork()
+        try:
+            return self.conns.pop()
+        except IndexError:
+            return None
 
     def put(self, conn: Any, unread: list[Script]) -> None:
         """Give ``conn`` back (closed instead when enough are idle)."""
-        self._check_pid()
-        with self.lock:
-            if len(self.conns) < _MAX_IDLE:
-                self.conns.append((conn, unread))
-                return
+        self._check_fork()
+        if len(self.conns) < _MAX_IDLE:
+            self.conns.append((conn, unread))
+            return
         with contextlib.suppress(Exception):
             conn.disconnect()
 
@@ -163,9 +176,11 @@ def _idle_for(pool: Any, timeout: float) -> _Idle:
 
 def discard_idle(pool: Any) -> None:
     """Close the idle connections kept for ``pool`` (its client is being closed)."""
+    global _generation
     with _registry_lock:
         keys = [k for k, (ref, _) in _registry.items() if ref() is pool]
         idles = [_registry.pop(k)[1] for k in keys]
+        _generation += 1
     for idle in idles:
         while (taken := idle.take()) is not None:
             with contextlib.suppress(Exception):
@@ -173,9 +188,10 @@ def discard_idle(pool: Any) -> None:
 
 
 def _forget_all_after_fork() -> None:
-    global _registry_lock
+    global _registry_lock, _generation
     _registry_lock = threading.RLock()
     _registry.clear()
+    _generation += 1
 
 
 os.register_at_fork(after_in_child=_forget_all_after_fork)
@@ -191,7 +207,16 @@ class SyncFanOutDriver(SyncDriver):
     every operation down; a ``reach_all`` step (a release) is sent to it all the same.
     """
 
-    __slots__ = ("_conns", "_lock", "_pid", "_pinned", "_suspended", "_unread", "clients")
+    __slots__ = (
+        "_conns",
+        "_idles",
+        "_lock",
+        "_pid",
+        "_pinned",
+        "_suspended",
+        "_unread",
+        "clients",
+    )
 
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
@@ -207,6 +232,8 @@ class SyncFanOutDriver(SyncDriver):
         # A granted quorum's straggler is owed here: the connection stays with this handle.
         self._pinned = [False] * len(self.clients)
         self._suspended = [0.0] * len(self.clients)
+        # Each node's idle list, looked up once per (per-node timeout, registry generation).
+        self._idles: tuple[float, int, list[_Idle]] | None = None
         # The renewal thread shares the connections. A new lock after a fork too: the parent's
         # may have been held by a thread that does not exist in the child.
         self._lock = threading.Lock()
@@ -241,17 +268,24 @@ class SyncFanOutDriver(SyncDriver):
                 if conn is not None:
                     self._drop(i, 0.0, 0.0, suspend=False)
 
+    def _idle(self, i: int, timeout: float) -> _Idle:
+        known = self._idles
+        if known is None or known[0] != timeout or known[1] != _generation:
+            idles = [_idle_for(client.connection_pool, timeout) for client in self.clients]
+            known = self._idles = (timeout, _generation, idles)
+        return known[2][i]
+
     def _checkin(self, timeout: float) -> None:
         for i, conn in enumerate(self._conns):
             if conn is not None and not self._pinned[i]:
                 self._conns[i] = None
                 unread, self._unread[i] = self._unread[i], []
-                _idle_for(self.clients[i].connection_pool, timeout).put(conn, unread)
+                self._idle(i, timeout).put(conn, unread)
 
     def _connection(self, i: int, timeout: float, *, fresh: bool = False) -> Any:
         conn = self._conns[i]
         if conn is None and not fresh:
-            idle = _idle_for(self.clients[i].connection_pool, timeout).take()
+            idle = self._idle(i, timeout).take()
             if idle is not None:
                 conn, self._unread[i] = idle
                 self._conns[i] = conn
@@ -351,10 +385,15 @@ class SyncFanOutDriver(SyncDriver):
         if self._pid != os.getpid():
             self._after_fork()
         with self._lock:
+            keep = False
             try:
-                return self._fan_out_locked(step)
+                outcomes = self._fan_out_locked(step)
+                # A won quorum (a lock now held) keeps its connections until its release.
+                keep = step.quorum > 0 and not step.reach_all and _won(step, outcomes)
+                return outcomes
             finally:
-                self._checkin(step.timeout)
+                if not keep:
+                    self._checkin(step.timeout)
 
     def _fan_out_locked(self, step: FanOut) -> list[Any]:
         n = len(self.clients)
@@ -370,7 +409,11 @@ class SyncFanOutDriver(SyncDriver):
             for fresh in (False, True) if step.reach_all else (False,):
                 try:
                     conn = self._connection(i, step.timeout, fresh=fresh)
-                    conn.send_packed_command(_packed_eval(conn, call, by_sha=not step.reach_all))
+                    # An unawaited release's reply is read later, where NOSCRIPT could only be
+                    # noted: it goes by EVAL. Awaited ones answer NOSCRIPT in time or get an EVAL
+                    # behind them.
+                    by_sha = step.wait or not step.reach_all
+                    conn.send_packed_command(_packed_eval(conn, call, by_sha=by_sha))
                     sent[i] = True
                     outcomes[i] = TIMED_OUT
                     break
@@ -444,6 +487,12 @@ class SyncFanOutDriver(SyncDriver):
                 if step.abandon is not None:
                     conn.send_packed_command(
                         _packed_eval(conn, step.abandon[i], by_sha=False), check_health=False
+                    )
+                elif step.reach_all:
+                    # The late master may answer our EVALSHA with NOSCRIPT (its script cache
+                    # lost): the EVAL behind it lands either way. A release is idempotent.
+                    conn.send_packed_command(
+                        _packed_eval(conn, step.calls[i], by_sha=False), check_health=False
                     )
             except _REDIS_ERRORS:
                 pass
@@ -686,7 +735,7 @@ class AsyncFanOutDriver(AsyncDriver):
             conn = await asyncio.wait_for(
                 pool.get_connection(), max(0.0, deadline - time.monotonic())
             )
-            await conn.send_packed_command(_packed_eval(conn, call, by_sha=not step.reach_all))
+            await conn.send_packed_command(_packed_eval(conn, call))
             sent = True
             mark(i)
             try:
@@ -712,10 +761,13 @@ class AsyncFanOutDriver(AsyncDriver):
             timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError))
             settle(i, TIMED_OUT if timed_out and sent else _error(exc, self.what))
             self._suspended[i] = time.monotonic() + _suspension(step.timeout)
-            if sent and step.abandon is not None and conn is not None:
+            behind = step.abandon[i] if step.abandon is not None else None
+            if behind is None and step.reach_all:
+                behind = call  # a late EVALSHA may meet NOSCRIPT: the EVAL behind it lands
+            if sent and behind is not None and conn is not None:
                 with contextlib.suppress(*_REDIS_ERRORS):
                     await conn.send_packed_command(
-                        _packed_eval(conn, step.abandon[i], by_sha=False), check_health=False
+                        _packed_eval(conn, behind, by_sha=False), check_health=False
                     )
             if conn is not None:
                 with contextlib.suppress(*_REDIS_ERRORS):

@@ -98,9 +98,11 @@ class FanOut:
     With ``quorum`` and ``granted``, waiting stops as soon as a quorum of ``granted`` replies has
     become impossible; the nodes still pending are then abandoned too.
 
-    ``reach_all`` (releases): every node gets the request, suspended ones included, by ``EVAL``
-    (a slow or restarted node's script cache may lack the script, and a late ``EVALSHA`` would
-    do nothing); a connection that fails before the request is out is replaced once.
+    ``reach_all`` (releases): every node gets the request, suspended ones included; a
+    connection that fails before the request is out is replaced once. A slow or restarted
+    node's script cache may lack the script, so a late ``EVALSHA`` alone could do nothing: a
+    node that does not answer in time gets the same call by ``EVAL`` right behind it (the
+    request is idempotent), and an unawaited one (``wait=False``) is sent by ``EVAL``.
     ``wait=False``: send and return at once (every outcome ``TIMED_OUT``); the replies are read
     before the next request on each connection.
     ``late`` (``reach_all``, async driver): a request that could not go out in time (no

@@ -71,6 +71,7 @@ class RedlockCore(LockCore):
 
     __slots__ = (
         "_lease_ttl",
+        "_release_calls",
         "_unreleased",
         "drift",
         "drift_factor",
@@ -133,6 +134,8 @@ class RedlockCore(LockCore):
         # The longest lease this handle ever asked for (ttl, or a longer extend): no lease of
         # its stands longer on any master, so a release trying that long has tried enough.
         self._lease_ttl = self.ttl
+        # The last owner's release, per master: built once for the abandon and the release.
+        self._release_calls: tuple[str, list[Eval]] | None = None
 
     def _each(self, call: Eval) -> list[Eval]:
         """One copy of ``call`` per master (a test build skews each master's clock here)."""
@@ -143,6 +146,7 @@ class RedlockCore(LockCore):
         parent's; releasing them from the child would let two processes hold the lock)."""
         super()._reseed()
         self._unreleased = None
+        self._release_calls = None
 
     def clear(self) -> None:
         """Forget the current acquisition; remember its owner until its leases are released."""
@@ -150,10 +154,17 @@ class RedlockCore(LockCore):
             self._unreleased = self.owner
         super().clear()
 
-    def _release_call(self, owner: str) -> Eval:
-        return Eval(
+    def _release_calls_of(self, owner: str) -> list[Eval]:
+        known = self._release_calls
+        if known is not None and known[0] == owner:
+            return known[1]
+        call = Eval(
             RELEASE, self._release_keys(self.wake_prefix + owner), (owner, self.retention_ms, 1)
         )
+        calls = self._each(call)
+        if type(self)._each is RedlockCore._each:  # a test build may skew clocks in between
+            self._release_calls = (owner, calls)
+        return calls
 
     def _acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
         """Take a quorum of leases within validity; retry after a random delay when blocking.
@@ -166,7 +177,7 @@ class RedlockCore(LockCore):
             # A lost acquisition's leases may still stand on some masters: free them first.
             # Sent, not waited for: the replies are read before the next request on each node.
             yield FanOut(
-                self._each(self._release_call(stale)),
+                self._release_calls_of(stale),
                 self.node_timeout,
                 reach_all=True,
                 wait=False,
@@ -179,7 +190,7 @@ class RedlockCore(LockCore):
             wake_key = self.wake_prefix + owner
             keys = (self.lease_key, self.fence_key, self.queue_key, self.qexp_key, wake_key)
             grant = Eval(ACQUIRE, keys, (owner, self.ttl_ms, self.retention_ms, 0))
-            undo = self._each(self._release_call(owner))
+            undo = self._release_calls_of(owner)
             started = self.clock()
             try:
                 outcomes = yield FanOut(
@@ -244,9 +255,9 @@ class RedlockCore(LockCore):
     def release(self) -> Protocol[None]:
         """Release on every master, also after renewal lost the lock; see docs/redlock.md.
 
-        The release goes to every master (suspended ones too) by ``EVAL``, so a master that
-        answers late, or whose script cache was flushed or restarted, still releases when the
-        request lands. Late or failed answers are not a loss.
+        The release goes to every master (suspended ones too); a master that does not answer in
+        time gets it by ``EVAL`` right behind, so one whose script cache was flushed or
+        restarted still releases when the request lands. Late or failed answers are not a loss.
 
         Raises:
             LockNotOwned: the handle holds nothing; its lock was lost (the leases that remained
@@ -263,7 +274,7 @@ class RedlockCore(LockCore):
                 raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
         try:
             outcomes = yield FanOut(
-                self._each(self._release_call(owner)),
+                self._release_calls_of(owner),
                 self.node_timeout,
                 reach_all=True,
                 late=self._lease_ttl,
