@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -842,6 +843,16 @@ class ReadThrough:
 
 
 # -- drivers -----------------------------------------------------------------------------------
+# Every flow, so that a forked child can forget the parent's in-process state (flights led by
+# parent threads, the renewer's thread): os.register_at_fork at the end of this module.
+_LIVE_FLOWS: weakref.WeakSet[SyncFlow | AsyncFlow] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for flow in list(_LIVE_FLOWS):
+        flow._after_fork()
+
+
 class _Renewer:
     """One daemon thread per ``Cache`` extends the fill locks held while loaders run.
 
@@ -1046,6 +1057,15 @@ class SyncFlow:
         policy_ = policy.stampede
         ttl = 30.0 if policy_ is None else float(policy_.lock_ttl)  # type: ignore[arg-type]
         self._renewer = _Renewer(ttl / 3, policy.core.namespace)
+        _LIVE_FLOWS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's loads, refreshes and renewer thread are not here."""
+        self._guard = threading.Lock()
+        self._flights = {}
+        self._refreshing = set()
+        self._threads = set()
+        self._renewer = _Renewer(self._renewer._interval, self.core.namespace)
 
     def get_or_set(self, call: Call) -> Any:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
@@ -1365,6 +1385,14 @@ class AsyncFlow:
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._releases: set[asyncio.Task[Any]] = set()  # fill-lock work left behind by a deadline
+        _LIVE_FLOWS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's flights and tasks are not here."""
+        self._flights = {}
+        self._refreshing = set()
+        self._tasks = set()
+        self._releases = set()
 
     async def get_or_set(self, call: Call) -> Any:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
@@ -1683,3 +1711,7 @@ class AsyncFlow:
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.discard(task)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_after_fork)
