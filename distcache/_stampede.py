@@ -302,7 +302,7 @@ def _entry_tags(raw: bytes) -> set[str] | None:
     """The tag names recorded in an entry's metadata (``None``: unreadable)."""
     try:
         start = 26 + int(raw[22:26], 16)
-        text = raw[26:start].decode("ascii").split("|")[4]
+        text = raw[26:start].decode("utf-8").split("|")[4]
     except (ValueError, IndexError, UnicodeDecodeError):
         return None
     return {t.split("=", 1)[0] for t in text.split(",") if t}
