@@ -560,7 +560,10 @@ class Cache(_CacheBase["SyncClient", _V]):
         core = self._core
         rkey = core.entry_key(key)
         protocol = _update.incr(core, rkey, _delta(delta), core.value_type)
-        return int(self._apply(protocol, [rkey], fail_open=False, failed=None))
+        try:
+            return int(self._apply(protocol, [rkey], fail_open=False, failed=None))
+        except KeyError:
+            raise KeyError(key) from None  # the caller's key, not a long key's hashed Redis key
 
     def decr(self, key: str, delta: int = 1) -> int:
         """``incr(key, -delta)``."""
@@ -898,7 +901,10 @@ class AsyncCache(_CacheBase["AsyncClient", _V]):
         core = self._core
         rkey = core.entry_key(key)
         protocol = _update.incr(core, rkey, _delta(delta), core.value_type)
-        return int(await self._apply(protocol, [rkey], fail_open=False, failed=None))
+        try:
+            return int(await self._apply(protocol, [rkey], fail_open=False, failed=None))
+        except KeyError:
+            raise KeyError(key) from None  # the caller's key, not a long key's hashed Redis key
 
     async def decr(self, key: str, delta: int = 1) -> int:
         """``incr(key, -delta)``."""

@@ -193,6 +193,18 @@ def test_concurrent_increments_are_never_lost(twin: Twin, redis_server: RedisSer
     assert twin.make(namespace=NS).get("n") == 100
 
 
+@pytest.mark.parametrize("key", ["short", "x" * 201, "é" * 150])
+def test_incr_errors_name_the_callers_key(twin: Twin, key: str) -> None:
+    """A long key is stored under its hash: incr's KeyError still names the caller's key."""
+    cache = twin.make(namespace=NS)
+    with pytest.raises(KeyError) as missing:
+        cache.incr(key)
+    assert missing.value.args == (key,)
+    with pytest.raises(KeyError) as missing:
+        cache.decr(key)
+    assert missing.value.args == (key,)
+
+
 @pytest.mark.parametrize("tag", ["ascii", "café", "用户:7", "🙂"])
 def test_non_ascii_tags_work_as_ascii_ones(twin: Twin, tag: str) -> None:
     """A non-ASCII tag is recorded as UTF-8: after an unrelated invalidation its entry is still
