@@ -19,7 +19,7 @@ from distkit import ConfigError, RetryConfig, RetryPolicy
 from distkit._config import seconds
 from distkit._protocol import AsyncDriver, SyncDriver, monotonic
 
-from . import _update
+from . import _handshake, _update
 from ._breaker import CircuitBreaker
 from ._core import (
     DEFAULT_MAX_VALUE_SIZE,
@@ -278,6 +278,7 @@ class Cache(_CacheBase["SyncClient", _V]):
     def _setup_io(self) -> None:
         self._driver = SyncDriver(self._client, self._retry, f"cache {self.namespace!r}")
         self._flow = SyncFlow(self, self._policy)
+        _handshake.install(self._client)  # a fresh connection's handshake obeys miss_deadline
 
     def _near_lookup(self, rkey: str, type_: Any) -> Any:
         """``_lookup`` through the near cache: L1 first; a hit read from Redis fills L1."""

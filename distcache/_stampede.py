@@ -46,6 +46,8 @@ from distkit._protocol import Command, Eval, Protocol
 from distlock import AsyncLock, Lock
 
 from ._core import FAILED, FAILURES, GUARD_FLOOR_MS, CacheCore, Clock, Entry, Miss, TagArgs
+from ._handshake import Deadline, until
+from ._handshake import OutOfTime as _OutOfTime
 from ._metrics import CacheEvent
 from ._near import ABSENT
 from ._scripts import NOW
@@ -949,10 +951,6 @@ def miss_deadline(value: Seconds | None, client: Any) -> float:
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (DistkitError, *FAILURES)
 
 
-class _OutOfTime(Exception):
-    """A sync read-through's deadline passed before the next round trip of a step was sent."""
-
-
 class _ReloadWithin:
     """``script``, whose NOSCRIPT fallback (a second round trip) is sent only if time is left.
 
@@ -1140,11 +1138,16 @@ class SyncFlow:
         breaker = core.breaker
         clock = self.policy.clock
         if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
+            deadline = self._expiry(state, begun)
             begun = core.clock()
             try:  # the hit path: one MGET, as get() (and the write mark a fill compares)
-                raw, epoch, mark = self.cache._execute(
-                    "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
-                )
+                with until(deadline):  # a fresh connection's handshake included
+                    raw, epoch, mark = self.cache._execute(
+                        "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
+                    )
+            except _OutOfTime:
+                self._overran(state)
+                return FAILED
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
@@ -1167,9 +1170,10 @@ class SyncFlow:
         expired = self._expiry(state, begun)
         started = core.clock()
         try:
-            if clock.due():
-                driver.run(_bounded(clock.sync(core.epoch_of(rkey)), expired))
-            found = driver.run(_bounded(protocol, expired))
+            with until(expired):
+                if clock.due():
+                    driver.run(_bounded(clock.sync(core.epoch_of(rkey)), expired))
+                found = driver.run(_bounded(protocol, expired))
         except _OutOfTime:
             self._overran(state)
             return FAILED
@@ -1179,11 +1183,9 @@ class SyncFlow:
         self.policy.succeeded(core.clock() - started)
         return found
 
-    def _expiry(self, state: _RunState, begun: float) -> Callable[[], bool]:
+    def _expiry(self, state: _RunState, begun: float) -> Deadline:
         """Whether the call's deadline has passed (``state.spent`` as of ``begun``)."""
-        clock = self.core.clock
-        until = begun + state.deadline - state.spent
-        return lambda: clock() >= until
+        return Deadline(self.core.clock, begun + state.deadline - state.spent)
 
     def _overran(self, state: _RunState) -> None:
         state.spent = max(state.spent, state.deadline)
@@ -1195,7 +1197,9 @@ class SyncFlow:
         clock = self.core.clock
         begun = clock()
         try:
-            out = fn(self._expiry(state, begun))
+            expired = self._expiry(state, begun)
+            with until(expired):
+                out = fn(expired)
         except _OutOfTime:
             self._overran(state)
             return FAILED
