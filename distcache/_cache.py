@@ -19,7 +19,7 @@ from distkit import ConfigError, RetryConfig, RetryPolicy
 from distkit._config import seconds
 from distkit._protocol import AsyncDriver, SyncDriver, monotonic
 
-from . import _update
+from . import _handshake, _update
 from ._breaker import CircuitBreaker
 from ._core import (
     DEFAULT_MAX_VALUE_SIZE,
@@ -278,6 +278,7 @@ class Cache(_CacheBase["SyncClient", _V]):
     def _setup_io(self) -> None:
         self._driver = SyncDriver(self._client, self._retry, f"cache {self.namespace!r}")
         self._flow = SyncFlow(self, self._policy)
+        _handshake.install(self._client)  # a fresh connection's handshake obeys miss_deadline
 
     def _near_lookup(self, rkey: str, type_: Any) -> Any:
         """``_lookup`` through the near cache: L1 first; a hit read from Redis fills L1."""
@@ -560,7 +561,10 @@ class Cache(_CacheBase["SyncClient", _V]):
         core = self._core
         rkey = core.entry_key(key)
         protocol = _update.incr(core, rkey, _delta(delta), core.value_type)
-        return int(self._apply(protocol, [rkey], fail_open=False, failed=None))
+        try:
+            return int(self._apply(protocol, [rkey], fail_open=False, failed=None))
+        except KeyError:
+            raise KeyError(key) from None  # the caller's key, not a long key's hashed Redis key
 
     def decr(self, key: str, delta: int = 1) -> int:
         """``incr(key, -delta)``."""
@@ -911,7 +915,10 @@ class AsyncCache(_CacheBase["AsyncClient", _V]):
         core = self._core
         rkey = core.entry_key(key)
         protocol = _update.incr(core, rkey, _delta(delta), core.value_type)
-        return int(await self._apply(protocol, [rkey], fail_open=False, failed=None))
+        try:
+            return int(await self._apply(protocol, [rkey], fail_open=False, failed=None))
+        except KeyError:
+            raise KeyError(key) from None  # the caller's key, not a long key's hashed Redis key
 
     async def decr(self, key: str, delta: int = 1) -> int:
         """``incr(key, -delta)``."""

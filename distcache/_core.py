@@ -272,7 +272,7 @@ def _metadata(raw: bytes) -> tuple[int, str, list[tuple[str, str]]] | None:
         return None
     try:
         start = _HEAD + int(size, 16)
-        fields = raw[_HEAD:start].decode("ascii").split("|")
+        fields = raw[_HEAD:start].decode("utf-8").split("|")  # tags: any non-reserved str
     except (ValueError, UnicodeDecodeError):
         return None
     if len(raw) < start or len(fields) != 5 or not all(_number(f) for f in fields[:4]):

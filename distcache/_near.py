@@ -35,6 +35,7 @@ import contextlib
 import gc
 import logging
 import math
+import os
 import random
 import select
 import selectors
@@ -235,11 +236,46 @@ class NearStore:
         self._connect: list[Callable[[], Any]] = []
         self._client = client
         self._starter: threading.Thread | None = None
+        self._forked = False  # a forked child's copy: listeners restart on its next Redis read
+        _LIVE_STORES.add(self)
         if start:
-            self._starter = threading.Thread(
-                target=self._start, name=f"distcache-near-start:{core.namespace}", daemon=True
-            )
-            self._starter.start()
+            self._launch()
+
+    def _launch(self) -> None:
+        self._starter = threading.Thread(
+            target=self._start, name=f"distcache-near-start:{self.namespace}", daemon=True
+        )
+        self._starter.start()
+
+    def _after_fork(self) -> None:
+        """In a forked child: empty and bypass L1 until this process's own listeners are up.
+
+        The parent's listener threads do not exist here, and their sockets are the parent's: they
+        are closed in the child (the fd only, never shut down, so the parent's links stay up).
+        """
+        self._lock = threading.Lock()  # a parent thread may have held it at the fork
+        for sock in self._socks:
+            with contextlib.suppress(Exception):
+                sock.close()
+        self._socks = []
+        self._data.clear()
+        self._by_tag.clear()
+        self._bytes = 0
+        self._gen += 1
+        self._up.clear()
+        self._live = False
+        self._heard_until = -math.inf
+        self.pending = 0
+        self._dirty = False
+        self._next_poll = -math.inf
+        self._listeners = []
+        self._starter = None
+        closed = self._stop.is_set()
+        self._stop = threading.Event()
+        if closed:
+            self._stop.set()
+        else:
+            self._forked = True
 
     # -- the hit path ------------------------------------------------------------------------
     def get(self, rkey: str, type_: Any) -> Any:
@@ -278,6 +314,8 @@ class NearStore:
     def stamp(self, rkey: str) -> tuple[int, int] | None:
         """Taken before a Redis read: ``put`` refuses the result if anything moved since."""
         if not self._live:
+            if self._forked:
+                self._restart()
             return None
         return self._gen, self._stripes[hash(rkey) % _STRIPES]
 
@@ -314,6 +352,14 @@ class NearStore:
                 # the two would make the iterator raise "OrderedDict mutated during iteration".
                 self._forget(*self._data.popitem(last=False))
         return True
+
+    def _restart(self) -> None:
+        """A forked child's first Redis read through this L1: start the child's listeners."""
+        with self._lock:
+            if not self._forked:
+                return
+            self._forked = False
+        self._launch()
 
     def _drop(self, rkey: str) -> None:
         # under the lock
@@ -540,7 +586,26 @@ class NearStore:
 
 def finalizer(owner: object, store: NearStore) -> None:
     """Stop ``store``'s listeners when ``owner`` is garbage-collected without ``close()``."""
-    weakref.finalize(owner, store._stop.set)
+    weakref.finalize(owner, _stop, weakref.ref(store))
+
+
+def _stop(ref: weakref.ref[NearStore]) -> None:
+    store = ref()
+    if store is not None:  # its Event, not a bound method: a forked child has a new one
+        store._stop.set()
+
+
+# Every store, so that a forked child can reset them all (os.register_at_fork below).
+_LIVE_STORES: weakref.WeakSet[NearStore] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for store in list(_LIVE_STORES):
+        store._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 # -- listener connections ----------------------------------------------------------------------

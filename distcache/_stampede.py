@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -45,6 +46,8 @@ from distkit._protocol import Command, Eval, Protocol
 from distlock import AsyncLock, Lock
 
 from ._core import FAILED, FAILURES, GUARD_FLOOR_MS, CacheCore, Clock, Entry, Miss, TagArgs
+from ._handshake import Deadline, until
+from ._handshake import OutOfTime as _OutOfTime
 from ._metrics import CacheEvent
 from ._near import ABSENT
 from ._scripts import NOW
@@ -309,7 +312,7 @@ def _entry_tags(raw: bytes) -> set[str] | None:
     """The tag names recorded in an entry's metadata (``None``: unreadable)."""
     try:
         start = 26 + int(raw[22:26], 16)
-        text = raw[26:start].decode("ascii").split("|")[4]
+        text = raw[26:start].decode("utf-8").split("|")[4]
     except (ValueError, IndexError, UnicodeDecodeError):
         return None
     return {t.split("=", 1)[0] for t in text.split(",") if t}
@@ -869,6 +872,16 @@ class ReadThrough:
 
 
 # -- drivers -----------------------------------------------------------------------------------
+# Every flow, so that a forked child can forget the parent's in-process state (flights led by
+# parent threads, the renewer's thread): os.register_at_fork at the end of this module.
+_LIVE_FLOWS: weakref.WeakSet[SyncFlow | AsyncFlow] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for flow in list(_LIVE_FLOWS):
+        flow._after_fork()
+
+
 class _Renewer:
     """One daemon thread per ``Cache`` extends the fill locks held while loaders run.
 
@@ -989,10 +1002,6 @@ def miss_deadline(value: Seconds | None, client: Any) -> float:
 _RELEASE_ERRORS: tuple[type[BaseException], ...] = (DistkitError, *FAILURES)
 
 
-class _OutOfTime(Exception):
-    """A sync read-through's deadline passed before the next round trip of a step was sent."""
-
-
 class _ReloadWithin:
     """``script``, whose NOSCRIPT fallback (a second round trip) is sent only if time is left.
 
@@ -1097,6 +1106,15 @@ class SyncFlow:
         policy_ = policy.stampede
         ttl = 30.0 if policy_ is None else float(policy_.lock_ttl)  # type: ignore[arg-type]
         self._renewer = _Renewer(ttl / 3, policy.core.namespace)
+        _LIVE_FLOWS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's loads, refreshes and renewer thread are not here."""
+        self._guard = threading.Lock()
+        self._flights = {}
+        self._refreshing = set()
+        self._threads = set()
+        self._renewer = _Renewer(self._renewer._interval, self.core.namespace)
 
     def get_or_set(self, call: Call) -> Any:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
@@ -1171,11 +1189,16 @@ class SyncFlow:
         breaker = core.breaker
         clock = self.policy.clock
         if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
+            deadline = self._expiry(state, begun)
             begun = core.clock()
             try:  # the hit path: one MGET, as get() (and the write mark a fill compares)
-                raw, epoch, mark = self.cache._execute(
-                    "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
-                )
+                with until(deadline):  # a fresh connection's handshake included
+                    raw, epoch, mark = self.cache._execute(
+                        "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
+                    )
+            except _OutOfTime:
+                self._overran(state)
+                return FAILED
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
@@ -1198,9 +1221,10 @@ class SyncFlow:
         expired = self._expiry(state, begun)
         started = core.clock()
         try:
-            if clock.due():
-                driver.run(_bounded(clock.sync(core.epoch_of(rkey)), expired))
-            found = driver.run(_bounded(protocol, expired))
+            with until(expired):
+                if clock.due():
+                    driver.run(_bounded(clock.sync(core.epoch_of(rkey)), expired))
+                found = driver.run(_bounded(protocol, expired))
         except _OutOfTime:
             self._overran(state)
             return FAILED
@@ -1210,11 +1234,9 @@ class SyncFlow:
         self.policy.succeeded(core.clock() - started)
         return found
 
-    def _expiry(self, state: _RunState, begun: float) -> Callable[[], bool]:
+    def _expiry(self, state: _RunState, begun: float) -> Deadline:
         """Whether the call's deadline has passed (``state.spent`` as of ``begun``)."""
-        clock = self.core.clock
-        until = begun + state.deadline - state.spent
-        return lambda: clock() >= until
+        return Deadline(self.core.clock, begun + state.deadline - state.spent)
 
     def _overran(self, state: _RunState) -> None:
         state.spent = max(state.spent, state.deadline)
@@ -1226,7 +1248,9 @@ class SyncFlow:
         clock = self.core.clock
         begun = clock()
         try:
-            out = fn(self._expiry(state, begun))
+            expired = self._expiry(state, begun)
+            with until(expired):
+                out = fn(expired)
         except _OutOfTime:
             self._overran(state)
             return FAILED
@@ -1456,6 +1480,14 @@ class AsyncFlow:
         self._refreshing: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._releases: set[asyncio.Task[Any]] = set()  # fill-lock work left behind by a deadline
+        _LIVE_FLOWS.add(self)
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's flights and tasks are not here."""
+        self._flights = {}
+        self._refreshing = set()
+        self._tasks = set()
+        self._releases = set()
 
     async def get_or_set(self, call: Call) -> Any:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
@@ -1805,3 +1837,7 @@ class AsyncFlow:
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.discard(task)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_after_fork)

@@ -25,6 +25,7 @@ from typing import Any
 
 from distkit import CacheError
 from distkit._protocol import Command, Eval, Protocol, Sleep
+from distkit._units import MAX_SECONDS
 
 from ._core import CacheCore, Entry, _baseline, _metadata, _ms
 from ._scripts import DELETE_MANY, WRITE
@@ -33,6 +34,7 @@ __all__ = ["ATTEMPTS", "add", "combine", "delete_many", "incr", "touch", "ttl_of
 
 # Compare-and-set rounds before giving up: each lost round means another writer's write landed.
 ATTEMPTS = 32
+_LONGEST_MS = (MAX_SECONDS + 24 * 3600) * 1000  # the longest ttl, plus a day of clock skew
 
 
 def _backoff(attempt: int) -> Protocol[None]:
@@ -42,10 +44,21 @@ def _backoff(attempt: int) -> Protocol[None]:
 
 
 def _live(core: CacheCore, found: Any) -> Entry | None:
-    """``found`` if it is an entry within its logical life, else ``None``."""
-    if found.__class__ is Entry and found.expires_ms > core.now_ms():
-        return found
-    return None
+    """``found`` if it is an entry within its logical life, else ``None``.
+
+    An entry whose expiry is further away than the longest time to live a writer records (plus
+    a day of clock skew) is not distcache's (a planted ``computed_at`` or ``ttl``): counted as a
+    decode error and treated as absent, never written back with an absurd ``PX``.
+    """
+    if found.__class__ is not Entry:
+        return None
+    left = found.expires_ms - core.now_ms()
+    if left <= 0:
+        return None
+    if left > _LONGEST_MS:
+        core._corrupt(found.raw, found.epoch, f"an expiry {left:.0f} ms away")
+        return None
+    return found
 
 
 def _tags_of(raw: bytes) -> tuple[bytes, tuple[str, ...], int] | None:

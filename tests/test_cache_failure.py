@@ -389,6 +389,37 @@ def test_a_slow_server_costs_a_miss_at_most_its_deadline(
         close_cache(cache, kind)
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("warm", [False, True], ids=["cold-clock", "warm-clock"])
+@pytest.mark.parametrize("deadline_trips", [0.5, 1.2, 2.2])
+def test_a_fresh_connections_handshake_counts_against_the_deadline(
+    proxy: FaultProxy, r: redis.Redis, kind: str, warm: bool, deadline_trips: float
+) -> None:
+    """Hostile review: a miss on a handle with no pooled connection pays the connection's
+    handshake (HELLO, then CLIENT SETINFO...: two round trips) before its first command; that
+    time counts against ``miss_deadline``: the miss costs at most the deadline plus one round
+    trip (sync; async: the deadline)."""
+    trip = 2 * RTT  # longer trips: the three of the old behaviour stand out of the slack
+    deadline = deadline_trips * trip
+    ns = f"hs-{kind}-{warm}-{deadline_trips}"
+    cache = make_cache(kind, proxy, 2.0, namespace=ns, breaker=False, miss_deadline=deadline)
+    try:
+        if warm:  # the server clock is synced (the fast path's single MGET), then no connection
+            warm_up(cache, kind)
+            if kind == "sync":
+                cache._client.connection_pool.disconnect()
+            else:
+                cache._loop.run_until_complete(cache._client.connection_pool.disconnect())
+        proxy.set_latency(trip / 2)
+        value, spent = run_miss(cache, kind, "k", "loaded", 0.0)
+        assert value == "loaded"
+        slack = 0.15 + (trip if kind == "sync" else 0.0)
+        assert spent <= deadline + slack, f"{spent:.3f}s on Redis, deadline {deadline:.3f}s"
+    finally:
+        proxy.reset()
+        close_cache(cache, kind)
+
+
 # A warm miss after SCRIPT FLUSH, in round trips: every script call is EVALSHA (NOSCRIPT) + EVAL.
 COLD_TRIPS = ("read", "acquire NOSCRIPT", "acquire EVAL", "second look", "fill NOSCRIPT",
               "fill EVAL", "release NOSCRIPT", "release EVAL")  # fmt: skip

@@ -193,6 +193,55 @@ def test_concurrent_increments_are_never_lost(twin: Twin, redis_server: RedisSer
     assert twin.make(namespace=NS).get("n") == 100
 
 
+@pytest.mark.parametrize("key", ["short", "x" * 201, "é" * 150])
+def test_incr_errors_name_the_callers_key(twin: Twin, key: str) -> None:
+    """A long key is stored under its hash: incr's KeyError still names the caller's key."""
+    cache = twin.make(namespace=NS)
+    with pytest.raises(KeyError) as missing:
+        cache.incr(key)
+    assert missing.value.args == (key,)
+    with pytest.raises(KeyError) as missing:
+        cache.decr(key)
+    assert missing.value.args == (key,)
+
+
+@pytest.mark.parametrize("tag", ["ascii", "café", "用户:7", "🙂"])
+def test_non_ascii_tags_work_as_ascii_ones(twin: Twin, tag: str) -> None:
+    """A non-ASCII tag is recorded as UTF-8: after an unrelated invalidation its entry is still
+    a hit, incr / touch / ttl_of update it, and invalidating the tag still drops it."""
+    metrics = CounterMetrics()
+    cache = twin.make(namespace=NS, metrics=metrics)
+    cache.set("a", 1, tags=[tag])
+    cache.set("n", 5, ttl=50, tags=[tag])
+    cache.invalidate_tags("unrelated")  # the epoch moves: every read revalidates
+    assert cache.get("a", MISSING) == 1
+    assert cache.incr("n") == 6
+    assert cache.decr("n", 2) == 4
+    assert cache.touch("n", 100) is True
+    assert 99 < (cache.ttl_of("n") or 0) <= 100
+    assert cache.get_or_set("a", loader_of(twin, "RELOADED"), tags=[tag]) == 1
+    assert metrics.count(CacheEvent.DECODE_ERROR) == 0
+    cache.invalidate_tags(tag)
+    assert cache.get("a", MISSING) is MISSING
+    assert cache.get("n", MISSING) is MISSING
+
+
+def test_a_tag_of_invalid_utf8_is_a_decode_error(twin: Twin, r: redis.Redis) -> None:
+    """Planted metadata whose tag bytes are not UTF-8: a miss and a decode error, never raw."""
+    metrics = CounterMetrics()
+    cache = twin.make(namespace=NS, metrics=metrics)
+    cache.set("k", 5, tags=["café"])
+    rkey = BASE + ":k:k"
+    raw = r.get(rkey)
+    assert isinstance(raw, bytes) and "café".encode() in raw
+    r.set(rkey, raw.replace("café".encode(), b"caf\xff\xfe"), keepttl=True)
+    cache.invalidate_tags("unrelated")
+    assert cache.get("k", MISSING) is MISSING
+    with pytest.raises(KeyError):
+        cache.incr("k")
+    assert metrics.count(CacheEvent.DECODE_ERROR) >= 1
+
+
 # -- touch / ttl_of ------------------------------------------------------------------------------
 def test_touch_and_ttl_of(twin: Twin) -> None:
     cache = twin.make(namespace=NS)

@@ -60,6 +60,30 @@ def test_the_api_on_the_distcache_cache(make: Any) -> None:
     assert cache.has_key("gone") is False
 
 
+@pytest.mark.parametrize("timeout", [float("nan"), "abc", object(), [1], "nan"])
+def test_an_invalid_timeout_is_a_config_error_and_changes_nothing(make: Any, timeout: Any) -> None:
+    """Not a number of seconds (NaN included): a ``ConfigError`` (a ``ValueError``, as Django's
+    RedisCache raises from ``int(timeout)``) before any I/O; the stored value stays."""
+    cache = make()
+    cache.set("k", "precious", timeout=300)
+    calls: list[Any] = [
+        lambda: cache.set("k", "new", timeout=timeout),
+        lambda: cache.add("other", "new", timeout=timeout),
+        lambda: cache.touch("k", timeout=timeout),
+        lambda: cache.set_many({"k": "new"}, timeout=timeout),
+        lambda: cache.get_or_set("other", "new", timeout=timeout),
+        lambda: cache.get_backend_timeout(timeout),
+        lambda: asyncio.run(cache.aset("k", "new", timeout=timeout)),
+        lambda: asyncio.run(cache.atouch("k", timeout=timeout)),
+    ]
+    for call in calls:
+        with pytest.raises(ConfigError, match="timeout"):
+            call()
+    assert cache.get("k") == "precious"
+    assert 299 < (cache.ttl("k") or 0) <= 300
+    assert cache.get("other", "absent") == "absent"
+
+
 def test_a_backend_is_shared_per_process_and_settings(make: Any) -> None:
     a, b = make(), make()
     assert a.cache is b.cache  # Django builds one backend per thread: one pool, one L1

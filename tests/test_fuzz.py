@@ -963,6 +963,99 @@ async def _read_all_async(
     return results
 
 
+# Well-formed (1-19 digits, as the metadata check accepts) but absurd or edge times.
+PLANTED_TIMES = st.sampled_from(
+    ["9999999999999999999", "0000000000000000001", "0", "1", "99999999999999", "315360000000"]
+)
+UPDATE_OPTIONS = ["default", "stale-while-revalidate", "stale-if-error", "negative"]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@fuzz_settings(25)
+@given(
+    option_set=st.sampled_from(UPDATE_OPTIONS),
+    field=st.sampled_from([0, 2]),  # computed_at_ms, ttl_ms
+    planted=PLANTED_TIMES,
+    other=st.none() | PLANTED_TIMES,
+    bump=st.booleans(),
+)
+def test_updates_of_planted_times_are_typed_never_raw(
+    redis_server: RedisServer,
+    client: redis.Redis,
+    kind: str,
+    option_set: str,
+    field: int,
+    planted: str,
+    other: str | None,
+    bump: bool,
+) -> None:
+    """incr / decr / touch / ttl_of / add on an int entry whose computed_at or ttl was planted
+    (19-digit, zero, far-future): ``KeyError`` / ``False`` / ``None`` or a result, never a raw
+    server error; ``ttl_of`` never reports more than the longest ttl a writer records."""
+    client.flushall()
+    options = OPTION_SETS[option_set]
+    rkey = "distkit:cache:{fz}:k:n"
+
+    def plant() -> None:
+        raw = client.get(rkey)
+        assert isinstance(raw, bytes)
+        start = 26 + int(raw[22:26], 16)
+        fields = raw[26:start].split(b"|")
+        fields[field] = planted.encode()
+        if other is not None:
+            fields[2 - field] = other.encode()
+        meta = b"|".join(fields)
+        client.set(rkey, raw[:22] + b"%04x" % len(meta) + meta + raw[start:], px=60_000)
+        if bump:
+            client.set("distkit:cache:{fz}:epoch", b"%016d" % (int(raw[4:20]) + 1))
+
+    ops: list[tuple[str, Callable[[Any], Any]]] = [
+        ("incr", lambda c: c.incr("n")),
+        ("decr", lambda c: c.decr("n", 2)),
+        ("touch", lambda c: c.touch("n", 100)),
+        ("ttl_of", lambda c: c.ttl_of("n")),
+        ("add", lambda c: c.add("n", 1)),
+        ("get", lambda c: c.get("n", MISSING)),
+    ]
+    results: dict[str, Any] = {}
+    if kind == "sync":
+        cache = _fuzz_cache(Cache, client, options)
+        try:
+            for what, op in ops:
+                cache.set("n", 5, tags=["t"])
+                plant()
+                with no_hang(OP_LIMIT, what):
+                    try:
+                        results[what] = op(cache)
+                    except KeyError:
+                        results[what] = KeyError
+        finally:
+            cache.close()
+    else:
+
+        async def main() -> None:
+            aclient = redis_server.async_client()
+            acache = _fuzz_cache(AsyncCache, aclient, options)
+            try:
+                for what, op in ops:
+                    await acache.set("n", 5, tags=["t"])
+                    plant()
+                    try:
+                        results[what] = await asyncio.wait_for(op(acache), OP_LIMIT)
+                    except KeyError:
+                        results[what] = KeyError
+            finally:
+                await acache.aclose()
+                await aclient.aclose()
+
+        asyncio.run(main())
+    assert results["incr"] in (KeyError, 6), results
+    assert results["decr"] in (KeyError, 3), results
+    assert results["touch"] in (True, False), results
+    assert results["add"] in (True, False), results
+    assert results["ttl_of"] is None or 0 <= results["ttl_of"] <= 10 * 366 * 24 * 3600, results
+
+
 def test_a_planted_metadata_field_with_a_stale_window_is_a_miss(client: redis.Redis) -> None:
     """Issue 14 item 6: a re-stamped entry whose ``computed_at`` is not a number raised
     ``ValueError`` from get() once a stale window was configured."""

@@ -897,6 +897,16 @@ class LockMachine(RuleBasedStateMachine):
         assert self.admin.zcard(self.queue_key) == 0  # nobody waits between steps: no leftovers
 
 
+def _fork_read(cache: Cache, url: str, key: str, value: Any, tags: list[str], out: Any) -> None:
+    """In a child forked with a copy of ``cache``: another handle sets ``key``, then the copy
+    reads it (a pre-fork server's module-level cache)."""
+    near = cache._near
+    held = -1 if near is None else near.stats()["entries"]
+    other = Cache(redis.Redis.from_url(url), namespace="model", ttl=5 * TTL_SCALE)
+    other.set(key, value, ttl=5 * TTL_SCALE, tags=tags)
+    out.put((held, cache.get(key, MISSING)))
+
+
 class NearCacheMachine(CacheMachine):
     """The same program with a near cache (L1) in front of each handle: after the bound, every
     read agrees with the model, whichever handle (process) made the change."""
@@ -939,6 +949,32 @@ class NearCacheMachine(CacheMachine):
         self._flushed()
         self.caches[handle].clear()
         self.model.bump(["ns"])
+
+    @rule(
+        handle=st.sampled_from(HANDLES),
+        key=st.sampled_from(KEYS),
+        value=VALUES,
+        tags=st.frozensets(st.sampled_from(TAGS), max_size=2),
+    )
+    def forked_child_reads(self, handle: str, key: str, value: Any, tags: frozenset[str]) -> None:
+        """A child forked with a copy of a near-cached handle starts with an empty L1 and reads
+        another handle's change at once (no listener of its own yet: L1 bypassed, not stale)."""
+        self.settle()
+        self.caches[handle].get(key, MISSING)  # the parent's L1 may hold the key at the fork
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        child = ctx.Process(
+            target=_fork_read,
+            args=(self.caches[handle], self.server.url, key, value, sorted(tags), out),
+        )
+        child.start()
+        held, got = out.get(timeout=20)
+        child.join(20)
+        assert child.exitcode == 0
+        self._touch(key)
+        self.model.write(key, value, tags, 5)
+        assert held == 0, f"the child inherited {held} L1 entries"
+        assert got == value, f"the forked child read {got!r} after {value!r} was set"
 
     @rule(which=st.integers(0, 1))
     def kill_listener(self, which: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import os
 import threading
 import weakref
@@ -200,12 +201,26 @@ class DistCache(BaseCache):  # type: ignore[misc]
         return self._shared.acache()
 
     def _ttl(self, timeout: Any) -> float:
-        """Django's timeout in seconds: ``None`` is no expiry (ten years); ``0`` not stored."""
+        """Django's timeout in seconds: ``None`` is no expiry (ten years); ``0`` not stored.
+
+        Raises:
+            ConfigError: not a number (NaN included), before any I/O.
+        """
         if timeout is DEFAULT_TIMEOUT:
             timeout = self.default_timeout
         if timeout is None:
             return MAX_SECONDS
-        return max(0.0, min(float(timeout), MAX_SECONDS))
+        try:
+            ttl = float(timeout)
+        except OverflowError:  # an int beyond float range: capped as any long timeout
+            ttl = math.inf if timeout > 0 else -math.inf
+        except (TypeError, ValueError):
+            ttl = math.nan
+        if math.isnan(ttl):  # NaN would compare as "0 or less" and delete the key
+            raise ConfigError(
+                f"a cache timeout must be a number of seconds or None, got {timeout!r:.80}"
+            )
+        return max(0.0, min(ttl, MAX_SECONDS))
 
     def get_backend_timeout(self, timeout: Any = DEFAULT_TIMEOUT) -> float | None:
         """The time to live in seconds (``None``: no expiry; ``0``: not stored)."""
