@@ -294,6 +294,7 @@ class CacheCore:
         "_bases",
         "_entry_prefixes",
         "_hashed_prefix",
+        "_hit_keys",
         "_loads",
         "_plain",
         "_prefix_set",
@@ -413,6 +414,7 @@ class CacheCore:
         self.entry_prefix = base + ":k:"
         self._hashed_prefix = base + ":h:"
         self._base_len = len(base) + 1
+        self._hit_keys: dict[str, tuple[str, str, str]] = {}
 
     # -- keys and arguments --------------------------------------------------------------------
     def entry_key(self, key: object) -> str:
@@ -433,6 +435,16 @@ class CacheCore:
         if self.shards == 1:
             return self.entry_prefix + key
         return self._entry_prefixes[zlib.crc32(key.encode()) % self.shards] + key
+
+    def hit_keys(self, rkey: str) -> tuple[str, str, str]:
+        """The hit path's MGET keys of ``rkey``: entry, epoch, write mark (remembered)."""
+        known = self._hit_keys.get(rkey)
+        if known is None:
+            known = (rkey, self.epoch_of(rkey), self.mark_key(rkey))
+            if len(self._hit_keys) >= 4096:
+                self._hit_keys.clear()
+            self._hit_keys[rkey] = known
+        return known
 
     def mark_key(self, rkey: str) -> str:
         """The write mark of entry key ``rkey``: ``P:cache:{NS}:mk:<key>`` (``:mh:<sha256>``)."""

@@ -30,7 +30,7 @@ from typing import Any
 
 import redis.exceptions
 
-__all__ = ["Deadline", "OutOfTime", "install", "until"]
+__all__ = ["Deadline", "OutOfTime", "enter", "install", "leave", "until"]
 
 
 class OutOfTime(Exception):
@@ -57,6 +57,27 @@ class Deadline:
 _local = threading.local()
 
 
+def enter(clock: Callable[[], float], until: float) -> Any:
+    """Connections made in this thread from now on obey the deadline ``until`` on ``clock``;
+    returns the outer deadline, for ``leave``. The hit path's form of ``until()``: it builds
+    no object (the ``Deadline`` is made only if a connection is)."""
+    outer = getattr(_local, "deadline", None)
+    _local.deadline = (clock, until)
+    return outer
+
+
+def leave(outer: Any) -> None:
+    """Undo ``enter`` (``outer``: what it returned)."""
+    _local.deadline = outer
+
+
+def _current() -> Deadline | None:
+    found = getattr(_local, "deadline", None)
+    if found is None or found.__class__ is Deadline:
+        return found
+    return Deadline(*found)
+
+
 @contextlib.contextmanager
 def until(deadline: Deadline) -> Iterator[None]:
     """Connections made in this thread within the block obey ``deadline`` (a ``Deadline``)."""
@@ -73,7 +94,7 @@ class _Guard:
 
     def after(self, conn: Any) -> None:
         """Connected: the step's command is not sent if the deadline passed meanwhile."""
-        deadline = getattr(_local, "deadline", None)
+        deadline = _current()
         if deadline is not None and deadline():
             raise OutOfTime
 
@@ -83,7 +104,7 @@ _GUARD = _Guard()
 
 def _bounded_connect(inner: Callable[[Any], Any] | None) -> Callable[[Any], None]:
     def connect(conn: Any) -> None:
-        deadline: Deadline | None = getattr(_local, "deadline", None)
+        deadline = _current()
         if callable(getattr(conn, "register_connect_callback", None)):
             conn.register_connect_callback(_GUARD.after)  # once: redis-py skips a duplicate
         if deadline is None:

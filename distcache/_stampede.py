@@ -46,7 +46,7 @@ from distkit._protocol import Command, Eval, Protocol
 from distlock import AsyncLock, Lock
 
 from ._core import FAILED, FAILURES, GUARD_FLOOR_MS, CacheCore, Clock, Entry, Miss, TagArgs
-from ._handshake import Deadline, until
+from ._handshake import Deadline, enter, leave, until
 from ._handshake import OutOfTime as _OutOfTime
 from ._metrics import CacheEvent
 from ._near import ABSENT
@@ -1120,16 +1120,22 @@ class SyncFlow:
         """Run ``ReadThrough.run`` for ``call`` (a plain hit returns without driving it)."""
         clock = self.core.clock
         started = clock()
-        call.since = self.policy.sequence()
+        policy = self.policy
+        store = policy._store
+        call.since = 0 if store is None else store._group.seq  # policy.sequence(), inlined
         near = self.cache._near
         if near is not None:  # the hottest path: an L1 hit needs no flight state at all
             found = near.get(call.rkey, call.type_)
-            if found.__class__ is Entry and self.policy.plain_hit(found, call):
+            if found.__class__ is Entry and policy.plain_hit(found, call):
                 return found.value
-        state = _RunState(self.policy.deadline)
-        if near is None or found is ABSENT:
-            found = self._read(call, False, state, started, near_missed=near is not None)
-            if found.__class__ is Entry and self.policy.plain_hit(found, call):
+        state = _RunState(policy.deadline)
+        if near is None:
+            found = self._read_redis(call, False, state, started)
+            if found.__class__ is Entry and policy.plain_hit(found, call):
+                return found.value
+        elif found is ABSENT:
+            found = self._read(call, False, state, started, near_missed=True)
+            if found.__class__ is Entry and policy.plain_hit(found, call):
                 return found.value
         state.spent = max(state.spent, clock() - started)
         return self._drive(self.policy.run(call, found, started), call, state)
@@ -1189,22 +1195,36 @@ class SyncFlow:
         breaker = core.breaker
         clock = self.policy.clock
         if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
-            deadline = self._expiry(state, begun)
+            # A fresh connection's handshake is bounded too (``_expiry``, built only then).
+            ends = begun + state.deadline - state.spent
+            outer = enter(core.clock, ends)
             begun = core.clock()
-            try:  # the hit path: one MGET, as get() (and the write mark a fill compares)
-                with until(deadline):  # a fresh connection's handshake included
-                    raw, epoch, mark = self.cache._execute(
-                        "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
-                    )
+            keys = core.hit_keys(rkey)
+            execute = self.cache._execute
+            try:
+                # The hit path: one MGET of entry and epoch, as get(). Anything but a valid
+                # entry reads again with the write mark (a fill's baseline must come from the
+                # same atomic read as the absence it fills): a third key costs every hit more
+                # than the second round trip costs a miss.
+                raw, epoch = execute("MGET", keys[0], keys[1])
+                found = None if raw is None else core.entry(raw, epoch, call.type_, True)
+                if found.__class__ is not Entry:
+                    if core.clock() >= ends:
+                        raise _OutOfTime  # no second round trip once the deadline has passed
+                    raw, epoch, mark = execute("MGET", keys[0], keys[1], keys[2])
             except _OutOfTime:
                 self._overran(state)
                 return FAILED
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
+            finally:
+                leave(outer)
             took = core.clock() - begun
             if took > self.policy.slow:
                 self.policy.succeeded(took)
+            if found.__class__ is Entry:
+                return found
             found = core.entry(raw, epoch, call.type_, quiet)
             if found.__class__ is Entry:
                 return found
@@ -1556,16 +1576,21 @@ class AsyncFlow:
         clock = self.policy.clock
         if self.cache._fast and (breaker is None or breaker.healthy) and not clock.due():
             begun = core.clock()
-            try:  # the hit path: one MGET, as get() (and the write mark a fill compares)
-                raw, epoch, mark = await self.cache._driver.execute(
-                    "MGET", rkey, core.epoch_of(rkey), core.mark_key(rkey)
-                )
+            keys = core.hit_keys(rkey)
+            execute = self.cache._driver.execute
+            try:  # the hit path: as the sync twin's (entry and epoch; the mark on a non-hit)
+                raw, epoch = await execute("MGET", keys[0], keys[1])
+                found = None if raw is None else core.entry(raw, epoch, call.type_, True)
+                if found.__class__ is not Entry:
+                    raw, epoch, mark = await execute("MGET", keys[0], keys[1], keys[2])
             except FAILURES as exc:
                 core.failed(exc)
                 return FAILED
             took = core.clock() - begun
             if took > self.policy.slow:
                 self.policy.succeeded(took)
+            if found.__class__ is Entry:
+                return found
             found = core.entry(raw, epoch, call.type_, quiet)
             if found.__class__ is Entry:
                 return found
