@@ -63,6 +63,7 @@ end
 # Bounds on what a queue entry may hold, as distlock writes it: a keep-alive at most
 # MAX_KEEPALIVE_MS after the server's now (a waiter writes now + wait_ms, wait_ms at most
 # MAX_WAIT_MS: 1.5 s in practice) and a ttl from 1 ms to ten years (distkit's MAX_SECONDS).
+# (The Lua text spells them out: sources are literals, tests/test_security.py.)
 MAX_WAIT_MS = 60_000
 MAX_KEEPALIVE_MS = MAX_WAIT_MS
 MAX_TTL_MS = 315_360_000_000
@@ -71,12 +72,12 @@ MAX_TTL_MS = 315_360_000_000
 # (its keep-alive passed) or foreign (a keep-alive that is not a number or lies further ahead than
 # distlock ever writes, a member that is not "<ttl_ms>:<owner>" with a ttl distlock accepts, a wake
 # list of another type): such entries are dropped like expired waiters, never granted or trusted.
-_WAITER = f"""
+_WAITER = """
 local function waiter(member, exp, now, wake_prefix)
   exp = tonumber(exp)
-  if not (exp and exp > now and exp <= now + {MAX_KEEPALIVE_MS}) then return nil end  -- nan too
+  if not (exp and exp > now and exp <= now + 60000) then return nil end  -- nan too
   local ttl, who = string.match(member, '^([1-9]%d*):([^*]+)$')
-  if not ttl or string.len(ttl) > 12 or tonumber(ttl) > {MAX_TTL_MS} then return nil end
+  if not ttl or string.len(ttl) > 12 or tonumber(ttl) > 315360000000 then return nil end
   local kind = redis.call('TYPE', wake_prefix .. who)['ok']
   if kind ~= 'none' and kind ~= 'list' then return nil end
   return ttl, who

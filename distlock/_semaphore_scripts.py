@@ -25,16 +25,27 @@ from __future__ import annotations
 
 from distkit import Script
 
-from ._scripts import _WAITER, MAX_TTL_MS
+# The lock's rule for a queue entry (distlock/_scripts.py, the same text: test_scripts.py checks).
+_WAITER = """
+local function waiter(member, exp, now, wake_prefix)
+  exp = tonumber(exp)
+  if not (exp and exp > now and exp <= now + 60000) then return nil end  -- nan too
+  local ttl, who = string.match(member, '^([1-9]%d*):([^*]+)$')
+  if not ttl or string.len(ttl) > 12 or tonumber(ttl) > 315360000000 then return nil end
+  local kind = redis.call('TYPE', wake_prefix .. who)['ok']
+  if kind ~= 'none' and kind ~= 'list' then return nil end
+  return ttl, who
+end
+"""
 
 _HELPERS = (
     _WAITER
-    + f"""
+    + """
 -- drop holders whose lease ended by the server clock, and foreign ones: an expiry further ahead
 -- than the longest ttl distlock accepts (ten years) was not written by distlock
 local function prune(holders, tokens, now)
   local dead = redis.call('ZRANGEBYSCORE', holders, '-inf', now, 'LIMIT', 0, 64)
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', holders, '(' .. (now + {MAX_TTL_MS}), '+inf',
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', holders, '(' .. (now + 315360000000), '+inf',
                                 'LIMIT', 0, 64)) do
     table.insert(dead, m)
   end
