@@ -453,16 +453,54 @@ def _plant(r: redis.Redis, key: str, kind: str, data: bytes) -> None:
         r.pexpire(key, 200)  # some plants vanish mid-example, as a TTL would make them
 
 
+def _written_by(r: redis.Redis, handle: Any) -> list[bytes]:
+    """The keys of the name's family holding anything of ``handle``'s owner ids."""
+    prefix = handle._core._owner_prefix.encode()
+    found = []
+    for key in r.keys("distkit:*{n}*"):
+        kind = r.type(key)
+        if kind == b"string":
+            items = [r.get(key) or b""]
+        elif kind == b"zset":
+            items = r.zrange(key, 0, -1)
+        elif kind == b"hash":
+            items = r.hkeys(key)
+        elif kind == b"list":
+            items = r.lrange(key, 0, -1)
+        else:
+            items = []
+        if prefix in key or any(prefix in item for item in items):
+            found.append(key)
+    return found
+
+
 def _lock_ops(client: redis.Redis) -> list[tuple[str, Callable[[], Any]]]:
     lock = Lock(client, "n", ttl=1)
+    waiter = Lock(client, "n", ttl=1)
     store = FencedStore(client, "n")
+
+    def acquire_wait() -> Any:
+        # review item 7: an acquire that raises ForeignDataError has written nothing of its own
+        try:
+            return waiter.acquire(timeout=0.05)
+        except ForeignDataError:
+            assert _written_by(client, waiter) == []
+            raise
+
+    def acquire() -> Any:
+        try:
+            return lock.acquire(blocking=False)
+        except ForeignDataError:
+            assert _written_by(client, lock) == []
+            raise
+
     return [
-        ("acquire", lambda: lock.acquire(blocking=False)),
+        ("acquire", acquire),
         ("locked", lock.locked),
         ("owned", lock.owned),
         ("extend", lock.extend),
         ("release", lock.release),
-        ("acquire-wait", lambda: Lock(client, "n", ttl=1).acquire(timeout=0.05)),
+        ("acquire-wait", acquire_wait),
         ("release-unheld", lambda: Lock(client, "n", ttl=1).release()),
         ("fenced-read", store.read),
         ("fenced-write", lambda: store.write(2**40, "v")),
@@ -499,14 +537,30 @@ def test_corrupt_lock_state_ends_in_typed_errors(
 
 def _semaphore_ops(client: redis.Redis) -> list[tuple[str, Callable[[], Any]]]:
     sem = Semaphore(client, "n", 2, ttl=1)
+    waiter = Semaphore(client, "n", 2, ttl=1)
+
+    def acquire_wait() -> Any:
+        try:
+            return waiter.acquire(timeout=0.05)
+        except ForeignDataError:
+            assert _written_by(client, waiter) == []
+            raise
+
+    def acquire() -> Any:
+        try:
+            return sem.acquire(blocking=False)
+        except ForeignDataError:
+            assert _written_by(client, sem) == []
+            raise
+
     return [
-        ("acquire", lambda: sem.acquire(blocking=False)),
+        ("acquire", acquire),
         ("holders", sem.holders),
         ("locked", sem.locked),
         ("owned", sem.owned),
         ("extend", sem.extend),
         ("release", sem.release),
-        ("acquire-wait", lambda: Semaphore(client, "n", 2, ttl=1).acquire(timeout=0.05)),
+        ("acquire-wait", acquire_wait),
         ("release-unheld", lambda: Semaphore(client, "n", 2, ttl=1).release()),
     ]
 
