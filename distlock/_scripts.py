@@ -181,17 +181,19 @@ end
 local qexp, wake, wait_ms = KEYS[4], KEYS[5], tonumber(ARGV[4])
 local wake_prefix = string.sub(wake, 1, string.len(wake) - string.len(owner))
 -- every key this path may write is read first: a foreign type raises before any write
+redis.call('ZCARD', queue)
 redis.call('HEXISTS', qexp, owner)
 redis.call('LLEN', wake)
 local holder = redis.call('GET', lease)
 local member = ARGV[2] .. ':' .. owner
 if holder == owner or holder == owner .. '*' then  -- a retried call, or handed over meanwhile
+  local token = fence_value(fence, redis.call('GET', fence))
+  if not token then error('DISTLOCK fencing state lost at ' .. fence) end
   redis.call('DEL', wake)
   redis.call('ZREM', queue, member)  -- a holder never keeps a queue entry
   redis.call('HDEL', qexp, member)
   redis.call('PEXPIRE', lease, ARGV[2])  -- always a write: a WAIT after this call covers the grant
-  local token = fence_value(fence, redis.call('GET', fence))
-  return {1, token or error('DISTLOCK fencing state lost at ' .. fence)}
+  return {1, token}
 end
 local now = nil
 if not holder and queued then

@@ -181,13 +181,14 @@ if not redis.call('ZSCORE', holders, owner) then
   clear = fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now, us, retention)
 end
 if redis.call('ZSCORE', holders, owner) then  -- a retried call, or handed over (now or before)
+  local token = tonumber(redis.call('HGET', tokens, owner))
+  if not token then error('DISTLOCK fencing state lost at ' .. tokens) end
   redis.call('DEL', wake)
   redis.call('ZREM', queue, member)  -- a holder never keeps a queue entry
   redis.call('HDEL', qexp, member)
   redis.call('ZADD', holders, 'XX', now + ttl, owner)
   keep_alive(holders, tokens, limit_key, now, retention)
-  local token = tonumber(redis.call('HGET', tokens, owner))
-  return {1, token or error('DISTLOCK fencing state lost at ' .. tokens)}
+  return {1, token}
 end
 if clear and redis.call('ZCARD', holders) < limit then  -- fill() emptied the queue
   local token = grant(holders, tokens, fence, owner, ttl, now, us, retention)
