@@ -295,6 +295,7 @@ local holders, tokens, owner = KEYS[1], KEYS[2], ARGV[1]
 local now = now_ms()
 local score = tonumber(redis.call('ZSCORE', holders, owner))
 if not score or score <= now then return 0 end
+redis.call('HLEN', tokens)  -- a foreign type raises before any write
 prune(holders, tokens, now)
 redis.call('ZADD', holders, 'XX', now + tonumber(ARGV[2]), owner)
 keep_alive(holders, tokens, KEYS[3], now, tonumber(ARGV[3]))
