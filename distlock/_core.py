@@ -34,7 +34,7 @@ from distkit._keys import validate_name
 from distkit._protocol import Cleanup, Command, Eval, Pop, Protocol, Replicated, monotonic
 from distkit._units import seconds
 
-from ._scripts import ACQUIRE, EXTEND, FORCE_RELEASE, RELEASE
+from ._scripts import ACQUIRE, EXTEND, FORCE_RELEASE, MAX_WAIT_MS, RELEASE
 
 if TYPE_CHECKING:
     from distkit import RetryConfig
@@ -316,14 +316,29 @@ class LockCore:
         wake_key = self.wake_prefix + owner
         deadline = None if timeout is None else self.clock() + timeout
         queued = False
+        rtt: float | None = None  # the last ACQUIRE's measured round trip
+        # before any reply: the longest round trip assumed, twice the longest single wait
+        # (max_block is half the socket timeout, capped at 1 s); a timed acquire whose timeout is
+        # under twice this (4 s by default) starts with a try
+        first_rtt = 2 * max_block
         lost_pops = 0
         unwritten = False  # the server said it wrote nothing of owner's: no clean-up to run
         try:
             while True:
-                block = max_block
+                block = left = max_block
                 if deadline is not None:
-                    block = min(block, max(0.0, deadline - self.clock()))
-                wait_ms = _ms(block + _QUEUE_GRACE) if blocking and block > 0 else 0
+                    left = max(0.0, deadline - self.clock())
+                    block = min(block, left)
+                # the scripts drop a queue entry kept alive further ahead than MAX_WAIT_MS
+                wait_ms = 0
+                if blocking and block > 0:
+                    wait_ms = min(_ms(block + _QUEUE_GRACE), MAX_WAIT_MS)
+                if deadline is not None and left < 2 * (rtt or first_rtt) + _MIN_WAIT:
+                    # No wait fits before the deadline (the reply, a wait and a call to leave
+                    # the queue): try without queueing, so no second call is needed to leave and
+                    # the call ends by about timeout + RTT. Before the first reply the round trip
+                    # is unknown: assumed as long as a successful one can be (see first_rtt).
+                    wait_ms = 0
                 sent_at = self.clock()
                 call = self._acquire_call(owner, wait_ms)
                 if self.replicas:
@@ -333,6 +348,7 @@ class LockCore:
                 if granted == 1:
                     self._granted(owner, value, sent_at)
                     return True
+                rtt = self.clock() - sent_at
                 try:
                     lapse_ms = self._refused(granted, value)
                 except ConfigError:  # the reply says this call wrote nothing (another limit)
@@ -344,11 +360,13 @@ class LockCore:
                 if deadline is not None:
                     now = self.clock()
                     # the wait's reply arrives about one round trip after the server gives up
-                    block = min(block, deadline - now - (now - sent_at))
+                    block = min(block, deadline - now - rtt)
                     if block < _MIN_WAIT:
                         if not queued:
                             return False
                         return (yield from self._leave(owner))
+                    if wait_ms == 0:  # a try: queue now (the next call), then wait
+                        continue
                 if lapse_ms is not None:  # a holder may crash before anyone hands off
                     block = min(block, lapse_ms / 1000 + 0.001)
                 try:

@@ -60,18 +60,45 @@ end
 """
 )
 
-# Drop dead waiters from the head of the queue; return the first live member, nil when the queue
-# is empty, or false when 64 dead ones were dropped and more remain (bounded work per call: the
-# queue is not known to be empty, so nobody may be granted past it; the next call goes on).
-_FIRST_LIVE = """
-local function first_live(queue, qexp)
+# Bounds on what a queue entry may hold, as distlock writes it: a keep-alive at most
+# MAX_KEEPALIVE_MS after the server's now (a waiter writes now + wait_ms, wait_ms at most
+# MAX_WAIT_MS: 1.5 s in practice) and a ttl from 1 ms to ten years (distkit's MAX_SECONDS).
+# (The Lua text spells them out: sources are literals, tests/test_security.py.)
+MAX_WAIT_MS = 60_000
+MAX_KEEPALIVE_MS = MAX_WAIT_MS
+MAX_TTL_MS = 315_360_000_000
+
+# A queue entry as a waiter: its ttl (a string of digits) and owner id, or nil when it is dead
+# (its keep-alive passed) or foreign (a keep-alive that is not a number or lies further ahead than
+# distlock ever writes, a member that is not "<ttl_ms>:<owner>" with a ttl distlock accepts, a wake
+# list of another type): such entries are dropped like expired waiters, never granted or trusted.
+_WAITER = """
+local function waiter(member, exp, now, wake_prefix)
+  exp = tonumber(exp)
+  if not (exp and exp > now and exp <= now + 60000) then return nil end  -- nan too
+  local ttl, who = string.match(member, '^([1-9]%d*):([^*]+)$')
+  if not ttl or string.len(ttl) > 12 or tonumber(ttl) > 315360000000 then return nil end
+  local kind = redis.call('TYPE', wake_prefix .. who)['ok']
+  if kind ~= 'none' and kind ~= 'list' then return nil end
+  return ttl, who
+end
+"""
+
+# Drop dead or foreign waiters from the head of the queue; return the first live member (and its
+# ttl and owner id), nil when the queue is empty, or false when 64 were dropped and more remain
+# (bounded work per call: the queue is not known to be empty, so nobody may be granted past it;
+# the next call goes on).
+_FIRST_LIVE = (
+    _WAITER
+    + """
+local function first_live(queue, qexp, wake_prefix)
   local t = redis.call('TIME')
   local now = t[1] * 1000 + math.floor(t[2] / 1000)
   for _ = 1, 64 do
     local first = redis.call('ZRANGE', queue, 0, 0)[1]
     if not first then return nil, now end
-    local exp = tonumber(redis.call('HGET', qexp, first))
-    if exp and exp > now then return first, now end
+    local ttl, who = waiter(first, redis.call('HGET', qexp, first), now, wake_prefix)
+    if ttl then return first, now, ttl, who end
     redis.call('ZREM', queue, first)
     redis.call('HDEL', qexp, first)
   end
@@ -79,21 +106,17 @@ local function first_live(queue, qexp)
   return nil, now
 end
 """
+)
 
-# Hand the lease to the oldest live waiter (a new token, pushed onto its wake list); return its
-# owner id, or nil when nobody waits. retention_ms: the fence's minimum lifetime.
+# Hand the lease to the oldest live waiter (a new token, pushed onto its wake list). Every key it
+# writes is checked first (a foreign fence raises before any write; queue entries that cannot be
+# used were dropped by first_live), so a handoff is whole or not at all. Returns the new owner id,
+# or nil when nobody waits. retention_ms: the fence's minimum lifetime.
 _HAND_OFF = """
 local function hand_off(lease, fence, queue, qexp, wake_prefix, retention_ms)
-  local first = first_live(queue, qexp)
+  local first, _, next_ttl, next_owner = first_live(queue, qexp, wake_prefix)
   if not first then return nil end
-  local ok, token = pcall(next_token, fence)
-  if not ok then  -- no token to hand over: the lease is freed, the waiter stays queued
-    redis.call('DEL', lease)
-    error(token)
-  end
-  local sep = string.find(first, ':', 1, true)
-  local next_ttl = string.sub(first, 1, sep - 1)
-  local next_owner = string.sub(first, sep + 1)
+  local token = next_token(fence)
   redis.call('ZREM', queue, first)
   redis.call('HDEL', qexp, first)
   local value = next_owner
@@ -156,20 +179,26 @@ end
     + _FIRST_LIVE
     + """
 local qexp, wake, wait_ms = KEYS[4], KEYS[5], tonumber(ARGV[4])
+local wake_prefix = string.sub(wake, 1, string.len(wake) - string.len(owner))
+-- every key this path may write is read first: a foreign type raises before any write
+redis.call('ZCARD', queue)
+redis.call('HEXISTS', qexp, owner)
+redis.call('LLEN', wake)
 local holder = redis.call('GET', lease)
 local member = ARGV[2] .. ':' .. owner
 if holder == owner or holder == owner .. '*' then  -- a retried call, or handed over meanwhile
+  local token = fence_value(fence, redis.call('GET', fence))
+  if not token then error('DISTLOCK fencing state lost at ' .. fence) end
   redis.call('DEL', wake)
   redis.call('ZREM', queue, member)  -- a holder never keeps a queue entry
   redis.call('HDEL', qexp, member)
   redis.call('PEXPIRE', lease, ARGV[2])  -- always a write: a WAIT after this call covers the grant
-  local token = fence_value(fence, redis.call('GET', fence))
-  return {1, token or error('DISTLOCK fencing state lost at ' .. fence)}
+  return {1, token}
 end
 local now = nil
 if not holder and queued then
   local first
-  first, now = first_live(queue, qexp)
+  first, now = first_live(queue, qexp, wake_prefix)
   if first == nil or first == member then
     local token = next_token(fence)  -- first: a foreign fence fails before anything is written
     local value = owner
@@ -220,7 +249,12 @@ local lease, rel, owner = KEYS[1], KEYS[2], ARGV[1]
 local holder = redis.call('GET', lease)
 if holder == owner then  -- the common case: nobody waits
   -- LTRIM only once the list has doubled: at least the last 64 are kept, in amortised O(1)
-  if redis.call('LPUSH', rel, owner) > 128 then redis.call('LTRIM', rel, 0, 63) end
+  local n = redis.pcall('LPUSH', rel, owner)
+  if type(n) == 'table' then  -- a foreign marker list: the lease is freed all the same
+    redis.call('DEL', lease)
+    return n
+  end
+  if n > 128 then redis.call('LTRIM', rel, 0, 63) end
   redis.call('PEXPIRE', rel, ARGV[4] or 60000)
   redis.call('DEL', lease)
   if ARGV[3] == '1' then redis.call('DEL', KEYS[7]) end
@@ -230,6 +264,7 @@ local fence, queue, qexp, wake_prefix, wake = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 if holder ~= owner .. '*' then
   if ARGV[3] == '1' then
     local members = redis.call('ZRANGE', queue, 0, -1)
+    redis.call('HLEN', qexp)  -- a foreign type raises before any write
     for _, m in ipairs(members) do
       if string.sub(m, -string.len(owner) - 1) == ':' .. owner then
         redis.call('ZREM', queue, m)
@@ -246,11 +281,22 @@ end
     + _FIRST_LIVE
     + _HAND_OFF
     + """
-if redis.call('LPUSH', rel, owner) > 128 then redis.call('LTRIM', rel, 0, 63) end
-redis.call('PEXPIRE', rel, ARGV[4] or 60000)
+-- Foreign state (the marker list, queue, qexp or fence): the lease is freed all the same, handed
+-- to nobody, and the error is raised at the end; a handoff is whole or not at all.
+local n = redis.pcall('LPUSH', rel, owner)
 if ARGV[3] == '1' then redis.call('DEL', wake) end
-if hand_off(lease, fence, queue, qexp, wake_prefix, ARGV[2]) then return 1 end
+local ok, problem = false, n
+if type(n) ~= 'table' then
+  if n > 128 then redis.call('LTRIM', rel, 0, 63) end
+  redis.call('PEXPIRE', rel, ARGV[4] or 60000)
+  ok, problem = pcall(hand_off, lease, fence, queue, qexp, wake_prefix, ARGV[2])
+  if ok and problem then return 1 end
+end
 redis.call('DEL', lease)
+if not ok then
+  if type(problem) == 'table' then return problem end
+  error(problem)
+end
 return 1
 """,
 )
@@ -329,9 +375,13 @@ if kind == 'none' then return {0} end
 if kind ~= 'string' or redis.call('PTTL', lease) < 0 then return {-1, kind} end  -- not a lock
 local holder = redis.call('GET', lease)
 if string.sub(holder, -1) == '*' then holder = string.sub(holder, 1, -2) end
-local next_owner = hand_off(lease, fence, queue, qexp, wake_prefix, ARGV[1])
-if next_owner then return {2, holder, next_owner} end
-redis.call('DEL', lease)
+local ok, next_owner = pcall(hand_off, lease, fence, queue, qexp, wake_prefix, ARGV[1])
+if ok and next_owner then return {2, holder, next_owner} end
+redis.call('DEL', lease)  -- a foreign fence, queue or qexp: freed all the same, handed to nobody
+if not ok then
+  if type(next_owner) == 'table' then return next_owner end
+  error(next_owner)
+end
 return {1, holder}
 """,
 )

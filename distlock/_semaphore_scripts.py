@@ -25,7 +25,37 @@ from __future__ import annotations
 
 from distkit import Script
 
-_HELPERS = """
+# The lock's rule for a queue entry (distlock/_scripts.py, the same text: test_scripts.py checks).
+_WAITER = """
+local function waiter(member, exp, now, wake_prefix)
+  exp = tonumber(exp)
+  if not (exp and exp > now and exp <= now + 60000) then return nil end  -- nan too
+  local ttl, who = string.match(member, '^([1-9]%d*):([^*]+)$')
+  if not ttl or string.len(ttl) > 12 or tonumber(ttl) > 315360000000 then return nil end
+  local kind = redis.call('TYPE', wake_prefix .. who)['ok']
+  if kind ~= 'none' and kind ~= 'list' then return nil end
+  return ttl, who
+end
+"""
+
+_HELPERS = (
+    _WAITER
+    + """
+-- drop holders whose lease ended by the server clock, and foreign ones: an expiry further ahead
+-- than the longest ttl distlock accepts (ten years) was not written by distlock
+local function prune(holders, tokens, now)
+  local dead = redis.call('ZRANGEBYSCORE', holders, '-inf', now, 'LIMIT', 0, 64)
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', holders, '(' .. (now + 315360000000), '+inf',
+                                'LIMIT', 0, 64)) do
+    table.insert(dead, m)
+  end
+  for _, m in ipairs(dead) do
+    redis.call('ZREM', holders, m)
+    redis.call('HDEL', tokens, m)
+  end
+end
+"""
+    + """
 local function now_ms()
   local t = redis.call('TIME')
   return t[1] * 1000 + math.floor(t[2] / 1000), t[1] * 1000000 + t[2]
@@ -62,15 +92,6 @@ local function next_token(fence, us)
   return token
 end
 
--- drop holders whose lease ended by the server clock
-local function prune(holders, tokens, now)
-  local dead = redis.call('ZRANGEBYSCORE', holders, '-inf', now, 'LIMIT', 0, 64)
-  for _, m in ipairs(dead) do
-    redis.call('ZREM', holders, m)
-    redis.call('HDEL', tokens, m)
-  end
-end
-
 -- keep the holder keys alive while the latest lease runs, and at least `keep` ms; the stored
 -- limit as long (never shortened: it must outlive every live permit, whoever's `keep` is short)
 local function keep_alive(holders, tokens, limit_key, now, keep)
@@ -90,10 +111,10 @@ local function grant(holders, tokens, fence, owner, ttl, now, us, retention)
   return token
 end
 
--- Hand free permits to the oldest live waiters, pushing each its token. At most 64 dead waiters
--- are dropped per call (bounded work); returns false when that bound stopped it with waiters
--- left, so the queue is not known to hold no live waiter and nobody may be granted past it (the
--- next call goes on), true otherwise.
+-- Hand free permits to the oldest live waiters, pushing each its token. Dead and foreign queue
+-- entries (see waiter()) are dropped unused, at most 64 per call (bounded work); returns false
+-- when that bound stopped it with waiters left, so the queue is not known to hold no live waiter
+-- and nobody may be granted past it (the next call goes on), true otherwise.
 local function fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now, us, retention)
   local n = redis.call('ZCARD', holders)
   local dead = 0
@@ -102,12 +123,11 @@ local function fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now
     if not first then return true end
     if dead >= 64 then return false end
     redis.call('ZREM', queue, first)
-    local exp = tonumber(redis.call('HGET', qexp, first))
+    local exp = redis.call('HGET', qexp, first)
     redis.call('HDEL', qexp, first)
-    if exp and exp > now then
-      local sep = string.find(first, ':', 1, true)
-      local ttl = tonumber(string.sub(first, 1, sep - 1))
-      local who = string.sub(first, sep + 1)
+    local ttl, who = waiter(first, exp, now, wake_prefix)
+    if ttl then
+      ttl = tonumber(ttl)
       local token = grant(holders, tokens, fence, who, ttl, now, us, retention)
       local wake = wake_prefix .. who
       redis.call('RPUSH', wake, token)
@@ -120,6 +140,7 @@ local function fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now
   return true
 end
 """
+)
 
 # KEYS: holders, tokens, fence, limit, queue, qexp, wake-list prefix, my wake list
 # ARGV: owner, ttl_ms, retention_ms (>= ttl_ms),
@@ -145,6 +166,12 @@ local last = fence_value(fence)
 if last and last + 1 >= 9007199254740992 then
   error('DISTLOCK fencing token space exhausted at ' .. fence)
 end
+-- every key this script may write is read first: a foreign type raises before any write
+redis.call('ZCARD', holders)
+redis.call('HLEN', tokens)
+redis.call('ZCARD', queue)
+redis.call('HLEN', qexp)
+redis.call('LLEN', wake)
 local now, us = now_ms()
 local member = ARGV[2] .. ':' .. owner
 redis.call('SET', limit_key, ARGV[5], 'PX', math.max(retention, redis.call('PTTL', limit_key)))
@@ -154,13 +181,14 @@ if not redis.call('ZSCORE', holders, owner) then
   clear = fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now, us, retention)
 end
 if redis.call('ZSCORE', holders, owner) then  -- a retried call, or handed over (now or before)
+  local token = tonumber(redis.call('HGET', tokens, owner))
+  if not token then error('DISTLOCK fencing state lost at ' .. tokens) end
   redis.call('DEL', wake)
   redis.call('ZREM', queue, member)  -- a holder never keeps a queue entry
   redis.call('HDEL', qexp, member)
   redis.call('ZADD', holders, 'XX', now + ttl, owner)
   keep_alive(holders, tokens, limit_key, now, retention)
-  local token = tonumber(redis.call('HGET', tokens, owner))
-  return {1, token or error('DISTLOCK fencing state lost at ' .. tokens)}
+  return {1, token}
 end
 if clear and redis.call('ZCARD', holders) < limit then  -- fill() emptied the queue
   local token = grant(holders, tokens, fence, owner, ttl, now, us, retention)
@@ -197,38 +225,58 @@ RELEASE = Script(
 local holders, tokens, fence, queue, qexp = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local wake_prefix, wake, rel, limit_key = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local owner, retention = ARGV[1], tonumber(ARGV[2])
--- Foreign state (limit or fence): this owner's permit and queue entry still go, nobody is
--- granted, no foreign key is touched, and the error is raised at the end.
+-- Foreign state (limit, fence, tokens, queue, qexp, rel): this owner's permit and queue entry
+-- still go, nobody is granted, no foreign key is touched, and the error is raised at the end.
+-- A foreign holders key raises at once: nothing is written.
+local problem = nil
+local function sound(reply)
+  if type(reply) == 'table' and reply.err then
+    problem = problem or reply
+    return false
+  end
+  return true
+end
 local stored = nil
-local sound, problem = pcall(function()
+local valid, err = pcall(function()
   stored = redis.call('GET', limit_key)
   if stored then limit_value(limit_key, stored) end
   fence_value(fence)
 end)
+if not valid then problem = err end
+local tokens_ok = sound(redis.pcall('HLEN', tokens))
+local queue_ok = sound(redis.pcall('ZCARD', queue)) and sound(redis.pcall('HLEN', qexp))
+local rel_ok = sound(redis.pcall('ZCARD', rel))
 local limit = 0
-if sound then limit = tonumber(stored or ARGV[5]) end
+if not problem then limit = tonumber(stored or ARGV[5]) end
 local now, us = now_ms()
+local score = tonumber(redis.call('ZSCORE', holders, owner))
 if ARGV[3] == '1' then
-  redis.call('ZREM', queue, ARGV[4])
-  redis.call('HDEL', qexp, ARGV[4])
+  if queue_ok then
+    redis.call('ZREM', queue, ARGV[4])
+    redis.call('HDEL', qexp, ARGV[4])
+  end
   redis.call('DEL', wake)
 end
-local score = tonumber(redis.call('ZSCORE', holders, owner))
 local result = 0
 if score and score > now then
   redis.call('ZREM', holders, owner)
-  redis.call('HDEL', tokens, owner)
-  -- the last releases (at most a minute old, at most 64 + 4 * limit of them): enough for the
-  -- retry of a lost reply, bounded however fast permits turn over
-  redis.call('ZADD', rel, now, owner)
-  redis.call('ZREMRANGEBYSCORE', rel, '-inf', now - 60000)
-  redis.call('ZREMRANGEBYRANK', rel, 0, -(65 + 4 * limit))
-  redis.call('PEXPIRE', rel, 60000)
+  if tokens_ok then redis.call('HDEL', tokens, owner) end
+  if rel_ok then
+    -- the last releases (at most a minute old, at most 64 + 4 * limit of them): enough for the
+    -- retry of a lost reply, bounded however fast permits turn over
+    redis.call('ZADD', rel, now, owner)
+    redis.call('ZREMRANGEBYSCORE', rel, '-inf', now - 60000)
+    redis.call('ZREMRANGEBYRANK', rel, 0, -(65 + 4 * limit))
+    redis.call('PEXPIRE', rel, 60000)
+  end
   result = 1
-elseif redis.call('ZSCORE', rel, owner) then
+elseif rel_ok and redis.call('ZSCORE', rel, owner) then
   result = 2
 end
-if not sound then error(problem) end
+if problem then
+  if type(problem) == 'table' then return problem end
+  error(problem)
+end
 prune(holders, tokens, now)
 fill(holders, tokens, fence, queue, qexp, wake_prefix, limit, now, us, retention)
 keep_alive(holders, tokens, limit_key, now, retention)
@@ -247,6 +295,8 @@ local holders, tokens, owner = KEYS[1], KEYS[2], ARGV[1]
 local now = now_ms()
 local score = tonumber(redis.call('ZSCORE', holders, owner))
 if not score or score <= now then return 0 end
+redis.call('HLEN', tokens)  -- a foreign type raises before any write
+prune(holders, tokens, now)
 redis.call('ZADD', holders, 'XX', now + tonumber(ARGV[2]), owner)
 keep_alive(holders, tokens, KEYS[3], now, tonumber(ARGV[3]))
 return 1

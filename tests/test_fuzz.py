@@ -453,16 +453,54 @@ def _plant(r: redis.Redis, key: str, kind: str, data: bytes) -> None:
         r.pexpire(key, 200)  # some plants vanish mid-example, as a TTL would make them
 
 
+def _written_by(r: redis.Redis, handle: Any) -> list[bytes]:
+    """The keys of the name's family holding anything of ``handle``'s owner ids."""
+    prefix = handle._core._owner_prefix.encode()
+    found = []
+    for key in r.keys("distkit:*{n}*"):
+        kind = r.type(key)
+        if kind == b"string":
+            items = [r.get(key) or b""]
+        elif kind == b"zset":
+            items = r.zrange(key, 0, -1)
+        elif kind == b"hash":
+            items = r.hkeys(key)
+        elif kind == b"list":
+            items = r.lrange(key, 0, -1)
+        else:
+            items = []
+        if prefix in key or any(prefix in item for item in items):
+            found.append(key)
+    return found
+
+
 def _lock_ops(client: redis.Redis) -> list[tuple[str, Callable[[], Any]]]:
     lock = Lock(client, "n", ttl=1)
+    waiter = Lock(client, "n", ttl=1)
     store = FencedStore(client, "n")
+
+    def acquire_wait() -> Any:
+        # review item 7: an acquire that raises ForeignDataError has written nothing of its own
+        try:
+            return waiter.acquire(timeout=0.05)
+        except ForeignDataError:
+            assert _written_by(client, waiter) == []
+            raise
+
+    def acquire() -> Any:
+        try:
+            return lock.acquire(blocking=False)
+        except ForeignDataError:
+            assert _written_by(client, lock) == []
+            raise
+
     return [
-        ("acquire", lambda: lock.acquire(blocking=False)),
+        ("acquire", acquire),
         ("locked", lock.locked),
         ("owned", lock.owned),
         ("extend", lock.extend),
         ("release", lock.release),
-        ("acquire-wait", lambda: Lock(client, "n", ttl=1).acquire(timeout=0.05)),
+        ("acquire-wait", acquire_wait),
         ("release-unheld", lambda: Lock(client, "n", ttl=1).release()),
         ("fenced-read", store.read),
         ("fenced-write", lambda: store.write(2**40, "v")),
@@ -499,14 +537,30 @@ def test_corrupt_lock_state_ends_in_typed_errors(
 
 def _semaphore_ops(client: redis.Redis) -> list[tuple[str, Callable[[], Any]]]:
     sem = Semaphore(client, "n", 2, ttl=1)
+    waiter = Semaphore(client, "n", 2, ttl=1)
+
+    def acquire_wait() -> Any:
+        try:
+            return waiter.acquire(timeout=0.05)
+        except ForeignDataError:
+            assert _written_by(client, waiter) == []
+            raise
+
+    def acquire() -> Any:
+        try:
+            return sem.acquire(blocking=False)
+        except ForeignDataError:
+            assert _written_by(client, sem) == []
+            raise
+
     return [
-        ("acquire", lambda: sem.acquire(blocking=False)),
+        ("acquire", acquire),
         ("holders", sem.holders),
         ("locked", sem.locked),
         ("owned", sem.owned),
         ("extend", sem.extend),
         ("release", sem.release),
-        ("acquire-wait", lambda: Semaphore(client, "n", 2, ttl=1).acquire(timeout=0.05)),
+        ("acquire-wait", acquire_wait),
         ("release-unheld", lambda: Semaphore(client, "n", 2, ttl=1).release()),
     ]
 
@@ -533,6 +587,137 @@ def test_corrupt_semaphore_state_ends_in_typed_errors(
         if what == "acquire" and foreign_number:
             assert not ok and isinstance(got, ForeignDataError), (only_data, got)
     assert all(k.startswith("distkit:sem:{n}:") for k in distkit_keys(client))
+
+
+# Planted queue entries (lock and semaphore): members, keep-alives and arrival scores, malformed,
+# huge, negative, nan. The documented rule (docs/locks.md, "Failures") decides which are waiters.
+QUEUE_MEMBERS = st.one_of(
+    st.sampled_from(
+        ["nocolon", ":x", "0:x", "-5:x", "1.5:x", "abc:x", "5000:", "5000:x*", "5000:a:b",
+         "315360000001:x", "315360000000:ghost", "9" * 40 + ":x", "5000:ghost", "1:g", "07:x"]
+    ),
+    st.text(alphabet="0123456789:*-.ex", max_size=16),
+)  # fmt: skip
+QUEUE_KEEPS = st.sampled_from(
+    ["live", "edge", "far", "past", "nan", "inf", "-inf", "-1", "", "abc", "1e400", "0x10"]
+)
+QUEUE_SCORES = st.sampled_from([1.0, 0.0, -1.0, -1e300, 1e15, math.inf, -math.inf])
+QUEUE_PLANTS = st.lists(st.tuples(QUEUE_MEMBERS, QUEUE_KEEPS, QUEUE_SCORES), max_size=5)
+_MAX_TTL_MS = 315_360_000_000
+
+
+def _plant_queue(r: redis.Redis, family: str, plants: list[tuple[str, str, float]]) -> int:
+    """Plant the entries; return the server's now (ms) they were timed from."""
+    secs, micros = r.time()
+    now = int(secs) * 1000 + int(micros) // 1000
+    keeps = {"live": now + 30_000, "edge": now + 55_000, "far": 10**13, "past": now - 1000}
+    for member, keep, score in plants:
+        r.zadd(f"distkit:{family}:{{n}}:queue", {member: score})
+        r.hset(f"distkit:{family}:{{n}}:qexp", member, keeps.get(keep, keep))
+    return now
+
+
+def _waiter(member: bytes, keep: str) -> tuple[int, bytes] | None:
+    """The rule the scripts follow: (ttl, owner) for a usable entry, None for a dropped one."""
+    ttl, sep, owner = member.partition(b":")
+    usable = (
+        keep in ("live", "edge")
+        and sep == b":"
+        and ttl[:1] in b"123456789"
+        and ttl.isdigit()
+        and len(ttl) <= 12
+        and int(ttl) <= _MAX_TTL_MS
+        and owner != b""
+        and b"*" not in owner
+    )
+    return (int(ttl), owner) if usable else None
+
+
+def _first_waiter(
+    r: redis.Redis, family: str, plants: list[tuple[str, str, float]]
+) -> tuple[int, bytes] | None:
+    keep_of = {m.encode(): k for m, k, _ in plants}  # a later plant of a member replaces it
+    for member in r.zrange(f"distkit:{family}:{{n}}:queue", 0, -1):
+        found = _waiter(member, keep_of[member])
+        if found:
+            return found
+    return None
+
+
+@fuzz_settings(60)
+@given(plants=QUEUE_PLANTS)
+def test_planted_lock_queue_entries_are_dropped_never_trusted(
+    client: redis.Redis, plants: list[tuple[str, str, float]]
+) -> None:
+    """Review item 6: a planted waiter is granted only when it looks exactly like one distlock
+    writes (a bounded keep-alive, a ttl distlock accepts); every other entry is dropped, so a free
+    lock is taken at once, a release never leaves its lease behind, and nothing raises."""
+    client.flushall()
+    _plant_queue(client, "lock", plants)
+    expected = _first_waiter(client, "lock", plants)
+    lock = Lock(client, "n", ttl=5)
+    with no_hang(OP_LIMIT):
+        got = lock.acquire(blocking=False)
+    assert got is (expected is None), (plants, expected)
+    if got:
+        lock.release()
+    client.flushall()
+    holder = Lock(client, "n", ttl=5)
+    assert holder.acquire()
+    client.set("distkit:lock:{n}", holder._core.owner + "*", keepttl=True)  # type: ignore[operator]
+    _plant_queue(client, "lock", plants)
+    expected = _first_waiter(client, "lock", plants)
+    with no_hang(OP_LIMIT):
+        holder.release()
+    pipe = client.pipeline(transaction=True)
+    lease, pttl, wake = (
+        pipe.get("distkit:lock:{n}").pttl("distkit:lock:{n}").keys("*:wake:*").execute()
+    )
+    if expected is None:
+        assert lease is None and wake == [], (plants, lease, wake)
+    else:
+        ttl, owner = expected
+        if lease is None:  # a handoff of a few ms may have run out already
+            assert ttl < 500, (plants, expected)
+        else:
+            assert lease.rstrip(b"*") == owner and 0 <= pttl <= ttl, (plants, lease, pttl)
+            if ttl >= 500:  # (a wake list of a few ms may have run out already)
+                assert wake == [b"distkit:lock:{n}:wake:" + owner], (plants, wake)
+
+
+@fuzz_settings(60)
+@given(
+    plants=QUEUE_PLANTS,
+    holder_scores=st.lists(st.sampled_from([-1.0, 1e15, math.inf, -math.inf, 0.0]), max_size=3),
+)
+def test_planted_semaphore_queue_entries_are_dropped_never_trusted(
+    client: redis.Redis, plants: list[tuple[str, str, float]], holder_scores: list[float]
+) -> None:
+    """As for the lock, plus planted holders whose expiry is past (or further ahead than ten
+    years): each is pruned, so a permit of a free semaphore is granted at once."""
+    client.flushall()
+    for i, score in enumerate(holder_scores):
+        client.zadd("distkit:sem:{n}:holders", {f"ghost{i}": score})
+    _plant_queue(client, "sem", plants)
+    expected = _first_waiter(client, "sem", plants)
+    sem = Semaphore(client, "n", 1, ttl=5)
+    with no_hang(OP_LIMIT):
+        got = sem.acquire(blocking=False)
+    # the oldest usable waiter gets the free permit first (or, with no usable one, this handle)
+    holders = client.zrange("distkit:sem:{n}:holders", 0, -1)
+    if expected is None:
+        assert got and holders == [sem._core.owner.encode()], (plants, holders)  # type: ignore[union-attr]
+    else:
+        assert not got and holders == [expected[1]], (plants, holders)
+    client.flushall()
+    holder = Semaphore(client, "n", 1, ttl=5)
+    assert holder.acquire()
+    _plant_queue(client, "sem", plants)
+    expected = _first_waiter(client, "sem", plants)
+    with no_hang(OP_LIMIT):
+        holder.release()
+    holders = client.zrange("distkit:sem:{n}:holders", 0, -1)
+    assert holders == ([] if expected is None else [expected[1]]), (plants, holders)
 
 
 @fuzz_settings(60)

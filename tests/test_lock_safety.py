@@ -17,9 +17,16 @@ from typing import Any
 import pytest
 import redis
 
-from distkit import ConnectionUnavailable, ForeignDataError, LockError, ServerError, connect
+from distkit import (
+    ConnectionUnavailable,
+    ForeignDataError,
+    LockError,
+    ServerError,
+    aconnect,
+    connect,
+)
 from distkit.testing import FaultProxy, RedisServer
-from distlock import AsyncLock, Lock
+from distlock import AsyncLock, AsyncSemaphore, Lock, Semaphore
 from distlock._scripts import ACQUIRE
 
 LEASE = "distkit:lock:{{{}}}"
@@ -419,6 +426,65 @@ def test_acquire_timeout_overruns_by_at_most_about_one_round_trip(
     assert r.zcard(QUEUE.format("slow")) == 0  # left the queue
     holder.release()
     client.close()
+
+
+@pytest.mark.parametrize("kind", ["lock", "semaphore"])
+@pytest.mark.parametrize("timeout", [0.0, 0.05, 0.15, 0.3])
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_timeout_shorter_than_a_wait_costs_one_round_trip_and_never_queues(
+    redis_server: RedisServer, proxy: FaultProxy, timeout: float, kind: str, flavour: str
+) -> None:
+    """Fix (review item 10): with less time than a reply, a wait and a call to leave the queue,
+    the first call is a try that does not queue, so no second call is needed: the acquire ends by
+    about timeout + one round trip (it took 2 round trips), and the queue key is never written."""
+    r = redis_server.client()
+    r.flushall()
+    holder: Any = Lock(r, "short", ttl=30) if kind == "lock" else Semaphore(r, "short", 1, ttl=30)
+    assert holder.acquire()
+    queue = f"distkit:{'lock' if kind == 'lock' else 'sem'}:{{short}}:queue"
+    one_way = 0.1
+    rtt = 2 * one_way
+
+    def handle(client: Any) -> Any:
+        if kind == "lock":
+            return (AsyncLock if flavour == "async" else Lock)(client, "short", ttl=30)
+        return (AsyncSemaphore if flavour == "async" else Semaphore)(client, "short", 1, ttl=30)
+
+    def check(elapsed: float, got: bool) -> None:
+        assert got is False
+        assert elapsed <= timeout + rtt + 0.08, elapsed
+        # every timeout here is under two round trips: one call, not a queueing one plus a leave
+        assert elapsed <= rtt + 0.1, elapsed
+        assert r.exists(queue) == 0  # never queued
+
+    if flavour == "sync":
+        client = connect(proxy.config())
+        client.ping()  # connected (and the handshake done) before the latency
+        proxy.set_latency(one_way)
+        start = time.monotonic()
+        got = handle(client).acquire(timeout=timeout)
+        elapsed = time.monotonic() - start
+        proxy.set_latency(0)
+        client.close()
+        check(elapsed, got)
+    else:
+
+        async def main() -> None:
+            client = aconnect(proxy.config())
+            try:
+                await client.ping()
+                proxy.set_latency(one_way)
+                start = time.monotonic()
+                got = await handle(client).acquire(timeout=timeout)
+                elapsed = time.monotonic() - start
+                proxy.set_latency(0)
+                check(elapsed, got)
+            finally:
+                proxy.set_latency(0)
+                await client.aclose()
+
+        asyncio.run(main())
+    holder.release()
 
 
 # -- suspected items -------------------------------------------------------------------------------

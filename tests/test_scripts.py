@@ -219,3 +219,18 @@ def test_multi_key_script_on_one_names_keys_in_a_cluster(cluster: RedisCluster) 
         assert client.get(lease) == client.get(fence) == b"x"
     finally:
         client.close()
+
+
+def test_the_queue_entry_bounds_match_what_distlock_writes() -> None:
+    """The lock's and the semaphore's scripts share one rule for a queue entry (docs/locks.md,
+    "Failures"), spelled out in literal Lua: its bounds are the longest keep-alive a waiter
+    writes and the longest ttl distkit accepts."""
+    from distkit._units import MAX_SECONDS
+    from distlock import _scripts, _semaphore_scripts
+
+    assert _scripts._WAITER == _semaphore_scripts._WAITER
+    assert int(MAX_SECONDS * 1000) == _scripts.MAX_TTL_MS
+    assert f"now + {_scripts.MAX_KEEPALIVE_MS})" in _scripts._WAITER
+    assert f"tonumber(ttl) > {_scripts.MAX_TTL_MS} " in _scripts._WAITER
+    assert f"now + {_scripts.MAX_TTL_MS})" in _semaphore_scripts._HELPERS
+    assert _scripts.MAX_WAIT_MS <= _scripts.MAX_KEEPALIVE_MS
