@@ -8,6 +8,7 @@ estimate can only be early, never late).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 import math
@@ -18,6 +19,8 @@ import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+import redis.exceptions as rex
 
 from distkit import (
     ConfigError,
@@ -56,6 +59,11 @@ _REL_MARK_MS = 10_000
 
 def _ms(value: float) -> int:
     return max(1, math.ceil(value * 1000))
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a ``ConnectionUnavailable`` came from a read timeout (not a reset)."""
+    return isinstance(exc.__cause__, (TimeoutError, asyncio.TimeoutError, rex.TimeoutError))
 
 
 def _is_grant(reply: Any) -> bool:
@@ -356,10 +364,13 @@ class LockCore:
                         token = yield from self._replicated(Pop(wake_key, block), _is_token)
                     else:
                         token = yield Pop(wake_key, block)
-                except ConnectionUnavailable:
+                except ConnectionUnavailable as exc:
                     # A reset may have swallowed a handed-over token: the next ACQUIRE of the
                     # same owner (retried per policy, on a new connection) answers with the grant.
-                    lost_pops += 1
+                    # A read timeout is not counted: a healthy server may end a BLPOP late, and
+                    # a dead one fails that ACQUIRE (per the retry policy) instead.
+                    if not _timed_out(exc):
+                        lost_pops += 1
                     if lost_pops > _MAX_LOST_POPS:
                         raise
                     continue

@@ -1,0 +1,253 @@
+"""Connection handling of the single-instance Lock / AsyncLock / Semaphore: a pool full of waiters,
+a short socket timeout, the renewer's lost signal on a black-holed server, and the bound of a
+plain redis-py client's own retries."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+
+import distkit
+from distkit import DistkitError
+from distkit.testing import RedisServer
+from distlock import AsyncLock, AsyncSemaphore, Lock, Semaphore
+
+POOL = 8
+WAITERS = 20  # more waiters than the pool has connections
+
+
+def _leftovers(client: redis.Redis) -> list[bytes]:
+    return [k for k in client.keys("distkit:*") if not k.endswith((b":fence", b":rel", b":limit"))]
+
+
+# -- 1. a pool full of waiters never fails the holder's release ---------------------------------
+
+
+def test_release_succeeds_with_more_waiters_than_pool_connections(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    client = distkit.connect(redis_server.config(max_connections=POOL))
+    holder = Lock(client, "pool-sync", ttl=30)
+    assert holder.acquire()
+    errors: list[BaseException] = []
+    got: list[int] = []
+
+    def waiter() -> None:
+        lock = Lock(client, "pool-sync", ttl=30)
+        try:
+            if lock.acquire(timeout=20):
+                got.append(1)
+                lock.extend()
+                lock.release()
+        except DistkitError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=waiter) for _ in range(WAITERS)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # every waiter queued, the pool's connections taken by blocking waits
+    started = time.monotonic()
+    holder.release()  # raised ConnectionUnavailable (MaxConnectionsError) before
+    assert time.monotonic() - started < 3.0
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert len(got) == WAITERS
+    assert _leftovers(r) == []
+
+
+def test_async_release_succeeds_with_more_waiters_than_pool_connections(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    errors: list[BaseException] = []
+    got: list[int] = []
+
+    async def main() -> None:
+        client = distkit.aconnect(redis_server.config(max_connections=POOL))
+        holder = AsyncLock(client, "pool-async", ttl=30)
+        assert await holder.acquire()
+
+        async def waiter() -> None:
+            lock = AsyncLock(client, "pool-async", ttl=30)
+            try:
+                if await lock.acquire(timeout=20):
+                    got.append(1)
+                    await lock.extend()
+                    await lock.release()
+            except DistkitError as exc:
+                errors.append(exc)
+
+        tasks = [asyncio.ensure_future(waiter()) for _ in range(WAITERS)]
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        await holder.release()
+        assert time.monotonic() - started < 3.0
+        await asyncio.gather(*tasks)
+        await client.aclose()
+
+    asyncio.run(main())
+    assert errors == []
+    assert len(got) == WAITERS
+    assert _leftovers(r) == []
+
+
+def test_semaphore_release_succeeds_with_more_waiters_than_pool_connections(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    client = distkit.connect(redis_server.config(max_connections=POOL))
+    holder = Semaphore(client, "pool-sem", limit=1, ttl=30)
+    assert holder.acquire()
+    errors: list[BaseException] = []
+    got: list[int] = []
+
+    def waiter() -> None:
+        sem = Semaphore(client, "pool-sem", limit=1, ttl=30)
+        try:
+            if sem.acquire(timeout=20):
+                got.append(1)
+                sem.release()
+        except DistkitError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=waiter) for _ in range(WAITERS)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    holder.release()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert len(got) == WAITERS
+    assert _leftovers(r) == []
+
+
+def test_async_semaphore_failed_acquires_clean_up_on_a_full_pool(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    """Waiters that time out leave the queue (a call each) while others fill the pool."""
+    errors: list[BaseException] = []
+
+    async def main() -> list[bool]:
+        client = distkit.aconnect(redis_server.config(max_connections=POOL))
+        holder = AsyncSemaphore(client, "pool-asem", limit=1, ttl=30)
+        assert await holder.acquire()
+
+        async def waiter() -> bool:
+            sem = AsyncSemaphore(client, "pool-asem", limit=1, ttl=30)
+            try:
+                return await sem.acquire(timeout=1.5)
+            except DistkitError as exc:
+                errors.append(exc)
+                return False
+
+        results = await asyncio.gather(*(waiter() for _ in range(WAITERS)))
+        await holder.release()
+        await client.aclose()
+        return list(results)
+
+    assert asyncio.run(main()) == [False] * WAITERS
+    assert errors == []
+    assert _leftovers(r) == []
+
+
+def _pool_worker(url: str, threads: int, rounds: int, out: Any) -> None:
+    client = distkit.connect(url)
+    done: list[int] = []
+    errors: list[str] = []
+
+    def work() -> None:
+        lock = Lock(client, "pool-procs", ttl=30)
+        for _ in range(rounds):
+            try:
+                if not lock.acquire(timeout=60):
+                    errors.append("timed out")
+                    continue
+                value = int(client.get("pool-count") or 0)
+                client.set("pool-count", value + 1)
+                lock.release()
+                done.append(1)
+            except DistkitError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    out.put((len(done), errors))
+
+
+@pytest.mark.slow
+def test_processes_sharing_a_pool_limited_config_never_fail_a_release(
+    redis_server: RedisServer, r: redis.Redis
+) -> None:
+    """Three processes, each 16 threads on a 4-connection pool, all on one lock."""
+    procs_n, threads, rounds = 3, 16, 3
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    url = redis_server.url + "?max_connections=4"
+    assert distkit.connect(url).connection_pool.max_connections == 4  # type: ignore[union-attr]
+    procs = [
+        ctx.Process(target=_pool_worker, args=(url, threads, rounds, out)) for _ in range(procs_n)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert [errors for _, errors in results] == [[]] * procs_n
+    total = procs_n * threads * rounds
+    assert sum(done for done, _ in results) == total
+    assert int(r.get("pool-count") or 0) == total
+    assert _leftovers(r) == []
+
+
+# -- 3. a short socket timeout does not break blocking acquires ---------------------------------
+
+
+@pytest.mark.parametrize("socket_timeout", [0.05, 0.1, 0.2, 0.3])
+def test_blocking_acquire_with_a_short_socket_timeout(
+    redis_server: RedisServer, r: redis.Redis, socket_timeout: float
+) -> None:
+    holder = Lock(r, "short-st", ttl=30)
+    assert holder.acquire()
+    timer = threading.Timer(2.0, holder.release)
+    timer.start()
+    try:
+        client = distkit.connect(redis_server.config(socket_timeout=socket_timeout))
+        waiter = Lock(client, "short-st", ttl=30)
+        started = time.monotonic()
+        assert waiter.acquire(timeout=10)  # raised ConnectionUnavailable before
+        assert time.monotonic() - started < 4.0
+        waiter.release()
+    finally:
+        timer.join()
+    assert _leftovers(r) == []
+
+
+@pytest.mark.parametrize("socket_timeout", [0.05, 0.2])
+def test_async_blocking_acquire_with_a_short_socket_timeout(
+    redis_server: RedisServer, r: redis.Redis, socket_timeout: float
+) -> None:
+    async def main() -> None:
+        holder = Lock(r, "short-ast", ttl=30)
+        assert holder.acquire()
+        loop = asyncio.get_running_loop()
+        loop.call_later(2.0, holder.release)
+        client = distkit.aconnect(redis_server.config(socket_timeout=socket_timeout))
+        waiter = AsyncLock(client, "short-ast", ttl=30)
+        started = time.monotonic()
+        assert await waiter.acquire(timeout=10)
+        assert time.monotonic() - started < 4.0
+        await waiter.release()
+        await client.aclose()
+
+    asyncio.run(main())
+    assert _leftovers(r) == []
