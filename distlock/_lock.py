@@ -50,6 +50,8 @@ __all__ = ["AsyncLock", "Lock"]
 log = logging.getLogger(__name__)
 
 _L = TypeVar("_L", bound="_LockBase[Any]")
+# How often the renewer re-reads the lease estimate while an extension is in flight.
+_RENEW_POLL = 0.05
 _E = TypeVar("_E", threading.Event, asyncio.Event)
 
 
@@ -216,13 +218,48 @@ class _SyncLock(_LockBase[threading.Event]):
             if thread is not threading.current_thread():
                 thread.join()
 
+    def _bounded_extend(self, stop: threading.Event) -> bool:
+        """One renewal, waited for only while the lease's local estimate lasts.
+
+        ``True``: the extension finished (its error, if any, is raised here). ``False``: the
+        estimate ran out first, or the handle is being released; the call may still land later
+        (it runs in a daemon thread until the client's socket timeout), which only lengthens a
+        lease this handle no longer claims.
+        """
+        outcome: list[BaseException | None] = []
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                self._driver.run(self._core.extend(None))
+                outcome.append(None)
+            except BaseException as exc:  # handed to the renewer thread
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name=f"distlock-extend-{self.name}", daemon=True).start()
+        while not done.is_set():
+            left = self._core.remaining_or_zero()
+            if left <= 0 or stop.is_set():
+                return False
+            done.wait(min(left, _RENEW_POLL))
+        if outcome[0] is not None:
+            raise outcome[0]
+        return True
+
     def _renew_loop(self, owner: str | None, stop: threading.Event) -> None:
         interval = self._renew_interval
         while not stop.wait(interval):
             if self._core.owner != owner or owner is None:
                 return
             try:
-                self._driver.run(self._core.extend(None))
+                if not self._bounded_extend(stop):
+                    if stop.is_set() or self._core.owner != owner:
+                        return
+                    self._core.clear()
+                    self._fire_lost()
+                    return
                 interval = self._renew_interval
             except LockNotOwned:
                 self._fire_lost()
@@ -339,8 +376,18 @@ class _AsyncLock(_LockBase[asyncio.Event]):
             if self._core.owner != owner or owner is None:
                 return
             try:
-                await self._driver.run(self._core.extend(None))
+                # bounded by the lease's local estimate: cut the call when it runs out
+                left = self._core.remaining_or_zero()
+                if left > 0:
+                    await asyncio.wait_for(self._driver.run(self._core.extend(None)), left)
+                else:
+                    raise asyncio.TimeoutError
                 interval = self._renew_interval
+            except asyncio.TimeoutError:  # the estimate ran out first (a redis-py one is mapped)
+                if self._core.owner == owner:
+                    self._core.clear()
+                    self._fire_lost()
+                return
             except LockNotOwned:
                 self._fire_lost()
                 return

@@ -15,7 +15,7 @@ import redis
 
 import distkit
 from distkit import DistkitError
-from distkit.testing import RedisServer
+from distkit.testing import FaultProxy, RedisServer
 from distlock import AsyncLock, AsyncSemaphore, Lock, Semaphore
 
 POOL = 8
@@ -251,3 +251,92 @@ def test_async_blocking_acquire_with_a_short_socket_timeout(
 
     asyncio.run(main())
     assert _leftovers(r) == []
+
+
+# -- 2. the renewer signals a loss within the lease's local estimate ----------------------------
+
+TTL = 1.5
+MARGIN = 0.3  # the renewer's poll (50 ms), thread scheduling on a loaded machine
+
+
+def test_renewer_signals_loss_before_another_holder_gets_the_lock(
+    proxy: FaultProxy, r: redis.Redis
+) -> None:
+    """A black-holed holder (socket timeout 5 s, 3 attempts) used to signal `lost` at ~16 s."""
+    lost_at: list[float] = []
+    holder = Lock(
+        distkit.connect(proxy.config()),
+        "renew-bh",
+        ttl=TTL,
+        auto_renew=True,
+        on_lost=lambda _: lost_at.append(time.monotonic()),
+    )
+    sent = time.monotonic()
+    assert holder.acquire()
+    time.sleep(0.1)
+    proxy.blackhole()
+    try:
+        other = Lock(r, "renew-bh", ttl=30)
+        assert other.acquire(timeout=10)
+        granted_at = time.monotonic()
+        assert holder.lost.wait(TTL + MARGIN)
+        assert lost_at, "on_lost was not called"
+        assert lost_at[0] - sent <= TTL + MARGIN
+        # a holder must not still believe in its lease after another holder was granted
+        assert lost_at[0] <= granted_at + MARGIN
+        assert holder.fencing_token is None
+        other.release()
+    finally:
+        proxy.blackhole(False)
+
+
+def test_async_renewer_signals_loss_before_another_holder_gets_the_lock(
+    proxy: FaultProxy, r: redis.Redis
+) -> None:
+    lost_at: list[float] = []
+
+    async def main() -> None:
+        client = distkit.aconnect(proxy.config())
+        holder = AsyncLock(
+            client,
+            "renew-abh",
+            ttl=TTL,
+            auto_renew=True,
+            on_lost=lambda _: lost_at.append(time.monotonic()),
+        )
+        sent = time.monotonic()
+        assert await holder.acquire()
+        await asyncio.sleep(0.1)
+        proxy.blackhole()
+        try:
+            other = Lock(r, "renew-abh", ttl=30)
+            acquired = asyncio.ensure_future(asyncio.to_thread(other.acquire, timeout=10))
+            await asyncio.wait_for(holder.lost.wait(), TTL + MARGIN)
+            assert await acquired
+            granted_at = time.monotonic()
+            assert lost_at, "on_lost was not called"
+            assert lost_at[0] - sent <= TTL + MARGIN
+            assert lost_at[0] <= granted_at + MARGIN
+            assert holder.fencing_token is None
+            other.release()
+        finally:
+            proxy.blackhole(False)
+
+    asyncio.run(main())
+
+
+def test_renewer_keeps_renewing_through_a_slow_but_live_server(
+    proxy: FaultProxy, r: redis.Redis
+) -> None:
+    """The bound cuts only calls that outlast the lease estimate: a 0.2 s link keeps the lease."""
+    holder = Lock(distkit.connect(proxy.config()), "renew-slow", ttl=TTL, auto_renew=True)
+    assert holder.acquire()
+    proxy.set_latency(0.1)
+    try:
+        time.sleep(TTL * 2.5)
+        assert not holder.lost.is_set()
+        assert r.exists("distkit:lock:{renew-slow}")
+        holder.ensure_held()
+    finally:
+        proxy.set_latency(0.0)
+    holder.release()
