@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import logging
 import math
 import os
 import secrets
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from distkit import RetryConfig
 
 __all__ = ["Clock", "LockCore", "Seconds"]
+
+log = logging.getLogger("distlock")
 
 Seconds = float | timedelta
 Clock = Callable[[], float]
@@ -113,6 +116,48 @@ def check_client(client: Any, *, want_async: bool, cls: str) -> None:
             "decode_responses=True; build a second client for distkit without it, e.g. "
             "distkit.connect(url) or redis.Redis.from_url(url)"
         )
+
+
+def own_retries(client: Any) -> int:
+    """How many times ``client`` retries a failed command itself (redis-py's ``Retry``; 0 for
+    clients of ``distkit.connect()``, which switch it off, and for shapes we cannot read)."""
+    try:
+        getter = getattr(client, "get_retry", None)
+        retry = getter() if callable(getter) else getattr(client, "retry", None)
+        count = retry.get_retries() if retry is not None else 0
+    except Exception:
+        return 0
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
+
+
+_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
+_WARNED_LOCK = threading.Lock()
+
+
+def warn_own_retries(client: Any, attempts: int) -> None:
+    """Log once per client that retries failed commands itself: its retries and distkit's
+    ``attempts`` multiply (redis-py retries below distkit, inside every attempt)."""
+    count = own_retries(client)
+    if not count:
+        return
+    with _WARNED_LOCK:
+        try:
+            if client in _WARNED:
+                return
+            _WARNED.add(client)
+        except TypeError:  # not weak-referenceable: warn every time rather than never
+            pass
+    log.warning(
+        "this %s retries failed commands itself (%d retries, with its own backoff), inside each "
+        "of distlock's %d attempts and its clean-up try: a dead server costs up to "
+        "%d x socket_timeout plus both "
+        "backoffs; build the client with distkit.connect() (or redis-py's "
+        "retry=Retry(NoBackoff(), 0)) for the attempts x socket_timeout bound (docs/locks.md)",
+        type(client).__name__,
+        count,
+        attempts,
+        (attempts + 1) * (count + 1),
+    )
 
 
 def retry_policy(retry: RetryConfig | RetryPolicy | None, client: Any = None) -> RetryPolicy:

@@ -40,6 +40,7 @@ from ._core import (
     check_replicas,
     force_release,
     retry_policy,
+    warn_own_retries,
 )
 
 if TYPE_CHECKING:
@@ -491,6 +492,7 @@ class Lock(_SyncLock):
         )
         if retry is None:  # connect()'s RetryConfig, when one was given
             self._retry = retry_policy(None, client)
+        warn_own_retries(client, self._retry.attempts)
         self._setup_io(self._make_driver(client))
 
     def _make_driver(self, client: Any) -> Any:

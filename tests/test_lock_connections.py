@@ -5,6 +5,7 @@ plain redis-py client's own retries."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing as mp
 import threading
 import time
@@ -12,13 +13,16 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 import distkit
-from distkit import DistkitError
+from distkit import ConnectionUnavailable, DistkitError
 from distkit.testing import FaultProxy, RedisServer
 from distlock import AsyncLock, AsyncSemaphore, Lock, Semaphore
 
 POOL = 8
+NO_CLIENT_RETRY = Retry(NoBackoff(), 0)
 WAITERS = 20  # more waiters than the pool has connections
 
 
@@ -340,3 +344,57 @@ def test_renewer_keeps_renewing_through_a_slow_but_live_server(
     finally:
         proxy.set_latency(0.0)
     holder.release()
+
+
+# -- 4. a plain redis-py client's own retries ---------------------------------------------------
+
+
+def test_a_client_that_retries_itself_is_warned_about_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    plain = redis.Redis(host=redis_server.address[0], port=redis_server.port, socket_timeout=1)
+    retries = plain.get_retry().get_retries()  # type: ignore[union-attr]
+    assert retries > 0  # redis-py's default (10 in redis-py 8)
+    with caplog.at_level(logging.WARNING, logger="distlock"):
+        Lock(plain, "own-retries")
+        Semaphore(plain, "own-retries-sem", 2)
+        Lock(plain, "own-retries-2")
+        Lock(distkit.connect(redis_server.config()), "own-retries-3")
+        Lock(
+            redis.Redis(
+                host=redis_server.address[0], port=redis_server.port, retry=NO_CLIENT_RETRY
+            ),
+            "own-retries-4",
+        )
+    warned = [
+        rec.getMessage() for rec in caplog.records if "retries failed commands" in rec.message
+    ]
+    assert len(warned) == 1, warned  # once per client; none for clients without own retries
+    assert f"({retries} retries" in warned[0]
+    assert f"up to {(3 + 1) * (retries + 1)} x socket_timeout" in warned[0]
+    plain.close()
+
+
+def test_a_client_without_own_retries_fails_within_attempts_times_socket_timeout(
+    proxy: FaultProxy,
+) -> None:
+    """docs/locks.md "Failures": the bound for a client built as the docs say."""
+    client = redis.Redis(
+        host=proxy.host,
+        port=proxy.port,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+        retry=NO_CLIENT_RETRY,
+    )
+    lock = Lock(client, "bounded")
+    client.ping()
+    proxy.blackhole()
+    started = time.monotonic()
+    try:
+        with pytest.raises(ConnectionUnavailable):
+            lock.acquire(blocking=False)
+    finally:
+        proxy.blackhole(False)
+    # 3 attempts, then the failed acquire's one clean-up try; + backoff and slack
+    assert time.monotonic() - started < (3 + 1) * 0.5 + 1.0
+    client.close()
