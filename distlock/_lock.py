@@ -223,9 +223,10 @@ class _SyncLock(_LockBase[threading.Event]):
         """One renewal, waited for only while the lease's local estimate lasts.
 
         ``True``: the extension finished (its error, if any, is raised here). ``False``: the
-        estimate ran out first, or the handle is being released; the call may still land later
-        (it runs in a daemon thread until the client's socket timeout), which only lengthens a
-        lease this handle no longer claims.
+        estimate ran out first; the call may still land later (it runs on in a daemon thread,
+        within the client's timeouts), which only lengthens a lease this handle no longer
+        claims. A release that stops the renewer meanwhile waits for the call to finish, so the
+        release lands after it (as it did when the renewer made the call itself).
         """
         outcome: list[BaseException | None] = []
         done = threading.Event()
@@ -242,8 +243,11 @@ class _SyncLock(_LockBase[threading.Event]):
         threading.Thread(target=call, name=f"distlock-extend-{self.name}", daemon=True).start()
         while not done.is_set():
             left = self._core.remaining_or_zero()
-            if left <= 0 or stop.is_set():
+            if left <= 0:
                 return False
+            if stop.is_set():
+                done.wait()
+                break
             done.wait(min(left, _RENEW_POLL))
         if outcome[0] is not None:
             raise outcome[0]
@@ -256,7 +260,7 @@ class _SyncLock(_LockBase[threading.Event]):
                 return
             try:
                 if not self._bounded_extend(stop):
-                    if stop.is_set() or self._core.owner != owner:
+                    if self._core.owner != owner:
                         return
                     self._core.clear()
                     self._fire_lost()
