@@ -45,8 +45,8 @@ _MIN_BLOCK = 0.001
 _DEFAULT_MAX_BLOCK = 1.0
 # A BLPOP ends up to 1000/hz ms late (hz 10: 100 ms) plus a round trip: keep this much of the
 # socket timeout free. Shorter server-side waits than _MIN_SERVER_BLOCK are not worth it: poll.
-_BLOCK_MARGIN = 0.2
-_MIN_SERVER_BLOCK = 0.05
+_BLOCK_MARGIN = 0.15
+_MIN_SERVER_BLOCK = 0.02
 # A polled Pop: one LPOP every _POLL_EVERY seconds, for up to _POLL_BLOCK seconds per step.
 _POLL_EVERY = 0.05
 _POLL_BLOCK = 0.5
