@@ -398,3 +398,23 @@ def test_a_client_without_own_retries_fails_within_attempts_times_socket_timeout
     # 3 attempts, then the failed acquire's one clean-up try; + backoff and slack
     assert time.monotonic() - started < (3 + 1) * 0.5 + 1.0
     client.close()
+
+
+def test_late_blpop_replies_are_not_lost_connections(proxy: FaultProxy, r: redis.Redis) -> None:
+    """Every wait's reply arrives after the socket timeout (0.1 s each way on a 0.3 s timeout),
+    yet every other call answers in time: the waiter keeps waiting (a swallowed handoff is
+    recovered by its next ACQUIRE) instead of giving up after a few "lost" waits."""
+    holder = Lock(r, "late-pop", ttl=30)
+    assert holder.acquire()
+    client = distkit.connect(proxy.config(socket_timeout=0.3))
+    waiter = Lock(client, "late-pop", ttl=30)
+    proxy.set_latency(0.1)
+    timer = threading.Timer(6.0, holder.release)
+    timer.start()
+    try:
+        assert waiter.acquire(timeout=15)  # raised ConnectionUnavailable after 4 timed-out waits
+        waiter.release()
+    finally:
+        timer.join()
+        proxy.set_latency(0.0)
+    assert _leftovers(r) == []
