@@ -43,6 +43,19 @@ _T = TypeVar("_T")
 # BLPOP takes seconds with millisecond resolution; a timeout that rounds to 0 would block forever.
 _MIN_BLOCK = 0.001
 _DEFAULT_MAX_BLOCK = 1.0
+# A BLPOP ends up to 1000/hz ms late (hz 10: 100 ms) plus a round trip: keep this much of the
+# socket timeout free. Shorter server-side waits than _MIN_SERVER_BLOCK are not worth it: poll.
+_BLOCK_MARGIN = 0.15
+_MIN_SERVER_BLOCK = 0.02
+# A polled Pop: one LPOP every _POLL_EVERY seconds, for up to _POLL_BLOCK seconds per step.
+_POLL_EVERY = 0.05
+_POLL_BLOCK = 0.5
+# Connections of a bounded pool that blocking waits leave free (at most; 1/8 of the pool).
+_MAX_RESERVE = 4
+# How long a call waits for a free connection of a full pool before ConnectionUnavailable: the
+# blocking waits that fill it end within max_block (+ the server's lateness).
+_POOL_WAIT_EXTRA = 1.0
+_POOL_WAIT_EVERY = 0.005
 # RedisClusterException is not a RedisError ("Redis Cluster cannot be connected..." is one).
 _REDIS_ERRORS = (rex.RedisError, rex.RedisClusterException, OSError, asyncio.TimeoutError)
 
@@ -155,8 +168,14 @@ Step = Eval | Command | Pop | Sleep | Cleanup | FanOut | Replicated
 Protocol = Generator[Step, Any, _T]
 
 
-def _max_block(client: Any) -> float:
-    """The longest BLPOP that fits inside the client's socket timeout."""
+def _max_block(client: Any) -> tuple[float, bool]:
+    """The longest wait of one ``Pop`` step, and whether it may be a server-side BLPOP.
+
+    A BLPOP's reply can come up to ``1000 / hz`` ms after its timeout (100 ms at the default hz
+    10), plus a round trip: the wait must end ``_BLOCK_MARGIN`` before the client's socket
+    timeout, or a healthy server's late reply reads as a dead connection. A socket timeout too
+    short for that margin makes every ``Pop`` poll with LPOP instead.
+    """
     timeout: Any = None
     pool = getattr(client, "connection_pool", None)
     if pool is not None:
@@ -166,8 +185,37 @@ def _max_block(client: Any) -> float:
         kwargs = getattr(manager, "connection_kwargs", None) or {}
         timeout = kwargs.get("socket_timeout")
     if isinstance(timeout, (int, float)) and timeout > 0:
-        return max(_MIN_BLOCK, min(_DEFAULT_MAX_BLOCK, float(timeout) * 0.5))
-    return _DEFAULT_MAX_BLOCK
+        block = min(_DEFAULT_MAX_BLOCK, float(timeout) * 0.5, float(timeout) - _BLOCK_MARGIN)
+        if block < _MIN_SERVER_BLOCK:
+            return _POLL_BLOCK, False
+        return block, True
+    return _DEFAULT_MAX_BLOCK, True
+
+
+def _pool_reserve(client: Any) -> tuple[Any, int] | None:
+    """``(pool, reserve)`` for a client with one bounded pool (``None``: unbounded or unknown):
+    blocking waits leave ``reserve`` of its connections free for releases, extends, cleanups."""
+    pool = getattr(client, "connection_pool", None)
+    cap = getattr(pool, "max_connections", None)
+    if (
+        pool is None
+        or not isinstance(cap, int)
+        or cap >= 2**31 - 1  # redis-py's "no limit"
+        or not hasattr(pool, "_in_use_connections")
+    ):
+        return None
+    return pool, min(_MAX_RESERVE, max(1, cap // 8))
+
+
+def _pool_has_room(bounded: tuple[Any, int] | None) -> bool:
+    """Whether a blocking wait may take a connection (more than the reserve is free)."""
+    if bounded is None:
+        return True
+    pool, reserve = bounded
+    try:
+        return int(pool.max_connections) - len(pool._in_use_connections) > reserve
+    except Exception:  # a pool shape we cannot read: block as before
+        return True
 
 
 def _translated(exc: BaseException, what: str) -> BaseException:
@@ -201,13 +249,24 @@ def _wait_args(step: Replicated) -> tuple[str, int, int]:
 class SyncDriver:
     """Runs protocols on a sync redis-py client (``Redis``, ``RedisCluster``, Sentinel master)."""
 
-    __slots__ = ("_execute", "client", "max_block", "retry", "what")
+    __slots__ = (
+        "_bounded",
+        "_execute",
+        "client",
+        "max_block",
+        "pool_wait",
+        "retry",
+        "server_block",
+        "what",
+    )
 
     def __init__(self, client: Any, retry: RetryPolicy, what: str) -> None:
         self.client = client
         self.retry = retry
         self.what = what
-        self.max_block = _max_block(client)
+        self.max_block, self.server_block = _max_block(client)
+        self._bounded = _pool_reserve(client)
+        self.pool_wait = self.max_block + _POOL_WAIT_EXTRA
         self._execute = client.execute_command
 
     def run(self, protocol: Protocol[_T]) -> _T:
@@ -229,17 +288,55 @@ class SyncDriver:
         """The hot path: one direct call; the retry machinery only runs after a failure."""
         try:
             return step.script(self.client, step.keys, step.args)
+        except rex.MaxConnectionsError:  # nothing was sent: wait for a connection (in _once)
+            return self.retry.call(lambda: self._once(step))
         except _REDIS_ERRORS as exc:
             first = _translated(exc, self.what)
             if not isinstance(first, ConnectionUnavailable):
                 raise first from exc
         return self.retry.call_after(first, lambda: self._once(step))
 
+    def _pooled(self, fn: Callable[[], _T]) -> _T:
+        """``fn()``; while the pool is full (nothing was sent), retry for up to ``pool_wait``."""
+        try:
+            return fn()
+        except rex.MaxConnectionsError:
+            end = time.monotonic() + self.pool_wait
+        while True:
+            time.sleep(_POOL_WAIT_EVERY)
+            try:
+                return fn()
+            except rex.MaxConnectionsError:
+                if time.monotonic() >= end:
+                    raise
+
+    def _pop(self, step: Pop) -> Any:
+        """BLPOP, or LPOP polls when the pool's reserve is reached or BLPOP cannot fit."""
+        seconds = _block_seconds(step.timeout, self.max_block)
+        if self.server_block and _pool_has_room(self._bounded):
+            try:
+                reply = self._execute("BLPOP", step.key, seconds)
+                return None if reply is None else reply[1]
+            except rex.MaxConnectionsError:
+                pass
+        end = time.monotonic() + seconds
+        while True:
+            try:
+                value = self._execute("LPOP", step.key)
+            except rex.MaxConnectionsError:
+                value = None
+            if value is not None:
+                return value
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(_POLL_EVERY, left))
+
     def _once(self, step: Eval | Command) -> Any:
         try:
             if isinstance(step, Eval):
-                return step.script(self.client, step.keys, step.args)
-            return self._execute(*step.args)
+                return self._pooled(lambda: step.script(self.client, step.keys, step.args))
+            return self._pooled(lambda: self._execute(*step.args))
         except _REDIS_ERRORS as exc:
             mapped = translate(exc, what=self.what)
             if mapped is None:  # pragma: no cover - every RedisError/OSError maps
@@ -276,8 +373,7 @@ class SyncDriver:
                 return self.retry.call(lambda: self._replicated(step))
             return self._replicated(step)
         if isinstance(step, Pop):
-            reply = self._execute("BLPOP", step.key, _block_seconds(step.timeout, self.max_block))
-            return None if reply is None else reply[1]
+            return self._pop(step)
         if isinstance(step, Sleep):
             if step.seconds > 0:
                 time.sleep(step.seconds)
@@ -300,13 +396,26 @@ class SyncDriver:
 class AsyncDriver:
     """Runs protocols on an asyncio redis-py client; shielded steps survive cancellation."""
 
-    __slots__ = ("_bound_loop", "_execute", "_given", "client", "max_block", "retry", "what")
+    __slots__ = (
+        "_bound_loop",
+        "_bounded",
+        "_execute",
+        "_given",
+        "client",
+        "max_block",
+        "pool_wait",
+        "retry",
+        "server_block",
+        "what",
+    )
 
     def __init__(self, client: Any, retry: RetryPolicy, what: str) -> None:
         self.client = self._given = client
         self.retry = retry
         self.what = what
-        self.max_block = _max_block(client)
+        self.max_block, self.server_block = _max_block(client)
+        self._bounded = _pool_reserve(client)
+        self.pool_wait = self.max_block + _POOL_WAIT_EXTRA
         self._execute = client.execute_command
         self._bound_loop: asyncio.AbstractEventLoop | None = None
 
@@ -316,6 +425,7 @@ class AsyncDriver:
         if loop is not self._bound_loop:
             self.client = for_loop(self._given, loop, self.what)
             self._execute = self.client.execute_command
+            self._bounded = _pool_reserve(self.client)
             self._bound_loop = loop
 
     def execute(self, *args: ScriptArg) -> Awaitable[Any]:
@@ -349,11 +459,49 @@ class AsyncDriver:
             except BaseException as exc:  # thrown into the protocol, which cleans up and re-raises
                 send, error = None, _translated(exc, self.what)
 
+    async def _pooled(self, fn: Callable[[], Awaitable[_T]]) -> _T:
+        """``await fn()``; while the pool is full (nothing was sent), retry up to ``pool_wait``."""
+        try:
+            return await fn()
+        except rex.MaxConnectionsError:
+            end = time.monotonic() + self.pool_wait
+        while True:
+            await asyncio.sleep(_POOL_WAIT_EVERY)
+            try:
+                return await fn()
+            except rex.MaxConnectionsError:
+                if time.monotonic() >= end:
+                    raise
+
+    async def _pop(self, step: Pop) -> Any:
+        """BLPOP, or LPOP polls when the pool's reserve is reached or BLPOP cannot fit."""
+        seconds = _block_seconds(step.timeout, self.max_block)
+        if self.server_block and _pool_has_room(self._bounded):
+            try:
+                reply = await self._execute("BLPOP", step.key, seconds)
+                return None if reply is None else reply[1]
+            except rex.MaxConnectionsError:
+                pass
+        end = time.monotonic() + seconds
+        while True:
+            try:
+                value = await self._execute("LPOP", step.key)
+            except rex.MaxConnectionsError:
+                value = None
+            if value is not None:
+                return value
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(_POLL_EVERY, left))
+
     async def _once(self, step: Eval | Command) -> Any:
         try:
             if isinstance(step, Eval):
-                return await step.script.acall(self.client, step.keys, step.args)
-            return await self._execute(*step.args)
+                return await self._pooled(
+                    lambda: step.script.acall(self.client, step.keys, step.args)
+                )
+            return await self._pooled(lambda: self._execute(*step.args))
         except _REDIS_ERRORS as exc:
             mapped = translate(exc, what=self.what)
             if mapped is None:  # pragma: no cover
@@ -394,9 +542,7 @@ class AsyncDriver:
         if isinstance(step, Command):
             return await self.retry.acall(lambda: self._once(step))
         if isinstance(step, Pop):
-            seconds = _block_seconds(step.timeout, self.max_block)
-            reply = await self._execute("BLPOP", step.key, seconds)
-            return None if reply is None else reply[1]
+            return await self._pop(step)
         if isinstance(step, Sleep):
             await asyncio.sleep(max(0.0, step.seconds))
             return None

@@ -8,8 +8,10 @@ estimate can only be early, never late).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
+import logging
 import math
 import os
 import secrets
@@ -18,6 +20,8 @@ import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
+
+import redis.exceptions as rex
 
 from distkit import (
     ConfigError,
@@ -41,6 +45,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Clock", "LockCore", "Seconds"]
 
+log = logging.getLogger("distlock")
+
 Seconds = float | timedelta
 Clock = Callable[[], float]
 
@@ -56,6 +62,11 @@ _REL_MARK_MS = 10_000
 
 def _ms(value: float) -> int:
     return max(1, math.ceil(value * 1000))
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether a ``ConnectionUnavailable`` came from a read timeout (not a reset)."""
+    return isinstance(exc.__cause__, (TimeoutError, asyncio.TimeoutError, rex.TimeoutError))
 
 
 def _is_grant(reply: Any) -> bool:
@@ -105,6 +116,48 @@ def check_client(client: Any, *, want_async: bool, cls: str) -> None:
             "decode_responses=True; build a second client for distkit without it, e.g. "
             "distkit.connect(url) or redis.Redis.from_url(url)"
         )
+
+
+def own_retries(client: Any) -> int:
+    """How many times ``client`` retries a failed command itself (redis-py's ``Retry``; 0 for
+    clients of ``distkit.connect()``, which switch it off, and for shapes we cannot read)."""
+    try:
+        getter = getattr(client, "get_retry", None)
+        retry = getter() if callable(getter) else getattr(client, "retry", None)
+        count = retry.get_retries() if retry is not None else 0
+    except Exception:
+        return 0
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 0
+
+
+_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
+_WARNED_LOCK = threading.Lock()
+
+
+def warn_own_retries(client: Any, attempts: int) -> None:
+    """Log once per client that retries failed commands itself: its retries and distkit's
+    ``attempts`` multiply (redis-py retries below distkit, inside every attempt)."""
+    count = own_retries(client)
+    if not count:
+        return
+    with _WARNED_LOCK:
+        try:
+            if client in _WARNED:
+                return
+            _WARNED.add(client)
+        except TypeError:  # not weak-referenceable: warn every time rather than never
+            pass
+    log.warning(
+        "this %s retries failed commands itself (%d retries, with its own backoff), inside each "
+        "of distlock's %d attempts and its clean-up try: a dead server costs up to "
+        "%d x socket_timeout plus both "
+        "backoffs; build the client with distkit.connect() (or redis-py's "
+        "retry=Retry(NoBackoff(), 0)) for the attempts x socket_timeout bound (docs/locks.md)",
+        type(client).__name__,
+        count,
+        attempts,
+        (attempts + 1) * (count + 1),
+    )
 
 
 def retry_policy(retry: RetryConfig | RetryPolicy | None, client: Any = None) -> RetryPolicy:
@@ -374,10 +427,13 @@ class LockCore:
                         token = yield from self._replicated(Pop(wake_key, block), _is_token)
                     else:
                         token = yield Pop(wake_key, block)
-                except ConnectionUnavailable:
+                except ConnectionUnavailable as exc:
                     # A reset may have swallowed a handed-over token: the next ACQUIRE of the
                     # same owner (retried per policy, on a new connection) answers with the grant.
-                    lost_pops += 1
+                    # A read timeout is not counted: a healthy server may end a BLPOP late, and
+                    # a dead one fails that ACQUIRE (per the retry policy) instead.
+                    if not _timed_out(exc):
+                        lost_pops += 1
                     if lost_pops > _MAX_LOST_POPS:
                         raise
                     continue

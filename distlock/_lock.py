@@ -40,6 +40,7 @@ from ._core import (
     check_replicas,
     force_release,
     retry_policy,
+    warn_own_retries,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ __all__ = ["AsyncLock", "Lock"]
 log = logging.getLogger(__name__)
 
 _L = TypeVar("_L", bound="_LockBase[Any]")
+# How often the renewer re-reads the lease estimate while an extension is in flight.
+_RENEW_POLL = 0.05
 _E = TypeVar("_E", threading.Event, asyncio.Event)
 
 
@@ -216,13 +219,52 @@ class _SyncLock(_LockBase[threading.Event]):
             if thread is not threading.current_thread():
                 thread.join()
 
+    def _bounded_extend(self, stop: threading.Event) -> bool:
+        """One renewal, waited for only while the lease's local estimate lasts.
+
+        ``True``: the extension finished (its error, if any, is raised here). ``False``: the
+        estimate ran out first; the call may still land later (it runs on in a daemon thread,
+        within the client's timeouts), which only lengthens a lease this handle no longer
+        claims. A release that stops the renewer meanwhile waits for the call to finish, so the
+        release lands after it (as it did when the renewer made the call itself).
+        """
+        outcome: list[BaseException | None] = []
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                self._driver.run(self._core.extend(None))
+                outcome.append(None)
+            except BaseException as exc:  # handed to the renewer thread
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name=f"distlock-extend-{self.name}", daemon=True).start()
+        while not done.is_set():
+            left = self._core.remaining_or_zero()
+            if left <= 0:
+                return False
+            if stop.is_set():
+                done.wait()
+                break
+            done.wait(min(left, _RENEW_POLL))
+        if outcome[0] is not None:
+            raise outcome[0]
+        return True
+
     def _renew_loop(self, owner: str | None, stop: threading.Event) -> None:
         interval = self._renew_interval
         while not stop.wait(interval):
             if self._core.owner != owner or owner is None:
                 return
             try:
-                self._driver.run(self._core.extend(None))
+                if not self._bounded_extend(stop):
+                    if self._core.owner != owner:
+                        return
+                    self._core.clear()
+                    self._fire_lost()
+                    return
                 interval = self._renew_interval
             except LockNotOwned:
                 self._fire_lost()
@@ -339,8 +381,18 @@ class _AsyncLock(_LockBase[asyncio.Event]):
             if self._core.owner != owner or owner is None:
                 return
             try:
-                await self._driver.run(self._core.extend(None))
+                # bounded by the lease's local estimate: cut the call when it runs out
+                left = self._core.remaining_or_zero()
+                if left > 0:
+                    await asyncio.wait_for(self._driver.run(self._core.extend(None)), left)
+                else:
+                    raise asyncio.TimeoutError
                 interval = self._renew_interval
+            except asyncio.TimeoutError:  # the estimate ran out first (a redis-py one is mapped)
+                if self._core.owner == owner:
+                    self._core.clear()
+                    self._fire_lost()
+                return
             except LockNotOwned:
                 self._fire_lost()
                 return
@@ -444,6 +496,7 @@ class Lock(_SyncLock):
         )
         if retry is None:  # connect()'s RetryConfig, when one was given
             self._retry = retry_policy(None, client)
+        warn_own_retries(client, self._retry.attempts)
         self._setup_io(self._make_driver(client))
 
     def _make_driver(self, client: Any) -> Any:

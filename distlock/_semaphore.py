@@ -38,6 +38,7 @@ from ._core import (
     check_client,
     check_replicas,
     retry_policy,
+    warn_own_retries,
 )
 from ._lock import _AsyncLock, _SyncLock
 from ._semaphore_scripts import ACQUIRE, EXTEND, PEEK, RELEASE
@@ -259,6 +260,7 @@ def _init(
     )
     if retry is None:  # connect()'s RetryConfig, when one was given
         self._retry = retry_policy(None, client)
+    warn_own_retries(client, self._retry.attempts)
     return core
 
 

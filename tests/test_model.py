@@ -20,6 +20,7 @@ Scale the walks up with ``DISTKIT_ADVERSARIAL_SCALE`` (see docs/testing.md).
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -888,6 +889,49 @@ class LockMachine(RuleBasedStateMachine):
         finally:
             client.close()
         assert lock.fencing_token is None
+
+    @precondition(lambda self: self.holder is None)
+    @rule(
+        pool=st.integers(1, 4),
+        extra=st.integers(1, 2),
+        give_up=st.booleans(),
+        socket_timeout=st.sampled_from([5.0, 0.3, 0.05]),
+    )
+    def crowded_pool(self, pool: int, extra: int, give_up: bool, socket_timeout: float) -> None:
+        """A holder and more waiters than its client's pool has connections share one client
+        (with a socket timeout down to 50 ms): the holder's extend and release (and the waiters'
+        own, or their clean-up when they give up) never fail for want of a connection or for a
+        late BLPOP reply, and nothing is left queued."""
+        client = connect(self.server.config(max_connections=pool, socket_timeout=socket_timeout))
+        holder = Lock(client, "model", ttl=TTL_SCALE * 10)
+        errors: list[BaseException] = []
+        try:
+            assert holder.acquire(blocking=False)
+            self.last_token = holder.fencing_token or self.last_token
+
+            def waiter() -> None:
+                lock = Lock(client, "model", ttl=TTL_SCALE * 10)
+                try:
+                    if lock.acquire(timeout=0.2 if give_up else 5.0):
+                        lock.release()
+                except Exception as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=waiter) for _ in range(pool + extra)]
+            for t in threads:
+                t.start()
+            time.sleep(0.1)  # the waiters are queued and blocking
+            holder.extend()
+            holder.release()
+            for t in threads:
+                t.join(20)
+            assert errors == [], errors
+        finally:
+            if holder.fencing_token is not None:
+                holder.release()
+            client.close()
+        # the fence moved on: the next grant in the model must still be higher
+        self.last_token = max(self.last_token, int(self.admin.get(self.fence_key) or 0))
 
     @invariant()
     def server_agrees(self) -> None:
