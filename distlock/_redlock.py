@@ -88,7 +88,8 @@ class Redlock(_SyncLock):
         retry_count: retries of a blocking acquire (``None``: until ``timeout``).
         retry_delay: upper bound of the random delay between attempts (lower bound: half).
         drift_factor: clock drift allowance; validity = ttl - elapsed - (ttl * factor + 2 ms).
-        node_timeout: per-master reply timeout (default ``min(0.5 s, ttl / 50)``).
+        node_timeout: per-master reply timeout, < ttl / 2 (default
+            ``min(0.5 s, max(5 ms, ttl / 50), ttl / 4)``).
         fencing: ``"quorum"`` (default: the token is also written back to a quorum of masters
             that still hold the lease before ``acquire`` returns; no clock assumption) or
             ``"clock"`` (opt-in, one round trip less: the max of the granting masters'

@@ -620,3 +620,17 @@ def test_redis_cluster_is_refused(cluster: RedisCluster, masters: IndependentMas
 def test_redlock_config_rejects_a_cluster_master() -> None:
     with pytest.raises((ConfigError, ValueError), match="standalone"):
         RedlockConfig(masters=(RedisConfig(mode="cluster", host="127.0.0.1", port=7000),))
+
+
+@pytest.mark.parametrize("ttl", [0.001, 0.004, 0.01, 0.02, 0.25, 1, 10, 24.9, 25, 30, 3600])
+def test_the_default_node_timeout_is_valid_for_every_ttl(
+    masters: IndependentMasters, ttl: float
+) -> None:
+    """docs/redlock.md: default node_timeout = min(0.5 s, max(5 ms, ttl / 50), ttl / 4): a ttl
+    that is accepted never fails on a node_timeout the caller did not pass."""
+    lock = Redlock(_sync_clients(masters.servers[:3]), "nt-default", ttl=ttl)
+    node_timeout = lock._core.node_timeout  # type: ignore[attr-defined]
+    assert node_timeout == min(0.5, max(0.005, ttl / 50), ttl / 4)
+    assert 0 < node_timeout < ttl / 2
+    with pytest.raises(ConfigError, match="node_timeout"):  # one passed explicitly still is checked
+        Redlock(_sync_clients(masters.servers[:3]), "nt-default", ttl=ttl, node_timeout=ttl / 2)
