@@ -105,6 +105,33 @@ def _suspension(timeout: float) -> float:
     return min(1.0, max(0.05, 4 * timeout))
 
 
+# Until when each master (keyed by its client's connection pool) is skipped after a failure:
+# shared by every handle over the same client, so a handle per call does not probe a stalled
+# master afresh (and wait node_timeout for it) every time.
+_suspended_until: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def _shared_suspended(pool: Any, now: float) -> bool:
+    try:
+        return _suspended_until.get(pool, 0.0) > now
+    except TypeError:  # a pool that cannot be weakly referenced: the driver's own record only
+        return False
+
+
+def _share_suspension(pool: Any, until: float, cause: BaseException | None) -> None:
+    """Suspend the master for every handle over ``pool`` when ``cause`` (None: a timeout) says
+    it is unreachable or stalled; a refusal of this client (a wrong password) is not shared: each
+    call reports it."""
+    if cause is not None and (
+        isinstance(cause, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError))
+        or not isinstance(cause, (rex.ConnectionError, rex.TimeoutError, OSError))
+    ):
+        return
+    with contextlib.suppress(TypeError):
+        if _suspended_until.get(pool, 0.0) < until:
+            _suspended_until[pool] = until
+
+
 _MAX_IDLE = 16
 
 
@@ -290,34 +317,46 @@ class SyncFanOutDriver(SyncDriver):
                 conn, self._unread[i] = idle
                 self._conns[i] = conn
         if conn is None:
-            pool = self.clients[i].connection_pool
-            options = dict(pool.connection_kwargs)
-            options["socket_timeout"] = timeout
-            options["socket_connect_timeout"] = timeout
-            # No health-check PING: it would be sent before the straggler replies still owed on
-            # this connection are read, take one of them for its answer and drop the connection
-            # (and the request about to go out). Failures are detected by the fan-out itself.
-            options["health_check_interval"] = 0
-            # One connection attempt: redis-py's retries would multiply the per-node timeout.
-            options["retry"] = Retry(NoBackoff(), 0)
-            # A new connection's handshake is paid serially per node, a round trip per step: no
-            # CLIENT SETINFO, no maintenance notifications, and RESP2 (no HELLO; the scripts'
-            # replies read the same). AUTH and SELECT stay when configured.
-            if "driver_info" in options:  # redis-py >= 7
-                options["driver_info"] = None
-            else:
-                options["lib_name"] = options["lib_version"] = None
-            options["protocol"] = 2
-            if "maint_notifications_config" in options:  # redis-py >= 7
-                from redis.maint_notifications import MaintNotificationsConfig
-
-                options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-                options.pop("maint_notifications_pool_handler", None)
-            conn = pool.connection_class(**options)
+            conn = self._open(i, timeout)
             self._conns[i] = conn
         return conn
 
-    def _drop(self, i: int, now: float, timeout: float, *, suspend: bool = True) -> None:
+    def _open(self, i: int, timeout: float) -> Any:
+        """A new connection to node ``i`` (not connected yet) with ``timeout`` as its timeouts."""
+        pool = self.clients[i].connection_pool
+        options = dict(pool.connection_kwargs)
+        options["socket_timeout"] = timeout
+        options["socket_connect_timeout"] = timeout
+        # No health-check PING: it would be sent before the straggler replies still owed on
+        # this connection are read, take one of them for its answer and drop the connection
+        # (and the request about to go out). Failures are detected by the fan-out itself.
+        options["health_check_interval"] = 0
+        # One connection attempt: redis-py's retries would multiply the per-node timeout.
+        options["retry"] = Retry(NoBackoff(), 0)
+        # A new connection's handshake is paid serially per node, a round trip per step: no
+        # CLIENT SETINFO, no maintenance notifications, and RESP2 (no HELLO; the scripts'
+        # replies read the same). AUTH and SELECT stay when configured.
+        if "driver_info" in options:  # redis-py >= 7
+            options["driver_info"] = None
+        else:
+            options["lib_name"] = options["lib_version"] = None
+        options["protocol"] = 2
+        if "maint_notifications_config" in options:  # redis-py >= 7
+            from redis.maint_notifications import MaintNotificationsConfig
+
+            options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+            options.pop("maint_notifications_pool_handler", None)
+        return pool.connection_class(**options)
+
+    def _drop(
+        self,
+        i: int,
+        now: float,
+        timeout: float,
+        *,
+        suspend: bool = True,
+        cause: BaseException | None = None,
+    ) -> None:
         conn, self._conns[i] = self._conns[i], None
         self._unread[i] = []
         self._pinned[i] = False
@@ -325,6 +364,10 @@ class SyncFanOutDriver(SyncDriver):
             conn.disconnect()
         if suspend:
             self._suspended[i] = now + _suspension(timeout)
+            _share_suspension(self.clients[i].connection_pool, self._suspended[i], cause)
+
+    def _is_suspended(self, i: int, now: float) -> bool:
+        return self._suspended[i] > now or _shared_suspended(self.clients[i].connection_pool, now)
 
     def _drain(self, i: int, deadline: float, unloaded: list[Script]) -> bool:
         """Read the replies still owed on node ``i``'s connection; False if they are late.
@@ -357,7 +400,7 @@ class SyncFanOutDriver(SyncDriver):
         except rex.ResponseError as exc:
             return _error(exc, self.what)
         except _REDIS_ERRORS as exc:
-            self._drop(i, time.monotonic(), timeout)
+            self._drop(i, time.monotonic(), timeout, cause=exc)
             return _error(exc, self.what)
 
     def _abandon_behind(self, i: int, abandon: Eval) -> None:
@@ -378,8 +421,8 @@ class SyncFanOutDriver(SyncDriver):
                 if not conn.can_read(timeout=timeout):
                     raise TimeoutError("SCRIPT LOAD timed out")
                 conn.read_response()
-        except _REDIS_ERRORS:
-            self._drop(i, time.monotonic(), timeout)
+        except _REDIS_ERRORS as exc:
+            self._drop(i, time.monotonic(), timeout, cause=exc)
 
     def _fan_out(self, step: FanOut) -> list[Any]:
         if self._pid != os.getpid():
@@ -399,9 +442,11 @@ class SyncFanOutDriver(SyncDriver):
         n = len(self.clients)
         outcomes: list[Any] = [TIMED_OUT] * n
         sent = [False] * n
+        unawaited = [False] * n  # sent; the reply is read before the next request there
         now = time.monotonic()
         for i, call in enumerate(step.calls):
-            if self._suspended[i] > now and not step.reach_all:
+            suspended = self._is_suspended(i, now)
+            if suspended and not step.reach_all:
                 outcomes[i] = ConnectionUnavailable(
                     f"{self.what}: node {i} suspended after a failure"
                 )
@@ -412,18 +457,25 @@ class SyncFanOutDriver(SyncDriver):
                     # An unawaited release's reply is read later, where NOSCRIPT could only be
                     # noted: it goes by EVAL. Awaited ones answer NOSCRIPT in time or get an EVAL
                     # behind them.
-                    by_sha = step.wait or not step.reach_all
-                    conn.send_packed_command(_packed_eval(conn, call, by_sha=by_sha))
-                    sent[i] = True
+                    # A release to a suspended master is not waited for at all: sent by EVAL
+                    # (behind any straggler on this connection), which is then closed, as after
+                    # a timeout; it lands when the master gets to it.
+                    fire = step.wait and step.reach_all and suspended
+                    later = not step.wait or fire
+                    conn.send_packed_command(_packed_eval(conn, call, by_sha=not later))
+                    sent[i] = not later
+                    unawaited[i] = not step.wait
                     outcomes[i] = TIMED_OUT
+                    if fire:
+                        self._drop(i, time.monotonic(), step.timeout, suspend=False)
                     break
                 except _REDIS_ERRORS as exc:
                     outcomes[i] = _error(exc, self.what)
-                    self._drop(i, time.monotonic(), step.timeout)
+                    self._drop(i, time.monotonic(), step.timeout, cause=exc)
+        for i in range(n):
+            if unawaited[i]:
+                self._unread[i].append(step.calls[i].script)
         if not step.wait:
-            for i in range(n):
-                if sent[i]:
-                    self._unread[i].append(step.calls[i].script)
             return outcomes
         # The per-node timeout starts once every request is out.
         deadline = time.monotonic() + step.timeout
@@ -472,7 +524,7 @@ class SyncFanOutDriver(SyncDriver):
                 outcomes[i] = _error(exc, self.what)
             except _REDIS_ERRORS as exc:
                 outcomes[i] = _error(exc, self.what)
-                self._drop(i, time.monotonic(), step.timeout)
+                self._drop(i, time.monotonic(), step.timeout, cause=exc)
                 if step.reach_all:
                     # A pooled connection the server closed (say, it restarted): once more on a
                     # new one. A release is idempotent, so a second landing is harmless.
@@ -616,6 +668,13 @@ class AsyncFanOutDriver(AsyncDriver):
         if pending:  # bounded: a late release may keep trying for as long as its lease lasts
             await asyncio.wait(pending, timeout=max(1.0, 20 * self._hint))
 
+    def _is_suspended(self, i: int, now: float) -> bool:
+        return self._suspended[i] > now or _shared_suspended(self.clients[i].connection_pool, now)
+
+    def _suspend(self, i: int, until: float, cause: BaseException | None) -> None:
+        self._suspended[i] = until
+        _share_suspension(self.clients[i].connection_pool, until, cause)
+
     async def _send_late(self, pool: Any, call: Eval, bound: float) -> None:
         conn = None
         try:
@@ -666,8 +725,13 @@ class AsyncFanOutDriver(AsyncDriver):
             if not unsent:
                 out.set()
 
+        settled: set[int] = set()
+
         def settle(i: int, outcome: Any) -> None:
             mark(i)
+            if i in settled:  # reported already (not waited for): the task went on sending
+                return
+            settled.add(i)
             outcomes[i] = outcome
             state["left"] -= 1
             if state["result"] is None and (
@@ -690,7 +754,18 @@ class AsyncFanOutDriver(AsyncDriver):
             return [TIMED_OUT] * n
         # Cancelling the caller leaves the node tasks running to their deadline: a request sent
         # is always either answered or followed by its abandon script.
-        await decided.wait()
+        if step.reach_all:
+            # A release waits for no master longer than node_timeout, counted from here once:
+            # one still busy (connecting, or behind its straggler) is reported as timed out and
+            # its task still sends the release, in order.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(decided.wait(), max(0.0, deadline - time.monotonic()))
+            if state["result"] is None:
+                state["result"] = list(outcomes)
+                for i in range(n):
+                    settled.add(i)
+        else:
+            await decided.wait()
         if crashed:
             raise crashed[0]
         result: list[Any] = state["result"]
@@ -708,11 +783,14 @@ class AsyncFanOutDriver(AsyncDriver):
     ) -> None:
         pool = self._live[i].connection_pool  # read before any await: the step's own loop
         call = step.calls[i]
-        if prev is not None and not prev.done():
+        suspended = self._is_suspended(i, time.monotonic())
+        if suspended and not step.reach_all:
+            settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
+            return
+        if prev is not None and not prev.done() and not suspended:
             # Its request (or its abandon) lands before ours, but the wait is bounded by this
             # step's deadline (a late release may retry for max(1 s, 20 x timeout)).
-            until = deadline + (step.timeout if step.reach_all else 0.0)
-            await asyncio.wait({prev}, timeout=max(0.0, until - time.monotonic()))
+            await asyncio.wait({prev}, timeout=max(0.0, deadline - time.monotonic()))
             if not prev.done():
                 if not step.reach_all:
                     settle(i, ConnectionUnavailable(f"{self.what}: node {i} is still busy"))
@@ -722,14 +800,18 @@ class AsyncFanOutDriver(AsyncDriver):
                 await asyncio.wait({prev})
                 await self._send_late(pool, call, max(1.0, 20 * step.timeout, step.late))
                 return
-        if self._suspended[i] > time.monotonic() and not step.reach_all:
-            settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
-            return
+        if step.reach_all and self._is_suspended(i, time.monotonic()):
+            # A release to a suspended master (maybe just now, by the straggler waited for):
+            # not waited for, but sent, behind its straggler.
+            settle(i, TIMED_OUT)
+        if prev is not None and not prev.done():
+            await asyncio.wait({prev})  # bounded by its own bounds; ours goes out behind it
         if step.reach_all:
             # Waiting for the straggler must not cost the release its chance to go out.
             deadline = max(deadline, time.monotonic() + step.timeout)
         conn = None
         sent = False
+        started = time.monotonic()
         try:
             # Opening a connection to a stalled node may wait for socket_timeout: bound it.
             conn = await asyncio.wait_for(
@@ -760,7 +842,13 @@ class AsyncFanOutDriver(AsyncDriver):
         except (*_REDIS_ERRORS, TimeoutError) as exc:
             timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError))
             settle(i, TIMED_OUT if timed_out and sent else _error(exc, self.what))
-            self._suspended[i] = time.monotonic() + _suspension(step.timeout)
+            # From when the failure was due: a deadline seen late (the loop did not run, say a
+            # sync bridge between calls) must not suspend a master that is fine by now.
+            # Nor one left less than half its timeout by the straggler it waited for.
+            late = timed_out or isinstance(exc, rex.TimeoutError)
+            at = min(time.monotonic(), deadline) if late else time.monotonic()
+            if not late or at - started >= step.timeout / 2:
+                self._suspend(i, at + _suspension(step.timeout), None if timed_out else exc)
             behind = step.abandon[i] if step.abandon is not None else None
             if behind is None and step.reach_all:
                 behind = call  # a late EVALSHA may meet NOSCRIPT: the EVAL behind it lands
