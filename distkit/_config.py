@@ -260,6 +260,18 @@ class RedisConfig(_Model):
         return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
 
 
+_LOOPBACK = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "::1", "[::1]"})
+
+
+def server_address(host: Any, port: Any, path: Any = None) -> tuple[Any, ...]:
+    """Where a server listens, with the loopback spellings (``localhost``, ``127.0.0.1``,
+    ``::1``) made one: two clients with the same address reach the same server, whatever db."""
+    if path:
+        return ("unix", str(path))
+    name = str(host).lower() if host is not None else None
+    return ("tcp", "loopback" if name in _LOOPBACK else name, port)
+
+
 # URL query options -> (field, parser). The parsers are redis-py's, so a URL means to distkit what
 # it means to redis.from_url(); options of redis-py that distkit sets itself or does not support are
 # refused by name rather than silently dropped.
@@ -361,16 +373,21 @@ class RedlockConfig(_Model):
 
     @model_validator(mode="after")
     def _check_masters(self) -> RedlockConfig:
-        seen = set()
+        seen: dict[Any, str] = {}
         for master in self.masters:
             if master.mode == "cluster":
                 raise ValueError("a Redlock master must be a standalone or Sentinel-managed server")
             where = master.describe()
-            if where in seen:
+            # One server whatever the db and however the loopback address is spelled.
+            server: Any = where
+            if master.mode != "sentinel":
+                server = server_address(master.host, master.port, master.unix_socket)
+            if server in seen:
                 raise ValueError(
-                    f"master {where} is listed twice; Redlock needs independent masters"
+                    f"one server is listed twice, as {seen[server]} and {where} (one failure "
+                    "domain, whatever the db); Redlock needs independent masters"
                 )
-            seen.add(where)
+            seen[server] = where
         return self
 
     @classmethod

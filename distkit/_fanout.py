@@ -44,7 +44,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ._clients import for_loop
-from ._errors import ConnectionUnavailable, DistkitError, LockError, translate
+from ._errors import ConfigError, ConnectionUnavailable, DistkitError, LockError, translate
 from ._protocol import (
     _REDIS_ERRORS,
     TIMED_OUT,
@@ -132,6 +132,63 @@ def _share_suspension(pool: Any, until: float, cause: BaseException | None) -> N
             _suspended_until[pool] = until
 
 
+# Each master's server identity (INFO server's run_id), learnt at first use and kept per client
+# connection pool: two clients that reach one server (however spelled: an alias, a proxy, another
+# db) are refused, as Redlock needs independent masters.
+_server_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+# One sync probe at a time: threads starting together open one probe connection per master,
+# not one each (the others then find the identities known).
+_probe_lock = threading.Lock()
+
+
+def _known_id(pool: Any) -> str | None:
+    try:
+        return _server_ids.get(pool)
+    except TypeError:
+        return None
+
+
+def _learn_id(pool: Any, info: Any) -> None:
+    """Remember the run_id in an ``INFO server`` reply (a parsed dict, or the raw text)."""
+    run_id: Any = None
+    if isinstance(info, dict):
+        run_id = info.get("run_id")
+    elif isinstance(info, (bytes, str)):
+        text = info.decode("utf-8", "replace") if isinstance(info, bytes) else info
+        for line in text.splitlines():
+            if line.startswith("run_id:"):
+                run_id = line[len("run_id:") :].strip()
+    if run_id:
+        with contextlib.suppress(TypeError):
+            _server_ids[pool] = str(run_id)
+
+
+def _describe(client: Any) -> str:
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {}) or {}
+    if kwargs.get("path"):
+        return f"unix:{kwargs['path']} db={kwargs.get('db', 0)}"
+    return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+
+
+def _refuse_duplicates(clients: Sequence[Any], what: str) -> bool:
+    """Raise ConfigError when two masters are one server; True once every identity is known."""
+    seen: dict[str, int] = {}
+    complete = True
+    for i, client in enumerate(clients):
+        run_id = _known_id(client.connection_pool)
+        if run_id is None:
+            complete = False
+            continue
+        if run_id in seen:
+            j = seen[run_id]
+            raise ConfigError(
+                f"{what}: masters {j} ({_describe(clients[j])}) and {i} ({_describe(client)}) "
+                f"are the same Redis server (run_id {run_id}); Redlock needs independent masters"
+            )
+        seen[run_id] = i
+    return complete
+
+
 _MAX_IDLE = 16
 
 
@@ -215,8 +272,9 @@ def discard_idle(pool: Any) -> None:
 
 
 def _forget_all_after_fork() -> None:
-    global _registry_lock, _generation
+    global _registry_lock, _generation, _probe_lock
     _registry_lock = threading.RLock()
+    _probe_lock = threading.Lock()
     _registry.clear()
     _generation += 1
 
@@ -236,6 +294,7 @@ class SyncFanOutDriver(SyncDriver):
 
     __slots__ = (
         "_conns",
+        "_distinct",
         "_idles",
         "_lock",
         "_pid",
@@ -248,6 +307,7 @@ class SyncFanOutDriver(SyncDriver):
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
         self.clients = list(clients)
+        self._distinct = False  # every master's server identity known, none twice
         self._reset()
 
     def _reset(self) -> None:
@@ -348,6 +408,50 @@ class SyncFanOutDriver(SyncDriver):
             options.pop("maint_notifications_pool_handler", None)
         return pool.connection_class(**options)
 
+    def _check_distinct(self, timeout: float) -> None:
+        """At first use: learn each master's server identity (``INFO server``, on connections of
+        its own, all sent before any reply is read) and refuse two masters that are one server.
+        A master that does not answer within ``timeout`` is suspended (the fan-out would wait
+        for it just as long) and asked again at a later fan-out."""
+        with _probe_lock:
+            self._probe(timeout)
+        self._distinct = _refuse_duplicates(self.clients, self.what)
+
+    def _probe(self, timeout: float) -> None:
+        now = time.monotonic()
+        probes: dict[int, Any] = {}
+        for i, client in enumerate(self.clients):
+            if _known_id(client.connection_pool) is not None or self._is_suspended(i, now):
+                continue
+            conn = None
+            try:
+                conn = self._open(i, timeout)
+                conn.send_command("INFO", "server")
+                probes[i] = conn
+            except _REDIS_ERRORS as exc:
+                if conn is not None:
+                    conn.disconnect()
+                if isinstance(exc, (TimeoutError, rex.TimeoutError)):  # else: the grant reports it
+                    self._suspended[i] = now + _suspension(timeout)
+                    _share_suspension(client.connection_pool, self._suspended[i], exc)
+        deadline = time.monotonic() + timeout
+        for i, conn in probes.items():
+            pool = self.clients[i].connection_pool
+            try:
+                if conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
+                    _learn_id(pool, conn.read_response())
+                else:
+                    self._suspended[i] = time.monotonic() + _suspension(timeout)
+                    _share_suspension(pool, self._suspended[i], None)
+            except rex.ResponseError:
+                pass  # INFO refused (an ACL): this master is not checked
+            except _REDIS_ERRORS as exc:
+                if isinstance(exc, (TimeoutError, rex.TimeoutError)):  # else: the grant reports it
+                    self._suspended[i] = time.monotonic() + _suspension(timeout)
+                    _share_suspension(pool, self._suspended[i], exc)
+            finally:
+                conn.disconnect()
+
     def _drop(
         self,
         i: int,
@@ -428,6 +532,8 @@ class SyncFanOutDriver(SyncDriver):
         if self._pid != os.getpid():
             self._after_fork()
         with self._lock:
+            if not self._distinct and not step.reach_all:
+                self._check_distinct(step.timeout)
             keep = False
             try:
                 outcomes = self._fan_out_locked(step)
@@ -573,6 +679,7 @@ class AsyncFanOutDriver(AsyncDriver):
 
     __slots__ = (
         "_active",
+        "_distinct",
         "_guard",
         "_hint",
         "_live",
@@ -594,6 +701,7 @@ class AsyncFanOutDriver(AsyncDriver):
         self._active = 0  # protocols running on self._loop
         self._guard = threading.Lock()  # _loop, _active and the swap: one thread at a time
         self._hint = 0.05  # the last per-node timeout seen (bounds the wait for stragglers)
+        self._distinct = False  # every master's server identity known, none twice
 
     def _after_fork(self) -> None:
         """In a forked child: drop the connections the clients' pools inherited from the parent."""
@@ -675,6 +783,34 @@ class AsyncFanOutDriver(AsyncDriver):
         self._suspended[i] = until
         _share_suspension(self.clients[i].connection_pool, until, cause)
 
+    async def _check_distinct(self, timeout: float) -> None:
+        """The twin of ``SyncFanOutDriver._check_distinct``: one ``INFO server`` per master whose
+        identity is not known yet, all at once, each bounded by ``timeout``."""
+        now = time.monotonic()
+
+        async def probe(i: int) -> None:
+            pool = self.clients[i].connection_pool
+            try:
+                info = await asyncio.wait_for(
+                    self._live[i].execute_command("INFO", "server"), timeout
+                )
+            except rex.ResponseError:
+                return  # INFO refused (an ACL): this master is not checked
+            except (*_REDIS_ERRORS, TimeoutError) as exc:
+                if isinstance(exc, (TimeoutError, rex.TimeoutError)):  # else: the grant reports it
+                    self._suspend(i, time.monotonic() + _suspension(timeout), None)
+                return
+            _learn_id(pool, info)
+
+        todo = [
+            i
+            for i, client in enumerate(self.clients)
+            if _known_id(client.connection_pool) is None and not self._is_suspended(i, now)
+        ]
+        if todo:
+            await asyncio.gather(*(probe(i) for i in todo))
+        self._distinct = _refuse_duplicates(self.clients, self.what)
+
     async def _send_late(self, pool: Any, call: Eval, bound: float) -> None:
         conn = None
         try:
@@ -711,6 +847,8 @@ class AsyncFanOutDriver(AsyncDriver):
             with self._guard:
                 self._active = max(0, self._active - 1)
         self._hint = step.timeout
+        if not self._distinct and not step.reach_all:
+            await self._check_distinct(step.timeout)
         n = len(self.clients)
         outcomes: list[Any] = [TIMED_OUT] * n
         decided = asyncio.Event()
