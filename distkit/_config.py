@@ -260,18 +260,6 @@ class RedisConfig(_Model):
         return f"{'rediss' if self.tls else 'redis'}://{self.host}:{self.port}/{self.db}"
 
 
-_LOOPBACK = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "::1", "[::1]"})
-
-
-def server_address(host: Any, port: Any, path: Any = None) -> tuple[Any, ...]:
-    """Where a server listens, with the loopback spellings (``localhost``, ``127.0.0.1``,
-    ``::1``) made one: two clients with the same address reach the same server, whatever db."""
-    if path:
-        return ("unix", str(path))
-    name = str(host).lower() if host is not None else None
-    return ("tcp", "loopback" if name in _LOOPBACK else name, port)
-
-
 # URL query options -> (field, parser). The parsers are redis-py's, so a URL means to distkit what
 # it means to redis.from_url(); options of redis-py that distkit sets itself or does not support are
 # refused by name rather than silently dropped.
@@ -373,6 +361,8 @@ class RedlockConfig(_Model):
 
     @model_validator(mode="after")
     def _check_masters(self) -> RedlockConfig:
+        from ._fanout import server_address
+
         seen: dict[Any, str] = {}
         for master in self.masters:
             if master.mode == "cluster":

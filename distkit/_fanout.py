@@ -132,6 +132,18 @@ def _share_suspension(pool: Any, until: float, cause: BaseException | None) -> N
             _suspended_until[pool] = until
 
 
+_LOOPBACK = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "::1", "[::1]"})
+
+
+def server_address(host: Any, port: Any, path: Any = None) -> tuple[Any, ...]:
+    """Where a server listens, with the loopback spellings (``localhost``, ``127.0.0.1``,
+    ``::1``) made one: two clients with the same address reach the same server, whatever db."""
+    if path:
+        return ("unix", str(path))
+    name = str(host).lower() if host is not None else None
+    return ("tcp", "loopback" if name in _LOOPBACK else name, port)
+
+
 # Each master's server identity (INFO server's run_id), learnt at first use and kept per client
 # connection pool: two clients that reach one server (however spelled: an alias, a proxy, another
 # db) are refused, as Redlock needs independent masters.

@@ -15,8 +15,13 @@ from distkit._clients import is_config
 
 if TYPE_CHECKING:
     from distkit import AsyncClient, RedlockConfig, RetryConfig, SyncClient
-from distkit._config import server_address
-from distkit._fanout import AsyncFanOutDriver, SyncFanOutDriver, _describe, discard_idle
+from distkit._fanout import (
+    AsyncFanOutDriver,
+    SyncFanOutDriver,
+    _describe,
+    discard_idle,
+    server_address,
+)
 from distkit._protocol import monotonic
 
 from ._core import Clock, Seconds, check_client
