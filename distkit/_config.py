@@ -361,16 +361,23 @@ class RedlockConfig(_Model):
 
     @model_validator(mode="after")
     def _check_masters(self) -> RedlockConfig:
-        seen = set()
+        from ._fanout import server_address
+
+        seen: dict[Any, str] = {}
         for master in self.masters:
             if master.mode == "cluster":
                 raise ValueError("a Redlock master must be a standalone or Sentinel-managed server")
             where = master.describe()
-            if where in seen:
+            # One server whatever the db and however the loopback address is spelled.
+            server: Any = where
+            if master.mode != "sentinel":
+                server = server_address(master.host, master.port, master.unix_socket)
+            if server in seen:
                 raise ValueError(
-                    f"master {where} is listed twice; Redlock needs independent masters"
+                    f"one server is listed twice, as {seen[server]} and {where} (one failure "
+                    "domain, whatever the db); Redlock needs independent masters"
                 )
-            seen.add(where)
+            seen[server] = where
         return self
 
     @classmethod

@@ -44,7 +44,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ._clients import for_loop
-from ._errors import ConnectionUnavailable, DistkitError, LockError, translate
+from ._errors import ConfigError, ConnectionUnavailable, DistkitError, LockError, translate
 from ._protocol import (
     _REDIS_ERRORS,
     TIMED_OUT,
@@ -103,6 +103,102 @@ def _error(exc: BaseException, what: str) -> DistkitError:
 def _suspension(timeout: float) -> float:
     """How long a node that just failed or timed out is skipped before it is tried again."""
     return min(1.0, max(0.05, 4 * timeout))
+
+
+# Until when each master (keyed by its client's connection pool) is skipped after a failure:
+# shared by every handle over the same client, so a handle per call does not probe a stalled
+# master afresh (and wait node_timeout for it) every time.
+_suspended_until: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
+def _shared_suspended(pool: Any, now: float) -> bool:
+    try:
+        return _suspended_until.get(pool, 0.0) > now
+    except TypeError:  # a pool that cannot be weakly referenced: the driver's own record only
+        return False
+
+
+def _share_suspension(pool: Any, until: float, cause: BaseException | None) -> None:
+    """Suspend the master for every handle over ``pool`` when ``cause`` (None: a timeout) says
+    it is unreachable or stalled; a refusal of this client (a wrong password) is not shared: each
+    call reports it."""
+    if cause is not None and (
+        isinstance(cause, (rex.AuthenticationError, rex.AuthenticationWrongNumberOfArgsError))
+        or not isinstance(cause, (rex.ConnectionError, rex.TimeoutError, OSError))
+    ):
+        return
+    with contextlib.suppress(TypeError):
+        if _suspended_until.get(pool, 0.0) < until:
+            _suspended_until[pool] = until
+
+
+_LOOPBACK = frozenset({"localhost", "localhost.localdomain", "127.0.0.1", "::1", "[::1]"})
+
+
+def server_address(host: Any, port: Any, path: Any = None) -> tuple[Any, ...]:
+    """Where a server listens, with the loopback spellings (``localhost``, ``127.0.0.1``,
+    ``::1``) made one: two clients with the same address reach the same server, whatever db."""
+    if path:
+        return ("unix", str(path))
+    name = str(host).lower() if host is not None else None
+    return ("tcp", "loopback" if name in _LOOPBACK else name, port)
+
+
+# Each master's server identity (INFO server's run_id), learnt at first use and kept per client
+# connection pool: two clients that reach one server (however spelled: an alias, a proxy, another
+# db) are refused, as Redlock needs independent masters.
+_server_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+# One sync probe at a time: threads starting together open one probe connection per master,
+# not one each (the others then find the identities known).
+_probe_lock = threading.Lock()
+
+
+def _known_id(pool: Any) -> str | None:
+    try:
+        return _server_ids.get(pool)
+    except TypeError:
+        return None
+
+
+def _learn_id(pool: Any, info: Any) -> None:
+    """Remember the run_id in an ``INFO server`` reply (a parsed dict, or the raw text)."""
+    run_id: Any = None
+    if isinstance(info, dict):
+        run_id = info.get("run_id")
+    elif isinstance(info, (bytes, str)):
+        text = info.decode("utf-8", "replace") if isinstance(info, bytes) else info
+        for line in text.splitlines():
+            if line.startswith("run_id:"):
+                run_id = line[len("run_id:") :].strip()
+    if run_id:
+        with contextlib.suppress(TypeError):
+            _server_ids[pool] = str(run_id)
+
+
+def _describe(client: Any) -> str:
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {}) or {}
+    if kwargs.get("path"):
+        return f"unix:{kwargs['path']} db={kwargs.get('db', 0)}"
+    return f"{kwargs.get('host')}:{kwargs.get('port')}/{kwargs.get('db', 0)}"
+
+
+def _refuse_duplicates(clients: Sequence[Any], what: str) -> bool:
+    """Raise ConfigError when two masters are one server; True once every identity is known."""
+    seen: dict[str, int] = {}
+    complete = True
+    for i, client in enumerate(clients):
+        run_id = _known_id(client.connection_pool)
+        if run_id is None:
+            complete = False
+            continue
+        if run_id in seen:
+            j = seen[run_id]
+            raise ConfigError(
+                f"{what}: masters {j} ({_describe(clients[j])}) and {i} ({_describe(client)}) "
+                f"are the same Redis server (run_id {run_id}); Redlock needs independent masters"
+            )
+        seen[run_id] = i
+    return complete
 
 
 _MAX_IDLE = 16
@@ -188,8 +284,9 @@ def discard_idle(pool: Any) -> None:
 
 
 def _forget_all_after_fork() -> None:
-    global _registry_lock, _generation
+    global _registry_lock, _generation, _probe_lock
     _registry_lock = threading.RLock()
+    _probe_lock = threading.Lock()
     _registry.clear()
     _generation += 1
 
@@ -209,6 +306,7 @@ class SyncFanOutDriver(SyncDriver):
 
     __slots__ = (
         "_conns",
+        "_distinct",
         "_idles",
         "_lock",
         "_pid",
@@ -221,6 +319,7 @@ class SyncFanOutDriver(SyncDriver):
     def __init__(self, clients: Sequence[Any], retry: RetryPolicy, what: str) -> None:
         super().__init__(clients[0], retry, what)
         self.clients = list(clients)
+        self._distinct = False  # every master's server identity known, none twice
         self._reset()
 
     def _reset(self) -> None:
@@ -290,34 +389,90 @@ class SyncFanOutDriver(SyncDriver):
                 conn, self._unread[i] = idle
                 self._conns[i] = conn
         if conn is None:
-            pool = self.clients[i].connection_pool
-            options = dict(pool.connection_kwargs)
-            options["socket_timeout"] = timeout
-            options["socket_connect_timeout"] = timeout
-            # No health-check PING: it would be sent before the straggler replies still owed on
-            # this connection are read, take one of them for its answer and drop the connection
-            # (and the request about to go out). Failures are detected by the fan-out itself.
-            options["health_check_interval"] = 0
-            # One connection attempt: redis-py's retries would multiply the per-node timeout.
-            options["retry"] = Retry(NoBackoff(), 0)
-            # A new connection's handshake is paid serially per node, a round trip per step: no
-            # CLIENT SETINFO, no maintenance notifications, and RESP2 (no HELLO; the scripts'
-            # replies read the same). AUTH and SELECT stay when configured.
-            if "driver_info" in options:  # redis-py >= 7
-                options["driver_info"] = None
-            else:
-                options["lib_name"] = options["lib_version"] = None
-            options["protocol"] = 2
-            if "maint_notifications_config" in options:  # redis-py >= 7
-                from redis.maint_notifications import MaintNotificationsConfig
-
-                options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-                options.pop("maint_notifications_pool_handler", None)
-            conn = pool.connection_class(**options)
+            conn = self._open(i, timeout)
             self._conns[i] = conn
         return conn
 
-    def _drop(self, i: int, now: float, timeout: float, *, suspend: bool = True) -> None:
+    def _open(self, i: int, timeout: float) -> Any:
+        """A new connection to node ``i`` (not connected yet) with ``timeout`` as its timeouts."""
+        pool = self.clients[i].connection_pool
+        options = dict(pool.connection_kwargs)
+        options["socket_timeout"] = timeout
+        options["socket_connect_timeout"] = timeout
+        # No health-check PING: it would be sent before the straggler replies still owed on
+        # this connection are read, take one of them for its answer and drop the connection
+        # (and the request about to go out). Failures are detected by the fan-out itself.
+        options["health_check_interval"] = 0
+        # One connection attempt: redis-py's retries would multiply the per-node timeout.
+        options["retry"] = Retry(NoBackoff(), 0)
+        # A new connection's handshake is paid serially per node, a round trip per step: no
+        # CLIENT SETINFO, no maintenance notifications, and RESP2 (no HELLO; the scripts'
+        # replies read the same). AUTH and SELECT stay when configured.
+        if "driver_info" in options:  # redis-py >= 7
+            options["driver_info"] = None
+        else:
+            options["lib_name"] = options["lib_version"] = None
+        options["protocol"] = 2
+        if "maint_notifications_config" in options:  # redis-py >= 7
+            from redis.maint_notifications import MaintNotificationsConfig
+
+            options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+            options.pop("maint_notifications_pool_handler", None)
+        return pool.connection_class(**options)
+
+    def _check_distinct(self, timeout: float) -> None:
+        """At first use: learn each master's server identity (``INFO server``, on connections of
+        its own, all sent before any reply is read) and refuse two masters that are one server.
+        A master that does not answer within ``timeout`` is suspended (the fan-out would wait
+        for it just as long) and asked again at a later fan-out."""
+        with _probe_lock:
+            self._probe(timeout)
+        self._distinct = _refuse_duplicates(self.clients, self.what)
+
+    def _probe(self, timeout: float) -> None:
+        now = time.monotonic()
+        probes: dict[int, Any] = {}
+        for i, client in enumerate(self.clients):
+            if _known_id(client.connection_pool) is not None or self._is_suspended(i, now):
+                continue
+            conn = None
+            try:
+                conn = self._open(i, timeout)
+                conn.send_command("INFO", "server")
+                probes[i] = conn
+            except _REDIS_ERRORS as exc:
+                if conn is not None:
+                    conn.disconnect()
+                if isinstance(exc, (TimeoutError, rex.TimeoutError)):  # else: the grant reports it
+                    self._suspended[i] = now + _suspension(timeout)
+                    _share_suspension(client.connection_pool, self._suspended[i], exc)
+        deadline = time.monotonic() + timeout
+        for i, conn in probes.items():
+            pool = self.clients[i].connection_pool
+            try:
+                if conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
+                    _learn_id(pool, conn.read_response())
+                else:
+                    self._suspended[i] = time.monotonic() + _suspension(timeout)
+                    _share_suspension(pool, self._suspended[i], None)
+            except rex.ResponseError:
+                pass  # INFO refused (an ACL): this master is not checked
+            except _REDIS_ERRORS as exc:
+                if isinstance(exc, (TimeoutError, rex.TimeoutError)):  # else: the grant reports it
+                    self._suspended[i] = time.monotonic() + _suspension(timeout)
+                    _share_suspension(pool, self._suspended[i], exc)
+            finally:
+                conn.disconnect()
+
+    def _drop(
+        self,
+        i: int,
+        now: float,
+        timeout: float,
+        *,
+        suspend: bool = True,
+        cause: BaseException | None = None,
+    ) -> None:
         conn, self._conns[i] = self._conns[i], None
         self._unread[i] = []
         self._pinned[i] = False
@@ -325,6 +480,10 @@ class SyncFanOutDriver(SyncDriver):
             conn.disconnect()
         if suspend:
             self._suspended[i] = now + _suspension(timeout)
+            _share_suspension(self.clients[i].connection_pool, self._suspended[i], cause)
+
+    def _is_suspended(self, i: int, now: float) -> bool:
+        return self._suspended[i] > now or _shared_suspended(self.clients[i].connection_pool, now)
 
     def _drain(self, i: int, deadline: float, unloaded: list[Script]) -> bool:
         """Read the replies still owed on node ``i``'s connection; False if they are late.
@@ -357,7 +516,7 @@ class SyncFanOutDriver(SyncDriver):
         except rex.ResponseError as exc:
             return _error(exc, self.what)
         except _REDIS_ERRORS as exc:
-            self._drop(i, time.monotonic(), timeout)
+            self._drop(i, time.monotonic(), timeout, cause=exc)
             return _error(exc, self.what)
 
     def _abandon_behind(self, i: int, abandon: Eval) -> None:
@@ -378,13 +537,15 @@ class SyncFanOutDriver(SyncDriver):
                 if not conn.can_read(timeout=timeout):
                     raise TimeoutError("SCRIPT LOAD timed out")
                 conn.read_response()
-        except _REDIS_ERRORS:
-            self._drop(i, time.monotonic(), timeout)
+        except _REDIS_ERRORS as exc:
+            self._drop(i, time.monotonic(), timeout, cause=exc)
 
     def _fan_out(self, step: FanOut) -> list[Any]:
         if self._pid != os.getpid():
             self._after_fork()
         with self._lock:
+            if not self._distinct and not step.reach_all:
+                self._check_distinct(step.timeout)
             keep = False
             try:
                 outcomes = self._fan_out_locked(step)
@@ -399,9 +560,11 @@ class SyncFanOutDriver(SyncDriver):
         n = len(self.clients)
         outcomes: list[Any] = [TIMED_OUT] * n
         sent = [False] * n
+        unawaited = [False] * n  # sent; the reply is read before the next request there
         now = time.monotonic()
         for i, call in enumerate(step.calls):
-            if self._suspended[i] > now and not step.reach_all:
+            suspended = self._is_suspended(i, now)
+            if suspended and not step.reach_all:
                 outcomes[i] = ConnectionUnavailable(
                     f"{self.what}: node {i} suspended after a failure"
                 )
@@ -412,18 +575,25 @@ class SyncFanOutDriver(SyncDriver):
                     # An unawaited release's reply is read later, where NOSCRIPT could only be
                     # noted: it goes by EVAL. Awaited ones answer NOSCRIPT in time or get an EVAL
                     # behind them.
-                    by_sha = step.wait or not step.reach_all
-                    conn.send_packed_command(_packed_eval(conn, call, by_sha=by_sha))
-                    sent[i] = True
+                    # A release to a suspended master is not waited for at all: sent by EVAL
+                    # (behind any straggler on this connection), which is then closed, as after
+                    # a timeout; it lands when the master gets to it.
+                    fire = step.wait and step.reach_all and suspended
+                    later = not step.wait or fire
+                    conn.send_packed_command(_packed_eval(conn, call, by_sha=not later))
+                    sent[i] = not later
+                    unawaited[i] = not step.wait
                     outcomes[i] = TIMED_OUT
+                    if fire:
+                        self._drop(i, time.monotonic(), step.timeout, suspend=False)
                     break
                 except _REDIS_ERRORS as exc:
                     outcomes[i] = _error(exc, self.what)
-                    self._drop(i, time.monotonic(), step.timeout)
+                    self._drop(i, time.monotonic(), step.timeout, cause=exc)
+        for i in range(n):
+            if unawaited[i]:
+                self._unread[i].append(step.calls[i].script)
         if not step.wait:
-            for i in range(n):
-                if sent[i]:
-                    self._unread[i].append(step.calls[i].script)
             return outcomes
         # The per-node timeout starts once every request is out.
         deadline = time.monotonic() + step.timeout
@@ -472,7 +642,7 @@ class SyncFanOutDriver(SyncDriver):
                 outcomes[i] = _error(exc, self.what)
             except _REDIS_ERRORS as exc:
                 outcomes[i] = _error(exc, self.what)
-                self._drop(i, time.monotonic(), step.timeout)
+                self._drop(i, time.monotonic(), step.timeout, cause=exc)
                 if step.reach_all:
                     # A pooled connection the server closed (say, it restarted): once more on a
                     # new one. A release is idempotent, so a second landing is harmless.
@@ -521,6 +691,7 @@ class AsyncFanOutDriver(AsyncDriver):
 
     __slots__ = (
         "_active",
+        "_distinct",
         "_guard",
         "_hint",
         "_live",
@@ -542,6 +713,7 @@ class AsyncFanOutDriver(AsyncDriver):
         self._active = 0  # protocols running on self._loop
         self._guard = threading.Lock()  # _loop, _active and the swap: one thread at a time
         self._hint = 0.05  # the last per-node timeout seen (bounds the wait for stragglers)
+        self._distinct = False  # every master's server identity known, none twice
 
     def _after_fork(self) -> None:
         """In a forked child: drop the connections the clients' pools inherited from the parent."""
@@ -616,6 +788,41 @@ class AsyncFanOutDriver(AsyncDriver):
         if pending:  # bounded: a late release may keep trying for as long as its lease lasts
             await asyncio.wait(pending, timeout=max(1.0, 20 * self._hint))
 
+    def _is_suspended(self, i: int, now: float) -> bool:
+        return self._suspended[i] > now or _shared_suspended(self.clients[i].connection_pool, now)
+
+    def _suspend(self, i: int, until: float, cause: BaseException | None) -> None:
+        self._suspended[i] = until
+        _share_suspension(self.clients[i].connection_pool, until, cause)
+
+    async def _check_distinct(self, timeout: float) -> None:
+        """The twin of ``SyncFanOutDriver._check_distinct``: one ``INFO server`` per master whose
+        identity is not known yet, all at once, each bounded by ``timeout``."""
+        now = time.monotonic()
+
+        async def probe(i: int) -> None:
+            pool = self.clients[i].connection_pool
+            try:
+                info = await asyncio.wait_for(
+                    self._live[i].execute_command("INFO", "server"), timeout
+                )
+            except rex.ResponseError:
+                return  # INFO refused (an ACL): this master is not checked
+            except (*_REDIS_ERRORS, TimeoutError) as exc:
+                if isinstance(exc, (TimeoutError, rex.TimeoutError)):  # else: the grant reports it
+                    self._suspend(i, time.monotonic() + _suspension(timeout), None)
+                return
+            _learn_id(pool, info)
+
+        todo = [
+            i
+            for i, client in enumerate(self.clients)
+            if _known_id(client.connection_pool) is None and not self._is_suspended(i, now)
+        ]
+        if todo:
+            await asyncio.gather(*(probe(i) for i in todo))
+        self._distinct = _refuse_duplicates(self.clients, self.what)
+
     async def _send_late(self, pool: Any, call: Eval, bound: float) -> None:
         conn = None
         try:
@@ -652,6 +859,8 @@ class AsyncFanOutDriver(AsyncDriver):
             with self._guard:
                 self._active = max(0, self._active - 1)
         self._hint = step.timeout
+        if not self._distinct and not step.reach_all:
+            await self._check_distinct(step.timeout)
         n = len(self.clients)
         outcomes: list[Any] = [TIMED_OUT] * n
         decided = asyncio.Event()
@@ -666,8 +875,13 @@ class AsyncFanOutDriver(AsyncDriver):
             if not unsent:
                 out.set()
 
+        settled: set[int] = set()
+
         def settle(i: int, outcome: Any) -> None:
             mark(i)
+            if i in settled:  # reported already (not waited for): the task went on sending
+                return
+            settled.add(i)
             outcomes[i] = outcome
             state["left"] -= 1
             if state["result"] is None and (
@@ -690,7 +904,18 @@ class AsyncFanOutDriver(AsyncDriver):
             return [TIMED_OUT] * n
         # Cancelling the caller leaves the node tasks running to their deadline: a request sent
         # is always either answered or followed by its abandon script.
-        await decided.wait()
+        if step.reach_all:
+            # A release waits for no master longer than node_timeout, counted from here once:
+            # one still busy (connecting, or behind its straggler) is reported as timed out and
+            # its task still sends the release, in order.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(decided.wait(), max(0.0, deadline - time.monotonic()))
+            if state["result"] is None:
+                state["result"] = list(outcomes)
+                for i in range(n):
+                    settled.add(i)
+        else:
+            await decided.wait()
         if crashed:
             raise crashed[0]
         result: list[Any] = state["result"]
@@ -708,11 +933,14 @@ class AsyncFanOutDriver(AsyncDriver):
     ) -> None:
         pool = self._live[i].connection_pool  # read before any await: the step's own loop
         call = step.calls[i]
-        if prev is not None and not prev.done():
+        suspended = self._is_suspended(i, time.monotonic())
+        if suspended and not step.reach_all:
+            settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
+            return
+        if prev is not None and not prev.done() and not suspended:
             # Its request (or its abandon) lands before ours, but the wait is bounded by this
             # step's deadline (a late release may retry for max(1 s, 20 x timeout)).
-            until = deadline + (step.timeout if step.reach_all else 0.0)
-            await asyncio.wait({prev}, timeout=max(0.0, until - time.monotonic()))
+            await asyncio.wait({prev}, timeout=max(0.0, deadline - time.monotonic()))
             if not prev.done():
                 if not step.reach_all:
                     settle(i, ConnectionUnavailable(f"{self.what}: node {i} is still busy"))
@@ -722,14 +950,18 @@ class AsyncFanOutDriver(AsyncDriver):
                 await asyncio.wait({prev})
                 await self._send_late(pool, call, max(1.0, 20 * step.timeout, step.late))
                 return
-        if self._suspended[i] > time.monotonic() and not step.reach_all:
-            settle(i, ConnectionUnavailable(f"{self.what}: node {i} suspended after a failure"))
-            return
+        if step.reach_all and self._is_suspended(i, time.monotonic()):
+            # A release to a suspended master (maybe just now, by the straggler waited for):
+            # not waited for, but sent, behind its straggler.
+            settle(i, TIMED_OUT)
+        if prev is not None and not prev.done():
+            await asyncio.wait({prev})  # bounded by its own bounds; ours goes out behind it
         if step.reach_all:
             # Waiting for the straggler must not cost the release its chance to go out.
             deadline = max(deadline, time.monotonic() + step.timeout)
         conn = None
         sent = False
+        started = time.monotonic()
         try:
             # Opening a connection to a stalled node may wait for socket_timeout: bound it.
             conn = await asyncio.wait_for(
@@ -760,7 +992,13 @@ class AsyncFanOutDriver(AsyncDriver):
         except (*_REDIS_ERRORS, TimeoutError) as exc:
             timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError))
             settle(i, TIMED_OUT if timed_out and sent else _error(exc, self.what))
-            self._suspended[i] = time.monotonic() + _suspension(step.timeout)
+            # From when the failure was due: a deadline seen late (the loop did not run, say a
+            # sync bridge between calls) must not suspend a master that is fine by now.
+            # Nor one left less than half its timeout by the straggler it waited for.
+            late = timed_out or isinstance(exc, rex.TimeoutError)
+            at = min(time.monotonic(), deadline) if late else time.monotonic()
+            if not late or at - started >= step.timeout / 2:
+                self._suspend(i, at + _suspension(step.timeout), None if timed_out else exc)
             behind = step.abandon[i] if step.abandon is not None else None
             if behind is None and step.reach_all:
                 behind = call  # a late EVALSHA may meet NOSCRIPT: the EVAL behind it lands

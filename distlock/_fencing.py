@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distkit import KeySpace, StaleFencingToken
+from distkit import ConfigError, ForeignDataError, KeySpace, StaleFencingToken
 from distkit._keys import validate_name
 from distkit._protocol import AsyncDriver, Command, Eval, Protocol, SyncDriver
 from distkit._retry import RetryPolicy
@@ -20,6 +20,10 @@ from ._scripts import FENCED_WRITE
 __all__ = ["AsyncFencedStore", "FencedStore"]
 
 Value = str | bytes
+
+# Tokens are integers below 2^53: distlock never issues more (docs/fencing.md), and below it a
+# Lua double compares them exactly.
+_MAX_TOKEN = 2**53
 
 
 class _FencedCore:
@@ -32,10 +36,12 @@ class _FencedCore:
         self.key = KeySpace(prefix).key("fenced", self.resource)
 
     def write(self, token: int, value: Value) -> Protocol[None]:
-        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
-            raise TypeError(f"token must be a non-negative int, got {token!r}")
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < _MAX_TOKEN:
+            raise ConfigError(
+                f"token must be an int in [0, 2**53) (distlock issues no other), got {token!r}"
+            )
         if not isinstance(value, (str, bytes)):
-            raise TypeError(f"value must be str or bytes, got {type(value).__name__}")
+            raise ConfigError(f"value must be str or bytes, got {type(value).__name__}")
         applied, highest = yield Eval(FENCED_WRITE, (self.key,), (token, value))
         if applied != 1:
             raise StaleFencingToken(
@@ -50,7 +56,14 @@ class _FencedCore:
         value, token = yield Command(("HMGET", self.key, "value", "token"))
         if value is None or token is None:
             return None
-        return value, int(token)
+        text = token.decode("ascii", "replace") if isinstance(token, bytes) else str(token)
+        number = int(text) if text.isascii() and text.isdigit() else -1  # no sign, space, "_"
+        if not 0 <= number < _MAX_TOKEN or str(number) != text:
+            raise ForeignDataError(
+                f"fenced {self.resource!r}: a key holds data distkit did not write "
+                f"(token {token!r} at {self.key})"
+            )
+        return value, number
 
 
 class FencedStore:
@@ -72,11 +85,18 @@ class FencedStore:
 
         Raises:
             StaleFencingToken: a higher token was already accepted; nothing was written.
+            ConfigError: ``token`` is not an int in ``[0, 2**53)`` or ``value`` is not str or
+                bytes; nothing was sent.
+            ForeignDataError: the stored token is not one a ``FencedStore`` writes.
         """
         self._driver.run(self._core.write(token, value))
 
     def read(self) -> tuple[bytes, int] | None:
-        """The stored value and the token it was written with, or ``None``."""
+        """The stored value and the token it was written with, or ``None``.
+
+        Raises:
+            ForeignDataError: the stored token is not one a ``FencedStore`` writes.
+        """
         return self._driver.run(self._core.read())
 
 
@@ -93,9 +113,16 @@ class AsyncFencedStore:
 
         Raises:
             StaleFencingToken: a higher token was already accepted; nothing was written.
+            ConfigError: ``token`` is not an int in ``[0, 2**53)`` or ``value`` is not str or
+                bytes; nothing was sent.
+            ForeignDataError: the stored token is not one a ``FencedStore`` writes.
         """
         await self._driver.run(self._core.write(token, value))
 
     async def read(self) -> tuple[bytes, int] | None:
-        """The stored value and the token it was written with, or ``None``."""
+        """The stored value and the token it was written with, or ``None``.
+
+        Raises:
+            ForeignDataError: the stored token is not one a ``FencedStore`` writes.
+        """
         return await self._driver.run(self._core.read())

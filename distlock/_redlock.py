@@ -15,7 +15,13 @@ from distkit._clients import is_config
 
 if TYPE_CHECKING:
     from distkit import AsyncClient, RedlockConfig, RetryConfig, SyncClient
-from distkit._fanout import AsyncFanOutDriver, SyncFanOutDriver, discard_idle
+from distkit._fanout import (
+    AsyncFanOutDriver,
+    SyncFanOutDriver,
+    _describe,
+    discard_idle,
+    server_address,
+)
 from distkit._protocol import monotonic
 
 from ._core import Clock, Seconds, check_client
@@ -30,10 +36,13 @@ AsyncClients = Union[Sequence["AsyncClient"], "RedlockConfig"]
 
 
 def _target(client: Any) -> tuple[Any, ...]:
+    """The server a client reaches, as far as its settings tell: any db, loopback spellings made
+    one (the server's own identity is compared at first use, docs/redlock.md)."""
     pool = getattr(client, "connection_pool", None)
     kwargs = getattr(pool, "connection_kwargs", {}) or {}
-    where = (kwargs.get("host"), kwargs.get("port"), kwargs.get("path"), kwargs.get("db"))
-    return where if any(v is not None for v in where[:3]) else (id(client),)
+    if all(kwargs.get(k) is None for k in ("host", "port", "path")):
+        return (id(client),)
+    return server_address(kwargs.get("host"), kwargs.get("port"), kwargs.get("path"))
 
 
 class _Closed:
@@ -63,8 +72,8 @@ def _masters(clients: Clients, *, want_async: bool, cls: str) -> list[Any]:
         )
     if not clients:
         raise ConfigError(f"{cls} needs at least one master")
-    seen = set()
-    for client in clients:
+    seen: dict[tuple[Any, ...], int] = {}
+    for i, client in enumerate(clients):
         check_client(client, want_async=want_async, cls=cls)
         if hasattr(client, "nodes_manager"):
             raise ConfigError(
@@ -72,8 +81,13 @@ def _masters(clients: Clients, *, want_async: bool, cls: str) -> list[Any]:
             )
         target = _target(client)
         if target in seen:
-            raise ConfigError(f"{cls} was given the same master twice ({target})")
-        seen.add(target)
+            j = seen[target]
+            raise ConfigError(
+                f"{cls} was given the same master twice: clients {j} ({_describe(clients[j])}) "
+                f"and {i} ({_describe(client)}) reach one server (whatever the db); Redlock "
+                "needs independent masters"
+            )
+        seen[target] = i
     return list(clients)
 
 
@@ -88,7 +102,8 @@ class Redlock(_SyncLock):
         retry_count: retries of a blocking acquire (``None``: until ``timeout``).
         retry_delay: upper bound of the random delay between attempts (lower bound: half).
         drift_factor: clock drift allowance; validity = ttl - elapsed - (ttl * factor + 2 ms).
-        node_timeout: per-master reply timeout (default ``min(0.5 s, ttl / 50)``).
+        node_timeout: per-master reply timeout, < ttl / 2 (default
+            ``min(0.5 s, max(5 ms, ttl / 50), ttl / 4)``).
         fencing: ``"quorum"`` (default: the token is also written back to a quorum of masters
             that still hold the lease before ``acquire`` returns; no clock assumption) or
             ``"clock"`` (opt-in, one round trip less: the max of the granting masters'

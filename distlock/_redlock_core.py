@@ -117,7 +117,9 @@ class RedlockCore(LockCore):
             raise ConfigError(f"drift_factor must be a number in [0, 0.5), got {drift_factor!r}")
         self.drift_factor = float(drift_factor)
         self.drift = self.ttl * self.drift_factor + 0.002
-        default_timeout = min(0.5, max(0.005, self.ttl * 0.02))
+        # ttl / 50, at least 5 ms, at most 0.5 s, and always below ttl / 2 (ttl / 4 at most):
+        # the default is valid for every ttl accepted.
+        default_timeout = min(0.5, max(0.005, self.ttl / 50), self.ttl / 4)
         self.node_timeout = (
             default_timeout if node_timeout is None else seconds(node_timeout, field="node_timeout")
         )

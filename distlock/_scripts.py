@@ -321,10 +321,19 @@ return 0
 FENCED_WRITE = Script(
     "distlock.fenced_write",
     """
-local highest = tonumber(redis.call('HGET', KEYS[1], 'token'))
+local stored = redis.call('HGET', KEYS[1], 'token')
 local token = tonumber(ARGV[1])
-if highest and token < highest then
-  return {0, string.format('%.0f', highest)}
+if stored then
+  -- Both below 2^53 (the client refuses larger tokens; a stored one is checked here), where a
+  -- Lua double holds every integer exactly: the comparison is exact.
+  local highest = tonumber(stored)
+  if not highest or highest < 0 or highest % 1 ~= 0 or highest >= 9007199254740992
+     or string.format('%.0f', highest) ~= stored then
+    error('DISTLOCK corrupt fenced token at ' .. KEYS[1])
+  end
+  if token < highest then
+    return {0, stored}
+  end
 end
 redis.call('HSET', KEYS[1], 'token', ARGV[1], 'value', ARGV[2])
 return {1, ARGV[1]}

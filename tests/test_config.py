@@ -367,6 +367,21 @@ def test_redlock_config_rejects_duplicates_even_with_different_spelling() -> Non
         RedlockConfig(masters=["redis://a:1/0", RedisConfig(host="a", port=1)])
 
 
+def test_redlock_config_rejects_one_server_under_two_loopback_names_or_dbs() -> None:
+    """localhost, 127.0.0.1 and ::1 are one server; so are two dbs of it (one failure domain)."""
+    for a, b in [
+        ("redis://127.0.0.1:7001/0", "redis://localhost:7001/0"),
+        ("redis://localhost:7001/0", "redis://[::1]:7001/0"),
+        ("redis://127.0.0.1:7001/0", "redis://127.0.0.1:7001/1"),
+        ("unix:///tmp/r.sock?db=0", "unix:///tmp/r.sock?db=2"),
+    ]:
+        with pytest.raises(
+            ConfigError, match=r"listed twice, as \S*(7001|sock)\S* .*and \S*(7001|sock)"
+        ):
+            RedlockConfig(masters=[a, "redis://127.0.0.1:7002/0", b])
+    RedlockConfig(masters=["redis://127.0.0.1:7001/0", "redis://127.0.0.1:7002/0"])
+
+
 def test_redlock_config_names_the_bad_master() -> None:
     with pytest.raises(ConfigError, match=r"masters\.1\.port"):
         RedlockConfig(masters=["redis://a:1/0", {"port": 0}])

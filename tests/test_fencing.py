@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from distkit import ConfigError, ServerError, StaleFencingToken
+from distkit import ConfigError, ForeignDataError, ServerError, StaleFencingToken
 from distkit.testing import RedisServer
 from distlock import AsyncFencedStore, FencedStore, Lock
 
@@ -123,15 +123,47 @@ def test_fenced_store_accepts_equal_and_higher_tokens_only(r: redis.Redis) -> No
 
 
 def test_fenced_store_rejects_bad_input(r: redis.Redis) -> None:
+    """A bad token or value raises ConfigError (distkit's tree, not builtins.TypeError) before
+    anything is sent: tokens are ints in [0, 2**53), the only ones distlock issues."""
     store = FencedStore(r, "doc")
-    for bad in (-1, 1.5, "3", None, True):
-        with pytest.raises(TypeError):
+    for bad in (-1, 1.5, "3", None, True, 2**53, 2**53 + 1, 2**64, 2**64 + 5):
+        with pytest.raises(ConfigError, match="token"):
             store.write(bad, "v")  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match="value"):
         store.write(1, {"not": "bytes"})  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         FencedStore(r, "")
     assert store.read() is None
+    assert r.keys("distkit:fenced:*") == []
+
+
+def test_fenced_store_compares_tokens_exactly_up_to_2_53(r: redis.Redis) -> None:
+    """Near 2**53 a double still holds every integer: an older token one below the newest is
+    refused, and the newest reads back unchanged."""
+    store = FencedStore(r, "edge")
+    top = 2**53 - 1
+    store.write(top, "new")
+    for stale in (top - 1, top - 2, 2**52):
+        with pytest.raises(StaleFencingToken) as info:
+            store.write(stale, "OLD")
+        assert info.value.highest == top
+    store.write(top, "again")  # equal tokens are accepted
+    assert store.read() == (b"again", top)
+
+
+@pytest.mark.parametrize(
+    "planted", [b"abc", b"1.5", b"-1", b"9007199254740992", b"1e3", b" 7", b"nan", b"07"]
+)
+def test_fenced_store_refuses_a_foreign_stored_token(r: redis.Redis, planted: bytes) -> None:
+    """A token FencedStore never writes (not a canonical int below 2**53) raises
+    ForeignDataError from write() and read(); the write changes nothing."""
+    r.hset("distkit:fenced:{doc}", mapping={"token": planted, "value": b"theirs"})
+    store = FencedStore(r, "doc")
+    with pytest.raises(ForeignDataError):
+        store.write(5, "mine")
+    with pytest.raises(ForeignDataError):
+        store.read()
+    assert r.hgetall("distkit:fenced:{doc}") == {b"token": planted, b"value": b"theirs"}
 
 
 def test_async_fenced_store(redis_server: RedisServer) -> None:

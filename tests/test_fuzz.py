@@ -39,7 +39,15 @@ from distcache import (
 )
 from distkit import ConfigError, DistkitError, ForeignDataError, SerializationError
 from distkit.testing import RedisServer
-from distlock import AsyncLock, FencedStore, Lock, LockNotOwned, Redlock, Semaphore
+from distlock import (
+    AsyncLock,
+    FencedStore,
+    Lock,
+    LockNotOwned,
+    Redlock,
+    Semaphore,
+    StaleFencingToken,
+)
 from tests._adversarial import fuzz_settings, no_hang
 
 MISSING = object()
@@ -533,6 +541,44 @@ def test_corrupt_lock_state_ends_in_typed_errors(
     assert all(
         k.startswith(("distkit:lock:{n}", "distkit:fenced:{n}")) for k in distkit_keys(client)
     )
+
+
+@fuzz_settings(60)
+@given(
+    planted=st.one_of(st.sampled_from(sorted(FOREIGN_NUMBERS)), st.binary(max_size=24)),
+    token=st.one_of(
+        st.integers(min_value=-5, max_value=2**64 + 5),
+        st.sampled_from([2**53 - 1, 2**53, 2**53 + 1, 0]),
+    ),
+)
+def test_fenced_store_with_a_planted_token_ends_in_typed_errors(
+    client: redis.Redis, planted: bytes, token: int
+) -> None:
+    """A FencedStore whose stored token is any bytes, written with any int: the write succeeds
+    only for a token in [0, 2**53) over a canonical stored int no larger; otherwise ConfigError
+    (the token), ForeignDataError (the stored token) or StaleFencingToken, with the hash as it
+    was. Never a raw exception, never a stale write accepted (the exact compare)."""
+    client.flushall()
+    key = "distkit:fenced:{n}"
+    client.hset(key, mapping={"token": planted, "value": b"theirs"})
+    store = FencedStore(client, "n")
+    canonical = planted.isdigit() and str(int(planted)).encode() == planted
+    stored = int(planted) if canonical and int(planted) < 2**53 else None
+    ok, got = outcome(lambda: store.write(token, "mine"), "fenced-write")
+    if not 0 <= token < 2**53:
+        assert not ok and isinstance(got, ConfigError), (planted, token, got)
+    elif stored is None:
+        assert not ok and isinstance(got, ForeignDataError), (planted, token, got)
+    elif token < stored:
+        assert not ok and isinstance(got, StaleFencingToken), (planted, token, got)
+        assert got.highest == stored
+    else:
+        assert ok, (planted, token, got)
+        assert client.hgetall(key) == {b"token": str(token).encode(), b"value": b"mine"}
+        return
+    assert client.hgetall(key) == {b"token": planted, b"value": b"theirs"}
+    ok, got = outcome(store.read, "fenced-read")
+    assert ok if stored is not None else isinstance(got, ForeignDataError), (planted, got)
 
 
 def _semaphore_ops(client: redis.Redis) -> list[tuple[str, Callable[[], Any]]]:

@@ -543,6 +543,16 @@ def _bad(servers: list[RedisServer]) -> dict[str, tuple[Callable[[], Any], str]]
             lambda: Redlock([good[0], servers[0].client(), *good[1:]], "x"),
             "same master twice",
         ),
+        "one server as 127.0.0.1 and localhost": (
+            lambda: Redlock([redis.Redis(host="localhost", port=servers[0].port), *good], "x"),
+            r"same master twice: clients 0 \(localhost:\d+/0\) and 1 \(127\.0\.0\.1:",
+        ),
+        "one server as db 0 and db 1": (
+            lambda: Redlock(
+                [*good, redis.Redis(host="127.0.0.1", port=servers[0].port, db=1)], "x"
+            ),
+            r"same master twice: clients 0 \(127\.0\.0\.1:\d+/0\) and \d \(.*:\d+/1\)",
+        ),
         "async client": (
             lambda: Redlock([s.async_client() for s in servers], "x"),
             "asyncio client",
@@ -574,6 +584,8 @@ def _bad(servers: list[RedisServer]) -> dict[str, tuple[Callable[[], Any], str]]
         "a single client",
         "a url string",
         "duplicate master",
+        "one server as 127.0.0.1 and localhost",
+        "one server as db 0 and db 1",
         "async client",
         "not a client",
         "node_timeout too large",
@@ -620,3 +632,52 @@ def test_redis_cluster_is_refused(cluster: RedisCluster, masters: IndependentMas
 def test_redlock_config_rejects_a_cluster_master() -> None:
     with pytest.raises((ConfigError, ValueError), match="standalone"):
         RedlockConfig(masters=(RedisConfig(mode="cluster", host="127.0.0.1", port=7000),))
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_one_server_behind_another_address_is_refused_at_first_use(
+    masters: IndependentMasters, kind: str
+) -> None:
+    """A master reached through a second address (a proxy, an alias: nothing the settings tell)
+    is found at the first acquire by its server identity (INFO server's run_id): ConfigError
+    naming both clients, before any lease is taken. Otherwise one server would grant a quorum."""
+    from distkit.testing import FaultProxy
+
+    servers = masters.servers[:2]
+    for server in servers:
+        server.client().flushall()
+    with FaultProxy(servers[0].address) as proxy:
+        configs = [servers[0].config(), proxy.config(), servers[1].config()]
+        pattern = r"masters 0 \(127\.0\.0\.1:\d+/0\) and 1 \(127\.0\.0\.1:\d+/0\) are the same"
+        if kind == "sync":
+            lock: Any = Redlock([connect(c) for c in configs], "dup-probe", ttl=5)
+            with pytest.raises(ConfigError, match=pattern):
+                lock.acquire(blocking=False)
+            with pytest.raises(ConfigError, match=pattern):  # every later use too
+                lock.acquire(timeout=0.1)
+        else:
+
+            async def scenario() -> None:
+                alock = AsyncRedlock([aconnect(c) for c in configs], "dup-probe", ttl=5)
+                with pytest.raises(ConfigError, match=pattern):
+                    await alock.acquire(blocking=False)
+                with pytest.raises(ConfigError, match=pattern):
+                    await alock.acquire(timeout=0.1)
+
+            asyncio.run(scenario())
+        for server in servers:
+            assert server.client().keys("distkit:lock:{dup-probe}*") == []
+
+
+@pytest.mark.parametrize("ttl", [0.001, 0.004, 0.01, 0.02, 0.25, 1, 10, 24.9, 25, 30, 3600])
+def test_the_default_node_timeout_is_valid_for_every_ttl(
+    masters: IndependentMasters, ttl: float
+) -> None:
+    """docs/redlock.md: default node_timeout = min(0.5 s, max(5 ms, ttl / 50), ttl / 4): a ttl
+    that is accepted never fails on a node_timeout the caller did not pass."""
+    lock = Redlock(_sync_clients(masters.servers[:3]), "nt-default", ttl=ttl)
+    node_timeout = lock._core.node_timeout  # type: ignore[attr-defined]
+    assert node_timeout == min(0.5, max(0.005, ttl / 50), ttl / 4)
+    assert 0 < node_timeout < ttl / 2
+    with pytest.raises(ConfigError, match="node_timeout"):  # one passed explicitly still is checked
+        Redlock(_sync_clients(masters.servers[:3]), "nt-default", ttl=ttl, node_timeout=ttl / 2)

@@ -940,3 +940,71 @@ def test_async_redlock_on_a_closed_event_loop_raises_instead_of_hanging(
     with pytest.raises(EventLoopMismatch, match="loop"):
         asyncio.run(asyncio.wait_for(users(), 10))
     assert_nothing_held(masters.servers)
+
+
+# -- a stalled master costs at most node_timeout, once (a handle per call, sync and async) -------
+def _timed(
+    kind: str, loop: asyncio.AbstractEventLoop, call: Callable[[], Any]
+) -> tuple[Any, float]:
+    started = time.monotonic()
+    result = call() if kind == "sync" else loop.run_until_complete(call())
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stalled_master_costs_at_most_node_timeout_per_call(redis_binary: str, kind: str) -> None:
+    """With 2 of 3 masters SIGSTOPped, acquire(blocking=False) and acquire(timeout=t) return False
+    within t + node_timeout (the unawaited release-everywhere costs nothing more); with 1 of 3
+    stalled, release() waits for it at most node_timeout, and not at all while it is suspended
+    after a timeout (the suspension is shared by every handle over the same clients, so a handle
+    per call does not probe it afresh). The releases still land on resume."""
+    nt, slack = 0.2, 0.08
+    loop = asyncio.new_event_loop()
+    with IndependentMasters(3, binary=redis_binary) as group:
+        servers = group.servers
+        if kind == "sync":
+            clients: list[Any] = [s.client() for s in servers]
+            make: Any = Redlock
+        else:
+            clients = [s.async_client() for s in servers]
+            make = AsyncRedlock
+        try:
+            servers[0].pause()
+            servers[1].pause()
+            try:
+                for timeout in (None, 0.01, 0.05, 0.1):
+                    h = make(clients, "cost", ttl=10, node_timeout=nt)
+                    got, took = _timed(
+                        kind,
+                        loop,
+                        lambda h=h, t=timeout: (
+                            h.acquire(blocking=False) if t is None else h.acquire(timeout=t)
+                        ),
+                    )
+                    assert got is False
+                    assert took <= (timeout or 0.0) + nt + slack, (timeout, took)
+            finally:
+                servers[1].resume()
+            time.sleep(1.1)  # every suspension (at most 1 s) is over
+            releases = []
+            for _ in range(8):
+                h = make(clients, "cost", ttl=10, node_timeout=nt)
+                got, _ = _timed(kind, loop, lambda h=h: h.acquire(timeout=2))
+                assert got is True
+                _, took = _timed(kind, loop, h.release)
+                releases.append(took)
+            assert max(releases) <= nt + slack, releases
+            # the master timed out once and stays suspended for 4 x nt: later releases skip it
+            assert statistics.median(releases) < nt / 4, releases
+        finally:
+            for s in servers:
+                if s.paused:
+                    s.resume()
+        time.sleep(0.3)  # the requests held by the stalled master run: grants, then releases
+        if kind == "async":
+            loop.run_until_complete(asyncio.sleep(0.3))  # the background sends complete
+        assert_nothing_held(servers)
+        if kind == "async":
+            for c in clients:
+                loop.run_until_complete(c.aclose())
+    loop.close()
