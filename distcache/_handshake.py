@@ -104,6 +104,16 @@ _GUARD = _Guard()
 
 def _bounded_connect(inner: Callable[[Any], Any] | None) -> Callable[[Any], None]:
     def connect(conn: Any) -> None:
+        try:
+            bounded(conn)
+        except OutOfTime:
+            # redis-py before 8 disconnects only on a RedisError: a handshake cut short would go
+            # back to the pool half set up, its replies still owed to the next command.
+            with contextlib.suppress(Exception):
+                conn.disconnect()
+            raise
+
+    def bounded(conn: Any) -> None:
         deadline = _current()
         if callable(getattr(conn, "register_connect_callback", None)):
             conn.register_connect_callback(_GUARD.after)  # once: redis-py skips a duplicate
@@ -124,7 +134,7 @@ def _bounded_connect(inner: Callable[[Any], Any] | None) -> Callable[[Any], None
             return read(*args, **kwargs)
 
         if deadline():
-            raise OutOfTime  # before the handshake: the pool disconnects the bare socket
+            raise OutOfTime  # before the handshake (``connect`` closes the bare socket)
         conn.read_response = bounded_read  # the instance's, for this handshake only
         try:
             _handshake(conn, inner)

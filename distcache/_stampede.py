@@ -67,6 +67,8 @@ _FAR = 40.0  # XFetch: farther than 40 δβ from expiry, P(refresh) < 5e-18; ski
 _STALE_STORE = 1024  # last values kept in memory for stale_if_error while Redis is down
 _DROPS_KEPT = 4096  # per namespace: recent key invalidations a stale copy is checked against
 _MAX_ERROR_TEXT = 300  # characters of a failed load's note
+_MAX_NOTE_BYTES = 32 + 4 * _MAX_ERROR_TEXT  # a stamp, "|", and the text in UTF-8
+_NOTE_FUTURE_MS = 1000.0  # how far past the server clock's estimate a note's stamp may be
 _NOTE_MARGIN_MS = 5.0  # clock estimates of two processes differ by their errors, plus this
 _IDLE = 5.0  # seconds the sync fill-lock renewer waits for work before its thread exits
 _DEFAULT_SOCKET_TIMEOUT = 5.0  # distkit's RedisConfig default, for clients that set none
@@ -619,7 +621,10 @@ class ReadThrough:
         found = core.entry(raw, epoch, type_, True)  # counted by the first look
         if found.__class__ is not Entry:
             found = yield from core.settle(rkey, found, mark, type_)
-        return found, _fresh_note(note, since_ms)
+        # A note stamped later than the server's clock can be (with both estimates' errors and a
+        # second of slack) was not written by distcache: foreign bytes, ignored.
+        until_ms = self.clock.now_ms() + 2 * self.clock.error_ms + _NOTE_FUTURE_MS
+        return found, _fresh_note(note, since_ms, until_ms)
 
     def sequence(self) -> int:
         """This process's invalidation count of the namespace (a call notes it before reading)."""
@@ -878,6 +883,11 @@ _LIVE_FLOWS: weakref.WeakSet[SyncFlow | AsyncFlow] = weakref.WeakSet()
 
 
 def _after_fork() -> None:
+    global _FORGOTTEN_GUARD
+    # A parent thread may have held these at the fork: the child's copies would never be freed.
+    _FORGOTTEN_GUARD = threading.Lock()
+    for group in list(_FORGOTTEN.values()):
+        group.guard = threading.Lock()
     for flow in list(_LIVE_FLOWS):
         flow._after_fork()
 
@@ -1048,16 +1058,20 @@ def _bounded(protocol: Protocol[Any], expired: Callable[[], bool]) -> Protocol[A
             send, error = None, exc
 
 
-def _fresh_note(raw: Any, since_ms: float) -> str | None:
-    """The text of a failure note written after ``since_ms`` (server clock), else ``None``."""
-    if not isinstance(raw, bytes):
+def _fresh_note(raw: Any, since_ms: float, until_ms: float = math.inf) -> str | None:
+    """The text of a failure note written after ``since_ms`` (server clock), else ``None``.
+
+    A note distcache could not have written (stamped after ``until_ms``, or longer than its
+    notes are) is foreign: ``None``, as for no note (the caller loads)."""
+    if not isinstance(raw, bytes) or len(raw) > _MAX_NOTE_BYTES:
         return None
     stamp, _, text = raw.partition(b"|")
     try:
-        if int(stamp) < since_ms:
-            return None  # an older failure: this caller did not wait for that load
+        stamped = int(stamp)
     except ValueError:
         return None
+    if stamped < since_ms or stamped > until_ms:
+        return None  # an older failure (this caller did not wait for that load), or foreign
     return text.decode("utf-8", "replace")
 
 

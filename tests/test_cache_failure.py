@@ -559,3 +559,80 @@ def test_deadline_options_are_validated() -> None:
     assert Cache(dead_client(), miss_deadline=timedelta(seconds=1.5))._policy.deadline == 1.5
     assert Cache(redis.Redis(port=free_port()))._policy.deadline == 10.0  # no socket timeout
     assert Cache(dead_client())._policy.slow == 2 * TIMEOUT / 4
+
+
+@pytest.mark.parametrize("cut", ["before", "between-replies"])
+def test_a_handshake_cut_by_the_deadline_leaves_no_half_set_up_connection(
+    r: redis.Redis, cut: str
+) -> None:
+    """Re-review: redis-py before 8 disconnects a connection only when its handshake raises a
+    RedisError; the deadline's ``OutOfTime`` left it in the user's pool half set up (its replies
+    owed to the user's next command). The hook closes it itself."""
+    from distcache._handshake import Deadline, OutOfTime, until
+
+    kwargs = r.connection_pool.connection_kwargs
+    client = redis.Redis(host=kwargs["host"], port=kwargs["port"], socket_timeout=2.0)
+    Cache(client, namespace=f"hs-cut-{cut}", miss_deadline=1.0)  # installs the hook
+    hook = client.connection_pool.connection_kwargs["redis_connect_func"]
+    conn = client.connection_pool.make_connection()
+    conn._sock = conn._connect()  # what Connection.connect() does before the hook
+    if cut == "before":
+        ends = time.monotonic() - 1.0  # passed before the handshake starts
+    else:
+        ends = time.monotonic() + 0.3
+        real = conn.read_response
+
+        def slow_read(*args: Any, **kwargs: Any) -> Any:  # the first reply eats the deadline
+            out = real(*args, **kwargs)
+            time.sleep(0.4)
+            return out
+
+        conn.read_response = slow_read
+    with until(Deadline(time.monotonic, ends)), pytest.raises(OutOfTime):
+        hook(conn)
+    assert conn._sock is None, "a connection cut mid-handshake was left connected"
+    client.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize(
+    "note",
+    [b"99999999999999999|planted\nline", b"1|" + b"x" * 5000, b"99999999999999999|" + b"y" * 5000],
+    ids=["far-future", "huge-old", "huge-future"],
+)
+def test_a_planted_failure_note_is_foreign_and_the_loader_runs(
+    r: redis.Redis, kind: str, note: bytes
+) -> None:
+    """Re-review: a planted ``ek:`` note with a far-future stamp made every get_or_set of the key
+    raise LoaderError with the planter's text, forever, and never called the loader. A note
+    stamped after the server clock (with slack) or longer than distcache writes is ignored."""
+    ns = f"note-{kind}-{len(note)}-{note[:1].decode()}"
+    if kind == "sync":
+        cache: Any = Cache(r, namespace=ns)
+    else:
+        cache = AsyncCache(aconnect(f"redis://{r.connection_pool.connection_kwargs['host']}:"
+                                    f"{r.connection_pool.connection_kwargs['port']}/0"),
+                           namespace=ns)  # fmt: skip
+    rkey = cache._core.entry_key("k")
+    r.set(cache._policy.error_key(rkey), note)
+    calls = []
+
+    def load() -> str:
+        calls.append(1)
+        return "loaded"
+
+    if kind == "sync":
+        value = cache.get_or_set("k", load)
+    else:
+
+        async def aload() -> str:
+            return load()
+
+        async def run() -> Any:
+            try:
+                return await cache.get_or_set("k", aload)
+            finally:
+                await cache._client.aclose()
+
+        value = asyncio.run(run())
+    assert value == "loaded" and calls == [1]

@@ -178,3 +178,31 @@ def test_the_async_flight_table_is_emptied_in_a_forked_child(redis_server: Redis
     assert before == 1
     out = in_child(lambda: {"flights": len(acache._flow._flights)})
     assert out == {"flights": 0}
+
+
+@pytest.mark.parametrize("which", ["namespace", "registry"])
+def test_a_forked_child_never_waits_on_an_invalidation_lock_a_parent_thread_held(
+    redis_server: RedisServer, which: str
+) -> None:
+    """Re-review: a parent thread inside ``set()``/``delete()`` at the fork held the namespace's
+    invalidation registry lock (or the registry's own lock); the child's copy of that lock was
+    never freed and every ``set()`` there hung. Held here deterministically across the fork."""
+    from distcache import _stampede
+
+    redis_server.client().flushall()
+    cache = Cache(redis_server.client(), namespace=f"fg-{which}")
+    cache.set("k", 1)
+    lock = (
+        _stampede._FORGOTTEN[cache._core.epoch_key].guard
+        if which == "namespace"
+        else _stampede._FORGOTTEN_GUARD
+    )
+
+    def child() -> dict[str, Any]:
+        cache.set("k", 2)
+        Cache(redis_server.client(), namespace=f"fg-{which}-new").set("k", 3)
+        return {"value": cache.get("k")}
+
+    with lock:  # as a parent thread mid-invalidation at the moment of the fork
+        out = in_child(child, timeout=10.0)
+    assert out["value"] == 2
