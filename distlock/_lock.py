@@ -50,6 +50,18 @@ __all__ = ["AsyncLock", "Lock"]
 
 log = logging.getLogger(__name__)
 
+
+_timeout: Any = getattr(asyncio, "timeout", None)  # Python 3.11+
+
+
+async def _within(limit: float, call: Any) -> Any:
+    """``await call`` cut after ``limit`` seconds (``asyncio.TimeoutError``): ``asyncio.timeout``
+    where it exists (3.11+), whose cancellation cannot be lost the way ``wait_for``'s can."""
+    if _timeout is None:  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(call, limit)
+    async with _timeout(limit):
+        return await call
+
 _L = TypeVar("_L", bound="_LockBase[Any]")
 # How often the renewer re-reads the lease estimate while an extension is in flight.
 _RENEW_POLL = 0.05
@@ -368,25 +380,32 @@ class _AsyncLock(_LockBase[asyncio.Event]):
             return
         loop = task.get_loop()
         if loop is asyncio.get_running_loop():
-            task.cancel()
-            await asyncio.wait({task})
+            # Cancelled again until done: before Python 3.12, asyncio.wait_for can swallow a
+            # cancellation when the call it waits on completes at that moment (CPython
+            # gh-86296); the loop also stops by itself once it is no longer the renewer.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.05)
         elif not loop.is_closed():  # renewing on a loop in another thread: never wait on it
             loop.call_soon_threadsafe(task.cancel)
         # else: that loop is closed, and its task can never run again
 
     async def _renew_loop(self, owner: str | None) -> None:
         interval = self._renew_interval
+        me = asyncio.current_task()
         while True:
             await asyncio.sleep(interval)
-            if self._core.owner != owner or owner is None:
+            if self._core.owner != owner or owner is None or self._renewer is not me:
                 return
             try:
                 # bounded by the lease's local estimate: cut the call when it runs out
                 left = self._core.remaining_or_zero()
                 if left > 0:
-                    await asyncio.wait_for(self._driver.run(self._core.extend(None)), left)
+                    await _within(left, self._driver.run(self._core.extend(None)))
                 else:
                     raise asyncio.TimeoutError
+                if self._renewer is not me:  # stopped while extending (cancellation swallowed)
+                    return
                 interval = self._renew_interval
             except asyncio.TimeoutError:  # the estimate ran out first (a redis-py one is mapped)
                 if self._core.owner == owner:

@@ -142,3 +142,46 @@ def test_async_with_and_auto_renew_task_stops(redis_server: RedisServer) -> None
         await client.aclose()
 
     asyncio.run(run())
+
+
+def test_release_stops_a_renewer_whose_cancellation_met_a_finishing_extension(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chaos soak's stuck worker: release() cancelled the renewer in the loop iteration in
+    which its extension finished. asyncio.wait_for (before Python 3.12) then returns the result
+    and drops the cancellation: the renewer went on renewing and release() waited for it forever.
+    """
+    from distkit._protocol import AsyncDriver
+
+    real_run = AsyncDriver.run
+    gate: dict[str, Any] = {}
+
+    def run(self: Any, protocol: Any) -> Any:
+        if getattr(protocol, "gi_code", None) is not None and protocol.gi_code.co_name == "extend":
+            protocol.close()
+
+            async def held() -> None:  # the extension: answered when the test says so
+                gate["entered"].set()
+                await gate["answer"]
+
+            return held()
+        return real_run(self, protocol)
+
+    monkeypatch.setattr(AsyncDriver, "run", run)
+
+    async def scenario() -> None:
+        gate["entered"] = asyncio.Event()
+        gate["answer"] = asyncio.get_running_loop().create_future()
+        lock = AsyncLock(redis_server.async_client(), "renew-race", ttl=0.6, auto_renew=True)
+        assert await lock.acquire()
+        await asyncio.wait_for(gate["entered"].wait(), 5)
+        # The extension finishes in the next loop iteration and release() (its first step,
+        # stopping the renewer) cancels the renewer in the one after, before it resumes.
+        gate["answer"].set_result(None)
+        stop = asyncio.ensure_future(lock._stop_renewer())
+        done, _ = await asyncio.wait({stop}, timeout=3)
+        assert stop in done, "the renewer swallowed its cancellation: release() waits forever"
+        await lock.release()
+        assert not await lock.locked()
+
+    asyncio.run(scenario())
