@@ -62,6 +62,7 @@ async def _within(limit: float, call: Any) -> Any:
     async with _timeout(limit):
         return await call
 
+
 _L = TypeVar("_L", bound="_LockBase[Any]")
 # How often the renewer re-reads the lease estimate while an extension is in flight.
 _RENEW_POLL = 0.05
