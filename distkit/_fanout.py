@@ -6,8 +6,10 @@ as soon as the outcome is decided: a quorum granted, or a quorum out of reach.
 
 A request that has not answered within the per-node timeout is *abandoned*: its ``abandon``
 script (for a lock: release-by-owner) is written on the **same connection**, right behind it,
-and the connection is closed. Redis executes one connection's commands in order, so if the late
-request ever lands, the abandon lands after it: nothing is left behind. A straggler that was not
+and the connection is given up. Redis executes one connection's commands in order, so if the late
+request ever lands, the abandon lands after it: nothing is left behind. A given-up connection
+is closed only once both replies are read (see ``_linger``): closing it earlier would answer
+them with a TCP reset, which may cost the abandon. A straggler that was not
 waited for (the quorum decided without it) is settled before the next request to its node goes
 out: the sync driver reads its reply first on the same connection; the async driver's next task
 for that node waits for the straggler's task.
@@ -244,8 +246,7 @@ class _Idle:
         if len(self.conns) < _MAX_IDLE:
             self.conns.append((conn, unread))
             return
-        with contextlib.suppress(Exception):
-            conn.disconnect()
+        _linger(conn, len(unread), _LINGER)
 
 
 _registry_lock = threading.RLock()  # reentrant: a weakref callback may run inside it (GC)
@@ -279,16 +280,78 @@ def discard_idle(pool: Any) -> None:
         _generation += 1
     for idle in idles:
         while (taken := idle.take()) is not None:
-            with contextlib.suppress(Exception):
-                taken[0].disconnect()
+            _linger(taken[0], len(taken[1]), _LINGER)
+
+
+# Connections given up on while replies are still owed on them (a request that timed out and
+# the abandon behind it, a release sent to a suspended master): kept open until those replies
+# have been read, then closed. Closing a socket that has unread data, or that data reaches
+# afterwards, makes the kernel answer with a TCP reset (RFC 1122 4.2.2.13), and a reset lets the
+# network, a proxy or the server drop what this side sent but was not yet processed: the abandon
+# behind a late request, so a lease would be left standing for its whole TTL. Reaped by every
+# sync fan-out of the process; each is closed at the latest after its bound.
+_LINGER = 30.0
+_MAX_LINGERING = 256
+_lingering: list[tuple[Any, int, float]] = []  # (connection, replies owed, close by)
+_lingering_lock = threading.Lock()
+
+
+def _linger(conn: Any, owed: int, bound: float) -> None:
+    """Close ``conn`` once it has answered ``owed`` requests, or after ``bound`` seconds."""
+    if owed <= 0:
+        with contextlib.suppress(Exception):
+            conn.disconnect()
+        return
+    with _lingering_lock:
+        _lingering.append((conn, owed, time.monotonic() + bound))
+        evicted = _lingering.pop(0) if len(_lingering) > _MAX_LINGERING else None
+    if evicted is not None:
+        with contextlib.suppress(Exception):
+            evicted[0].disconnect()
+
+
+def reap_lingering() -> int:
+    """Read what the lingering connections have received, close those done or past their
+    bound; the number still lingering. Never blocks on a reply that has not arrived."""
+    if not _lingering_lock.acquire(blocking=False):
+        return len(_lingering)  # another thread reaps
+    try:
+        now = time.monotonic()
+        keep: list[tuple[Any, int, float]] = []
+        done: list[Any] = []
+        for conn, owed, until in _lingering:
+            try:
+                while owed and conn.can_read(timeout=0):
+                    with contextlib.suppress(rex.ResponseError):
+                        conn.read_response()
+                    owed -= 1
+            except _REDIS_ERRORS:
+                owed = 0  # the server closed it, or it broke: nothing more will be read
+            if owed and now < until:
+                keep.append((conn, owed, until))
+            else:
+                done.append(conn)
+        _lingering[:] = keep
+    finally:
+        _lingering_lock.release()
+    for conn in done:
+        with contextlib.suppress(Exception):
+            conn.disconnect()
+    return len(keep)
 
 
 def _forget_all_after_fork() -> None:
-    global _registry_lock, _generation, _probe_lock
+    global _registry_lock, _generation, _probe_lock, _lingering_lock
     _registry_lock = threading.RLock()
     _probe_lock = threading.Lock()
     _registry.clear()
     _generation += 1
+    _lingering_lock = threading.Lock()
+    inherited = list(_lingering)
+    _lingering.clear()
+    for conn, _, _ in inherited:
+        with contextlib.suppress(Exception):
+            conn.disconnect()  # in the child redis-py only closes the parent's socket
 
 
 os.register_at_fork(after_in_child=_forget_all_after_fork)
@@ -366,6 +429,7 @@ class SyncFanOutDriver(SyncDriver):
             for i, conn in enumerate(self._conns):
                 if conn is not None:
                     self._drop(i, 0.0, 0.0, suspend=False)
+        reap_lingering()
 
     def _idle(self, i: int, timeout: float) -> _Idle:
         known = self._idles
@@ -472,12 +536,18 @@ class SyncFanOutDriver(SyncDriver):
         *,
         suspend: bool = True,
         cause: BaseException | None = None,
+        owed: int = 0,
+        bound: float = _LINGER,
     ) -> None:
+        """Stop using node ``i``'s connection: closed at once after a failure (``cause``), else
+        kept open until the ``owed`` replies sent on it (plus the stragglers' still unread) are
+        read (see ``_linger``)."""
         conn, self._conns[i] = self._conns[i], None
+        owed = 0 if cause is not None else owed + len(self._unread[i])
         self._unread[i] = []
         self._pinned[i] = False
         if conn is not None:
-            conn.disconnect()
+            _linger(conn, owed, bound)
         if suspend:
             self._suspended[i] = now + _suspension(timeout)
             _share_suspension(self.clients[i].connection_pool, self._suspended[i], cause)
@@ -510,7 +580,8 @@ class SyncFanOutDriver(SyncDriver):
             conn = self._connection(i, timeout, fresh=True)
             conn.send_packed_command(_packed_eval(conn, call, by_sha=False))
             if not conn.can_read(timeout=max(0.0, deadline - time.monotonic())):
-                self._drop(i, time.monotonic(), timeout)  # sent: it lands, or the lease expires
+                # sent: it lands, or the lease expires
+                self._drop(i, time.monotonic(), timeout, owed=1)
                 return TIMED_OUT
             return conn.read_response()
         except rex.ResponseError as exc:
@@ -524,8 +595,8 @@ class SyncFanOutDriver(SyncDriver):
         try:
             conn.send_packed_command(_packed_eval(conn, abandon, by_sha=False), check_health=False)
             self._unread[i].append(abandon.script)
-        except _REDIS_ERRORS:
-            self._drop(i, time.monotonic(), 0.0, suspend=False)
+        except _REDIS_ERRORS as exc:
+            self._drop(i, time.monotonic(), 0.0, suspend=False, cause=exc)
 
     def _load(self, i: int, scripts: list[Script], timeout: float) -> None:
         conn = self._conns[i]
@@ -543,6 +614,8 @@ class SyncFanOutDriver(SyncDriver):
     def _fan_out(self, step: FanOut) -> list[Any]:
         if self._pid != os.getpid():
             self._after_fork()
+        if _lingering:
+            reap_lingering()
         with self._lock:
             if not self._distinct and not step.reach_all:
                 self._check_distinct(step.timeout)
@@ -585,7 +658,14 @@ class SyncFanOutDriver(SyncDriver):
                     unawaited[i] = not step.wait
                     outcomes[i] = TIMED_OUT
                     if fire:
-                        self._drop(i, time.monotonic(), step.timeout, suspend=False)
+                        self._drop(
+                            i,
+                            time.monotonic(),
+                            step.timeout,
+                            suspend=False,
+                            owed=1,
+                            bound=max(_LINGER, step.late),
+                        )
                     break
                 except _REDIS_ERRORS as exc:
                     outcomes[i] = _error(exc, self.what)
@@ -653,21 +733,32 @@ class SyncFanOutDriver(SyncDriver):
                 continue
             outcomes[i] = TIMED_OUT
             conn = self._conns[i]
+            owed = 1  # the request itself
+            failed: BaseException | None = None
             try:
                 if step.abandon is not None:
                     conn.send_packed_command(
                         _packed_eval(conn, step.abandon[i], by_sha=False), check_health=False
                     )
+                    owed += 1
                 elif step.reach_all:
                     # The late master may answer our EVALSHA with NOSCRIPT (its script cache
                     # lost): the EVAL behind it lands either way. A release is idempotent.
                     conn.send_packed_command(
                         _packed_eval(conn, step.calls[i], by_sha=False), check_health=False
                     )
-            except _REDIS_ERRORS:
-                pass
+                    owed += 1
+            except _REDIS_ERRORS as exc:
+                failed = exc
             finally:
-                self._drop(i, time.monotonic(), step.timeout)
+                self._drop(
+                    i,
+                    time.monotonic(),
+                    step.timeout,
+                    cause=failed,
+                    owed=owed,
+                    bound=max(_LINGER, step.late),
+                )
         for i, scripts in enumerate(unloaded):
             if scripts:
                 self._load(i, scripts, step.timeout)
@@ -694,6 +785,7 @@ class AsyncFanOutDriver(AsyncDriver):
         "_distinct",
         "_guard",
         "_hint",
+        "_lingering",
         "_live",
         "_loop",
         "_pending",
@@ -714,10 +806,12 @@ class AsyncFanOutDriver(AsyncDriver):
         self._guard = threading.Lock()  # _loop, _active and the swap: one thread at a time
         self._hint = 0.05  # the last per-node timeout seen (bounds the wait for stragglers)
         self._distinct = False  # every master's server identity known, none twice
+        self._lingering: set[asyncio.Task[None]] = set()  # connections kept until answered
 
     def _after_fork(self) -> None:
         """In a forked child: drop the connections the clients' pools inherited from the parent."""
         self._pid = os.getpid()
+        self._lingering = set()
         self._suspended = [0.0] * len(self.clients)
         self._pending = [None] * len(self.clients)
         self._loop = None
@@ -822,6 +916,30 @@ class AsyncFanOutDriver(AsyncDriver):
         if todo:
             await asyncio.gather(*(probe(i) for i in todo))
         self._distinct = _refuse_duplicates(self.clients, self.what)
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._lingering.add(task)
+        task.add_done_callback(self._lingering.discard)
+
+    @staticmethod
+    async def _linger(pool: Any, conn: Any, owed: int, bound: float) -> None:
+        """Read the ``owed`` replies (at most ``bound`` seconds), then close ``conn``: closing it
+        with replies still to come would answer them with a TCP reset (see ``_linger`` above)."""
+
+        async def read_all() -> None:
+            for _ in range(owed):
+                with contextlib.suppress(rex.ResponseError):
+                    await conn.read_response(disconnect_on_error=False)
+
+        try:
+            await asyncio.wait_for(read_all(), bound)
+        except (*_REDIS_ERRORS, TimeoutError, asyncio.TimeoutError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
 
     async def _send_late(self, pool: Any, call: Eval, bound: float) -> None:
         conn = None
@@ -1002,14 +1120,28 @@ class AsyncFanOutDriver(AsyncDriver):
             behind = step.abandon[i] if step.abandon is not None else None
             if behind is None and step.reach_all:
                 behind = call  # a late EVALSHA may meet NOSCRIPT: the EVAL behind it lands
+            owed = 1 if sent and late else 0  # the request, unanswered
             if sent and behind is not None and conn is not None:
-                with contextlib.suppress(*_REDIS_ERRORS):
+                try:
                     await conn.send_packed_command(
                         _packed_eval(conn, behind, by_sha=False), check_health=False
                     )
+                    owed += 1 if late else 0
+                except _REDIS_ERRORS:
+                    owed = 0
             if conn is not None:
-                with contextlib.suppress(*_REDIS_ERRORS):
-                    await conn.disconnect()
+                if owed:
+                    # Closed once both replies are read (see ``_linger``), by a task of its own:
+                    # the node's next request goes out on another connection meanwhile.
+                    self._keep(
+                        asyncio.ensure_future(
+                            self._linger(pool, conn, owed, max(_LINGER, step.late))
+                        )
+                    )
+                    conn = None  # not given back to the pool below: the task does
+                else:
+                    with contextlib.suppress(*_REDIS_ERRORS):
+                        await conn.disconnect()
             if step.reach_all and not sent:
                 # A release that never went out (the node stalled while connecting): the caller
                 # has its answer; this task (which the node's next request waits for) still

@@ -554,10 +554,14 @@ def test_stalled_holder_is_fenced_off(
 
 # -- a minority partitioned behind the fault proxy ----------------------------------------------
 def _partition(proxies: list[FaultProxy], phase: int) -> None:
-    """Phase 0: black-hole the even proxies, slow the odd ones; phase 1: the other way round."""
+    """Phase 0: black-hole the even proxies, slow the odd ones; phase 1: the other way round;
+    phase 2: every proxy slows requests only, so replies reach the client at once (a late
+    request's reply meets a client that gave up on it, the abandon behind it still in flight)."""
     for i, proxy in enumerate(proxies):
         proxy.reset()
-        if (i + phase) % 2 == 0:
+        if phase == 2:
+            proxy.set_latency(0.0, up=0.1, down=0.0)
+        elif (i + phase) % 2 == 0:
             proxy.blackhole()
         else:
             # Beyond node_timeout, within socket_timeout: connections still open (the handshake
@@ -574,8 +578,9 @@ def test_minority_partition_behind_proxies(
     redis_binary: str, fresh_store: RedisServer, tmp_path: Path, n: int, kind: str
 ) -> None:
     """A minority of the masters sits behind fault proxies, each black-holed for one phase and
-    slowed beyond node_timeout for the other. The lock keeps working, and once healed, no late
-    request leaves a lease behind on any master (release covers requests still in flight)."""
+    slowed beyond node_timeout for the other, then all slowed one way (requests only). The lock
+    keeps working, and once healed, no late request leaves a lease behind on any master (release
+    covers requests still in flight)."""
     quorum = n // 2 + 1
     with IndependentMasters(n, binary=redis_binary) as group, contextlib.ExitStack() as stack:
         proxies = [stack.enter_context(FaultProxy(s.address)) for s in group.servers[quorum:]]
@@ -588,6 +593,8 @@ def test_minority_partition_behind_proxies(
             _partition(proxies, 0)
             time.sleep(1.2)
             _partition(proxies, 1)
+            time.sleep(1.2)
+            _partition(proxies, 2)
             time.sleep(1.2)
             for proxy in proxies:
                 proxy.reset()

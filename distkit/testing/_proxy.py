@@ -73,6 +73,8 @@ class FaultProxy:
         self._requested_port = port
         self._port: int | None = None
         self._latency = 0.0
+        self._latency_up: float | None = None  # client -> target, when it differs
+        self._latency_down: float | None = None  # target -> client, when it differs
         self._blackholed = False
         self._refusing = False
         self._connections: set[_Connection] = set()
@@ -185,11 +187,21 @@ class FaultProxy:
 
     # -- faults -------------------------------------------------------------------------------
 
-    def set_latency(self, seconds: float) -> None:
-        """Delay every forwarded chunk by ``seconds`` in both directions (0 disables)."""
-        if seconds < 0:
-            raise ValueError(f"latency must be >= 0, got {seconds}")
+    def set_latency(
+        self, seconds: float, *, up: float | None = None, down: float | None = None
+    ) -> None:
+        """Delay every forwarded chunk by ``seconds`` in both directions (0 disables).
+
+        ``up`` (client to target) and ``down`` (target to client) override ``seconds`` for one
+        direction: an asymmetric path, where a request lands late but its reply comes back at
+        once (the reply can then reach a client that has already given up on it).
+        """
+        for value in (seconds, up, down):
+            if value is not None and not value >= 0:
+                raise ValueError(f"latency must be >= 0, got {value}")
         self._latency = float(seconds)
+        self._latency_up = None if up is None else float(up)
+        self._latency_down = None if down is None else float(down)
 
     def blackhole(self, on: bool = True) -> None:
         """Forward nothing while on: data is held (as TCP would during a partition), so callers
@@ -301,8 +313,8 @@ class FaultProxy:
                 _abort(up_writer)
                 return
             pumps = [
-                asyncio.ensure_future(self._pump(reader, up_writer)),
-                asyncio.ensure_future(self._pump(up_reader, writer)),
+                asyncio.ensure_future(self._pump(reader, up_writer, upstream=True)),
+                asyncio.ensure_future(self._pump(up_reader, writer, upstream=False)),
             ]
             try:
                 await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -315,12 +327,19 @@ class FaultProxy:
                 self._connections.discard(connection)
                 connection.close()
 
-    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    def _delay(self, upstream: bool) -> float:
+        override = self._latency_up if upstream else self._latency_down
+        return self._latency if override is None else override
+
+    async def _pump(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, upstream: bool
+    ) -> None:
         assert self._open is not None
         try:
             while data := await source.read(_CHUNK):
-                if self._latency > 0:
-                    await asyncio.sleep(self._latency)
+                delay = self._delay(upstream)
+                if delay > 0:
+                    await asyncio.sleep(delay)
                 await self._open.wait()
                 sink.write(data)
                 await sink.drain()
