@@ -22,6 +22,7 @@ from typing import Literal
 
 from distkit import ConfigError
 from distkit._config import seconds
+from distkit._fork import renew_locks_after_fork
 from distkit._protocol import monotonic
 
 __all__ = ["CircuitBreaker"]
@@ -45,7 +46,9 @@ class CircuitBreaker:
         ConfigError: an argument is invalid.
     """
 
+    _FORK_LOCKS = ("_lock",)
     __slots__ = (
+        "__weakref__",
         "_clock",
         "_failures",
         "_lock",
@@ -78,6 +81,7 @@ class CircuitBreaker:
         self.slow_call = None if slow_call is None else seconds(slow_call, field="slow_call")
         self._clock = clock
         self._lock = threading.Lock()
+        renew_locks_after_fork(self)
         self._state: str = _CLOSED
         self._failures = 0
         self._opened_at = 0.0

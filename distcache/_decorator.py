@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import re
 import sys
 import threading
@@ -57,6 +58,15 @@ _NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,200}")
 # costs a name=, while a name shared mixes two functions' entries.
 _NAMES: dict[str, dict[str, tuple[weakref.ref[Any], Any]]] = {}
 _NAMES_GUARD = threading.Lock()
+
+
+def _renew_names_guard() -> None:
+    global _NAMES_GUARD
+    _NAMES_GUARD = threading.Lock()  # a parent thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_renew_names_guard)
 
 
 class CachedFunction(Protocol[_P, _R_co]):

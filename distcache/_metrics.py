@@ -7,6 +7,8 @@ from collections import Counter
 from enum import Enum
 from typing import Protocol, runtime_checkable
 
+from distkit._fork import renew_locks_after_fork
+
 __all__ = ["CacheEvent", "CacheMetrics", "CounterMetrics"]
 
 
@@ -41,11 +43,13 @@ class CacheMetrics(Protocol):
 class CounterMetrics:
     """Thread-safe in-memory counters of cache events, per (event, namespace)."""
 
-    __slots__ = ("_counts", "_lock")
+    _FORK_LOCKS = ("_lock",)
+    __slots__ = ("__weakref__", "_counts", "_lock")
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
+        renew_locks_after_fork(self)
 
     def record(self, event: CacheEvent, namespace: str, count: int = 1) -> None:
         """Add ``count`` to the counter of ``event`` in ``namespace``."""

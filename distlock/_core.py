@@ -212,6 +212,8 @@ _LIVE_CORES: weakref.WeakSet[LockCore] = weakref.WeakSet()
 
 
 def _after_fork() -> None:
+    global _WARNED_LOCK
+    _WARNED_LOCK = threading.Lock()  # a parent thread may have held it at the fork
     for core in list(_LIVE_CORES):
         core._reseed()
 

@@ -4,6 +4,7 @@ locks it takes, and must not wait on loads led by parent threads that do not exi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from distcache import Cache, NearCache, Stampede
+from distcache import Cache, CacheEvent, NearCache, Stampede
 from distkit.testing import RedisServer
 
 pytestmark = [
@@ -206,3 +207,93 @@ def test_a_forked_child_never_waits_on_an_invalidation_lock_a_parent_thread_held
     with lock:  # as a parent thread mid-invalidation at the moment of the fork
         out = in_child(child, timeout=10.0)
     assert out["value"] == 2
+
+
+@pytest.mark.parametrize("which", ["breaker", "metrics", "decorator-names", "django-shared"])
+def test_a_forked_child_never_waits_on_a_lock_a_parent_thread_held_on_a_call_path(
+    redis_server: RedisServer, which: str
+) -> None:
+    """The circuit breaker's and the metrics' locks, the ``@cached`` name registry's and the
+    Django backend's shared-cache lock: held by a parent thread at the fork, each one hung the
+    child's first call that took it. Held here deterministically across the fork."""
+    from distcache import CircuitBreaker, CounterMetrics, _decorator, cached
+
+    redis_server.client().flushall()
+    breaker = CircuitBreaker(failure_threshold=1, reset_timeout=0.001)
+    metrics = CounterMetrics()
+    cache = Cache(redis_server.client(), namespace=f"fl-{which}", breaker=breaker,
+                  metrics=metrics)  # fmt: skip
+    breaker.record_failure()  # open: allow() takes the lock (half-open probe)
+    time.sleep(0.01)
+
+    def child() -> dict[str, Any]:
+        out: dict[str, Any] = {"allowed": breaker.allow()}
+        metrics.record(CacheEvent.HIT, "x")
+        out["hits"] = metrics.count(CacheEvent.HIT, "x")
+
+        @cached(cache, name=f"f-{which}")
+        def f(x: int) -> int:
+            return x + 1
+
+        out["f"] = f(1)
+        if which == "django-shared":
+            from django.conf import settings  # type: ignore[import-untyped]
+
+            from distcache.contrib import django as backend
+
+            if not settings.configured:  # this child's own settings; the parent's are untouched
+                settings.configure(SECRET_KEY="fork-test")
+
+            out["shared"] = backend._shared(redis_server.url, {}) is not None
+        return out
+
+    if which == "breaker":
+        lock: Any = breaker._lock
+    elif which == "metrics":
+        lock = metrics._lock
+    elif which == "decorator-names":
+        lock = _decorator._NAMES_GUARD
+    else:
+        pytest.importorskip("django")
+        from distcache.contrib import django as backend
+
+        lock = backend._SHARED_LOCK
+    with lock:  # as a parent thread inside the call at the moment of the fork
+        out = in_child(child, timeout=10.0)
+    assert out["allowed"] is True and out["hits"] == 1 and out["f"] == 2
+
+
+def test_every_module_level_lock_of_the_library_is_new_in_a_forked_child() -> None:
+    """The class of the bug above, for every module: a module-level lock (or RLock) that the
+    child inherits as the parent's object could be held by a parent thread at the fork."""
+    import importlib
+    import pkgutil
+    import sys
+
+    import distcache
+    import distkit
+    import distlock
+
+    lock_types = (type(threading.Lock()), type(threading.RLock()))
+    for package in (distkit, distlock, distcache):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if ".testing" in info.name or info.name.endswith("__main__"):
+                continue
+            with contextlib.suppress(Exception):  # an optional extra missing or unconfigured
+                importlib.import_module(info.name)
+
+    def module_locks() -> dict[str, int]:
+        found = {}
+        for name, module in list(sys.modules.items()):
+            if name.split(".")[0] not in ("distkit", "distlock", "distcache") or ".testing" in name:
+                continue
+            for attr, value in list(vars(module).items()):
+                if type(value) in lock_types:  # type(): no lazy object (Django settings) set up
+                    found[f"{name}.{attr}"] = id(value)
+        return found
+
+    before = module_locks()
+    assert len(before) >= 5, before  # the scan sees the library's locks
+    out = in_child(lambda: {"locks": module_locks()}, timeout=10.0)
+    kept = sorted(name for name, ident in out["locks"].items() if before.get(name) == ident)
+    assert not kept, f"inherited as the parent's object, never renewed in the child: {kept}"

@@ -32,6 +32,7 @@ from django.utils.crypto import salted_hmac  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 
 from distkit import ConfigError, RedisConfig, SerializationError, aconnect, connect
+from distkit._fork import renew_locks_after_fork
 from distkit._units import MAX_SECONDS
 from distlock import AsyncLock, Lock
 
@@ -130,10 +131,13 @@ class _Shared:
     """One sync ``Cache`` and one ``AsyncCache`` per event loop, for every backend instance
     with the same settings in this process (Django builds one instance per thread)."""
 
+    _FORK_LOCKS = ("lock",)
+
     def __init__(self, config: RedisConfig, options: dict[str, Any]) -> None:
         self.config = config
         self.options = options
         self.lock = threading.Lock()
+        renew_locks_after_fork(self)
         self.sync: Cache | None = None
         self.by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncCache] = (
             weakref.WeakKeyDictionary()
@@ -162,6 +166,15 @@ class _Shared:
 
 _SHARED: dict[tuple[Any, ...], _Shared] = {}
 _SHARED_LOCK = threading.Lock()
+
+
+def _renew_shared_lock() -> None:
+    global _SHARED_LOCK
+    _SHARED_LOCK = threading.Lock()  # a parent thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_renew_shared_lock)
 
 
 def _shared(location: Any, options: Mapping[str, Any]) -> _Shared:
