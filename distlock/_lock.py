@@ -42,6 +42,7 @@ from ._core import (
     retry_policy,
     warn_own_retries,
 )
+from ._reentry import AsyncReentry, SyncReentry, check_reentrant, track
 
 if TYPE_CHECKING:
     from distkit import AsyncClient, RetryConfig, SyncClient
@@ -85,8 +86,10 @@ class _LockBase(Generic[_E]):
         renew_interval: Seconds | None,
         on_lost: Callable[[Any], None] | None,
         retry: RetryConfig | RetryPolicy | None,
+        reentrant: bool = False,
     ) -> None:
         self._core = core
+        self._reentrant = check_reentrant(reentrant)
         self._blocking_timeout = (
             None
             if blocking_timeout is None
@@ -172,14 +175,39 @@ class _SyncLock(_LockBase[threading.Event]):
         self._lost = threading.Event()
         self._renewer: threading.Thread | None = None
         self._stop_renew = threading.Event()
+        self._reentry = track(SyncReentry()) if self._reentrant else None
 
     def acquire(self, blocking: bool = True, timeout: Seconds | None = None) -> bool:
         """Take the lock; wait up to ``timeout`` seconds (``None``: forever) when ``blocking``.
 
+        Reentrant (``reentrant=True``): the holding thread's nested ``acquire`` returns ``True``
+        at once (one level deeper; ``LockLost`` if the outer hold's lease is lost); other threads
+        sharing the handle wait for it like other processes.
+
         Raises:
             ConnectionUnavailable: Redis could not be reached (the lock is never reported held).
-            LockError: this handle already holds the lock.
+            LockError: this handle already holds the lock (not reentrant).
         """
+        reentry = self._reentry
+        if reentry is None:
+            return self._acquire(blocking, timeout)
+        if reentry.nested(self):
+            return True
+        taken, left = reentry.enter(self._core.check_timeout(blocking, timeout), blocking)
+        if not taken:
+            return False
+        try:
+            got = self._acquire(blocking, left)
+        except BaseException:
+            reentry.gate.release()
+            raise
+        if got:
+            reentry.held()
+        else:
+            reentry.gate.release()
+        return got
+
+    def _acquire(self, blocking: bool, timeout: Seconds | None) -> bool:
         seconds_ = self._core.check_timeout(blocking, timeout)
         got = self._driver.run(self._core.acquire(blocking, seconds_, self._driver.max_block))
         if got:
@@ -192,9 +220,23 @@ class _SyncLock(_LockBase[threading.Event]):
     def release(self) -> None:
         """Release the lock (owner only); the next waiter, if any, gets it at once.
 
+        Reentrant: only the holding thread may release; the lease goes with the outermost
+        release.
+
         Raises:
-            LockNotOwned: this handle does not hold it, or its lease expired.
+            LockNotOwned: this handle (reentrant: this thread) does not hold it, or its lease
+                expired.
         """
+        reentry = self._reentry
+        if reentry is not None:
+            if not reentry.leave(self.name):
+                return
+            try:
+                self._stop_renewer()
+                self._driver.run(self._core.release())
+            finally:
+                reentry.gate.release()
+            return
         self._stop_renewer()
         self._driver.run(self._core.release())
 
@@ -326,14 +368,40 @@ class _AsyncLock(_LockBase[asyncio.Event]):
         self._driver = driver
         self._lost = asyncio.Event()
         self._renewer: asyncio.Task[None] | None = None
+        self._reentry = track(AsyncReentry()) if self._reentrant else None
 
     async def acquire(self, blocking: bool = True, timeout: Seconds | None = None) -> bool:
         """Take the lock; wait up to ``timeout`` seconds (``None``: forever) when ``blocking``.
 
+        Reentrant (``reentrant=True``): the holding task's nested ``acquire`` returns ``True``
+        at once (one level deeper; ``LockLost`` if the outer hold's lease is lost); other tasks
+        sharing the handle wait for it like other processes.
+
         Raises:
             ConnectionUnavailable: Redis could not be reached (the lock is never reported held).
-            LockError: this handle already holds the lock.
+            LockError: this handle already holds the lock (not reentrant).
         """
+        reentry = self._reentry
+        if reentry is None:
+            return await self._acquire(blocking, timeout)
+        if reentry.nested(self):
+            return True
+        seconds_ = self._core.check_timeout(blocking, timeout)
+        taken, left = await reentry.enter(seconds_, blocking)
+        if not taken:
+            return False
+        try:
+            got = await self._acquire(blocking, left)
+        except BaseException:
+            reentry.gate.release()
+            raise
+        if got:
+            reentry.held()
+        else:
+            reentry.gate.release()
+        return got
+
+    async def _acquire(self, blocking: bool, timeout: Seconds | None) -> bool:
         seconds_ = self._core.check_timeout(blocking, timeout)
         got = await self._driver.run(self._core.acquire(blocking, seconds_, self._driver.max_block))
         if got:
@@ -348,9 +416,21 @@ class _AsyncLock(_LockBase[asyncio.Event]):
     async def release(self) -> None:
         """Release the lock (owner only); the next waiter, if any, gets it at once.
 
+        Reentrant: only the holding task may release; the lease goes with the outermost release.
+
         Raises:
-            LockNotOwned: this handle does not hold it, or its lease expired.
+            LockNotOwned: this handle (reentrant: this task) does not hold it, or its lease
+                expired.
         """
+        reentry = self._reentry
+        if reentry is not None:
+            if not reentry.leave(self.name):
+                return
+            try:
+                await settled(self._release())
+            finally:
+                reentry.gate.release()
+            return
         # Once started, a release completes on the server even if the caller is cancelled
         # (stopping the renewer included: a cancellation there used to skip the release).
         await settled(self._release())
@@ -472,6 +552,11 @@ class Lock(_SyncLock):
             losing a just-granted lease (docs/topology.md). Standalone/Sentinel clients only.
         replica_timeout: how long one ``WAIT`` may block (seconds or ``timedelta``; keep it
             below the client's socket timeout).
+        reentrant: the thread that holds the lock may acquire it again (``with`` blocks nest);
+            the lease goes with the outermost release, the fencing token stays that of the
+            outermost hold, and other threads sharing the handle wait like other processes.
+            For ``AsyncLock``: the holding task. Default ``False``: a second acquire on a
+            handle that holds raises ``LockError``.
 
     Raises:
         ConfigError: an argument is invalid.
@@ -493,6 +578,7 @@ class Lock(_SyncLock):
         clock: Clock = monotonic,
         wait_for_replicas: int = 0,
         replica_timeout: Seconds = 1.0,
+        reentrant: bool = False,
     ) -> None:
         cls = type(self).__name__
         check_client(client, want_async=self._is_async, cls=cls)
@@ -513,6 +599,7 @@ class Lock(_SyncLock):
             renew_interval=renew_interval,
             on_lost=on_lost,
             retry=retry,
+            reentrant=reentrant,
         )
         if retry is None:  # connect()'s RetryConfig, when one was given
             self._retry = retry_policy(None, client)
@@ -545,7 +632,8 @@ class Lock(_SyncLock):
 class AsyncLock(_AsyncLock):
     """The asyncio twin of ``Lock`` (same arguments; takes a ``redis.asyncio`` client).
 
-    Ownership belongs to the handle, never to a task or thread. ``acquire`` and ``release`` are
+    Ownership belongs to the handle, never to a task or thread (with ``reentrant=True``: to the
+    task that acquired it). ``acquire`` and ``release`` are
     cancellation-safe: a cancelled acquire leaves no lease or queue entry behind, and a cancelled
     release still completes on the server.
     """
@@ -570,6 +658,7 @@ class AsyncLock(_AsyncLock):
             clock: Clock = monotonic,
             wait_for_replicas: int = 0,
             replica_timeout: Seconds = 1.0,
+            reentrant: bool = False,
         ) -> None: ...
 
     else:
