@@ -218,6 +218,18 @@ def _pool_has_room(bounded: tuple[Any, int] | None) -> bool:
         return True
 
 
+def _pool_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a connection pool at its ``max_connections`` (nothing was sent).
+
+    redis-py raises ``MaxConnectionsError`` for it since 6.4 (sync pools) and 8.0 (asyncio
+    pools); before, a plain ``ConnectionError("Too many connections")``. Both count: the pool
+    reserve and the wait for a free connection work on every supported redis-py.
+    """
+    return isinstance(exc, rex.MaxConnectionsError) or (
+        type(exc) is rex.ConnectionError and str(exc) == "Too many connections"
+    )
+
+
 def _translated(exc: BaseException, what: str) -> BaseException:
     if isinstance(exc, _REDIS_ERRORS) and not isinstance(exc, DistkitError):
         mapped = translate(exc, what=what)
@@ -288,9 +300,9 @@ class SyncDriver:
         """The hot path: one direct call; the retry machinery only runs after a failure."""
         try:
             return step.script(self.client, step.keys, step.args)
-        except rex.MaxConnectionsError:  # nothing was sent: wait for a connection (in _once)
-            return self.retry.call(lambda: self._once(step))
         except _REDIS_ERRORS as exc:
+            if _pool_full(exc):  # nothing was sent: wait for a connection (in _once)
+                return self.retry.call(lambda: self._once(step))
             first = _translated(exc, self.what)
             if not isinstance(first, ConnectionUnavailable):
                 raise first from exc
@@ -300,14 +312,16 @@ class SyncDriver:
         """``fn()``; while the pool is full (nothing was sent), retry for up to ``pool_wait``."""
         try:
             return fn()
-        except rex.MaxConnectionsError:
+        except rex.ConnectionError as exc:
+            if not _pool_full(exc):
+                raise
             end = time.monotonic() + self.pool_wait
         while True:
             time.sleep(_POOL_WAIT_EVERY)
             try:
                 return fn()
-            except rex.MaxConnectionsError:
-                if time.monotonic() >= end:
+            except rex.ConnectionError as exc:
+                if not _pool_full(exc) or time.monotonic() >= end:
                     raise
 
     def _pop(self, step: Pop) -> Any:
@@ -317,13 +331,16 @@ class SyncDriver:
             try:
                 reply = self._execute("BLPOP", step.key, seconds)
                 return None if reply is None else reply[1]
-            except rex.MaxConnectionsError:
-                pass
+            except rex.ConnectionError as exc:
+                if not _pool_full(exc):
+                    raise
         end = time.monotonic() + seconds
         while True:
             try:
                 value = self._execute("LPOP", step.key)
-            except rex.MaxConnectionsError:
+            except rex.ConnectionError as exc:
+                if not _pool_full(exc):
+                    raise
                 value = None
             if value is not None:
                 return value
@@ -463,14 +480,16 @@ class AsyncDriver:
         """``await fn()``; while the pool is full (nothing was sent), retry up to ``pool_wait``."""
         try:
             return await fn()
-        except rex.MaxConnectionsError:
+        except rex.ConnectionError as exc:
+            if not _pool_full(exc):
+                raise
             end = time.monotonic() + self.pool_wait
         while True:
             await asyncio.sleep(_POOL_WAIT_EVERY)
             try:
                 return await fn()
-            except rex.MaxConnectionsError:
-                if time.monotonic() >= end:
+            except rex.ConnectionError as exc:
+                if not _pool_full(exc) or time.monotonic() >= end:
                     raise
 
     async def _pop(self, step: Pop) -> Any:
@@ -480,13 +499,16 @@ class AsyncDriver:
             try:
                 reply = await self._execute("BLPOP", step.key, seconds)
                 return None if reply is None else reply[1]
-            except rex.MaxConnectionsError:
-                pass
+            except rex.ConnectionError as exc:
+                if not _pool_full(exc):
+                    raise
         end = time.monotonic() + seconds
         while True:
             try:
                 value = await self._execute("LPOP", step.key)
-            except rex.MaxConnectionsError:
+            except rex.ConnectionError as exc:
+                if not _pool_full(exc):
+                    raise
                 value = None
             if value is not None:
                 return value

@@ -26,6 +26,25 @@ NO_CLIENT_RETRY = Retry(NoBackoff(), 0)
 WAITERS = 20  # more waiters than the pool has connections
 
 
+def _as_before_redis_py_6_4(pool: Any) -> None:
+    """Make ``pool`` report exhaustion as redis-py did before 6.4 (sync) / 8.0 (asyncio): a
+    plain ``ConnectionError("Too many connections")``, not ``MaxConnectionsError``."""
+    name = (
+        "get_available_connection"
+        if hasattr(pool, "get_available_connection")
+        else ("make_connection")
+    )
+    original = getattr(pool, name)
+
+    def old_style(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except redis.exceptions.MaxConnectionsError:
+            raise redis.exceptions.ConnectionError("Too many connections") from None
+
+    setattr(pool, name, old_style)
+
+
 def _leftovers(client: redis.Redis) -> list[bytes]:
     return [k for k in client.keys("distkit:*") if not k.endswith((b":fence", b":rel", b":limit"))]
 
@@ -33,10 +52,13 @@ def _leftovers(client: redis.Redis) -> list[bytes]:
 # -- 1. a pool full of waiters never fails the holder's release ---------------------------------
 
 
+@pytest.mark.parametrize("pool_error", ["MaxConnectionsError", "ConnectionError"])
 def test_release_succeeds_with_more_waiters_than_pool_connections(
-    redis_server: RedisServer, r: redis.Redis
+    redis_server: RedisServer, r: redis.Redis, pool_error: str
 ) -> None:
     client = distkit.connect(redis_server.config(max_connections=POOL))
+    if pool_error == "ConnectionError":
+        _as_before_redis_py_6_4(client.connection_pool)
     holder = Lock(client, "pool-sync", ttl=30)
     assert holder.acquire()
     errors: list[BaseException] = []
@@ -66,14 +88,17 @@ def test_release_succeeds_with_more_waiters_than_pool_connections(
     assert _leftovers(r) == []
 
 
+@pytest.mark.parametrize("pool_error", ["MaxConnectionsError", "ConnectionError"])
 def test_async_release_succeeds_with_more_waiters_than_pool_connections(
-    redis_server: RedisServer, r: redis.Redis
+    redis_server: RedisServer, r: redis.Redis, pool_error: str
 ) -> None:
     errors: list[BaseException] = []
     got: list[int] = []
 
     async def main() -> None:
         client = distkit.aconnect(redis_server.config(max_connections=POOL))
+        if pool_error == "ConnectionError":
+            _as_before_redis_py_6_4(client.connection_pool)
         holder = AsyncLock(client, "pool-async", ttl=30)
         assert await holder.acquire()
 
@@ -417,4 +442,39 @@ def test_late_blpop_replies_are_not_lost_connections(proxy: FaultProxy, r: redis
     finally:
         timer.join()
         proxy.set_latency(0.0)
+    assert _leftovers(r) == []
+
+
+@pytest.mark.parametrize("pool_error", ["MaxConnectionsError", "ConnectionError"])
+def test_a_full_pool_is_waited_for_whatever_redis_py_raises(
+    redis_server: RedisServer, r: redis.Redis, pool_error: str
+) -> None:
+    """Every connection taken (by the application): acquire waits for one to come back instead of
+    failing, also on redis-py < 6.4 (sync) / < 8 (asyncio), whose pools report it as a plain
+    ConnectionError."""
+    client = distkit.connect(redis_server.config(max_connections=1))
+    pool = client.connection_pool
+    if pool_error == "ConnectionError":
+        _as_before_redis_py_6_4(pool)
+    taken = pool.get_connection()
+    threading.Timer(1.0, pool.release, args=(taken,)).start()
+    lock = Lock(client, "pool-full-sync", ttl=30)
+    assert lock.acquire(timeout=10)
+    lock.release()
+    assert _leftovers(r) == []
+
+    async def main() -> None:
+        aclient = distkit.aconnect(redis_server.config(max_connections=1))
+        apool = aclient.connection_pool
+        if pool_error == "ConnectionError":
+            _as_before_redis_py_6_4(apool)
+        held = await apool.get_connection()
+        loop = asyncio.get_running_loop()
+        loop.call_later(1.0, lambda: asyncio.ensure_future(apool.release(held)))
+        alock = AsyncLock(aclient, "pool-full-async", ttl=30)
+        assert await alock.acquire(timeout=10)
+        await alock.release()
+        await aclient.aclose()
+
+    asyncio.run(main())
     assert _leftovers(r) == []
