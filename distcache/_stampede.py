@@ -1155,7 +1155,11 @@ class SyncFlow:
         return self._drive(self.policy.run(call, found, started), call, state)
 
     def drain(self, timeout: float | None) -> bool:
-        """Wait for background refreshes to finish; ``False`` if some still run at ``timeout``."""
+        """Wait for background refreshes to finish; ``False`` if some still run at ``timeout``.
+
+        ``True`` means every refresh thread started so far has ended (joined), not merely that
+        its work is done: a thread leaves ``_threads`` only here, once it is dead.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._guard:
@@ -1167,6 +1171,8 @@ class SyncFlow:
                 thread.join(left)
                 if thread.is_alive():
                     return False
+            with self._guard:
+                self._threads.difference_update(threads)
 
     def _drive(self, flow: Flow, call: Call, state: _RunState | None = None) -> Any:
         if state is None:
@@ -1474,10 +1480,13 @@ class SyncFlow:
             log.warning("cache %r: noting a failed load: %s", self.core.namespace, exc)
 
     def _spawn(self, call: Call, entry: Entry) -> None:
+        # ``_refreshing`` (keys whose refresh still works) is the bound; ``_threads`` also holds
+        # threads past their work but not yet ended, until drain() or this prunes them.
         with self._guard:
-            if call.rkey in self._refreshing or len(self._threads) >= self.policy.max_background:
+            if call.rkey in self._refreshing or len(self._refreshing) >= self.policy.max_background:
                 return
             self._refreshing.add(call.rkey)
+            self._threads = {t for t in self._threads if t.is_alive()}
             thread = threading.Thread(
                 target=self._refresh,
                 args=(call, entry),
@@ -1487,7 +1496,13 @@ class SyncFlow:
             self._threads.add(thread)
         if entry.expires_ms > self.policy.clock.now_ms():
             self.core.emit(CacheEvent.EARLY_REFRESH)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had (interpreter exit, a thread limit)
+            with self._guard:
+                self._refreshing.discard(call.rkey)
+                self._threads.discard(thread)
+            log.warning("cache %r: background refresh not started: %s", self.core.namespace, exc)
 
     def _refresh(self, call: Call, entry: Entry) -> None:
         try:
@@ -1498,7 +1513,6 @@ class SyncFlow:
         finally:
             with self._guard:
                 self._refreshing.discard(call.rkey)
-                self._threads.discard(threading.current_thread())
 
 
 class AsyncFlow:
@@ -1864,6 +1878,16 @@ class AsyncFlow:
             self._refresh(call, entry), name=f"distcache-refresh-{self.core.namespace}"
         )
         self._tasks.add(task)
+        rkey = call.rkey
+
+        # A done callback, not a ``finally`` in _refresh: a task cancelled before its first
+        # step (asyncio.run() ending, loop shutdown) never runs its body, and would hold the
+        # key and a max_background slot forever (and drain() would say False forever).
+        def ended(done: asyncio.Task[None]) -> None:
+            self._tasks.discard(done)
+            self._refreshing.discard(rkey)
+
+        task.add_done_callback(ended)
 
     async def _refresh(self, call: Call, entry: Entry) -> None:
         try:
@@ -1871,11 +1895,6 @@ class AsyncFlow:
         except Exception:
             self.core.emit(CacheEvent.REFRESH_ERROR)
             log.exception("cache %r: background refresh failed", self.core.namespace)
-        finally:
-            self._refreshing.discard(call.rkey)
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks.discard(task)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
