@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from distcache import AsyncCache, Cache, CacheEvent, CounterMetrics
-from distkit import aconnect, connect
+from distkit import ConfigError, aconnect, connect
 from distkit.testing import RedisServer
 
 MISSING = object()
@@ -278,6 +278,48 @@ def test_sie_serves_the_last_value_while_redis_is_down(fresh_server: RedisServer
     assert cache.get_or_set("k", loader) == "v2"  # past the bound: fail open, load
     assert calls == [1]
     assert metrics.count(CacheEvent.STALE_SERVED) == 1
+
+
+def test_sie_copies_are_bounded_by_bytes_too(fresh_server: RedisServer) -> None:
+    """The in-memory copies kept for ``stale_if_error`` are bounded by their serialized size
+    (``stale_if_error_max_bytes``), not only by their count: the least recently used go."""
+    client = connect({"port": fresh_server.port, "socket_timeout": 0.5, "connect_timeout": 0.5})
+    cache = Cache(
+        client,
+        namespace="sie-bytes",
+        ttl=10,
+        stale_if_error=60,
+        stale_if_error_max_bytes=4000,
+        breaker=False,
+    )
+    store = cache._policy._store
+    assert store is not None
+    for key in ("a", "b", "c"):  # 1502 bytes of JSON each: the third evicts "a"
+        assert cache.get_or_set(key, lambda key=key: key * 1500) == key * 1500
+    assert cache.get_or_set("huge", lambda: "h" * 5000) == "h" * 5000  # over budget: not kept
+    assert [k.rsplit(":", 1)[1] for k in store._data] == ["b", "c"]
+    assert store._bytes == 2 * 1502
+    cache.delete("b")
+    assert store._bytes == 1502  # invalidations keep the count right
+    assert cache.get_or_set("c", lambda: "x") == "c" * 1500  # a hit read: kept as entry bytes
+    assert store._bytes == sum(kept[4] for kept in store._data.values())
+    fresh_server.stop()
+    calls: list[str] = []
+
+    def loader(key: str) -> str:
+        calls.append(key)
+        return "new"
+
+    assert cache.get_or_set("c", lambda: loader("c")) == "c" * 1500  # from memory
+    for key in ("a", "huge"):
+        assert cache.get_or_set(key, lambda key=key: loader(key)) == "new"  # not kept
+    assert calls == ["a", "huge"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None, "64"])
+def test_sie_max_bytes_must_be_a_positive_int(r: redis.Redis, bad: Any) -> None:
+    with pytest.raises(ConfigError, match="stale_if_error_max_bytes"):
+        Cache(r, namespace="sie-bad", stale_if_error=5, stale_if_error_max_bytes=bad)
 
 
 # -- the bound, proved --------------------------------------------------------------------------
