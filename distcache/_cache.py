@@ -40,7 +40,7 @@ from ._core import (
 from ._metrics import CacheEvent, CacheMetrics
 from ._near import ABSENT, NearCache, NearStore, finalizer
 from ._serializers import Serializer
-from ._stampede import AsyncFlow, Call, ReadThrough, Stampede, SyncFlow
+from ._stampede import DEFAULT_STALE_BYTES, AsyncFlow, Call, ReadThrough, Stampede, SyncFlow
 from ._stampede import miss_deadline as miss_deadline_of
 
 if TYPE_CHECKING:
@@ -91,6 +91,7 @@ class _CacheBase(Generic[_C, _V]):
         early_refresh: float = 1.0,
         stale_while_revalidate: Seconds = 0.0,
         stale_if_error: Seconds = 0.0,
+        stale_if_error_max_bytes: int = DEFAULT_STALE_BYTES,
         max_background: int = 4,
         random: Callable[[], float] = _random.random,
         near_cache: NearCache | None = None,
@@ -127,6 +128,7 @@ class _CacheBase(Generic[_C, _V]):
             clock=self._core.clock,
             prefix=prefix,
             miss_deadline=miss_deadline_of(miss_deadline, client),
+            stale_if_error_max_bytes=stale_if_error_max_bytes,
         )
         self._execute = client.execute_command
         self._setup_io()
@@ -256,14 +258,22 @@ class Cache(_CacheBase["SyncClient", _V]):
             (``Stampede(lock=True, wait=10.0, on_timeout="load", lock_ttl=30.0)``: in-process
             single-flight plus a ``distlock`` fill lock, bounded waits); ``None``: no control.
         early_refresh: XFetch's β: a read refreshes a fresh entry in the background when
-            ``now - δ·β·ln(rand()) >= expiry`` (δ: the loader's measured time); 0: never.
+            ``now - δ·β·ln(rand()) >= expiry`` (δ: the loader's measured time); 0: never. Any
+            finite β >= 0 is accepted; a huge one (``1e9``) refreshes on nearly every read.
         stale_while_revalidate: seconds after expiry during which ``get_or_set`` returns the
-            expired value at once and refreshes it in the background.
+            expired value at once and refreshes it in the background (0: off).
         stale_if_error: seconds after expiry during which ``get_or_set`` returns the expired
-            value if the loader raises or Redis is down. Entries live ``ttl`` plus the larger
-            window in Redis: no value is ever served later than that.
-        max_background: background refreshes running at once, at most (one per key).
-        random: uniform ``[0, 1)`` source for XFetch (injectable: a seeded ``Random().random``).
+            value if the loader raises or Redis is down (0: off). Entries live ``ttl`` plus
+            the larger window in Redis: no value is ever served later than that.
+        stale_if_error_max_bytes: with ``stale_if_error``, the last values of up to 1024 keys
+            are kept in process memory (for when Redis is down); their serialized sizes add
+            up to at most this many bytes (default 64 MiB; least recently used go first, a
+            larger value is not kept).
+        max_background: background refreshes running at once, at most (one per key). 0: none
+            at all: early refresh never fires, and ``stale_while_revalidate`` serves the stale
+            value until its window ends, then loads inline.
+        random: uniform ``[0, 1)`` source for XFetch (injectable: a seeded ``Random().random``);
+            a draw outside ``[0, 1)`` raises ``ConfigError``.
         miss_deadline: the longest a read-through miss spends on Redis, not counting its
             loader or its wait for another caller's load (seconds or ``timedelta``); then the
             remaining Redis steps are skipped (fail-open: the loader's result, not stored).

@@ -30,6 +30,7 @@ import hashlib
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import weakref
@@ -65,6 +66,7 @@ Random = Callable[[], float]
 _RESYNC = 60.0  # seconds between two measurements of the server clock's offset
 _FAR = 40.0  # XFetch: farther than 40 δβ from expiry, P(refresh) < 5e-18; skip the draw
 _STALE_STORE = 1024  # last values kept in memory for stale_if_error while Redis is down
+DEFAULT_STALE_BYTES = 64 * 1024 * 1024  # ... and their serialized bytes, at most (the option)
 _DROPS_KEPT = 4096  # per namespace: recent key invalidations a stale copy is checked against
 _MAX_ERROR_TEXT = 300  # characters of a failed load's note
 _MAX_NOTE_BYTES = 32 + 4 * _MAX_ERROR_TEXT  # a stamp, "|", and the text in UTF-8
@@ -307,7 +309,8 @@ class Call:
         self.since = 0  # this process's invalidation count before the call's first read
 
 
-_Kept = tuple[Any, float, tuple[str, ...], bytes | None]  # value, expiry, tags, entry bytes
+# value, expiry, tags, entry bytes, size (the serialized bytes it stands for)
+_Kept = tuple[Any, float, tuple[str, ...], bytes | None, int]
 
 
 def _entry_tags(raw: bytes) -> set[str] | None:
@@ -364,7 +367,7 @@ class _Forgotten:
             self.note(rkeys)
             for store in self.stores:
                 for rkey in rkeys:
-                    store._data.pop(rkey, None)
+                    store._discard(rkey)
 
     def drop_tags(self, names: Iterable[str]) -> None:
         """Forget every value tagged with one of ``names`` (or whose tags cannot be read)."""
@@ -375,11 +378,10 @@ class _Forgotten:
             self.seq += 1
             self.wide = self.seq
             for store in self.stores:
-                data = store._data
-                for rkey, (_, _, tags, raw) in list(data.items()):
+                for rkey, (_, _, tags, raw, _) in list(store._data.items()):
                     found = _entry_tags(raw) if raw is not None else set(tags)
                     if found is None or not wanted.isdisjoint(found):
-                        del data[rkey]
+                        store._discard(rkey)
 
     def clear(self) -> None:
         """Forget everything in every store of the namespace."""
@@ -390,6 +392,7 @@ class _Forgotten:
             self.wide = self.seq
             for store in self.stores:
                 store._data.clear()
+                store._bytes = 0
 
 
 _FORGOTTEN: dict[str, _Forgotten] = {}  # by namespace (its epoch key): one per process
@@ -407,17 +410,22 @@ def _forgotten(namespace_key: str) -> _Forgotten:
 class _StaleStore:
     """The last value of recently read keys, for ``stale_if_error`` while Redis is down (LRU).
 
+    Bounded twice: at most ``size`` keys and ``max_bytes`` of serialized values (the least
+    recently used go first; a value larger than ``max_bytes`` on its own is not kept).
+
     It obeys every invalidation of its namespace made in this process, through any handle:
     ``drop`` (set, delete, a refused fill), ``drop_tags`` and ``clear`` reach every store of the
     namespace, and ``put`` refuses a value whose call began before such an invalidation. An
     entry's tags are those of the entry read, or the caller's for a load.
     """
 
-    __slots__ = ("__weakref__", "_data", "_group", "_size")
+    __slots__ = ("__weakref__", "_bytes", "_data", "_group", "_max_bytes", "_size")
 
-    def __init__(self, size: int, namespace_key: str) -> None:
+    def __init__(self, size: int, namespace_key: str, max_bytes: int = 64 * 1024 * 1024) -> None:
         self._data: OrderedDict[str, _Kept] = OrderedDict()
         self._size = size
+        self._max_bytes = max_bytes
+        self._bytes = 0  # the sum of the kept entries' sizes
         self._group = _forgotten(namespace_key)
         with self._group.guard:
             self._group.stores.add(self)
@@ -434,17 +442,31 @@ class _StaleStore:
         since: int,
         tags: tuple[str, ...] = (),
         raw: bytes | None = None,
+        size: int | None = None,
     ) -> None:
-        """Keep ``value`` (from entry bytes ``raw``, or a load tagged ``tags``), unless the key
-        may have been invalidated in this process after ``since``."""
+        """Keep ``value`` (from entry bytes ``raw``, or a load tagged ``tags`` whose encoding
+        is ``size`` bytes), unless the key may have been invalidated in this process after
+        ``since``."""
+        if size is None:
+            size = 0 if raw is None else len(raw)
         group = self._group
         with group.guard:
             if group.dropped_since(rkey, since):
                 return
-            self._data[rkey] = (value, expires_ms, tags, raw)
-            self._data.move_to_end(rkey)
-            if len(self._data) > self._size:
-                self._data.popitem(last=False)
+            self._discard(rkey)
+            if size > self._max_bytes:
+                return  # would evict everything else and still not fit
+            self._data[rkey] = (value, expires_ms, tags, raw, size)
+            self._bytes += size
+            data = self._data
+            while len(data) > self._size or self._bytes > self._max_bytes:
+                self._bytes -= data.popitem(last=False)[1][4]
+
+    def _discard(self, rkey: str) -> None:
+        """Forget ``rkey`` here (call under the group's guard)."""
+        kept = self._data.pop(rkey, None)
+        if kept is not None:
+            self._bytes -= kept[4]
 
     def get(self, rkey: str) -> tuple[Any, float] | None:
         """The kept value of ``rkey`` and its expiry (server clock, ms)."""
@@ -512,15 +534,18 @@ class ReadThrough:
         clock: Clock,
         prefix: str,
         miss_deadline: float = math.inf,
+        stale_if_error_max_bytes: int = DEFAULT_STALE_BYTES,
     ) -> None:
         if stampede is not None and not isinstance(stampede, Stampede):
             raise ConfigError(f"stampede must be a Stampede or None, got {stampede!r}")
         if (
             not isinstance(early_refresh, (int, float))
             or isinstance(early_refresh, bool)
-            or not 0 <= early_refresh < math.inf
+            or not 0 <= early_refresh <= sys.float_info.max  # an int beyond floats, too
         ):
-            raise ConfigError(f"early_refresh (XFetch's β) must be >= 0, got {early_refresh!r}")
+            raise ConfigError(
+                f"early_refresh (XFetch's β) must be finite and >= 0, got {early_refresh!r:.80}"
+            )
         if (
             not isinstance(max_background, int)
             or isinstance(max_background, bool)
@@ -529,6 +554,14 @@ class ReadThrough:
             raise ConfigError(f"max_background must be an int >= 0, got {max_background!r}")
         if not callable(random):
             raise ConfigError(f"random must return floats in [0, 1), got {random!r}")
+        if (
+            not isinstance(stale_if_error_max_bytes, int)
+            or isinstance(stale_if_error_max_bytes, bool)
+            or stale_if_error_max_bytes < 1
+        ):
+            raise ConfigError(
+                f"stale_if_error_max_bytes must be an int >= 1, got {stale_if_error_max_bytes!r}"
+            )
         self.core = core
         self.prefix = prefix
         self.stampede = stampede
@@ -542,7 +575,11 @@ class ReadThrough:
         self.random = random
         self.clock = ServerClock(clock)
         self._group = _forgotten(core.epoch_key)
-        self._store = _StaleStore(_STALE_STORE, core.epoch_key) if self.sie_ms else None
+        self._store = (
+            _StaleStore(_STALE_STORE, core.epoch_key, stale_if_error_max_bytes)
+            if self.sie_ms
+            else None
+        )
         core.grace_ms = self.grace_ms
         core.now_ms = self.clock.now_ms
         self.deadline = miss_deadline
@@ -583,7 +620,11 @@ class ReadThrough:
         scale = entry.delta_ms * self.beta
         if scale <= 0 or entry.expires_ms - now_ms > scale * _FAR:
             return False  # P < exp(-_FAR): not worth a random draw on the hit path
-        gap = -scale * math.log(1.0 - self.random())
+        draw = self.random()
+        # out of range, log(0) would raise a bare ValueError on the hit path
+        if draw.__class__ not in (float, int) or not 0.0 <= draw < 1.0:
+            raise ConfigError(f"random must return floats in [0, 1), got {draw!r:.80}")
+        gap = -scale * math.log(1.0 - draw)
         return now_ms + gap >= entry.expires_ms
 
     def _late_ms(self, entry_expires_ms: float) -> float:
@@ -645,7 +686,14 @@ class ReadThrough:
         if stored is False or ttl <= 0:
             store.drop((call.rkey,))
             return
-        store.put(call.rkey, value, self.clock.now_ms() + ttl * 1000, call.since, call.tags[0])
+        try:  # the load's serialized size, for the store's byte bound (the loader dominates)
+            size = len(self.core.serializer.dumps(value, call.type_))
+        except Exception:  # not encodable (its fill failed the same way): nothing to keep
+            store.drop((call.rkey,))
+            return
+        store.put(
+            call.rkey, value, self.clock.now_ms() + ttl * 1000, call.since, call.tags[0], size=size
+        )
 
     # A handle without stale_if_error keeps no copies, but its invalidations reach the copies
     # of the namespace's other handles in this process all the same.
@@ -1155,7 +1203,11 @@ class SyncFlow:
         return self._drive(self.policy.run(call, found, started), call, state)
 
     def drain(self, timeout: float | None) -> bool:
-        """Wait for background refreshes to finish; ``False`` if some still run at ``timeout``."""
+        """Wait for background refreshes to finish; ``False`` if some still run at ``timeout``.
+
+        ``True`` means every refresh thread started so far has ended (joined), not merely that
+        its work is done: a thread leaves ``_threads`` only here, once it is dead.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._guard:
@@ -1167,6 +1219,8 @@ class SyncFlow:
                 thread.join(left)
                 if thread.is_alive():
                     return False
+            with self._guard:
+                self._threads.difference_update(threads)
 
     def _drive(self, flow: Flow, call: Call, state: _RunState | None = None) -> Any:
         if state is None:
@@ -1474,10 +1528,13 @@ class SyncFlow:
             log.warning("cache %r: noting a failed load: %s", self.core.namespace, exc)
 
     def _spawn(self, call: Call, entry: Entry) -> None:
+        # ``_refreshing`` (keys whose refresh still works) is the bound; ``_threads`` also holds
+        # threads past their work but not yet ended, until drain() or this prunes them.
         with self._guard:
-            if call.rkey in self._refreshing or len(self._threads) >= self.policy.max_background:
+            if call.rkey in self._refreshing or len(self._refreshing) >= self.policy.max_background:
                 return
             self._refreshing.add(call.rkey)
+            self._threads = {t for t in self._threads if t.is_alive()}
             thread = threading.Thread(
                 target=self._refresh,
                 args=(call, entry),
@@ -1487,7 +1544,13 @@ class SyncFlow:
             self._threads.add(thread)
         if entry.expires_ms > self.policy.clock.now_ms():
             self.core.emit(CacheEvent.EARLY_REFRESH)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had (interpreter exit, a thread limit)
+            with self._guard:
+                self._refreshing.discard(call.rkey)
+                self._threads.discard(thread)
+            log.warning("cache %r: background refresh not started: %s", self.core.namespace, exc)
 
     def _refresh(self, call: Call, entry: Entry) -> None:
         try:
@@ -1498,7 +1561,6 @@ class SyncFlow:
         finally:
             with self._guard:
                 self._refreshing.discard(call.rkey)
-                self._threads.discard(threading.current_thread())
 
 
 class AsyncFlow:
@@ -1864,6 +1926,16 @@ class AsyncFlow:
             self._refresh(call, entry), name=f"distcache-refresh-{self.core.namespace}"
         )
         self._tasks.add(task)
+        rkey = call.rkey
+
+        # A done callback, not a ``finally`` in _refresh: a task cancelled before its first
+        # step (asyncio.run() ending, loop shutdown) never runs its body, and would hold the
+        # key and a max_background slot forever (and drain() would say False forever).
+        def ended(done: asyncio.Task[None]) -> None:
+            self._tasks.discard(done)
+            self._refreshing.discard(rkey)
+
+        task.add_done_callback(ended)
 
     async def _refresh(self, call: Call, entry: Entry) -> None:
         try:
@@ -1871,11 +1943,6 @@ class AsyncFlow:
         except Exception:
             self.core.emit(CacheEvent.REFRESH_ERROR)
             log.exception("cache %r: background refresh failed", self.core.namespace)
-        finally:
-            self._refreshing.discard(call.rkey)
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks.discard(task)
 
 
 if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork

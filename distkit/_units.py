@@ -27,7 +27,10 @@ def seconds(value: float | timedelta, *, field: str, allow_zero: bool = False) -
     if isinstance(value, timedelta):
         out = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        out = float(value)
+        try:
+            out = float(value)
+        except OverflowError:  # an int beyond any float (10**400): far past the bound anyway
+            out = math.inf
     else:
         raise ConfigError(f"{field} must be seconds (int/float) or a timedelta, got {value!r}")
     if not math.isfinite(out) or out < 0 or (out == 0 and not allow_zero):

@@ -7,6 +7,7 @@ entry ``ttl + max(windows)`` after the write)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 import redis
 
 from distcache import AsyncCache, Cache, CacheEvent, CounterMetrics
-from distkit import aconnect, connect
+from distkit import ConfigError, aconnect, connect
 from distkit.testing import RedisServer
 
 MISSING = object()
@@ -43,24 +44,71 @@ def _server_ms(r: redis.Redis) -> int:
 
 
 # -- stale_while_revalidate ---------------------------------------------------------------------
+def _threads_of(namespace: str) -> list[threading.Thread]:
+    """The live threads of the caches of ``namespace`` (refresh, fill-lock renewer, release):
+    other tests' caches may still have theirs, and must not be counted here."""
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("distcache-") and t.name.endswith(f"-{namespace}")
+    ]
+
+
 def test_swr_serves_the_expired_value_at_once_and_refreshes_in_the_background(
     r: redis.Redis,
 ) -> None:
     metrics = CounterMetrics()
-    cache = Cache(r, namespace="swr", ttl=0.3, stale_while_revalidate=5, metrics=metrics)
-    assert cache.get_or_set("k", lambda: "v1") == "v1"
-    assert 5000 < r.pttl("distkit:cache:{swr}:k:k") <= 5300  # kept ttl + window
-    time.sleep(0.4)
+    cache = Cache(r, namespace="swr", ttl=60, stale_while_revalidate=5, metrics=metrics)
+    # v1 lives 0.2 s; the refresh stores v2 for the cache's 60 s, so the last read below finds
+    # it fresh however slow the machine (a stale v2 would start a refresh the test never ends)
+    cache.set("k", "v1", ttl=0.2)
+    assert 5000 < r.pttl("distkit:cache:{swr}:k:k") <= 5200  # kept ttl + window
+    time.sleep(0.3)
     assert cache.get("k", MISSING) is MISSING  # plain reads honour the ttl
+    gate = threading.Event()
 
     def slow() -> str:
-        time.sleep(0.3)
+        gate.wait(10)
         return "v2"
 
     assert cache.get_or_set("k", slow) == "v1"  # served stale, did not wait for slow()
     assert metrics.count(CacheEvent.STALE_SERVED) == 1
+    gate.set()
     assert cache.drain(5)
     assert cache.get_or_set("k", _fail) == "v2"  # the background refresh stored v2
+    assert metrics.count(CacheEvent.STALE_SERVED) == 1  # a fresh hit: no new refresh
+    assert cache.drain(5)
+    assert not [t for t in _threads_of("swr") if t.name.startswith("distcache-refresh")]
+
+
+def test_drain_is_true_only_once_every_refresh_thread_has_ended(r: redis.Redis) -> None:
+    """A refresh thread that has done its work but not yet ended is still running: ``drain``
+    waits for it (it used to return ``True`` as soon as the thread had unlisted itself)."""
+    cache = Cache(r, namespace="swr-drain", ttl=60, stale_while_revalidate=5)
+    cache.set("k", "v1", ttl=0.05)
+    time.sleep(0.1)
+    flow = cache._flow
+    work, done, leave = threading.Event(), threading.Event(), threading.Event()
+    refresh = flow._refresh
+
+    def lingering(call: Any, entry: Any) -> None:  # the thread's target: its work, then more
+        refresh(call, entry)
+        done.set()
+        leave.wait(10)
+
+    flow._refresh = lingering  # type: ignore[method-assign]
+
+    def loader() -> str:
+        work.set()
+        return "v2"
+
+    assert cache.get_or_set("k", loader) == "v1"
+    assert done.wait(10) and work.is_set()
+    assert not cache.drain(0.1)  # the thread is still alive
+    assert [t for t in _threads_of("swr-drain") if t.name.startswith("distcache-refresh")]
+    leave.set()
+    assert cache.drain(10)
+    assert not [t for t in _threads_of("swr-drain") if t.name.startswith("distcache-refresh")]
 
 
 def test_swr_never_serves_past_its_window(r: redis.Redis) -> None:
@@ -84,13 +132,27 @@ def test_a_failing_background_refresh_is_logged_counted_and_harmless(
     assert "background refresh" in caplog.text and "Boom" in caplog.text
 
 
+def test_a_refresh_thread_that_cannot_start_still_serves_stale_and_frees_its_key(
+    r: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = Cache(r, namespace="swr-nothread", ttl=60, stale_while_revalidate=5)
+    cache.set("k", "v1", ttl=0.05)
+    time.sleep(0.1)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(threading.Thread, "start", refuse)
+        assert cache.get_or_set("k", lambda: "v2") == "v1"  # no raw RuntimeError
+    assert cache.drain(1)
+    assert cache.get_or_set("k", lambda: "v3") == "v1"  # the key is free: a refresh starts
+    assert cache.drain(5)
+    assert cache.get_or_set("k", _fail) == "v3"
+
+
 def test_background_refreshes_are_bounded_and_leave_no_thread_behind(r: redis.Redis) -> None:
-    import threading
-
-    def ours() -> list[threading.Thread]:
-        return [t for t in threading.enumerate() if t.name.startswith("distcache-")]
-
-    cache = Cache(r, namespace="swr-many", ttl=0.2, stale_while_revalidate=5, max_background=2)
+    cache = Cache(r, namespace="swr-many", ttl=60, stale_while_revalidate=5, max_background=2)
     cache.set_many({f"k{i}": "old" for i in range(6)}, ttl=0.2)
     time.sleep(0.3)
     gate = threading.Event()
@@ -99,18 +161,20 @@ def test_background_refreshes_are_bounded_and_leave_no_thread_behind(r: redis.Re
         gate.wait(5)
         return "new"
 
+    def refreshing() -> list[threading.Thread]:
+        return [t for t in _threads_of("swr-many") if t.name.startswith("distcache-refresh")]
+
     for i in range(6):
         assert cache.get_or_set(f"k{i}", slow) == "old"
-    refreshing = [t for t in ours() if t.name.startswith("distcache-refresh")]
-    assert 1 <= len(refreshing) <= 2  # max_background
+    assert 1 <= len(refreshing()) <= 2  # max_background
     gate.set()
     assert cache.drain(5)
-    assert not [t for t in ours() if t.name.startswith("distcache-refresh")]
+    assert not refreshing()
     # the one fill-lock renewer thread of the cache exits once idle
     deadline = time.monotonic() + 10
-    while ours() and time.monotonic() < deadline:
+    while _threads_of("swr-many") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not ours()
+    assert not _threads_of("swr-many")
 
 
 def test_async_swr_refreshes_in_a_task(redis_server: RedisServer) -> None:
@@ -133,6 +197,40 @@ def test_async_swr_refreshes_in_a_task(redis_server: RedisServer) -> None:
         return stale, fresh, tasks
 
     assert asyncio.run(main()) == ("v1", "v2", 0)
+
+
+def test_an_async_refresh_cancelled_before_it_ran_frees_its_key_and_slot(
+    redis_server: RedisServer,
+) -> None:
+    """A refresh task cancelled before its first step (what ``asyncio.run`` does to the tasks
+    left at its end) never runs its body: its key and its ``max_background`` slot must be
+    freed all the same, and ``drain`` must not report it as running forever."""
+    redis_server.client().flushall()
+
+    async def main() -> tuple[bool, str]:
+        client = aconnect(redis_server.url)
+        cache = AsyncCache(
+            client, namespace="aswr-cancel", ttl=60, stale_while_revalidate=5, max_background=1
+        )
+
+        async def v(x: str) -> str:
+            return x
+
+        await cache.set("k", "v1", ttl=0.05)
+        await asyncio.sleep(0.1)
+        assert await cache.get_or_set("k", lambda: v("v2")) == "v1"
+        (task,) = cache._flow._tasks
+        task.cancel()  # before it ever ran
+        await asyncio.sleep(0)
+        assert task.cancelled()
+        drained = await cache.drain(1)
+        assert await cache.get_or_set("k", lambda: v("v3")) == "v1"  # a new refresh starts
+        assert await cache.drain(5)
+        fresh = await cache.get_or_set("k", lambda: v("v4"))
+        await client.aclose()
+        return drained, fresh
+
+    assert asyncio.run(main()) == (True, "v3")
 
 
 # -- stale_if_error -----------------------------------------------------------------------------
@@ -180,6 +278,48 @@ def test_sie_serves_the_last_value_while_redis_is_down(fresh_server: RedisServer
     assert cache.get_or_set("k", loader) == "v2"  # past the bound: fail open, load
     assert calls == [1]
     assert metrics.count(CacheEvent.STALE_SERVED) == 1
+
+
+def test_sie_copies_are_bounded_by_bytes_too(fresh_server: RedisServer) -> None:
+    """The in-memory copies kept for ``stale_if_error`` are bounded by their serialized size
+    (``stale_if_error_max_bytes``), not only by their count: the least recently used go."""
+    client = connect({"port": fresh_server.port, "socket_timeout": 0.5, "connect_timeout": 0.5})
+    cache = Cache(
+        client,
+        namespace="sie-bytes",
+        ttl=10,
+        stale_if_error=60,
+        stale_if_error_max_bytes=4000,
+        breaker=False,
+    )
+    store = cache._policy._store
+    assert store is not None
+    for key in ("a", "b", "c"):  # 1502 bytes of JSON each: the third evicts "a"
+        assert cache.get_or_set(key, lambda key=key: key * 1500) == key * 1500
+    assert cache.get_or_set("huge", lambda: "h" * 5000) == "h" * 5000  # over budget: not kept
+    assert [k.rsplit(":", 1)[1] for k in store._data] == ["b", "c"]
+    assert store._bytes == 2 * 1502
+    cache.delete("b")
+    assert store._bytes == 1502  # invalidations keep the count right
+    assert cache.get_or_set("c", lambda: "x") == "c" * 1500  # a hit read: kept as entry bytes
+    assert store._bytes == sum(kept[4] for kept in store._data.values())
+    fresh_server.stop()
+    calls: list[str] = []
+
+    def loader(key: str) -> str:
+        calls.append(key)
+        return "new"
+
+    assert cache.get_or_set("c", lambda: loader("c")) == "c" * 1500  # from memory
+    for key in ("a", "huge"):
+        assert cache.get_or_set(key, lambda key=key: loader(key)) == "new"  # not kept
+    assert calls == ["a", "huge"]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None, "64"])
+def test_sie_max_bytes_must_be_a_positive_int(r: redis.Redis, bad: Any) -> None:
+    with pytest.raises(ConfigError, match="stale_if_error_max_bytes"):
+        Cache(r, namespace="sie-bad", stale_if_error=5, stale_if_error_max_bytes=bad)
 
 
 # -- the bound, proved --------------------------------------------------------------------------

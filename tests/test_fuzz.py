@@ -18,6 +18,7 @@ import os
 import pickle
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from distcache import (
     JsonSerializer,
     NearCache,
     PickleSerializer,
+    Stampede,
     cached,
 )
 from distkit import ConfigError, DistkitError, ForeignDataError, SerializationError
@@ -249,6 +251,127 @@ def test_cache_ttls(client: redis.Redis, ttl: Any, negative_ttl: Any, fill_timeo
     assert cache.get("k") == 1
     ok, got = outcome(lambda: cache.get_or_set("none", lambda: None, ttl=ttl))
     assert ok and got is None
+
+
+# Every numeric option of Cache / AsyncCache (and so of the Django backend's OPTIONS, passed
+# through as they are), and of Stampede: the values it must refuse whatever its range, and its
+# documented special values (``accept``). Anything else is either accepted (and then works) or
+# refused with a ConfigError that names the option.
+_NEVER = [-1, -0.5, math.nan, math.inf, -math.inf, True, False, "3", [1]]
+NUMERIC_OPTIONS: dict[str, tuple[list[Any], list[Any]]] = {  # option: (refused, accepted)
+    "ttl": ([*_NEVER, 0, None, 1e300, 10**400], [1, 0.5, timedelta(seconds=2)]),
+    "negative_ttl": ([*_NEVER, 1e300, 10**400], [None, 0, 5]),  # 0: never cache None
+    "fill_timeout": ([*_NEVER, 0, None, 1e300, 10**400], [0.5, 60]),
+    "early_refresh": ([*_NEVER, None, 10**400], [0, 1, 1e9, 1e300]),  # 0: off; huge: always
+    "stale_while_revalidate": ([*_NEVER, None, 1e300, 10**400], [0, 5]),  # 0: off
+    "stale_if_error": ([*_NEVER, None, 1e300, 10**400], [0, 5]),  # 0: off
+    "stale_if_error_max_bytes": ([*_NEVER, 0, None, 1.5], [1, 64 * 1024 * 1024]),
+    "max_background": ([*_NEVER, None, 1.5], [0, 4]),  # 0: no background refresh
+    "max_value_size": ([*_NEVER, 0, None, 1.5], [1024, 10**12]),
+    "shards": ([*_NEVER, 0, 1.5], [None, 1, 16]),  # None: by topology
+    "miss_deadline": ([*_NEVER, 0, 1e300, 10**400], [None, 0.5, 10]),  # None: from the client
+}
+_NOT_DJANGO = {"ttl", "negative_ttl"}  # the backend's TIMEOUT, and Django's own None handling
+STAMPEDE_OPTIONS: dict[str, tuple[list[Any], list[Any]]] = {
+    "wait": ([*_NEVER, 0, None, 1e300, 10**400], [0.1, 10]),
+    "lock_ttl": ([*_NEVER, 0, None, 1e300, 10**400], [1, 30]),
+}
+ANY_NUMBER = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(10**30), 10**30),
+    st.sampled_from([None, 10**400, 2**63, 1e-12, timedelta(days=-1), timedelta.max]),
+    st.timedeltas(),
+)
+
+
+def _refused_naming(exc: Any, option: str) -> None:
+    assert isinstance(exc, ConfigError), exc
+    assert option in str(exc), (option, str(exc))
+
+
+def _cache_works(cache: Any) -> None:
+    ok, got = outcome(lambda: cache.get_or_set("k", lambda: 1), "get_or_set")
+    assert ok and got == 1, got
+    assert outcome(lambda: cache.drain(5), "drain") == (True, True)
+
+
+@pytest.mark.parametrize("option", sorted(NUMERIC_OPTIONS))
+def test_every_numeric_cache_option_table(client: redis.Redis, option: str) -> None:
+    refused, accepted = NUMERIC_OPTIONS[option]
+    for value in refused:
+        for cls, target in ((Cache, client), (AsyncCache, redis.asyncio.Redis())):
+            built, got = outcome(partial(cls, target, namespace="opt", **{option: value}))
+            assert not built, (cls.__name__, option, value)
+            _refused_naming(got, option)
+    for value in accepted:
+        client.flushall()
+        built, cache = outcome(partial(Cache, client, namespace="opt", **{option: value}))
+        assert built, (option, value, cache)
+        _cache_works(cache)
+
+
+@pytest.mark.parametrize("option", sorted(STAMPEDE_OPTIONS))
+def test_every_numeric_stampede_option_table(client: redis.Redis, option: str) -> None:
+    refused, accepted = STAMPEDE_OPTIONS[option]
+    for value in refused:
+        built, got = outcome(partial(Stampede, **{option: value}))
+        assert not built, (option, value)
+        _refused_naming(got, option)
+    for value in accepted:
+        client.flushall()
+        stampede = Stampede(**{option: value})
+        _cache_works(Cache(client, namespace="opt", stampede=stampede))
+
+
+@fuzz_settings(40)
+@given(option=st.sampled_from(sorted(NUMERIC_OPTIONS)), value=ANY_NUMBER)
+def test_numeric_cache_options_are_refused_by_name_or_work(
+    client: redis.Redis, option: str, value: Any
+) -> None:
+    client.flushall()
+    built, cache = outcome(lambda: Cache(client, namespace="opt", **{option: value}))
+    built_async, _ = outcome(
+        lambda: AsyncCache(redis.asyncio.Redis(), namespace="opt", **{option: value})
+    )
+    assert built == built_async, (option, value)  # the twins validate alike
+    if not built:
+        _refused_naming(cache, option)
+        return
+    _cache_works(cache)
+
+
+@fuzz_settings(20)
+@given(option=st.sampled_from(sorted(set(NUMERIC_OPTIONS) - _NOT_DJANGO)), value=ANY_NUMBER)
+def test_django_options_are_refused_by_name_or_work(
+    redis_server: RedisServer, option: str, value: Any
+) -> None:
+    """The backend passes these OPTIONS to ``Cache`` as they are (``ttl`` is its TIMEOUT)."""
+    django = pytest.importorskip("django")
+    from django.conf import settings
+
+    if not settings.configured:
+        settings.configure(SECRET_KEY="distkit tests: not a secret", USE_TZ=True, CACHES={})
+        django.setup()
+    from distcache.contrib.django import DistCache
+
+    backend = DistCache(redis_server.url, {"OPTIONS": {"namespace": "djopt", option: value}})
+    built, cache = outcome(lambda: backend.cache, "DistCache.cache")
+    if not built:
+        _refused_naming(cache, option)
+        return
+    ok, _ = outcome(lambda: backend.set("k", 1), "set")
+    assert ok and backend.get("k") == 1
+
+
+@pytest.mark.parametrize("draw", [1.0, -0.1, math.nan, 2, "x"])
+def test_a_random_source_outside_0_1_is_a_config_error(client: redis.Redis, draw: Any) -> None:
+    """XFetch's draw: ``random`` returning 1.0 used to raise a bare ``ValueError`` (log 0)."""
+    client.flushall()
+    cache = Cache(client, namespace="rnd", early_refresh=1e9, random=lambda: draw)
+    ok, got = outcome(lambda: cache.get_or_set("k", lambda: 1))
+    assert ok and got == 1  # a miss: no draw
+    ok, got = outcome(lambda: cache.get_or_set("k", lambda: 2), "a hit that draws")
+    _refused_naming(got, "random")
 
 
 # -- values -------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ OPTION_NAMES = frozenset(
         "early_refresh",
         "stale_while_revalidate",
         "stale_if_error",
+        "stale_if_error_max_bytes",
         "max_background",
         "miss_deadline",
         "retry",
