@@ -26,7 +26,7 @@ celery = pytest.importorskip("celery")
 from celery.contrib.testing.worker import start_worker  # noqa: E402
 from celery.signals import task_prerun, task_retry  # noqa: E402
 
-from distkit import ConfigError, LockNotAcquired, connect  # noqa: E402
+from distkit import ConfigError, LockLost, LockNotAcquired, connect  # noqa: E402
 from distkit.testing import RedisServer  # noqa: E402
 from distlock import Lock  # noqa: E402
 from distlock.contrib.celery import LockedTask  # noqa: E402
@@ -370,3 +370,42 @@ def test_no_client_anywhere_is_a_config_error_at_the_call() -> None:
 
     with pytest.raises(ConfigError, match="distlock_client"):
         pay(1)
+
+
+def test_the_token_replaces_a_value_the_caller_passed(broker: RedisServer) -> None:
+    app = finalized_app()
+
+    @app.task(
+        base=LockedTask, shared=False, lock_name="invoice:{invoice_id}", lock_client=broker.url
+    )
+    def pay(invoice_id: int, fencing_token: int | None = None) -> int | None:
+        return fencing_token
+
+    by_position, by_name, left_out = pay(1, 5), pay(1, fencing_token=5), pay(1)
+    assert all(isinstance(t, int) and t != 5 for t in (by_position, by_name, left_out))
+    assert by_position < by_name < left_out
+
+
+def test_a_forked_worker_child_builds_clients_even_if_a_parent_thread_was_building_one() -> None:
+    """Prefork pools fork the worker: the client cache's lock must not be inherited held."""
+    from distlock.contrib import celery as contrib
+    from tests.test_cache_fork import in_child
+
+    with contrib._CLIENTS._lock:  # a parent thread inside _CLIENTS.get at the fork
+        out = in_child(lambda: {"free": contrib._CLIENTS._lock.acquire(timeout=5)}, timeout=10.0)
+    assert out == {"free": True}
+
+
+def test_a_lease_lost_during_the_run_fails_the_task(broker: RedisServer) -> None:
+    app = finalized_app()
+    client = connect(broker.url)
+
+    @app.task(base=LockedTask, shared=False, lock_name="invoice:{invoice_id}", lock_client=client)
+    def pay(invoice_id: int) -> str:
+        assert Lock.force_release(client, f"invoice:{invoice_id}")  # the lease is gone mid-run
+        return "paid"
+
+    with pytest.raises(LockLost, match="invoice:1"):
+        pay(1)
+    assert not Lock(client, "invoice:1").locked()
+    client.close()

@@ -125,6 +125,7 @@ class LockedTask(Task):  # type: ignore[misc]
 
     _distlock_namer: ClassVar[Callable[..., str] | None] = None
     _distlock_inject: ClassVar[bool] = False
+    _distlock_signature: ClassVar[inspect.Signature]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -153,6 +154,7 @@ class LockedTask(Task):  # type: ignore[misc]
         # a staticmethod: a plain function stored on the class would bind the task as its self
         cls._distlock_namer = None if namer is None else staticmethod(namer)
         cls._distlock_inject = token is not None
+        cls._distlock_signature = sig
         if cls.on_locked not in ON_LOCKED:
             raise ConfigError(
                 f"{where}: on_locked must be one of {ON_LOCKED}, got {cls.on_locked!r}"
@@ -220,8 +222,10 @@ class LockedTask(Task):  # type: ignore[misc]
             return self._distlock_locked(name, timeout)
         token = lock.fencing_token
         try:
-            if self._distlock_inject:
-                kwargs[TOKEN_PARAMETER] = token
+            if self._distlock_inject:  # replaces a value the caller passed, by name or position
+                bound = self._distlock_signature.bind_partial(*args, **kwargs)
+                bound.arguments[TOKEN_PARAMETER] = token
+                args, kwargs = bound.args, dict(bound.kwargs)
             self.push_request(fencing_token=token, lock=lock)
             try:
                 result = super().__call__(*args, **kwargs)
