@@ -35,12 +35,19 @@ def _fields(template: str) -> list[str]:
     return out
 
 
-def _namer(name: str | _NameFn, fn: Callable[..., Any]) -> Callable[..., str] | None:
+def _namer(
+    name: str | _NameFn,
+    fn: Callable[..., Any],
+    *,
+    signature: inspect.Signature | None = None,
+    label: str = "@locked name",
+) -> Callable[..., str] | None:
     """``None`` for a fixed name; else a function of the call's arguments that builds the name.
 
     A template's fields name the decorated function's parameters (``"invoice:{invoice_id}"``,
     ``"{order.id}"``, ``"{ids[0]}"``); a field that names no parameter, or a positional field,
-    is a ``ConfigError`` now rather than at the first call.
+    is a ``ConfigError`` now rather than at the first call. ``signature`` overrides ``fn``'s
+    (a bound method's, without ``self``); ``label`` names the option in error messages.
     """
     if callable(name):
         make: _NameFn = name
@@ -48,43 +55,43 @@ def _namer(name: str | _NameFn, fn: Callable[..., Any]) -> Callable[..., str] | 
         def from_callable(*args: Any, **kwargs: Any) -> str:
             out = make(*args, **kwargs)
             if not isinstance(out, str):
-                raise ConfigError(f"@locked name callable returned {out!r}, not a str")
+                raise ConfigError(f"{label} callable returned {out!r}, not a str")
             return out
 
         return from_callable
     if not isinstance(name, str):
-        raise ConfigError(f"@locked name must be a str, a template or a callable, got {name!r}")
+        raise ConfigError(f"{label} must be a str, a template or a callable, got {name!r}")
     try:
         fields = _fields(name)
     except ValueError as exc:
-        raise ConfigError(f"@locked name template {name!r} is malformed: {exc}") from None
+        raise ConfigError(f"{label} template {name!r} is malformed: {exc}") from None
     if not fields:
         return None
-    signature = inspect.signature(fn)
-    params = signature.parameters
+    sig = inspect.signature(fn) if signature is None else signature
+    params = sig.parameters
     for field in fields:
         root = field.split(".", 1)[0].split("[", 1)[0]
         if not root or root.isdigit():
             raise ConfigError(
-                f"@locked name template {name!r}: fields must name parameters, got {{{field}}}"
+                f"{label} template {name!r}: fields must name parameters, got {{{field}}}"
             )
         if root not in params or params[root].kind in (
             inspect.Parameter.VAR_POSITIONAL,
             inspect.Parameter.VAR_KEYWORD,
         ):
             raise ConfigError(
-                f"@locked name template {name!r} names {root!r}, which is not a parameter of "
+                f"{label} template {name!r} names {root!r}, which is not a parameter of "
                 f"{getattr(fn, '__qualname__', fn)!r} (parameters: {', '.join(params) or 'none'})"
             )
 
     def from_template(*args: Any, **kwargs: Any) -> str:
-        bound = signature.bind(*args, **kwargs)
+        bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         for value in bound.arguments.values():
             kind: Any = type(value)
             if kind.__str__ is object.__str__ and kind.__repr__ is object.__repr__:
                 raise ConfigError(
-                    f"@locked name template {name!r}: a {kind.__name__} has no stable text "
+                    f"{label} template {name!r}: a {kind.__name__} has no stable text "
                     "(its str() is a memory address, different in every process); name one of "
                     "its attributes ('{order.id}') or pass a callable"
                 )
@@ -92,7 +99,7 @@ def _namer(name: str | _NameFn, fn: Callable[..., Any]) -> Callable[..., str] | 
             return name.format_map(bound.arguments)
         except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:
             raise ConfigError(
-                f"@locked name template {name!r} cannot be formatted with this call's "
+                f"{label} template {name!r} cannot be formatted with this call's "
                 f"arguments: {type(exc).__name__}: {exc}"
             ) from exc
 

@@ -62,3 +62,23 @@ def test_the_django_conformance_figures_match_the_test() -> None:
 
     assert len(conf.NOT_APPLICABLE) == 3
     assert len(conf.REDIS_CLIENT_ONLY) == 8
+
+
+def test_celery_section_runs(redis_server: RedisServer, tmp_path: Path) -> None:
+    pytest.importorskip("celery")
+    client = redis_server.client()
+    client.flushall()
+    run_blocks(section("Celery"), redis_server.url, tmp_path)
+    assert client.exists("distkit:lock:{invoice:42}:fence")  # the examples really took locks
+    assert client.exists("distkit:lock:{invoice:8}:fence")  # ... in the worker too
+    client.close()
+
+
+def test_lock_migration_section_runs(redis_server: RedisServer, tmp_path: Path) -> None:
+    client = redis_server.client()
+    client.flushall()
+    run_blocks(
+        section("Locks: migrating from redis-py and python-redis-lock"), redis_server.url, tmp_path
+    )
+    assert client.exists("distkit:lock:{report}:fence")
+    client.close()

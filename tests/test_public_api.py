@@ -186,3 +186,30 @@ def test_a_build_ships_py_typed_and_every_subpackage(tmp_path: Path) -> None:
         assert (lib / root / "__init__.py").is_file(), root
     assert (lib / "distkit" / "testing" / "__init__.py").is_file()
     assert not (lib / "tests").exists()
+
+
+# -- contrib: optional, never imported by the core ---------------------------------------------
+
+CONTRIB = {"distlock.contrib.celery": "celery", "distcache.contrib.django": "django"}
+
+
+def test_the_core_never_imports_a_framework() -> None:
+    code = (
+        "import sys, distkit, distkit.testing, distlock, distcache\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(CONTRIB.values())!r}"
+        " or '.contrib.' in m))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_celery_contrib_front_door() -> None:
+    pytest.importorskip("celery")
+    name = "distlock.contrib.celery"
+    mod = module(name)
+    assert (mod.__doc__ or "").strip()
+    assert set(mod.__all__) <= public_attributes(mod)
+    for attr in mod.__all__:
+        value = getattr(mod, attr)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert (own_docstring(value) or "").strip(), f"{name}.{attr} has no docstring"
