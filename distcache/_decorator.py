@@ -316,7 +316,10 @@ class _Keyer(Generic[_P]):
             return args
         filler = None if self.key is not None else _NO_SELF
         try:
-            self.signature.bind(filler, *args, **kwargs)
+            if self.skipped:  # unkeyed parameters may be left out here
+                self._check_missing(self.signature.bind_partial(filler, *args, **kwargs).arguments)
+            else:
+                self.signature.bind(filler, *args, **kwargs)
         except TypeError:
             return args
         return (filler, *args)
@@ -443,9 +446,9 @@ def _unkeyed_param(fn: Callable[..., Any], param: inspect.Parameter) -> bool:
     """Whether ``param`` of ``fn`` is annotated with a registered unkeyed (framework) type."""
     annotation = param.annotation
     if isinstance(annotation, str):  # postponed evaluation: resolve it as get_type_hints would
-        try:
-            annotation = typing.get_type_hints(fn, include_extras=True).get(param.name)
-        except Exception:  # an unresolvable forward reference: only instances are left out
+        try:  # this parameter's alone: a forward reference elsewhere must not hide it
+            annotation = eval(annotation, getattr(inspect.unwrap(fn), "__globals__", {}))
+        except Exception:  # unresolvable here: only instances are left out
             return False
     return unkeyed_annotation(annotation)
 

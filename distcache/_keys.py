@@ -23,6 +23,7 @@ import datetime as dt
 import decimal
 import fractions
 import json
+import os
 import re
 import threading
 import types
@@ -71,6 +72,15 @@ _VALUE_TYPES = (
 # lookup needs no lock; replaced whole under _UNKEYED_GUARD.
 _UNKEYED: tuple[type, ...] = ()
 _UNKEYED_GUARD = threading.Lock()
+
+
+def _renew_unkeyed_guard() -> None:
+    global _UNKEYED_GUARD
+    _UNKEYED_GUARD = threading.Lock()  # a parent thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_renew_unkeyed_guard)
 
 
 def register_unkeyed(*types: type) -> None:

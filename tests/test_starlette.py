@@ -13,7 +13,7 @@ fastapi = pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from fastapi import BackgroundTasks, Depends, FastAPI, Request, Response  # noqa: E402
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException, Request, Response  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
 from starlette.responses import JSONResponse  # noqa: E402
 from starlette.routing import Route  # noqa: E402
@@ -69,6 +69,20 @@ def item_app(dk: Distkit, calls: list[Any]) -> FastAPI:
             return {"sku": sku, "price": len(calls)}
 
         return await cached_response(request, dk.cache("items"), f"price:{sku}", load, ttl=30)
+
+    @app.put("/docs/{name}")
+    async def edit(
+        name: str, lock: Annotated[AsyncLock, Depends(dk.lock_for("doc:{name}"))]
+    ) -> dict[str, Any]:
+        if name == "teapot":
+            raise HTTPException(418, "the endpoint failed")
+        return {"doc": name}
+
+    @app.put("/misrouted/{name}")
+    async def misrouted(
+        name: str, lock: Annotated[AsyncLock, Depends(dk.lock_for("doc:{title}"))]
+    ) -> dict[str, Any]:
+        return {}
 
     app.state.read_item = read_item
     return app
@@ -160,6 +174,22 @@ def test_lock_for_answers_409_or_waits(dk: Distkit, redis_server: RedisServer) -
     sync.close()
 
 
+def test_lock_for_releases_on_failure_and_refuses_bad_names(
+    dk: Distkit, redis_server: RedisServer
+) -> None:
+    sync = redis_server.client()
+    with TestClient(item_app(dk, [])) as client:
+        assert client.put("/docs/teapot").status_code == 418
+        assert not Lock(sync, "doc:teapot").locked()  # released although the endpoint raised
+        bad = client.put("/docs/a%7Bb")  # a brace: not a valid lock name
+        assert bad.status_code == 400 and "lock name" in bad.json()["detail"]
+        assert client.put("/docs/a%00b").status_code == 400  # a control character
+        assert client.put("/docs/readme").json() == {"doc": "readme"}
+        with pytest.raises(ConfigError, match=r"\['title'\] are not path parameters"):
+            client.put("/misrouted/x")
+    sync.close()
+
+
 def test_http_caching_etag_and_304(dk: Distkit) -> None:
     calls: list[Any] = []
     with TestClient(item_app(dk, calls)) as client:
@@ -193,6 +223,23 @@ def test_bad_configuration_is_refused_at_once(dk: Distkit) -> None:
         dk.lock_for("invoice:{0.x}")
     with pytest.raises(ConfigError, match="on_locked"):
         dk.lock_for("invoice:{id}", on_locked="skip")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="ttl"):
+        dk.lock_for("invoice:{id}", ttl=0)
+    bad = Distkit(dk._config)
+
+    @bad.cached(ttl=-1, name="bad-ttl")  # @cached's own checks run at startup
+    async def endpoint(x: int) -> int:
+        return x
+
+    with pytest.raises(ConfigError, match="ttl"), TestClient(FastAPI(lifespan=bad.lifespan)):
+        pass
+    assert not bad.started
+    with pytest.raises(ConfigError, match="timeout"):
+        dk.lock_for("invoice:{id}", on_locked="wait", timeout=float("inf"))
+    with pytest.raises(ConfigError, match="status_code"):
+        dk.lock_for("invoice:{id}", status_code=200)
+    with pytest.raises(ConfigError, match="template"):
+        dk.lock_for("")
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ import inspect
 import json
 import logging
 import string
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.exceptions import HTTPException
@@ -40,15 +40,17 @@ from distkit import (
     SerializationError,
     aconnect,
 )
+from distkit._units import seconds
 from distlock import AsyncLock
 
-from .. import AsyncCache, cached, register_unkeyed
+from .. import AsyncCache, AsyncCachedFunction, cached, register_unkeyed
 from .._core import Seconds
 
 __all__ = ["Distkit", "cached_response"]
 
 _log = logging.getLogger(__name__)
-_T = TypeVar("_T")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 register_unkeyed(HTTPConnection, Response, BackgroundTask, BackgroundTasks)
 with contextlib.suppress(ImportError):  # FastAPI's own framework types, when it is installed
@@ -112,10 +114,11 @@ class Distkit:
             raise ConfigError(f"no cache named {name!r}: {sorted(self._specs)}") from None
 
     @contextlib.asynccontextmanager
-    async def lifespan(self, app: object) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(self, app: object) -> AsyncIterator[None]:
         """Starlette's / FastAPI's ``lifespan=``: build everything on startup, close on shutdown.
 
-        The state it yields holds this object as ``request.state.distkit``.
+        Inside a lifespan of your own: ``async with dk.lifespan(app): yield``. It yields no
+        lifespan state (not every ASGI server supports it): use the ``Distkit`` object.
         """
         if self._client is not None:
             raise ConfigError("Distkit is already started (one lifespan at a time)")
@@ -127,7 +130,7 @@ class Distkit:
             for fn, slot, name, options in self._deferred:
                 slot[:] = [cached(caches[name], **options)(fn)]
             self._client, self._caches = client, caches
-            yield {"distkit": self}
+            yield
         finally:
             self._client, self._caches = None, {}
             for _fn, slot, _name, _options in self._deferred:
@@ -139,7 +142,9 @@ class Distkit:
                     _log.warning("closing cache %r failed", cache.namespace, exc_info=True)
             await client.aclose()
 
-    def cached(self, cache: str = "default", **options: Any) -> Callable[[_F], _F]:
+    def cached(
+        self, cache: str = "default", **options: Any
+    ) -> Callable[[Callable[_P, Coroutine[Any, Any, _R]]], AsyncCachedFunction[_P, _R]]:
         """``@cached`` for endpoints, on the cache named ``cache`` (``options``: those of
         ``distcache.cached``). The decorated coroutine function keeps its signature (FastAPI
         reads it) and gains ``invalidate`` and ``key_for``; ``@cached`` itself is applied on
@@ -155,7 +160,7 @@ class Distkit:
         if unknown:
             raise ConfigError(f"unknown @cached options {sorted(unknown)}")
 
-        def decorate(fn: _F) -> _F:
+        def decorate(fn: Callable[_P, Coroutine[Any, Any, _R]]) -> AsyncCachedFunction[_P, _R]:
             if not inspect.iscoroutinefunction(fn):
                 raise ConfigError(f"Distkit.cached decorates a coroutine function, got {fn!r:.80}")
             slot: list[Any] = []
@@ -178,9 +183,10 @@ class Distkit:
             def key_for(*args: Any, **kwargs: Any) -> str:
                 return str(real().key_for(*args, **kwargs))
 
-            proxy.invalidate = invalidate  # type: ignore[attr-defined]
-            proxy.key_for = key_for  # type: ignore[attr-defined]
-            return proxy  # type: ignore[return-value]
+            wrapper: Any = proxy
+            wrapper.invalidate = invalidate
+            wrapper.key_for = key_for
+            return wrapper  # type: ignore[no-any-return]
 
         return decorate
 
@@ -206,6 +212,9 @@ class Distkit:
             timeout: the longest wait with ``on_locked="wait"``.
             status_code: the answer when the lock is not acquired.
 
+        A path parameter that makes no valid lock name (a brace, a control character) is
+        answered ``400``.
+
         Raises:
             ConfigError: an invalid template or option (at once); at request time, a field
                 that is no path parameter of the route.
@@ -213,6 +222,10 @@ class Distkit:
         fields = _template_fields(template)
         if on_locked not in ("conflict", "wait"):
             raise ConfigError(f"on_locked must be 'conflict' or 'wait', got {on_locked!r}")
+        ttl = seconds(ttl, field="ttl")
+        timeout = seconds(timeout, field="timeout", allow_zero=True)
+        if type(status_code) is not int or not 400 <= status_code <= 599:
+            raise ConfigError(f"status_code must be an HTTP error status, got {status_code!r}")
         dk = self
 
         async def hold_lock(request: Request) -> AsyncIterator[AsyncLock]:
@@ -224,7 +237,10 @@ class Distkit:
                     f" (it has {sorted(params)})"
                 )
             name = template.format_map({f: params[f] for f in fields})
-            lock = AsyncLock(dk.client, name, ttl=ttl, auto_renew=auto_renew)
+            try:
+                lock = AsyncLock(dk.client, name, ttl=ttl, auto_renew=auto_renew)
+            except ConfigError as exc:  # the path came from the client: its mistake, not ours
+                raise HTTPException(400, f"no valid lock name: {exc}") from exc
             if on_locked == "wait":
                 held = await lock.acquire(timeout=timeout)
             else:
@@ -240,9 +256,6 @@ class Distkit:
                     _log.warning("releasing lock %r failed", name, exc_info=True)
 
         return hold_lock
-
-
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _template_fields(template: str) -> list[str]:
