@@ -1,6 +1,7 @@
 """distcache.contrib.starlette against a real redis-server: with Starlette's TestClient, and
 once through a real uvicorn server on 127.0.0.1 (an ephemeral port)."""
 
+import asyncio
 import itertools
 import threading
 from collections.abc import Iterator
@@ -84,7 +85,20 @@ def item_app(dk: Distkit, calls: list[Any]) -> FastAPI:
     ) -> dict[str, Any]:
         return {}
 
+    gate = threading.Event()
+
+    @app.post("/slow/{invoice_id}")
+    async def slow(
+        invoice_id: int, lock: Annotated[AsyncLock, Depends(dk.lock_for("invoice:{invoice_id}"))]
+    ) -> dict[str, Any]:
+        for _ in range(1000):  # until the test opens the gate (a hang guard: 10 s)
+            if gate.is_set():
+                break
+            await asyncio.sleep(0.01)
+        return {"token": lock.fencing_token}
+
     app.state.read_item = read_item
+    app.state.gate = gate
     return app
 
 
@@ -242,32 +256,58 @@ def test_bad_configuration_is_refused_at_once(dk: Distkit) -> None:
         dk.lock_for("")
 
 
-@pytest.fixture
-def served(dk: Distkit) -> Iterator[tuple[str, list[Any]]]:
-    """The app run by a real uvicorn server on 127.0.0.1 (a port the OS picks)."""
-    calls: list[Any] = []
-    config = uvicorn.Config(
-        item_app(dk, calls), host="127.0.0.1", port=0, lifespan="on", log_level="warning"
-    )
+def start(config: Any) -> tuple[Any, threading.Thread]:
+    """A uvicorn server run in a thread, once it has started (its lifespan startup done)."""
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
+    for _ in range(3000):  # a hang guard (30 s), not a speed check
+        if server.started:
+            return server, thread
+        thread.join(0.01)
+        assert thread.is_alive(), "uvicorn stopped during startup"
+    server.should_exit = True
+    raise AssertionError("uvicorn did not start")
+
+
+@pytest.fixture
+def served(dk: Distkit) -> Iterator[tuple[str, list[Any], FastAPI]]:
+    """The app run by a real uvicorn server on 127.0.0.1 (a port the OS picks)."""
+    calls: list[Any] = []
+    app = item_app(dk, calls)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
+    server, thread = start(config)
     try:
-        while not server.started:  # bounded: the join below fails the test if it never starts
-            thread.join(0.01)
-            assert thread.is_alive(), "uvicorn stopped during startup"
         port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}", calls
+        yield f"http://127.0.0.1:{port}", calls, app
     finally:
         server.should_exit = True
         thread.join(10)
         assert not thread.is_alive()
 
 
-def test_under_uvicorn(served: tuple[str, list[Any]], dk: Distkit) -> None:
-    base, calls = served
+def test_under_uvicorn(
+    served: tuple[str, list[Any], FastAPI], dk: Distkit, redis_server: RedisServer
+) -> None:
+    base, calls, app = served
     assert dk.started  # the lifespan ran on the server's loop
     with httpx.Client(base_url=base, timeout=10) as http:
+        # two requests for one invoice at once: the second is refused while the first holds it
+        first: list[httpx.Response] = []
+        holder = threading.Thread(target=lambda: first.append(http.post("/slow/9")))
+        holder.start()
+        sync = redis_server.client()
+        for _ in range(1000):  # until the first request holds the lock (hang guard: 10 s)
+            if Lock(sync, "invoice:9").locked():
+                break
+            holder.join(0.01)
+        assert http.post("/invoices/9/pay").status_code == 409
+        app.state.gate.set()
+        holder.join(10)
+        assert first[0].status_code == 200 and first[0].json()["token"] > 0
+        assert http.post("/invoices/9/pay").status_code == 200
+        sync.close()
+
         assert http.get("/items/5").json() == {"id": 5, "path": "/items/5"}
         assert http.get("/items/5").json()["id"] == 5
         assert calls == [5]
@@ -279,12 +319,7 @@ def test_under_uvicorn(served: tuple[str, list[Any]], dk: Distkit) -> None:
 def test_uvicorn_shutdown_closes_everything(redis_server: RedisServer) -> None:
     dk = Distkit(redis_server.url)
     config = uvicorn.Config(FastAPI(lifespan=dk.lifespan), host="127.0.0.1", port=0, lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        thread.join(0.01)
-        assert thread.is_alive()
+    server, thread = start(config)
     assert dk.started
     server.should_exit = True
     thread.join(10)
