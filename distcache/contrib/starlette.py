@@ -135,12 +135,14 @@ class Distkit:
             self._client, self._caches = None, {}
             for _fn, slot, _name, _options in self._deferred:
                 slot.clear()
-            for cache in caches.values():
-                try:
-                    await cache.aclose()
-                except DistkitError:
-                    _log.warning("closing cache %r failed", cache.namespace, exc_info=True)
-            await client.aclose()
+            try:
+                for cache in caches.values():
+                    try:
+                        await cache.aclose()
+                    except DistkitError:
+                        _log.warning("closing cache %r failed", cache.namespace, exc_info=True)
+            finally:
+                await client.aclose()
 
     def cached(
         self, cache: str = "default", **options: Any
