@@ -4,7 +4,8 @@
 pickle on opt-in), expire them on the server, invalidate them by key, by tag or by namespace in
 O(1), refuse a read-through's result when it may predate an invalidation, and fail open (with a
 circuit breaker) when Redis is down. ``@cached`` caches functions, coroutine functions and
-methods under canonical keys. Errors: ``CacheError`` ⊃ ``SerializationError`` (``distkit``'s
+methods under canonical keys; ``register_unkeyed`` keeps framework objects (a request, a
+session) out of those keys. Errors: ``CacheError`` ⊃ ``SerializationError`` (``distkit``'s
 tree); bad arguments raise ``ConfigError``.
 """
 
@@ -19,6 +20,7 @@ from ._decorator import (
     CachedMethod,
     cached,
 )
+from ._keys import register_unkeyed
 from ._metrics import CacheEvent, CacheMetrics, CounterMetrics
 from ._near import NearCache
 from ._serializers import JsonSerializer, PickleSerializer, Serializer
@@ -45,4 +47,5 @@ __all__ = [
     "Serializer",
     "Stampede",
     "cached",
+    "register_unkeyed",
 ]

@@ -9,6 +9,10 @@ instance shares the entries, and
 (``repo.get.invalidate(7)``, ``Repo.get.invalidate(repo, 7)`` and ``Repo.get.invalidate(7)``
 are the same). Results that depend on the instance need ``key=``. A name shared by different
 functions (lambdas, closures of one factory) is refused: ``name=`` gives each its own.
+Framework objects are not part of a key: a parameter annotated with a type registered by
+``register_unkeyed`` (``distcache.contrib.starlette`` registers Starlette's and FastAPI's
+request, response and background-task types), or an argument that is an instance of one, is
+left out, and ``invalidate`` / ``key_for`` may omit such a parameter.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from distkit import ConfigError
 
 from ._cache import AsyncCache, Cache
 from ._core import PLAIN_KEY_MAX, CacheCore, Seconds, TagArgs
-from ._keys import arg_text, call_key, check_version
+from ._keys import arg_text, call_key, check_version, unkeyed_annotation
 
 __all__ = ["AsyncCachedFunction", "AsyncCachedMethod", "CachedFunction", "CachedMethod", "cached"]
 
@@ -198,7 +202,10 @@ class _Keyer(Generic[_P]):
         )
         self.attr = getattr(fn, "__name__", "")
         self._owners: dict[type, bool] = {}  # _bound's answers by class (bounded)
-        self.simple = all(p.kind in _SIMPLE_KINDS for p in params)
+        # Parameters annotated with a registered framework type (a Request, a session) are not
+        # part of the key, whatever they receive; key_for / invalidate may leave them out.
+        self.skipped = frozenset(p.name for p in params if _unkeyed_param(fn, p))
+        self.simple = not self.skipped and all(p.kind in _SIMPLE_KINDS for p in params)
         self.names = [p.name for p in params]
         self.defaults = [p.default for p in params]
         self.key = key
@@ -211,8 +218,9 @@ class _Keyer(Generic[_P]):
         # "same key"), only immutable scalars, only short keys: memory stays bounded.
         self.memo: dict[tuple[Any, ...], str] | None = None if typed or key else {}
 
-    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        """The key of a call of the wrapper (a method's first argument is its instance)."""
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any], partial: bool = False) -> str:
+        """The key of a call of the wrapper (a method's first argument is its instance);
+        ``partial``: the unkeyed parameters may be missing (``key_for`` / ``invalidate``)."""
         if self.key is not None:
             return _checked_key(self.key(*args, **kwargs), self.name)
         names = self.names
@@ -221,14 +229,10 @@ class _Keyer(Generic[_P]):
             if len(args) - skip == 1:
                 return self.head + arg_text(self.name, names[skip], args[skip], self.typed) + ")"
             typed, fname = self.typed, self.name
-            return (
-                self.head
-                + ",".join(
-                    arg_text(fname, p, v, typed)
-                    for p, v in zip(names[skip:], args[skip:], strict=True)
-                )
-                + ")"
+            texts = (
+                arg_text(fname, p, v, typed) for p, v in zip(names[skip:], args[skip:], strict=True)
             )
+            return self.head + ",".join(t for t in texts if t) + ")"
         arguments: dict[str, Any] | None = None
         if self.simple and not kwargs:  # the common case, without Signature.bind
             if len(args) == len(names):
@@ -243,12 +247,29 @@ class _Keyer(Generic[_P]):
                         break
                     arguments[name] = default
         if arguments is None:
-            bound = self.signature.bind(*args, **kwargs)
-            bound.apply_defaults()
+            if partial and self.skipped:
+                bound = self.signature.bind_partial(*args, **kwargs)
+                bound.apply_defaults()
+                self._check_missing(bound.arguments)
+            else:
+                bound = self.signature.bind(*args, **kwargs)
+                bound.apply_defaults()
             arguments = bound.arguments
         if skip:
             arguments.pop(names[0])
+        for name in self.skipped:
+            arguments.pop(name, None)
         return call_key(self.name, self.version, arguments, self.typed)
+
+    def _check_missing(self, arguments: dict[str, Any]) -> None:
+        """Raise ``bind``'s ``TypeError`` for a missing parameter that is part of the key."""
+        for param in self.signature.parameters.values():
+            if (
+                param.name not in arguments
+                and param.name not in self.skipped
+                and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+            ):
+                raise TypeError(f"missing a required argument: {param.name!r}")
 
     def redis_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The Redis key of a call (memoized for repeated positional arguments)."""
@@ -295,7 +316,10 @@ class _Keyer(Generic[_P]):
             return args
         filler = None if self.key is not None else _NO_SELF
         try:
-            self.signature.bind(filler, *args, **kwargs)
+            if self.skipped:  # unkeyed parameters may be left out here
+                self._check_missing(self.signature.bind_partial(filler, *args, **kwargs).arguments)
+            else:
+                self.signature.bind(filler, *args, **kwargs)
         except TypeError:
             return args
         return (filler, *args)
@@ -418,6 +442,17 @@ def _same_source(a: Any, b: Any) -> bool:
     )
 
 
+def _unkeyed_param(fn: Callable[..., Any], param: inspect.Parameter) -> bool:
+    """Whether ``param`` of ``fn`` is annotated with a registered unkeyed (framework) type."""
+    annotation = param.annotation
+    if isinstance(annotation, str):  # postponed evaluation: resolve it as get_type_hints would
+        try:  # this parameter's alone: a forward reference elsewhere must not hide it
+            annotation = eval(annotation, getattr(inspect.unwrap(fn), "__globals__", {}))
+        except Exception:  # unresolvable here: only instances are left out
+            return False
+    return unkeyed_annotation(annotation)
+
+
 def _checked_key(value: object, name: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"the key= function of @cached {name} returned {type(value).__name__}")
@@ -532,7 +567,7 @@ class _Cached:
                 )
 
             async def ainvalidate(*args: Any, **kwargs: Any) -> bool:
-                return await acache.delete(keyer.call(keyer.outside(args, kwargs), kwargs))
+                return await acache.delete(keyer.call(keyer.outside(args, kwargs), kwargs, True))
 
             wrapper = async_wrapper
             wrapper.invalidate = ainvalidate
@@ -553,13 +588,13 @@ class _Cached:
                 )
 
             def invalidate(*args: Any, **kwargs: Any) -> bool:
-                return scache.delete(keyer.call(keyer.outside(args, kwargs), kwargs))
+                return scache.delete(keyer.call(keyer.outside(args, kwargs), kwargs, True))
 
             wrapper = sync_wrapper
             wrapper.invalidate = invalidate
 
         def key_for(*args: Any, **kwargs: Any) -> str:
-            return keyer.call(keyer.outside(args, kwargs), kwargs)
+            return keyer.call(keyer.outside(args, kwargs), kwargs, True)
 
         wrapper.key_for = key_for
         keyer.wrapper = wrapper
@@ -588,7 +623,8 @@ def cached(
         cache: where results are stored.
         ttl: time to live (default: the cache's).
         key: a function with the wrapped function's parameters returning the full cache key
-            (default: ``module.qualname[@version]:(arg=value,...)``).
+            (default: ``module.qualname[@version]:(arg=value,...)``, leaving out framework
+            objects: see ``register_unkeyed``).
         tags: tags of every result, or a function of the call's arguments returning them.
         typed: distinguish arguments of different types that compare equal (``1``, ``1.0``,
             ``True``), as ``functools.lru_cache(typed=True)``.

@@ -8,6 +8,12 @@ without a canonical form (arbitrary objects, whose repr would show a memory addr
 with ``SerializationError`` rather than risk two calls sharing an entry. The text is a function of
 each value's type and value only (equal values of different types, ``IntEnum`` ``1`` and ``1``,
 may get different texts; never the other way round).
+
+Framework objects (a web request, a response, a database session) are not values: a registry
+filled by ``register_unkeyed`` (and by the ``contrib`` modules, for their framework's types) names
+the types whose instances never enter a key. A parameter annotated with such a type, or an
+argument that is an instance of one, is left out of the call key; nested inside another value
+such an object is refused with ``SerializationError`` (it has no canonical form).
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ import datetime as dt
 import decimal
 import fractions
 import json
+import os
 import re
+import threading
+import types
+import typing
 import unicodedata
 import uuid
 from collections import OrderedDict
@@ -30,7 +40,16 @@ from pydantic import BaseModel
 
 from distkit import ConfigError, SerializationError
 
-__all__ = ["arg_text", "call_key", "check_key", "check_tag", "check_version"]
+__all__ = [
+    "arg_text",
+    "call_key",
+    "check_key",
+    "check_tag",
+    "check_version",
+    "is_unkeyed",
+    "register_unkeyed",
+    "unkeyed_annotation",
+]
 
 MAX_TAG_LENGTH = 256
 _VERSION = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -49,6 +68,59 @@ _VALUE_TYPES = (
     complex,
     range,
 )
+# Types whose instances are never part of a key (see register_unkeyed). A tuple, so that a
+# lookup needs no lock; replaced whole under _UNKEYED_GUARD.
+_UNKEYED: tuple[type, ...] = ()
+_UNKEYED_GUARD = threading.Lock()
+
+
+def _renew_unkeyed_guard() -> None:
+    global _UNKEYED_GUARD
+    _UNKEYED_GUARD = threading.Lock()  # a parent thread may have held it at the fork
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_renew_unkeyed_guard)
+
+
+def register_unkeyed(*types: type) -> None:
+    """Leave instances of ``types`` (and their subclasses) out of every ``@cached`` key.
+
+    For framework objects passed to cached functions (a request, a response, a database
+    session): a parameter annotated with one of these types, or an argument that is an instance
+    of one, is not part of the call key. Register before decorating (annotations are read when
+    ``@cached`` is applied). Registering a type twice is harmless.
+
+    Raises:
+        ConfigError: an argument is not a class.
+    """
+    global _UNKEYED
+    for cls in types:
+        if not isinstance(cls, type):
+            raise ConfigError(f"register_unkeyed takes classes, got {cls!r:.80}")
+    with _UNKEYED_GUARD:
+        _UNKEYED = _UNKEYED + tuple(cls for cls in types if cls not in _UNKEYED)
+
+
+def is_unkeyed(value: object) -> bool:
+    """Whether ``value`` is an instance of a type registered with ``register_unkeyed``."""
+    return bool(_UNKEYED) and isinstance(value, _UNKEYED)
+
+
+def unkeyed_annotation(annotation: object) -> bool:
+    """Whether a parameter annotation names a registered unkeyed type: the type itself, a
+    subclass, ``X | None``, ``Optional[X]`` or ``Annotated[X, ...]`` (FastAPI's ``Depends``)."""
+    if not _UNKEYED:
+        return False
+    if isinstance(annotation, type):
+        return issubclass(annotation, _UNKEYED)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return unkeyed_annotation(typing.get_args(annotation)[0])
+    if origin is typing.Union or origin is types.UnionType:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(unkeyed_annotation(a) for a in args)
+    return False
 
 
 def _control_char(text: str) -> str | None:
@@ -130,6 +202,11 @@ def _canon(value: Any, typed: bool, out: list[str]) -> None:
             _int(int(value), out)
         else:
             out.append("f" + repr(value if value != 0 else 0.0))  # -0.0 == 0.0
+    elif _UNKEYED and isinstance(value, _UNKEYED):  # e.g. a Request, which is also a Mapping
+        raise SerializationError(
+            f"a {_qualified(cls)} is a framework object, never part of a cache key, and cannot "
+            "be nested in an argument (pass it as a parameter of its own, or pass key=)"
+        )
     elif isinstance(value, Enum):
         out.append(f"E{_qualified(cls)}.{json.dumps(value.name)}")
     elif isinstance(value, (tuple, list)):
@@ -198,27 +275,41 @@ def _text(value: Any, typed: bool) -> str:
 
 
 def call_key(name: str, version: str | None, arguments: Mapping[str, Any], typed: bool) -> str:
-    """The canonical key of one call: ``name[@version]:(param=value,...)``.
+    """The canonical key of one call: ``name[@version]:(param=value,...)``; arguments that are
+    registered framework objects (``register_unkeyed``) are left out.
 
     Raises:
         SerializationError: an argument has no canonical form (the message names its type).
     """
     head = f"{name}@{version}:(" if version else f"{name}:("
-    return head + ",".join(arg_text(name, p, v, typed) for p, v in arguments.items()) + ")"
+    texts = (arg_text(name, p, v, typed) for p, v in arguments.items())
+    return head + ",".join(t for t in texts if t) + ")"
 
 
 def arg_text(name: str, param: str, value: Any, typed: bool) -> str:
-    """``param=<canonical value>`` (``name``: the function, for error messages)."""
+    """``param=<canonical value>``, or ``""`` for a registered framework object (``name``: the
+    function, for error messages)."""
     cls = type(value)
     if cls is str:
         return f"{param}={value!r}"
     if cls is int and not typed:
         return f"{param}=n{value:x}"
+    if _UNKEYED and isinstance(value, _UNKEYED):
+        return ""
     out: list[str] = [param, "="]
     try:
         _canon(value, typed, out)
     except SerializationError as exc:
-        raise SerializationError(f"{name}(): argument {param!r}: {exc}") from None
+        within = ""
+        if f" {_qualified(cls)} " not in str(exc):  # the failure is nested inside the argument
+            within = f" (within a {_qualified(cls)})"
+            if cls.__module__ != "builtins":  # e.g. a web request, which is also a Mapping
+                within += (
+                    f" [if a {cls.__qualname__} is a framework object, "
+                    "distcache.register_unkeyed() or the framework's distcache.contrib module "
+                    "leaves it out of keys]"
+                )
+        raise SerializationError(f"{name}(): argument {param!r}{within}: {exc}") from None
     except RecursionError:
         raise SerializationError(
             f"{name}(): argument {param!r} is nested too deeply (or contains itself)"

@@ -12,9 +12,10 @@ import hashlib
 import inspect
 import itertools
 from collections import OrderedDict, namedtuple
+from collections.abc import Iterator, Mapping
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Optional
 
 import pytest
 import redis
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from distcache import AsyncCache, Cache, ConfigError, SerializationError, cached
+from distcache import AsyncCache, Cache, ConfigError, SerializationError, cached, register_unkeyed
 from distcache._keys import call_key
 from distkit import connect
 from distkit.testing import RedisServer, free_port
@@ -928,3 +929,123 @@ def test_a_name_is_refused_across_every_handle_of_the_namespace(
     # what is allowed: the same function again (any handle), or another namespace
     assert cached(handles[1 - h1 if h1 < 2 else 0], name=n1)(f1)(3) == f1(3)
     assert cached(Cache(r, namespace=f"{ns}-other"), name=n2)(f2)(3) == f2(3)
+
+
+class _Frame(Mapping[str, Any]):
+    """A framework object that is also a Mapping (as Starlette's Request is): its items are not
+    values (the ASGI scope holds the app, the server's objects...)."""
+
+    def __init__(self, path: str = "/") -> None:
+        self.scope = {"path": path, "app": object()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.scope[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.scope)
+
+    def __len__(self) -> int:
+        return len(self.scope)
+
+
+class _Session:
+    """A dependency-injected database session, say."""
+
+
+register_unkeyed(_Frame, _Session)
+
+
+def test_registered_framework_objects_never_enter_the_key(cache: Cache) -> None:
+    """Before register_unkeyed, a Mapping-like framework object was walked item by item, and the
+    call failed on every request with a SerializationError naming a type deep inside it."""
+    calls: list[int] = []
+
+    @cached(cache)
+    def page(request: _Frame, db: _Session | None, item: int) -> int:
+        calls.append(item)
+        return item * 10
+
+    @cached(cache)
+    def unannotated(request, item):  # type: ignore[no-untyped-def]  # Starlette's style
+        calls.append(-item)
+        return item
+
+    assert page(_Frame("/a"), _Session(), 1) == 10
+    assert page(_Frame("/b"), None, item=1) == 10  # another request, no session: same entry
+    assert unannotated(_Frame("/a"), 2) == unannotated(_Frame("/b"), 2) == 2
+    assert calls == [1, -2]
+    key = page.key_for(item=1)  # the framework parameters may be left out...
+    assert key.endswith(":(item=n1)")
+    assert page.key_for("anything", 3.5, 1) == key  # ...or given anything
+    assert unannotated.key_for(_Frame(), 2).endswith(":(item=n2)")
+    with pytest.raises(TypeError, match="item"):
+        page.key_for(db=None)  # a keyed parameter is still required
+    assert page.invalidate(item=1) is True
+    assert page(_Frame(), _Session(), 1) == 10 and calls == [1, -2, 1]
+
+    class Pages:
+        # an unresolvable return annotation does not hide the request's
+        @cached(cache, name="pages-render", value_type=int)
+        def render(self, request: _Frame, n: int) -> NeverDefined:  # type: ignore[name-defined]  # noqa: F821
+            calls.append(100 + n)
+            return n
+
+    assert Pages().render(_Frame(), 5) == 5
+    assert (
+        Pages.render.key_for(n=5)
+        == Pages().render.key_for(n=5)
+        == Pages.render.key_for(Pages(), _Frame(), 5)
+    )
+    assert Pages.render.key_for(n=5).endswith(":(n=n5)")
+    assert Pages.render.invalidate(n=5) is True
+
+    @cached(cache)
+    def nested(frames: list[_Frame]) -> int:
+        return 1
+
+    with pytest.raises(
+        SerializationError, match=r"argument 'frames'.*_Frame is a framework object"
+    ):
+        nested([_Frame()])
+
+
+def test_unkeyed_annotations_are_recognised_in_every_spelling(cache: Cache) -> None:
+    from distcache._keys import unkeyed_annotation
+
+    assert unkeyed_annotation(_Frame) and unkeyed_annotation(_Session | None)
+    assert unkeyed_annotation(Optional[_Frame])  # noqa: UP045 - the spelling under test
+    assert unkeyed_annotation(Annotated[_Session, "Depends(get_db)"])
+    assert not unkeyed_annotation(_Frame | int) and not unkeyed_annotation(int)
+    assert not unkeyed_annotation("_Frame") and not unkeyed_annotation(None)
+
+    @cached(cache)
+    def f(db: Annotated[_Session, "dependency"], x: int) -> int:  # a string annotation here
+        return x
+
+    assert f.key_for(object(), 4).endswith(":(x=n4)")
+
+
+def test_a_nested_failure_names_the_argument_and_its_type() -> None:
+    class Opaque:
+        pass
+
+    with pytest.raises(SerializationError, match=r"argument 'x' \(within a builtins.dict\)"):
+        call_key("f", None, {"x": {"k": Opaque()}}, False)
+
+
+def test_register_unkeyed_takes_classes() -> None:
+    with pytest.raises(ConfigError, match="classes"):
+        register_unkeyed(_Frame())  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), values), min_size=1, max_size=5), st.booleans())
+def test_unkeyed_arguments_are_left_out_and_refused_when_nested(
+    args: list[tuple[bool, Any]], typed: bool
+) -> None:
+    """A key is the key of the call without its framework objects; nested, one is refused."""
+    full = {f"p{i}": _Frame() if frame else v for i, (frame, v) in enumerate(args)}
+    kept = {p: v for p, v in full.items() if not isinstance(v, _Frame)}
+    assert call_key("f", None, full, typed) == call_key("f", None, kept, typed)
+    with pytest.raises(SerializationError, match="framework object"):
+        call_key("f", None, {"x": [v for _, v in args] + [_Frame()]}, typed)

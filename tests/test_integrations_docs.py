@@ -55,6 +55,17 @@ def test_django_section_runs(redis_server: RedisServer, tmp_path: Path) -> None:
     client.close()
 
 
+def test_starlette_section_runs(redis_server: RedisServer, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    client = redis_server.client()
+    client.flushall()
+    run_blocks(section("Starlette and FastAPI"), redis_server.url, tmp_path)
+    assert client.keys("distkit:cache:{items}:*")  # the examples really used Redis
+    assert client.keys("distkit:cache:{pages}:*")
+    client.close()
+
+
 def test_the_django_conformance_figures_match_the_test() -> None:
     text = section("Django")
     assert "passes 51 of the 54 `BaseCacheTests`" in text

@@ -76,3 +76,41 @@ def test_benchmarks_still_run_from_a_checkout() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout
+
+
+FRAMEWORKS = ("starlette", "fastapi", "django", "celery", "httpx", "uvicorn")
+
+
+def test_the_core_never_imports_a_framework() -> None:
+    """The integrations live in ``contrib`` modules behind extras: importing the packages (and
+    using ``@cached``) loads no framework, and only ``contrib`` modules name one."""
+    code = (
+        "import sys, distkit, distlock, distcache\n"
+        "from distcache import AsyncCache, cached, register_unkeyed\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"
+    for package in ("distkit", "distlock", "distcache"):
+        for path in (ROOT / package).rglob("*.py"):
+            if "contrib" in path.relative_to(ROOT).parts:
+                continue
+            for line in path.read_text().splitlines():
+                words = line.split()
+                if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                    assert words[1].split(".")[0] not in FRAMEWORKS, (path, line)
+
+
+def test_each_contrib_module_has_its_extra_and_the_test_extra_installs_it() -> None:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    extras = config["options.extras_require"]
+    test = extras["test"].lower()
+    for framework, needs in (("django", ["django"]), ("starlette", ["starlette"])):
+        assert framework in extras
+        for name in needs:
+            assert name in test
+    for name in ("fastapi", "httpx", "uvicorn"):  # what tests/test_starlette.py runs
+        assert name in test
