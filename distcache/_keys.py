@@ -112,9 +112,14 @@ def unkeyed_annotation(annotation: object) -> bool:
     subclass, ``X | None``, ``Optional[X]`` or ``Annotated[X, ...]`` (FastAPI's ``Depends``)."""
     if not _UNKEYED:
         return False
-    if isinstance(annotation, type):
-        return issubclass(annotation, _UNKEYED)
     origin = typing.get_origin(annotation)
+    # On Python 3.10 ``list[X]`` passes isinstance(..., type) yet makes an ABC's
+    # issubclass raise, so parameterised generics never reach issubclass.
+    if origin is None and isinstance(annotation, type):
+        try:
+            return issubclass(annotation, _UNKEYED)
+        except TypeError:  # a metaclass whose __subclasscheck__ refuses this class
+            return False
     if origin is typing.Annotated:
         return unkeyed_annotation(typing.get_args(annotation)[0])
     if origin is typing.Union or origin is types.UnionType:

@@ -11,6 +11,7 @@ import enum
 import hashlib
 import inspect
 import itertools
+import typing
 from collections import OrderedDict, namedtuple
 from collections.abc import Iterator, Mapping
 from decimal import Decimal
@@ -1049,3 +1050,56 @@ def test_unkeyed_arguments_are_left_out_and_refused_when_nested(
     assert call_key("f", None, full, typed) == call_key("f", None, kept, typed)
     with pytest.raises(SerializationError, match="framework object"):
         call_key("f", None, {"x": [v for _, v in args] + [_Frame()]}, typed)
+
+
+_T = typing.TypeVar("_T")
+_LEAVES: list[tuple[Any, bool]] = [
+    (int, False),
+    (str, False),
+    (Any, False),
+    (None, False),
+    (type(None), False),
+    (_T, False),
+    ("ForwardRef", False),
+    (Mapping, False),
+    (Mapping[str, Any], False),
+    (_Frame, True),
+    (_Session, True),
+]
+
+
+def _wrap(inner: st.SearchStrategy[tuple[Any, bool]]) -> st.SearchStrategy[tuple[Any, bool]]:
+    """Annotation constructors: only Optional, a union of unkeyed types and Annotated keep a
+    parameter unkeyed; every container, callable or type[...] of one is a keyed value."""
+    return st.one_of(
+        inner.map(lambda a: (list[a[0]], False)),  # type: ignore[valid-type]
+        inner.map(lambda a: (typing.List[a[0]], False)),  # type: ignore[valid-type]  # noqa: UP006
+        inner.map(lambda a: (dict[str, a[0]], False)),  # type: ignore[valid-type]
+        inner.map(lambda a: (tuple[a[0], ...], False)),  # type: ignore[valid-type]
+        inner.map(lambda a: (typing.Callable[[a[0]], int], False)),
+        inner.map(lambda a: (typing.Optional[a[0]], a[1])),  # noqa: UP045
+        inner.map(lambda a: (Annotated[a[0], "dep"], a[1]) if a[0] is not None else a),
+        st.tuples(inner, inner).map(_union),
+    )
+
+
+def _union(ab: tuple[tuple[Any, bool], tuple[Any, bool]]) -> tuple[Any, bool]:
+    """A union is unkeyed when every member but None is, and one is."""
+    parts = [flag for annotation, flag in ab if annotation not in (None, type(None))]
+    return typing.Union[ab[0][0], ab[1][0]], bool(parts) and all(parts)  # noqa: UP007
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.recursive(st.sampled_from(_LEAVES), _wrap, max_leaves=4))
+def test_any_annotation_leaves_a_parameter_keyed_unless_it_names_an_unkeyed_type(
+    case: tuple[Any, bool],
+) -> None:
+    """Found on Python 3.10, where ``list[_Frame]`` made the decorator raise TypeError: whatever
+    a parameter is annotated with, building the key never raises, and only the registered types
+    (alone, optional, in a union of them or Annotated) are left out of it."""
+    from distcache._keys import unkeyed_annotation
+
+    annotation, unkeyed = case
+    if isinstance(annotation, str):
+        annotation = typing.ForwardRef(annotation)
+    assert unkeyed_annotation(annotation) is unkeyed, annotation
