@@ -169,6 +169,7 @@ TIMED_OUT = _Marker("TIMED_OUT")
 LOOKUP = _Marker("LOOKUP")
 LOAD = _Marker("LOAD")
 RELEASE = _Marker("RELEASE")
+WAITED = _Marker("WAITED")  # an _Acquire that got the lock after queueing behind its holder
 
 
 class _Join:
@@ -213,7 +214,8 @@ def seen_of(miss: Miss | None) -> Seen:
 
 
 class _Acquire:
-    """Take the fill lock: ``True``, ``False`` (not within ``timeout``) or ``FAILED``."""
+    """Take the fill lock: ``True`` (at once), ``WAITED`` (after queueing behind another
+    holder), ``False`` (not within ``timeout``) or ``FAILED``."""
 
     __slots__ = ("blocking", "timeout")
 
@@ -812,9 +814,11 @@ class ReadThrough:
                 # one too close to tell, is not this caller's: it then loads (the safe side).
                 asked_ms = self.clock.now_ms() + 2 * self.clock.error_ms + _NOTE_MARGIN_MS
                 got = yield _Acquire(True, wait)
-                if got is True:
+                if got is True or got is WAITED:
                     held = True
-                    again, failed = yield _Relookup(asked_ms)
+                    # Taken at once, nobody's load was waited for: any note is not this
+                    # caller's (a planted one must not turn the key into a LoaderError).
+                    again, failed = yield _Relookup(asked_ms if got is WAITED else math.inf)
                     if again.__class__ is Entry:
                         if not self.grace_ms or self.clock.now_ms() < again.expires_ms:
                             core.emit(CacheEvent.COALESCED)  # another process loaded it
@@ -1439,6 +1443,10 @@ class SyncFlow:
                     core.failed(exc)
                     return FAILED
                 core.succeeded()
+                if got is True:
+                    state.lock = lock
+                    self._renewer.add(lock)
+                    return WAITED
             if got is True:
                 state.lock = lock
                 self._renewer.add(lock)
@@ -1796,6 +1804,9 @@ class AsyncFlow:
                     core.failed(exc)
                     return FAILED
                 core.succeeded()
+                if got is True:
+                    state.lock = lock
+                    return WAITED
             if got is True:
                 state.lock = lock
             return got
