@@ -268,7 +268,9 @@ class Cache(_CacheBase["SyncClient", _V]):
         stale_if_error_max_bytes: with ``stale_if_error``, the last values of up to 1024 keys
             are kept in process memory (for when Redis is down); their serialized sizes add
             up to at most this many bytes (default 64 MiB; least recently used go first, a
-            larger value is not kept).
+            larger value is not kept). They are kept serialized and decoded anew on each
+            serve (what is served is what was stored, not a caller's mutated object); a
+            decoded value may take several times its serialized size (JSON: about 9x).
         max_background: background refreshes running at once, at most (one per key). 0: none
             at all: early refresh never fires, and ``stale_while_revalidate`` serves the stale
             value until its window ends, then loads inline.

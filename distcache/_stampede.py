@@ -169,6 +169,7 @@ TIMED_OUT = _Marker("TIMED_OUT")
 LOOKUP = _Marker("LOOKUP")
 LOAD = _Marker("LOAD")
 RELEASE = _Marker("RELEASE")
+WAITED = _Marker("WAITED")  # an _Acquire that got the lock after queueing behind its holder
 
 
 class _Join:
@@ -213,7 +214,8 @@ def seen_of(miss: Miss | None) -> Seen:
 
 
 class _Acquire:
-    """Take the fill lock: ``True``, ``False`` (not within ``timeout``) or ``FAILED``."""
+    """Take the fill lock: ``True`` (at once), ``WAITED`` (after queueing behind another
+    holder), ``False`` (not within ``timeout``) or ``FAILED``."""
 
     __slots__ = ("blocking", "timeout")
 
@@ -309,8 +311,8 @@ class Call:
         self.since = 0  # this process's invalidation count before the call's first read
 
 
-# value, expiry, tags, entry bytes, size (the serialized bytes it stands for)
-_Kept = tuple[Any, float, tuple[str, ...], bytes | None, int]
+# a load's serialized value (None: read from the entry bytes), expiry, tags, entry bytes, size
+_Kept = tuple[bytes | None, float, tuple[str, ...], bytes | None, int]
 
 
 def _entry_tags(raw: bytes) -> set[str] | None:
@@ -413,6 +415,9 @@ class _StaleStore:
     Bounded twice: at most ``size`` keys and ``max_bytes`` of serialized values (the least
     recently used go first; a value larger than ``max_bytes`` on its own is not kept).
 
+    It keeps bytes, never the caller's object: a copy is decoded anew each time it is served, so
+    a caller that mutates a value it was returned cannot change what is served later.
+
     It obeys every invalidation of its namespace made in this process, through any handle:
     ``drop`` (set, delete, a refused fill), ``drop_tags`` and ``clear`` reach every store of the
     namespace, and ``put`` refuses a value whose call began before such an invalidation. An
@@ -437,18 +442,16 @@ class _StaleStore:
     def put(
         self,
         rkey: str,
-        value: Any,
+        data: bytes | None,
         expires_ms: float,
         since: int,
         tags: tuple[str, ...] = (),
         raw: bytes | None = None,
-        size: int | None = None,
     ) -> None:
-        """Keep ``value`` (from entry bytes ``raw``, or a load tagged ``tags`` whose encoding
-        is ``size`` bytes), unless the key may have been invalidated in this process after
-        ``since``."""
-        if size is None:
-            size = 0 if raw is None else len(raw)
+        """Keep the value of entry bytes ``raw`` (``data`` ``None``), or a load's serialized
+        value ``data`` tagged ``tags``, unless the key may have been invalidated in this
+        process after ``since``."""
+        size = len(data) if data is not None else 0 if raw is None else len(raw)
         group = self._group
         with group.guard:
             if group.dropped_since(rkey, since):
@@ -456,11 +459,11 @@ class _StaleStore:
             self._discard(rkey)
             if size > self._max_bytes:
                 return  # would evict everything else and still not fit
-            self._data[rkey] = (value, expires_ms, tags, raw, size)
+            self._data[rkey] = (data, expires_ms, tags, raw, size)
             self._bytes += size
-            data = self._data
-            while len(data) > self._size or self._bytes > self._max_bytes:
-                self._bytes -= data.popitem(last=False)[1][4]
+            kept = self._data
+            while len(kept) > self._size or self._bytes > self._max_bytes:
+                self._bytes -= kept.popitem(last=False)[1][4]
 
     def _discard(self, rkey: str) -> None:
         """Forget ``rkey`` here (call under the group's guard)."""
@@ -468,11 +471,17 @@ class _StaleStore:
         if kept is not None:
             self._bytes -= kept[4]
 
-    def get(self, rkey: str) -> tuple[Any, float] | None:
-        """The kept value of ``rkey`` and its expiry (server clock, ms)."""
+    def get(self, rkey: str) -> tuple[bytes, float] | None:
+        """The kept serialized value of ``rkey`` and its expiry (server clock, ms)."""
         with self._group.guard:
             kept = self._data.get(rkey)
-        return None if kept is None else (kept[0], kept[1])
+        if kept is None:
+            return None
+        data, expires_ms, _, raw, _ = kept
+        if data is None:  # an entry's bytes: the value follows the header and metadata
+            assert raw is not None
+            data = raw[26 + int(raw[22:26], 16) :]
+        return data, expires_ms
 
     def drop(self, rkeys: Iterable[str]) -> None:
         """Forget ``rkeys`` (in every store of the namespace)."""
@@ -673,7 +682,7 @@ class ReadThrough:
 
     def _remember(self, call: Call, value: Any, expires_ms: float, raw: bytes) -> None:
         if self._store is not None:
-            self._store.put(call.rkey, value, expires_ms, call.since, raw=raw)
+            self._store.put(call.rkey, None, expires_ms, call.since, raw=raw)
 
     def _loaded(self, call: Call, value: Any, stored: bool | None) -> None:
         """Keep a loader's result for ``stale_if_error``, unless Redis refused it as stale."""
@@ -686,14 +695,12 @@ class ReadThrough:
         if stored is False or ttl <= 0:
             store.drop((call.rkey,))
             return
-        try:  # the load's serialized size, for the store's byte bound (the loader dominates)
-            size = len(self.core.serializer.dumps(value, call.type_))
+        try:  # kept serialized: what is served is what was stored, not the caller's object
+            data = self.core.serializer.dumps(value, call.type_)
         except Exception:  # not encodable (its fill failed the same way): nothing to keep
             store.drop((call.rkey,))
             return
-        store.put(
-            call.rkey, value, self.clock.now_ms() + ttl * 1000, call.since, call.tags[0], size=size
-        )
+        store.put(call.rkey, data, self.clock.now_ms() + ttl * 1000, call.since, call.tags[0])
 
     # A handle without stale_if_error keeps no copies, but its invalidations reach the copies
     # of the namespace's other handles in this process all the same.
@@ -780,8 +787,13 @@ class ReadThrough:
             miss = None
             kept = self._store.get(call.rkey) if self._store is not None else None
             if kept is not None and self._late_ms(kept[1]) <= self.sie_ms:
-                core.emit(CacheEvent.STALE_SERVED)  # Redis is down: do not hammer the loader
-                return kept[0]
+                try:  # a fresh object each time: no earlier caller's mutation shows
+                    value = core.serializer.loads(kept[0], call.type_)
+                except Exception:  # undecodable now (a type_ it does not fit): load instead
+                    value = kept = None
+                if kept is not None:
+                    core.emit(CacheEvent.STALE_SERVED)  # Redis is down: do not hammer the loader
+                    return value
         else:
             miss = found
         policy = self.stampede
@@ -812,9 +824,11 @@ class ReadThrough:
                 # one too close to tell, is not this caller's: it then loads (the safe side).
                 asked_ms = self.clock.now_ms() + 2 * self.clock.error_ms + _NOTE_MARGIN_MS
                 got = yield _Acquire(True, wait)
-                if got is True:
+                if got is True or got is WAITED:
                     held = True
-                    again, failed = yield _Relookup(asked_ms)
+                    # Taken at once, nobody's load was waited for: any note is not this
+                    # caller's (a planted one must not turn the key into a LoaderError).
+                    again, failed = yield _Relookup(asked_ms if got is WAITED else math.inf)
                     if again.__class__ is Entry:
                         if not self.grace_ms or self.clock.now_ms() < again.expires_ms:
                             core.emit(CacheEvent.COALESCED)  # another process loaded it
@@ -1439,6 +1453,10 @@ class SyncFlow:
                     core.failed(exc)
                     return FAILED
                 core.succeeded()
+                if got is True:
+                    state.lock = lock
+                    self._renewer.add(lock)
+                    return WAITED
             if got is True:
                 state.lock = lock
                 self._renewer.add(lock)
@@ -1796,6 +1814,9 @@ class AsyncFlow:
                     core.failed(exc)
                     return FAILED
                 core.succeeded()
+                if got is True:
+                    state.lock = lock
+                    return WAITED
             if got is True:
                 state.lock = lock
             return got

@@ -5,6 +5,7 @@ invalidations never fail silently."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -23,7 +24,7 @@ from distcache import (
     CounterMetrics,
     cached,
 )
-from distkit import RetryConfig, ServerError, aconnect, connect
+from distkit import DistkitError, RetryConfig, ServerError, aconnect, connect
 from distkit.testing import FaultProxy, free_port
 
 TIMEOUT = 0.3
@@ -636,3 +637,73 @@ def test_a_planted_failure_note_is_foreign_and_the_loader_runs(
 
         value = asyncio.run(run())
     assert value == "loaded" and calls == [1]
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("ahead_ms", [300, 900])
+def test_a_near_future_failure_note_is_not_honoured_without_a_wait(
+    r: redis.Redis, kind: str, ahead_ms: int
+) -> None:
+    """Review (planted_note.py): a note stamped up to a second past the server clock (inside the
+    slack for clock error) made every get_or_set of the key raise LoaderError with the planter's
+    text, the loader never ran, and the in-process flight's joiners raised too. A note is only a
+    queued waiter's: a caller that took the fill lock at once (nobody's load to wait for) loads."""
+    ns = f"near-note-{kind}-{ahead_ms}"
+    if kind == "sync":
+        cache: Any = Cache(r, namespace=ns)
+    else:
+        kwargs = r.connection_pool.connection_kwargs
+        cache = AsyncCache(aconnect(f"redis://{kwargs['host']}:{kwargs['port']}/0"), namespace=ns)
+    rkey = cache._core.entry_key("k")
+    calls = []
+
+    def plant() -> None:
+        sec, usec = r.time()
+        r.set(cache._policy.error_key(rkey), f"{sec * 1000 + usec // 1000 + ahead_ms}|PLANTED")
+        r.delete(rkey)
+
+    def load() -> dict[str, str]:
+        calls.append(1)
+        time.sleep(0.1)  # long enough for the other caller to join the flight
+        return {"v": "loaded"}
+
+    if kind == "sync":
+        got: list[Any] = []
+
+        def call() -> None:
+            try:
+                got.append(cache.get_or_set("k", load))
+            except DistkitError as exc:
+                got.append(exc)
+
+        for _ in range(3):
+            plant()
+            threads = [threading.Thread(target=call) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    else:
+
+        async def aload() -> dict[str, str]:
+            calls.append(1)
+            await asyncio.sleep(0.1)
+            return {"v": "loaded"}
+
+        async def run() -> list[Any]:
+            out: list[Any] = []
+            try:
+                for _ in range(3):
+                    plant()
+                    out += await asyncio.gather(
+                        cache.get_or_set("k", aload),
+                        cache.get_or_set("k", aload),
+                        return_exceptions=True,
+                    )
+            finally:
+                await cache._client.aclose()
+            return out
+
+        got = asyncio.run(run())
+    assert got == [{"v": "loaded"}] * 6, got
+    assert 3 <= len(calls) <= 6

@@ -280,6 +280,26 @@ def test_sie_serves_the_last_value_while_redis_is_down(fresh_server: RedisServer
     assert metrics.count(CacheEvent.STALE_SERVED) == 1
 
 
+@pytest.mark.parametrize("source", ["load", "hit"])
+def test_sie_serves_what_was_stored_not_a_mutated_result(
+    fresh_server: RedisServer, source: str
+) -> None:
+    """Review (alias.py): the copy of a loaded value was the loader's own object, so a caller
+    that mutated its result changed what was served while Redis was down ({'role': 'admin'},
+    never stored). Copies are kept serialized and decoded anew on every serve."""
+    client = connect({"port": fresh_server.port, "socket_timeout": 0.5, "connect_timeout": 0.5})
+    cache = Cache(client, namespace=f"alias-{source}", ttl=60, stale_if_error=300, breaker=False)
+    if source == "hit":
+        cache.set("k", {"role": "user"})
+    got = cache.get_or_set("k", lambda: {"role": "user"})
+    got["role"] = "admin"  # the caller's own object: must not reach the kept copy
+    fresh_server.stop()
+    served = cache.get_or_set("k", _fail)
+    assert served == {"role": "user"}
+    served["role"] = "admin"  # nor may one served copy reach the next
+    assert cache.get_or_set("k", _fail) == {"role": "user"}
+
+
 def test_sie_copies_are_bounded_by_bytes_too(fresh_server: RedisServer) -> None:
     """The in-memory copies kept for ``stale_if_error`` are bounded by their serialized size
     (``stale_if_error_max_bytes``), not only by their count: the least recently used go."""

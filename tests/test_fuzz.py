@@ -533,6 +533,7 @@ CACHE_KEYS = [
     "{p}:cache:{{n}}:t:tag",
     "{p}:cache:{{n}}:k:key",
     "{p}:cache:{{n}}:k:other",
+    "{p}:cache:{{n}}:ek:key",  # a failed load's note, for the fill lock's waiters
 ]
 SPECIAL_BYTES = st.sampled_from(
     [
@@ -562,9 +563,13 @@ SPECIAL_BYTES = st.sampled_from(
 # ForeignDataError: values distlock never writes (not an integer from 0 to 2**53 - 1)
 FOREIGN_NUMBERS = {b"", b"nan", b"inf", b"-inf", b"1.5", b"1e400", b"9" * 40, b"9007199254740993",
                    b"-1", b"\xff\xfe\x00", b"dc1:", b"dc1~", b"owner*", b"*"}  # fmt: skip
-PLANTS = st.tuples(
-    st.sampled_from(["string", "list", "hash", "zset", "set"]),
-    st.one_of(st.binary(max_size=64), SPECIAL_BYTES),
+PLANTS = st.one_of(
+    st.tuples(
+        st.sampled_from(["string", "list", "hash", "zset", "set"]),
+        st.one_of(st.binary(max_size=64), SPECIAL_BYTES),
+    ),
+    # a failure note's shape, stamped this many ms from the server's clock (near future included)
+    st.tuples(st.just("note"), st.integers(-2000, 2000).map(lambda ms: str(ms).encode())),
 )
 
 
@@ -572,6 +577,10 @@ def _plant(r: redis.Redis, key: str, kind: str, data: bytes) -> None:
     r.delete(key)
     if kind == "string":
         r.set(key, data)
+    elif kind == "note":  # "<server ms + offset>|text", as distcache writes a failed load's note
+        sec, usec = r.time()
+        r.set(key, b"%d|planted" % (sec * 1000 + usec // 1000 + int(data)))
+        return
     elif kind == "list":
         r.rpush(key, data or b"x")
     elif kind == "hash":

@@ -506,6 +506,14 @@ class CacheMachine(RuleBasedStateMachine):
         cut = rkey.index("}") + 2  # P:cache:{model}:mk:<key> (or :mh:<sha256>)
         self.admin.delete(rkey[:cut] + "m" + rkey[cut:])
 
+    @rule(key=st.sampled_from(KEYS), ahead_ms=st.integers(-2000, 2000))
+    def plant_note(self, key: str, ahead_ms: int) -> None:
+        """Foreign bytes shaped as a failed load's note, stamped near the server's clock: no
+        caller waited for that load, so it changes nothing (a read-through loads)."""
+        sec, usec = self.admin.time()
+        note = f"{sec * 1000 + usec // 1000 + ahead_ms}|planted"
+        self.admin.set(self.caches["h0"]._policy.error_key(self._rkey(key)), note, px=60_000)
+
     @rule()
     def flushall(self) -> None:
         """Everything is lost at once (FLUSHALL, a restart without persistence)."""
@@ -976,6 +984,9 @@ class NearCacheMachine(CacheMachine):
     @rule(command=st.sampled_from(["FLUSHDB", "FLUSHALL"]))
     def flush(self, command: str) -> None:
         """Redis pushes a null invalidation: every L1 empties."""
+        self._touch()  # the pending fills' write marks are gone too: as for ``flushall``
+        for p in self.pending:
+            p.mark_lost = True
         self.admin.execute_command(command)
         self._flushed()
 
