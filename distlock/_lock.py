@@ -249,11 +249,21 @@ class _SyncLock(_LockBase[threading.Event]):
         self._driver.run(self._core.extend(ttl))
 
     def locked(self) -> bool:
-        """Whether anyone holds the lock now (one round trip)."""
+        """Whether anyone holds the lock now (one round trip; Redlock: a quorum of masters).
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (Redlock: too few masters
+                answered to tell).
+        """
         return self._driver.run(self._core.locked())
 
     def owned(self) -> bool:
-        """Whether this handle holds the lock now, as the server sees it (one round trip)."""
+        """Whether this handle holds the lock now, as the server sees it (one round trip).
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (Redlock: too few masters
+                answered to tell).
+        """
         return self._driver.run(self._core.owned())
 
     def _start_renewer(self) -> None:
@@ -448,11 +458,21 @@ class _AsyncLock(_LockBase[asyncio.Event]):
         await self._driver.run(self._core.extend(ttl))
 
     async def locked(self) -> bool:
-        """Whether anyone holds the lock now (one round trip)."""
+        """Whether anyone holds the lock now (one round trip; Redlock: a quorum of masters).
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (Redlock: too few masters
+                answered to tell).
+        """
         return await self._driver.run(self._core.locked())
 
     async def owned(self) -> bool:
-        """Whether this handle holds the lock now, as the server sees it (one round trip)."""
+        """Whether this handle holds the lock now, as the server sees it (one round trip).
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (Redlock: too few masters
+                answered to tell).
+        """
         return await self._driver.run(self._core.owned())
 
     async def _stop_renewer(self) -> None:
