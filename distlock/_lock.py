@@ -267,6 +267,9 @@ class _SyncLock(_LockBase[threading.Event]):
         return self._driver.run(self._core.owned())
 
     def _start_renewer(self) -> None:
+        # A renewer of an earlier acquisition may still be running (its extension in flight,
+        # say, after an operator's force_release): stop it, so it can never judge this one.
+        self._stop_renew.set()
         self._stop_renew = threading.Event()
         thread = threading.Thread(
             target=self._renew_loop,
@@ -293,6 +296,8 @@ class _SyncLock(_LockBase[threading.Event]):
         claims. A release that stops the renewer meanwhile waits for the call to finish, so the
         release lands after it (as it did when the renewer made the call itself).
         """
+        if self._core.remaining_or_zero() <= 0:
+            return False  # ran out already (a paused holder): send no extension it cannot claim
         outcome: list[BaseException | None] = []
         done = threading.Event()
 
@@ -325,23 +330,29 @@ class _SyncLock(_LockBase[threading.Event]):
                 return
             try:
                 if not self._bounded_extend(stop):
-                    if self._core.owner != owner:
-                        return
-                    self._core.clear()
-                    self._fire_lost()
+                    self._declare_lost(owner, stop, ran_out=True)
                     return
                 interval = self._renew_interval
             except LockNotOwned:
-                self._fire_lost()
+                self._declare_lost(owner, stop, ran_out=False)
                 return
             except DistkitError as exc:
                 left = self._core.remaining_or_zero()
                 if left <= 0:
-                    self._core.clear()
-                    self._fire_lost()
+                    self._declare_lost(owner, stop, ran_out=True)
                     return
                 log.warning("renewing lock %r failed (%s); %.3fs left", self.name, exc, left)
                 interval = min(self._renew_interval, max(0.01, left / 4))
+
+    def _declare_lost(self, owner: str, stop: threading.Event, *, ran_out: bool) -> None:
+        """The renewer of ``owner``'s acquisition lost it: signal it, unless that renewer was
+        superseded or the handle holds a newer acquisition meanwhile (never the wrong one's).
+        ``ran_out``: lost by the local estimate, the lease may still stand (``lose()``)."""
+        if self._stop_renew is not stop or self._core.owner not in (None, owner):
+            return
+        if ran_out and self._core.owner == owner:
+            self._core.lose()
+        self._fire_lost()
 
     def __enter__(self) -> Self:
         if not self.acquire(timeout=self._blocking_timeout):
@@ -418,9 +429,14 @@ class _AsyncLock(_LockBase[asyncio.Event]):
             if self._lost.is_set():
                 self._lost.clear()
             if self._auto_renew:
+                old = self._renewer
                 self._renewer = asyncio.get_running_loop().create_task(
                     self._renew_loop(self._core.owner), name=f"distlock-renew-{self.name}"
                 )
+                # A renewer of an earlier acquisition (its extension in flight) is superseded:
+                # it stops at its next step and never judges this acquisition.
+                if old is not None and old.get_loop() is asyncio.get_running_loop():
+                    old.cancel()
         return got
 
     async def release(self) -> None:
@@ -509,21 +525,28 @@ class _AsyncLock(_LockBase[asyncio.Event]):
                     return
                 interval = self._renew_interval
             except asyncio.TimeoutError:  # the estimate ran out first (a redis-py one is mapped)
-                if self._core.owner == owner:
-                    self._core.clear()
-                    self._fire_lost()
+                self._declare_lost(owner, me, ran_out=True)
                 return
             except LockNotOwned:
-                self._fire_lost()
+                self._declare_lost(owner, me, ran_out=False)
                 return
             except DistkitError as exc:
                 left = self._core.remaining_or_zero()
                 if left <= 0:
-                    self._core.clear()
-                    self._fire_lost()
+                    self._declare_lost(owner, me, ran_out=True)
                     return
                 log.warning("renewing lock %r failed (%s); %.3fs left", self.name, exc, left)
                 interval = min(self._renew_interval, max(0.01, left / 4))
+
+    def _declare_lost(self, owner: str, me: asyncio.Task[Any] | None, *, ran_out: bool) -> None:
+        """The renewer of ``owner``'s acquisition lost it: signal it, unless that renewer was
+        superseded or the handle holds a newer acquisition meanwhile (never the wrong one's).
+        ``ran_out``: lost by the local estimate, the lease may still stand (``lose()``)."""
+        if self._renewer is not me or self._core.owner not in (None, owner):
+            return
+        if ran_out and self._core.owner == owner:
+            self._core.lose()
+        self._fire_lost()
 
     async def __aenter__(self) -> Self:
         if not await self.acquire(timeout=self._blocking_timeout):

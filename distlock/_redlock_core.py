@@ -72,7 +72,6 @@ class RedlockCore(LockCore):
     __slots__ = (
         "_lease_ttl",
         "_release_calls",
-        "_unreleased",
         "drift",
         "drift_factor",
         "fencing",
@@ -130,9 +129,8 @@ class RedlockCore(LockCore):
         if fencing not in ("clock", "quorum"):
             raise ConfigError(f"fencing must be 'clock' or 'quorum', got {fencing!r}")
         self.fencing: Fencing = fencing
-        # The owner of an acquisition this handle stopped believing in (renewal lost it) whose
-        # leases were not released yet: release() and the next acquire() still release them.
-        self._unreleased: str | None = None
+        # self._unreleased (LockCore): here the owner of any acquisition this handle stopped
+        # believing in whose leases were not released yet (clear() remembers it).
         # The longest lease this handle ever asked for (ttl, or a longer extend): no lease of
         # its stands longer on any master, so a release trying that long has tried enough.
         self._lease_ttl = self.ttl
