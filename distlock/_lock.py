@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from typing_extensions import Self
 
@@ -29,6 +29,7 @@ from distkit import (
     LockNotOwned,
     RetryPolicy,
 )
+from distkit._fork import renew_locks_after_fork
 from distkit._protocol import AsyncDriver, SyncDriver, monotonic, settled
 from distkit._units import seconds
 
@@ -149,8 +150,14 @@ class _LockBase(Generic[_E]):
             raise LockLost(f"the lease of lock {self.name!r} has run out", name=self.name)
 
     def _fire_lost(self) -> None:
+        self._set_lost()
+        self._call_on_lost()
+
+    def _set_lost(self) -> None:
         log.warning("lock %r lost its lease", self.name)
         self._lost.set()
+
+    def _call_on_lost(self) -> None:
         if self._on_lost is not None:
             try:
                 self._on_lost(self)
@@ -169,10 +176,15 @@ class _SyncLock(_LockBase[threading.Event]):
     """The I/O half of the sync handles (``Lock``, ``Redlock``): one driver, one renewal thread."""
 
     _driver: SyncDriver
+    _FORK_LOCKS: ClassVar[tuple[str, ...]] = ("_lost_guard",)
 
     def _setup_io(self, driver: SyncDriver) -> None:
         self._driver = driver
         self._lost = threading.Event()
+        # A renewer's "lost" decision and an acquisition taking over the lost signal happen one
+        # at a time: a decision about an earlier acquisition never lands on a newer one.
+        self._lost_guard = threading.Lock()
+        renew_locks_after_fork(self)
         self._renewer: threading.Thread | None = None
         self._stop_renew = threading.Event()
         self._reentry = track(SyncReentry()) if self._reentrant else None
@@ -211,10 +223,11 @@ class _SyncLock(_LockBase[threading.Event]):
         seconds_ = self._core.check_timeout(blocking, timeout)
         got = self._driver.run(self._core.acquire(blocking, seconds_, self._driver.max_block))
         if got:
-            if self._lost.is_set():
-                self._lost.clear()
-            if self._auto_renew:
-                self._start_renewer()
+            with self._lost_guard:
+                if self._lost.is_set():
+                    self._lost.clear()
+                if self._auto_renew:
+                    self._start_renewer()
         return got
 
     def release(self) -> None:
@@ -346,13 +359,21 @@ class _SyncLock(_LockBase[threading.Event]):
 
     def _declare_lost(self, owner: str, stop: threading.Event, *, ran_out: bool) -> None:
         """The renewer of ``owner``'s acquisition lost it: signal it, unless that renewer was
-        superseded or the handle holds a newer acquisition meanwhile (never the wrong one's).
-        ``ran_out``: lost by the local estimate, the lease may still stand (``lose()``)."""
-        if self._stop_renew is not stop or self._core.owner not in (None, owner):
-            return
-        if ran_out and self._core.owner == owner:
-            self._core.lose()
-        self._fire_lost()
+        superseded or the handle no longer holds that acquisition (a newer one, or a release or
+        refusal the holder saw itself): never the wrong acquisition's loss. ``ran_out``: lost by
+        the local estimate while still held, the lease may still stand (``lose()``); otherwise
+        the renewer's own extension was refused, which cleared the owner."""
+        with self._lost_guard:
+            if self._stop_renew is not stop:
+                return
+            if ran_out:
+                if self._core.owner != owner:
+                    return
+                self._core.lose()
+            elif self._core.owner is not None:
+                return
+            self._set_lost()
+        self._call_on_lost()
 
     def __enter__(self) -> Self:
         if not self.acquire(timeout=self._blocking_timeout):
@@ -540,12 +561,17 @@ class _AsyncLock(_LockBase[asyncio.Event]):
 
     def _declare_lost(self, owner: str, me: asyncio.Task[Any] | None, *, ran_out: bool) -> None:
         """The renewer of ``owner``'s acquisition lost it: signal it, unless that renewer was
-        superseded or the handle holds a newer acquisition meanwhile (never the wrong one's).
-        ``ran_out``: lost by the local estimate, the lease may still stand (``lose()``)."""
-        if self._renewer is not me or self._core.owner not in (None, owner):
+        superseded or the handle no longer holds that acquisition (see the sync twin).
+        ``ran_out``: lost by the local estimate while still held, the lease may still stand
+        (``lose()``); otherwise the renewer's own extension was refused."""
+        if self._renewer is not me:
             return
-        if ran_out and self._core.owner == owner:
+        if ran_out:
+            if self._core.owner != owner:
+                return
             self._core.lose()
+        elif self._core.owner is not None:
+            return
         self._fire_lost()
 
     async def __aenter__(self) -> Self:

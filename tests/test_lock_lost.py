@@ -155,7 +155,7 @@ def test_lost_by_estimate_sends_no_extension_and_release_frees_the_lease(
     not wait for the TTL."""
     clock = JumpClock()
     lost: list[Any] = []
-    h = Lock(r, "paused", ttl=30, auto_renew=True, renew_interval=0.2, clock=clock)
+    h = Lock(r, "paused", ttl=30, auto_renew=True, renew_interval=1.0, clock=clock)
     h._on_lost = lost.append
     extensions: list[str] = []
     run = SyncDriver.run

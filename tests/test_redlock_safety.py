@@ -767,7 +767,7 @@ def test_a_forked_child_using_inherited_async_handles_never_stalls_the_parent(
     urls = [server.url for server in masters.servers[:3]]
     loop = asyncio.new_event_loop()
     try:
-        rl = AsyncRedlock([aconnect(u) for u in urls], "fork-async", ttl=30, node_timeout=0.5)
+        rl = AsyncRedlock([aconnect(u) for u in urls], "fork-async", ttl=30, node_timeout=1.0)
         lk = AsyncLock(aconnect(urls[0]), "fork-async-single", ttl=30)
         assert loop.run_until_complete(rl.acquire(blocking=False))
         assert loop.run_until_complete(lk.acquire(blocking=False))
