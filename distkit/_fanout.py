@@ -47,6 +47,7 @@ from redis.retry import Retry
 
 from ._clients import for_loop
 from ._errors import ConfigError, ConnectionUnavailable, DistkitError, LockError, translate
+from ._fork import forget_inherited_async_pool
 from ._protocol import (
     _REDIS_ERRORS,
     TIMED_OUT,
@@ -809,7 +810,8 @@ class AsyncFanOutDriver(AsyncDriver):
         self._lingering: set[asyncio.Task[None]] = set()  # connections kept until answered
 
     def _after_fork(self) -> None:
-        """In a forked child: drop the connections the clients' pools inherited from the parent."""
+        """In a forked child: drop the connections the clients' pools inherited from the parent
+        (their sockets closed in the child only, never through the parent's event loop)."""
         self._pid = os.getpid()
         self._lingering = set()
         self._suspended = [0.0] * len(self.clients)
@@ -818,9 +820,9 @@ class AsyncFanOutDriver(AsyncDriver):
         self._active = 0
         self._guard = threading.Lock()
         for client in self._live:
-            reset = getattr(client.connection_pool, "reset", None)
-            if reset is not None:
-                reset()
+            # never pool.reset() alone, nor disconnect(): closing the inherited transports
+            # goes through the parent's epoll and stalls the parent's connections
+            forget_inherited_async_pool(client.connection_pool)
 
     async def run(self, protocol: Protocol[Any]) -> Any:
         """Drive ``protocol`` on the running loop, which holds the handle until it returns."""

@@ -226,6 +226,7 @@ class LockCore:
         "_busy",
         "_owner_prefix",
         "_owner_seq",
+        "_unreleased",
         "clock",
         "expires_at",
         "fence_key",
@@ -280,6 +281,9 @@ class LockCore:
         self.owner: str | None = None
         self.token: int | None = None
         self.expires_at = 0.0
+        # The owner of an acquisition this handle declared lost by its own estimate (renewal ran
+        # out of time) whose lease may still stand: release() and the next acquire() free it.
+        self._unreleased: str | None = None
         # Owner ids: random per handle, a counter per acquisition (unique, and cheaper than
         # fresh randomness on every call). A forked child re-seeds both (_after_fork).
         self._owner_prefix = secrets.token_hex(8)
@@ -298,6 +302,7 @@ class LockCore:
         if isinstance(self.clock, _CheckedClock):  # another thread may have held its mutex
             self.clock._mutex = threading.Lock()
         self.clear()
+        self._unreleased = None
 
     def new_owner(self) -> str:
         """A fresh owner id for one acquisition attempt."""
@@ -314,6 +319,29 @@ class LockCore:
         self.owner = None
         self.token = None
         self.expires_at = 0.0
+
+    def lose(self) -> None:
+        """Forget the current acquisition as lost by the local estimate, remembering its owner:
+        its lease may still stand on the server (an extension that landed late, a paused
+        holder), so ``release()`` and the next ``acquire()`` still send its owner-only release."""
+        owner = self.owner
+        self.clear()
+        if owner is not None:
+            self._unreleased = owner
+
+    def _stale_release_call(self, owner: str) -> Eval:
+        """The owner-only release of a lost acquisition's lease (frees nobody else's)."""
+        keys = self._release_keys(self.wake_prefix + owner)
+        return Eval(RELEASE, keys, (owner, self.retention_ms, 0, self.rel_ms), shield=True)
+
+    def _release_stale(self) -> Protocol[int]:
+        """Send the release of the lost acquisition remembered by ``lose()``, if any; its reply
+        (1: a lease stood and was freed, 0: nothing of it was left), -1 when none was owed."""
+        stale, self._unreleased = self._unreleased, None
+        if stale is None:
+            return -1
+        reply = yield self._stale_release_call(stale)
+        return int(reply)
 
     def remaining(self) -> float:
         """Seconds left on the lease by the conservative local estimate (0 when not held)."""
@@ -367,6 +395,10 @@ class LockCore:
             self._busy.release()
 
     def _acquire(self, blocking: bool, timeout: float | None, max_block: float) -> Protocol[bool]:
+        if self._unreleased is not None:
+            # A lost acquisition's lease may still stand: free it first (owner-only), or this
+            # handle would queue behind its own leftover until the TTL.
+            yield from self._release_stale()
         owner = self.new_owner()
         wake_key = self.wake_prefix + owner
         deadline = None if timeout is None else self.clock() + timeout
@@ -531,10 +563,22 @@ class LockCore:
         )
 
     def release(self) -> Protocol[None]:
-        """Release the lease if this handle holds it (handing it to the next waiter, if any)."""
+        """Release the lease if this handle holds it (handing it to the next waiter, if any).
+
+        Raises:
+            LockNotOwned: the handle holds nothing, the lease had expired or was taken, or the
+                renewal declared it lost (its lease, if it still stood, was released first).
+        """
         owner = self.owner
         if owner is None:
-            raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
+            if self._unreleased is None:
+                raise LockNotOwned(f"lock {self.name!r} is not held by this handle", name=self.name)
+            yield from self._release_stale()
+            raise LockNotOwned(
+                f"lock {self.name!r} was lost before release (renewal ran out of time); "
+                "its lease, if it still stood, was released",
+                name=self.name,
+            )
         keys = self._release_keys(self.wake_prefix + owner)
         args = (owner, self.retention_ms, 0, self.rel_ms)
         try:

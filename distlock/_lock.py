@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from typing_extensions import Self
 
@@ -29,6 +29,7 @@ from distkit import (
     LockNotOwned,
     RetryPolicy,
 )
+from distkit._fork import renew_locks_after_fork
 from distkit._protocol import AsyncDriver, SyncDriver, monotonic, settled
 from distkit._units import seconds
 
@@ -149,8 +150,14 @@ class _LockBase(Generic[_E]):
             raise LockLost(f"the lease of lock {self.name!r} has run out", name=self.name)
 
     def _fire_lost(self) -> None:
+        self._set_lost()
+        self._call_on_lost()
+
+    def _set_lost(self) -> None:
         log.warning("lock %r lost its lease", self.name)
         self._lost.set()
+
+    def _call_on_lost(self) -> None:
         if self._on_lost is not None:
             try:
                 self._on_lost(self)
@@ -169,10 +176,15 @@ class _SyncLock(_LockBase[threading.Event]):
     """The I/O half of the sync handles (``Lock``, ``Redlock``): one driver, one renewal thread."""
 
     _driver: SyncDriver
+    _FORK_LOCKS: ClassVar[tuple[str, ...]] = ("_lost_guard",)
 
     def _setup_io(self, driver: SyncDriver) -> None:
         self._driver = driver
         self._lost = threading.Event()
+        # A renewer's "lost" decision and an acquisition taking over the lost signal happen one
+        # at a time: a decision about an earlier acquisition never lands on a newer one.
+        self._lost_guard = threading.Lock()
+        renew_locks_after_fork(self)
         self._renewer: threading.Thread | None = None
         self._stop_renew = threading.Event()
         self._reentry = track(SyncReentry()) if self._reentrant else None
@@ -211,10 +223,11 @@ class _SyncLock(_LockBase[threading.Event]):
         seconds_ = self._core.check_timeout(blocking, timeout)
         got = self._driver.run(self._core.acquire(blocking, seconds_, self._driver.max_block))
         if got:
-            if self._lost.is_set():
-                self._lost.clear()
-            if self._auto_renew:
-                self._start_renewer()
+            with self._lost_guard:
+                if self._lost.is_set():
+                    self._lost.clear()
+                if self._auto_renew:
+                    self._start_renewer()
         return got
 
     def release(self) -> None:
@@ -249,14 +262,27 @@ class _SyncLock(_LockBase[threading.Event]):
         self._driver.run(self._core.extend(ttl))
 
     def locked(self) -> bool:
-        """Whether anyone holds the lock now (one round trip)."""
+        """Whether anyone holds the lock now (one round trip; Redlock: a quorum of masters).
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (Redlock: too few masters
+                answered to tell).
+        """
         return self._driver.run(self._core.locked())
 
     def owned(self) -> bool:
-        """Whether this handle holds the lock now, as the server sees it (one round trip)."""
+        """Whether this handle holds the lock now, as the server sees it (one round trip).
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (Redlock: too few masters
+                answered to tell).
+        """
         return self._driver.run(self._core.owned())
 
     def _start_renewer(self) -> None:
+        # A renewer of an earlier acquisition may still be running (its extension in flight,
+        # say, after an operator's force_release): stop it, so it can never judge this one.
+        self._stop_renew.set()
         self._stop_renew = threading.Event()
         thread = threading.Thread(
             target=self._renew_loop,
@@ -283,6 +309,8 @@ class _SyncLock(_LockBase[threading.Event]):
         claims. A release that stops the renewer meanwhile waits for the call to finish, so the
         release lands after it (as it did when the renewer made the call itself).
         """
+        if self._core.remaining_or_zero() <= 0:
+            return False  # ran out already (a paused holder): send no extension it cannot claim
         outcome: list[BaseException | None] = []
         done = threading.Event()
 
@@ -315,23 +343,37 @@ class _SyncLock(_LockBase[threading.Event]):
                 return
             try:
                 if not self._bounded_extend(stop):
-                    if self._core.owner != owner:
-                        return
-                    self._core.clear()
-                    self._fire_lost()
+                    self._declare_lost(owner, stop, ran_out=True)
                     return
                 interval = self._renew_interval
             except LockNotOwned:
-                self._fire_lost()
+                self._declare_lost(owner, stop, ran_out=False)
                 return
             except DistkitError as exc:
                 left = self._core.remaining_or_zero()
                 if left <= 0:
-                    self._core.clear()
-                    self._fire_lost()
+                    self._declare_lost(owner, stop, ran_out=True)
                     return
                 log.warning("renewing lock %r failed (%s); %.3fs left", self.name, exc, left)
                 interval = min(self._renew_interval, max(0.01, left / 4))
+
+    def _declare_lost(self, owner: str, stop: threading.Event, *, ran_out: bool) -> None:
+        """The renewer of ``owner``'s acquisition lost it: signal it, unless that renewer was
+        superseded or the handle no longer holds that acquisition (a newer one, or a release or
+        refusal the holder saw itself): never the wrong acquisition's loss. ``ran_out``: lost by
+        the local estimate while still held, the lease may still stand (``lose()``); otherwise
+        the renewer's own extension was refused, which cleared the owner."""
+        with self._lost_guard:
+            if self._stop_renew is not stop:
+                return
+            if ran_out:
+                if self._core.owner != owner:
+                    return
+                self._core.lose()
+            elif self._core.owner is not None:
+                return
+            self._set_lost()
+        self._call_on_lost()
 
     def __enter__(self) -> Self:
         if not self.acquire(timeout=self._blocking_timeout):
@@ -408,9 +450,14 @@ class _AsyncLock(_LockBase[asyncio.Event]):
             if self._lost.is_set():
                 self._lost.clear()
             if self._auto_renew:
+                old = self._renewer
                 self._renewer = asyncio.get_running_loop().create_task(
                     self._renew_loop(self._core.owner), name=f"distlock-renew-{self.name}"
                 )
+                # A renewer of an earlier acquisition (its extension in flight) is superseded:
+                # it stops at its next step and never judges this acquisition.
+                if old is not None and old.get_loop() is asyncio.get_running_loop():
+                    old.cancel()
         return got
 
     async def release(self) -> None:
@@ -448,11 +495,21 @@ class _AsyncLock(_LockBase[asyncio.Event]):
         await self._driver.run(self._core.extend(ttl))
 
     async def locked(self) -> bool:
-        """Whether anyone holds the lock now (one round trip)."""
+        """Whether anyone holds the lock now (one round trip; Redlock: a quorum of masters).
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (Redlock: too few masters
+                answered to tell).
+        """
         return await self._driver.run(self._core.locked())
 
     async def owned(self) -> bool:
-        """Whether this handle holds the lock now, as the server sees it (one round trip)."""
+        """Whether this handle holds the lock now, as the server sees it (one round trip).
+
+        Raises:
+            ConnectionUnavailable: Redis could not be reached (Redlock: too few masters
+                answered to tell).
+        """
         return await self._driver.run(self._core.owned())
 
     async def _stop_renewer(self) -> None:
@@ -489,21 +546,33 @@ class _AsyncLock(_LockBase[asyncio.Event]):
                     return
                 interval = self._renew_interval
             except asyncio.TimeoutError:  # the estimate ran out first (a redis-py one is mapped)
-                if self._core.owner == owner:
-                    self._core.clear()
-                    self._fire_lost()
+                self._declare_lost(owner, me, ran_out=True)
                 return
             except LockNotOwned:
-                self._fire_lost()
+                self._declare_lost(owner, me, ran_out=False)
                 return
             except DistkitError as exc:
                 left = self._core.remaining_or_zero()
                 if left <= 0:
-                    self._core.clear()
-                    self._fire_lost()
+                    self._declare_lost(owner, me, ran_out=True)
                     return
                 log.warning("renewing lock %r failed (%s); %.3fs left", self.name, exc, left)
                 interval = min(self._renew_interval, max(0.01, left / 4))
+
+    def _declare_lost(self, owner: str, me: asyncio.Task[Any] | None, *, ran_out: bool) -> None:
+        """The renewer of ``owner``'s acquisition lost it: signal it, unless that renewer was
+        superseded or the handle no longer holds that acquisition (see the sync twin).
+        ``ran_out``: lost by the local estimate while still held, the lease may still stand
+        (``lose()``); otherwise the renewer's own extension was refused."""
+        if self._renewer is not me:
+            return
+        if ran_out:
+            if self._core.owner != owner:
+                return
+            self._core.lose()
+        elif self._core.owner is not None:
+            return
+        self._fire_lost()
 
     async def __aenter__(self) -> Self:
         if not await self.acquire(timeout=self._blocking_timeout):

@@ -72,7 +72,6 @@ class RedlockCore(LockCore):
     __slots__ = (
         "_lease_ttl",
         "_release_calls",
-        "_unreleased",
         "drift",
         "drift_factor",
         "fencing",
@@ -130,9 +129,8 @@ class RedlockCore(LockCore):
         if fencing not in ("clock", "quorum"):
             raise ConfigError(f"fencing must be 'clock' or 'quorum', got {fencing!r}")
         self.fencing: Fencing = fencing
-        # The owner of an acquisition this handle stopped believing in (renewal lost it) whose
-        # leases were not released yet: release() and the next acquire() still release them.
-        self._unreleased: str | None = None
+        # self._unreleased (LockCore): here the owner of any acquisition this handle stopped
+        # believing in whose leases were not released yet (clear() remembers it).
         # The longest lease this handle ever asked for (ttl, or a longer extend): no lease of
         # its stands longer on any master, so a release trying that long has tried enough.
         self._lease_ttl = self.ttl
@@ -352,19 +350,40 @@ class RedlockCore(LockCore):
             f"(quorum {self.quorum}); still held for {self.remaining():.3f}s by the old lease"
         )
 
-    def _peek(self, owner: str) -> Protocol[Sequence[Any]]:
+    def _peek(self, owner: str, column: int) -> Protocol[bool]:
+        """Whether a quorum of masters answers yes in ``column`` of PEEK's reply (0: a lease
+        stands, 1: it is ``owner``'s); raise when too few masters answered to tell."""
         call = Eval(PEEK, (self.lease_key,), (owner,))
         outcomes = yield FanOut(self._each(call), self.node_timeout)
-        return [o for o in outcomes if _ok(o)]
+        replies = [o for o in outcomes if _ok(o)]
+        yes = sum(1 for r in replies if r[column] == 1)
+        if yes >= self.quorum:
+            return True
+        if len(replies) - yes > self.masters - self.quorum:  # a quorum of "yes" is impossible
+            return False
+        fatal = _fatal(outcomes)
+        if fatal:
+            raise fatal[0]
+        raise ConnectionUnavailable(
+            f"{self.kind} {self.name!r}: only {len(replies)} of {self.masters} masters answered "
+            f"in time ({yes} yes; quorum {self.quorum}): cannot tell"
+        )
 
     def locked(self) -> Protocol[bool]:
-        """Whether a quorum of masters holds a lease for this name now."""
-        replies = yield from self._peek(self.owner or "-")
-        return sum(1 for r in replies if r[0] == 1) >= self.quorum
+        """Whether a quorum of masters holds a lease for this name now.
+
+        Raises:
+            ConnectionUnavailable: too few masters answered to decide either way.
+        """
+        return (yield from self._peek(self.owner or "-", 0))
 
     def owned(self) -> Protocol[bool]:
-        """Whether a quorum of masters holds this handle's lease now."""
+        """Whether a quorum of masters holds this handle's lease now (``False`` at once, with no
+        I/O, when the handle holds nothing).
+
+        Raises:
+            ConnectionUnavailable: too few masters answered to decide either way.
+        """
         if self.owner is None:
             return False
-        replies = yield from self._peek(self.owner)
-        return sum(1 for r in replies if r[1] == 1) >= self.quorum
+        return (yield from self._peek(self.owner, 1))

@@ -146,12 +146,23 @@ class SemaphoreCore(LockCore):
         args = (owner, self.retention_ms, 1 if abandon else 0, member, self.limit)
         return Eval(RELEASE, keys, args, shield=shield)
 
+    def _stale_release_call(self, owner: str) -> Eval:
+        """The owner-only release of a lost permit's lease (frees nobody else's)."""
+        return self._release_call(owner, False, shield=True)
+
     def release(self) -> Protocol[None]:
         """Give the permit back (handing it to the oldest live waiter, if any)."""
         owner = self.owner
         if owner is None:
+            if self._unreleased is None:
+                raise LockNotOwned(
+                    f"semaphore {self.name!r}: this handle holds no permit", name=self.name
+                )
+            yield from self._release_stale()
             raise LockNotOwned(
-                f"semaphore {self.name!r}: this handle holds no permit", name=self.name
+                f"semaphore {self.name!r}: the permit was lost before release (renewal ran out "
+                "of time); its lease, if it still stood, was released",
+                name=self.name,
             )
         try:
             result = yield self._release_call(owner, False, shield=True)

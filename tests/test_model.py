@@ -41,9 +41,11 @@ from distcache import Cache, NearCache
 from distcache._core import Miss
 from distcache._stampede import LEADER, Call, _Join, _Publish, _RunState, seen_of
 from distkit import ConnectionUnavailable, LockError, connect
+from distkit._protocol import SyncDriver
 from distkit.testing import FaultProxy, RedisServer
 from distlock import FencedStore, Lock, LockNotOwned, StaleFencingToken
 from tests._adversarial import examples, fuzz_settings
+from tests.test_lock_lost import primed
 
 MISSING = "<miss>"
 TTL_SCALE = 3600.0  # real seconds per fake second: Redis never expires anything on its own
@@ -897,6 +899,72 @@ class LockMachine(RuleBasedStateMachine):
         finally:
             client.close()
         assert lock.fencing_token is None
+
+    @precondition(lambda self: self.holder is not None)
+    @rule()
+    def operator_force_release(self) -> None:
+        """An operator frees the lock while it is held: the ex-holder still believes it holds
+        (its release/extend raise LockNotOwned, its acquire LockError), the next one is granted
+        with a higher token."""
+        assert Lock.force_release(self.admin, "model") is True
+        self.holder = None
+
+    @precondition(lambda self: self.holder is None)
+    @rule(forced=st.booleans(), blocking=st.booleans())
+    def renewer_in_flight_while_reacquiring(self, forced: bool, blocking: bool) -> None:
+        """A renewing handle loses its lease (an operator's force_release, or expiry) while its
+        renewer's extension is in flight; it notices (extend() -> LockNotOwned) and acquires
+        again. The old renewer's late refusal must never set lost / call on_lost for the new,
+        healthy acquisition."""
+        lost: list[Any] = []
+        lock = Lock(
+            self.client,
+            "model",
+            ttl=TTL_SCALE,
+            auto_renew=True,
+            renew_interval=0.05,
+            on_lost=lost.append,
+        )
+        entered, gate = threading.Event(), threading.Event()
+        run = SyncDriver.run
+
+        def spy(driver: SyncDriver, protocol: Any) -> Any:
+            if driver is lock._driver and threading.current_thread().name.startswith(
+                "distlock-extend"
+            ):
+                protocol = primed(protocol)  # it has read the owner id: "in flight"
+                entered.set()
+                gate.wait(10)
+            return run(driver, protocol)
+
+        SyncDriver.run = spy  # type: ignore[method-assign]
+        try:
+            assert lock.acquire(blocking=False)
+            self.last_token = lock.fencing_token or self.last_token
+            assert entered.wait(10)
+            if forced:
+                assert Lock.force_release(self.admin, "model") is True
+            else:
+                _gone(self.admin, self.lease_key)
+            with pytest.raises(LockNotOwned):
+                lock.extend()
+            old = lock._renewer
+            assert lock.acquire(timeout=1.0) if blocking else lock.acquire(blocking=False)
+            token = lock.fencing_token
+            assert token is not None and token > self.last_token
+            self.last_token = token
+            gate.set()
+            assert old is not None
+            old.join(10)
+            assert not old.is_alive()
+            assert lost == [] and not lock.lost.is_set()
+            assert lock.owned() and lock.fencing_token == token
+            lock.release()
+        finally:
+            gate.set()
+            SyncDriver.run = run  # type: ignore[method-assign]
+            if lock.fencing_token is not None:
+                lock.release()
 
     @precondition(lambda self: self.holder is None)
     @rule(

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from distkit import (
+    ConnectionUnavailable,
     DistkitError,
     EventLoopMismatch,
     LockLost,
@@ -49,6 +50,8 @@ from distkit.testing import (
     read_history,
 )
 from distlock import AsyncFencedStore, AsyncRedlock, FencedStore, Redlock
+
+from ._twins import SyncView
 
 pytestmark = pytest.mark.slow
 
@@ -1015,3 +1018,42 @@ def test_a_stalled_master_costs_at_most_node_timeout_per_call(redis_binary: str,
             for c in clients:
                 loop.run_until_complete(c.aclose())
     loop.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_owned_and_locked_raise_when_too_few_masters_answer(redis_binary: str, kind: str) -> None:
+    """owned()/locked() with a majority of masters stalled cannot tell: ConnectionUnavailable,
+    never a False that reads as "not held" (review: they answered False); with a minority
+    stalled the quorum that answers decides."""
+    loop = asyncio.new_event_loop()
+    with IndependentMasters(3, binary=redis_binary) as group:
+        servers = group.servers
+        if kind == "sync":
+            h: Any = Redlock([s.client() for s in servers], "peek", ttl=10, node_timeout=0.2)
+        else:
+            h = SyncView(
+                AsyncRedlock([s.async_client() for s in servers], "peek", ttl=10, node_timeout=0.2),
+                loop,
+            )
+        try:
+            assert h.acquire(blocking=False) is True
+            servers[2].pause()
+            assert h.owned() is True
+            assert h.locked() is True
+            servers[1].pause()
+            with pytest.raises(ConnectionUnavailable):
+                h.owned()
+            with pytest.raises(ConnectionUnavailable):
+                h.locked()
+            servers[2].resume()
+            servers[1].resume()
+            time.sleep(1.1)  # the suspensions (at most 1 s) are over
+            assert h.owned() is True
+            h.release()
+            assert h.locked() is False
+            assert h.owned() is False
+        finally:
+            for s in servers:
+                if s.paused:
+                    s.resume()
+            loop.close()

@@ -747,3 +747,55 @@ def test_a_forked_copy_of_a_held_redlock_neither_releases_nor_takes_the_parents_
         assert said in ("acquired=False", "LockNotOwned"), said
         assert lock.owned()  # every master still holds the parent's lease
         lock.release()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+def test_a_forked_child_using_inherited_async_handles_never_stalls_the_parent(
+    masters: IndependentMasters,
+) -> None:
+    """The parent holds an AsyncRedlock and an AsyncLock used on its loop before fork; the child
+    uses both handles on a loop of its own and drops what it inherited (a garbage collection
+    while its loop runs). Dropping the inherited asyncio connections must not close their
+    transports through the child's copy of the parent's loop: that shares the parent's epoll,
+    and the parent then never heard its masters again (review: every master timed out and was
+    suspended). The parent's next calls are answered."""
+    import gc
+
+    from distlock import AsyncLock
+
+    urls = [server.url for server in masters.servers[:3]]
+    loop = asyncio.new_event_loop()
+    try:
+        rl = AsyncRedlock([aconnect(u) for u in urls], "fork-async", ttl=30, node_timeout=1.0)
+        lk = AsyncLock(aconnect(urls[0]), "fork-async-single", ttl=30)
+        assert loop.run_until_complete(rl.acquire(blocking=False))
+        assert loop.run_until_complete(lk.acquire(blocking=False))
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+
+            async def child() -> str:
+                got = await rl.acquire(blocking=False), await lk.acquire(blocking=False)
+                gc.collect()  # the inherited connections go while this loop runs
+                return f"acquired={got}"
+
+            try:
+                out = asyncio.run(child())
+                gc.collect()
+            except BaseException as exc:
+                out = repr(exc)
+            os.write(write, out.encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        said = os.read(read, 500).decode()
+        assert said == "acquired=(False, False)", said
+        for _ in range(3):  # every master answers the parent, on its own loop
+            assert loop.run_until_complete(rl.owned()) is True
+            assert loop.run_until_complete(lk.owned()) is True
+        loop.run_until_complete(rl.release())
+        loop.run_until_complete(lk.release())
+        assert loop.run_until_complete(rl.acquire(blocking=False))
+        loop.run_until_complete(rl.release())
+    finally:
+        loop.close()
