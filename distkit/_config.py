@@ -7,7 +7,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_origin
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
@@ -291,6 +291,7 @@ def _parse_url(url: str) -> dict[str, Any]:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"URL scheme must be redis://, rediss:// or unix://, got {redact(url)!r}")
+    url = scheme + url[len(scheme) :]  # REDIS:// is valid; redis-py < 8.2 parses lower case only
     parts = urlsplit(url)
     try:
         parts.port  # noqa: B018 - raises for a port out of range
@@ -317,6 +318,8 @@ def _parse_url(url: str) -> dict[str, Any]:
         for name in ("host", "port"):
             if name in kw:
                 out[name] = kw.pop(name)
+        if parts.port is not None:
+            out["port"] = parts.port  # redis-py < 8.2 drops a port of 0: the model must refuse it
         path = parts.path.strip("/")
         if path and "db" not in parse_qs(parts.query):
             out["db"] = path  # validated as an int by the model (redis-py drops a bad path)
@@ -431,7 +434,9 @@ def _known_env_names(model: type[BaseModel], delimiter: str = "__") -> set[str]:
         if name == "url" or not info.exclude:
             names.add(name.upper())
         kind = info.annotation
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
+        # On Python 3.10 a generic alias (tuple[X, ...]) passes isinstance(kind, type), and
+        # issubclass() on it raises TypeError (seen with pydantic 2.7).
+        if isinstance(kind, type) and get_origin(kind) is None and issubclass(kind, BaseModel):
             names.update(f"{name.upper()}{delimiter}{sub}" for sub in _known_env_names(kind))
     return names
 

@@ -237,6 +237,8 @@ def test_bad_field_raises_config_error_naming_field_and_value(
     [
         ({"url": "http://h:1/0"}, "scheme"),
         ({"url": "redis://h:99999/0"}, "port"),
+        ({"url": "redis://h:0/0"}, "port"),  # redis-py < 8.2 drops a 0 port: not the default
+        ({"url": "REDIS://h:0/0"}, "port"),
         ({"mode": "sentinel"}, "sentinels"),
         ({"mode": "sentinel", "sentinels": "a:1"}, "sentinel_service"),
         ({"mode": "cluster", "db": 3}, "db 0"),

