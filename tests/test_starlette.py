@@ -324,3 +324,23 @@ def test_uvicorn_shutdown_closes_everything(redis_server: RedisServer) -> None:
     server.should_exit = True
     thread.join(10)
     assert not thread.is_alive() and not dk.started
+
+
+def test_security_scopes_are_never_left_out_of_a_key() -> None:
+    """The review's case: SecurityScopes was registered as unkeyed, so a cached `current_user`
+    dependency answered an /admin check (scope "admin") from the entry a /me check ("read")
+    filled. Two calls that differ only in their scopes must never share a key: the argument is
+    keyed or refused."""
+    from fastapi.security import SecurityScopes
+
+    from distcache._keys import call_key
+
+    keys = []
+    for scopes in (["read"], ["admin"]):
+        try:
+            keys.append(
+                call_key("current_user", None, {"s": SecurityScopes(scopes), "tok": "t"}, False)
+            )
+        except SerializationError:
+            keys.append(None)
+    assert keys[0] is None or keys[0] != keys[1], keys

@@ -52,11 +52,9 @@ _log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
+# Not FastAPI's SecurityScopes: the scopes decide the answer (an /admin check must not be served
+# from a /me check's entry), so one is a value to key on, or refused, never left out.
 register_unkeyed(HTTPConnection, Response, BackgroundTask, BackgroundTasks)
-with contextlib.suppress(ImportError):  # FastAPI's own framework types, when it is installed
-    from fastapi.security import SecurityScopes
-
-    register_unkeyed(SecurityScopes)
 
 _CACHE_OPTIONS = frozenset(inspect.signature(AsyncCache.__init__).parameters) - {"self", "client"}
 _CACHED_OPTIONS = frozenset(inspect.signature(cached).parameters) - {"cache"}
