@@ -21,7 +21,14 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from distkit import ConfigError, ConnectionUnavailable, DistkitError, LockNotOwned, Script
+from distkit import (
+    ConfigError,
+    ConnectionUnavailable,
+    DistkitError,
+    ForeignDataError,
+    LockNotOwned,
+    Script,
+)
 from distkit._protocol import TIMED_OUT, Cleanup, Eval, FanOut, Protocol, Sleep
 from distkit._units import seconds
 
@@ -137,6 +144,16 @@ class RedlockCore(LockCore):
         # The last owner's release, per master: built once for the abandon and the release.
         self._release_calls: tuple[str, list[Eval]] | None = None
 
+    def _foreign(self, outcome: Any) -> Any:
+        """A master's refusal by a lease without an expiry (planted, not distlock's): an error
+        no retry cures, as on a single instance, instead of a refusal retried for ever."""
+        if isinstance(outcome, list) and len(outcome) == 2 and outcome[0] == 0:
+            try:
+                self._refused(outcome[0], outcome[1])
+            except ForeignDataError as exc:
+                return exc
+        return outcome
+
     def _each(self, call: Eval) -> list[Eval]:
         """One copy of ``call`` per master (a test build skews each master's clock here)."""
         return [call] * self.masters
@@ -196,6 +213,7 @@ class RedlockCore(LockCore):
                 outcomes = yield FanOut(
                     self._each(grant), self.node_timeout, undo, self.quorum, _granted
                 )
+                outcomes = [self._foreign(o) for o in outcomes]
                 tokens = [int(o[1]) for o in outcomes if _granted(o)]
                 validity = self.ttl - (self.clock() - started) - self.drift
                 if len(tokens) >= self.quorum and validity > 0:

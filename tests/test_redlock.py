@@ -309,14 +309,24 @@ def test_minority_held_elsewhere_still_grants_majority_does_not(rig: Rig) -> Non
 
 
 # -- owner-only (L2) ----------------------------------------------------------------------------
-def test_foreign_data_on_a_quorum_raises_at_once_and_leaves_nothing(rig: Rig) -> None:
-    """A key of the wrong type on a quorum of masters: no retry can win, so a blocking acquire
-    raises ForeignDataError instead of spinning, after releasing the grants it got; on a
-    minority only, the lock is still granted."""
+PLANTS = {
+    "wrong-type": lambda c: c.rpush(lease(NAME), "not-a-lease"),
+    "hash": lambda c: c.hset(lease(NAME), "f", "v"),
+    # a string lease without an expiry (the hostile re-review: Redlock took it for a holder and
+    # waited for ever, where Lock raises ForeignDataError)
+    "no-expiry": lambda c: c.set(lease(NAME), "planted"),
+}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_foreign_data_on_a_quorum_raises_at_once_and_leaves_nothing(rig: Rig, plant: str) -> None:
+    """Foreign data under the lease key on a quorum of masters: no retry can win, so a blocking
+    acquire raises ForeignDataError instead of spinning, after releasing the grants it got; on
+    a minority only, the lock is still granted."""
     a = rig.make(ttl=10, retry_delay=0.01)
     planted = rig.raw[: a.quorum]
     for c in planted:
-        c.rpush(lease(NAME), "not-a-lease")
+        PLANTS[plant](c)
     started = time.monotonic()
     with pytest.raises(ForeignDataError):
         a.acquire()
